@@ -1,0 +1,3 @@
+from bnlab.cli import main
+
+raise SystemExit(main())

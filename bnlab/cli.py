@@ -1,0 +1,171 @@
+"""The `bnlab` command: argument parsing only; the work is done by the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from bnlab.config import FIELDS
+from bnlab.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _flag_help(f: dataclasses.Field) -> str:
+    unit = f.metadata.get("unit")
+    return f.metadata["help"] + (f" [{unit}]" if unit else "")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; flags not given stay unset so a TOML file can fill them."""
+    g = p.add_argument_group("run options (flags override --config)")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        hlp = _flag_help(f) + f" (default: {default!r})"
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=hlp)
+        elif isinstance(default, dict):
+            g.add_argument(flag, dest=name, type=_json_table, default=argparse.SUPPRESS,
+                           metavar="JSON", help=hlp + ", as JSON")
+        else:
+            g.add_argument(flag, dest=name, type=str, default=argparse.SUPPRESS,
+                           metavar=type(default).__name__.upper(), help=hlp)
+
+
+def _json_table(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return v
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in FIELDS}
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from bnlab.config import load
+    from bnlab.train import train_run
+
+    cfg = load(args.config, run_overrides(args))
+    summary = train_run(cfg, args.out, resume=args.resume)
+    acc = summary.get("test_acc")
+    print(f"{summary['run_id']}: {summary['status']}, {summary['epochs_done']} epochs, "
+          f"test acc {acc if acc is None else f'{acc:.4f}'}, "
+          f"{summary['wall_time']:.1f} s -> {args.out}/{summary['run_id']}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from bnlab.store import open_store
+
+    rows = open_store(args.out, must_exist=True).rows()
+    if not rows:
+        print(f"no runs in {args.out}")
+        return 0
+    head = ["run_id", "status", "dataset", "norm", "seed", "epochs", "test_acc", "wall_s"]
+    table = [[r["run_id"], r["status"], r["dataset"], r["norm"], str(r["seed"]),
+              f"{r['epochs_done']}/{r['epochs']}",
+              "-" if r["test_acc"] is None else f"{r['test_acc']:.4f}",
+              "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}"] for r in rows]
+    print(format_table(head, table))
+    return 0
+
+
+def format_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_datasets(args) -> int:
+    from bnlab.data import DATASETS
+
+    for name, text in DATASETS.items():
+        print(f"{name:18s} {text}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from bnlab.models import MODELS
+
+    for name, text in MODELS.items():
+        print(f"{name:10s} {text}")
+    return 0
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="bnlab", formatter_class=Formatter,
+               description="Batch-normalization studies: real training runs, measured reports.")
+    p.add_argument("--version", action="version", version=f"bnlab {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    t = sub.add_parser("train", help="train one run", formatter_class=Formatter,
+                       description="Train one run and store it under OUT/<run_id>/.")
+    t.add_argument("--config", metavar="FILE", default=None,
+                   help="TOML file of run options (top level or a [run] table)")
+    t.add_argument("--out", metavar="DIR", default="runs", help="output root")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an existing run from its last checkpoint")
+    add_run_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("runs", help="list the runs of an output root", formatter_class=Formatter)
+    r.add_argument("--out", metavar="DIR", default="runs", help="output root")
+    r.set_defaults(func=cmd_runs)
+
+    sub.add_parser("datasets", help="list dataset names").set_defaults(func=cmd_datasets)
+    sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    return p
+
+
+def _version() -> str:
+    import bnlab
+
+    return bnlab.__version__
+
+
+def _one_line(e: BaseException) -> str:
+    # An error raised in a DataLoader worker comes back with the worker's traceback in its
+    # message; its last line is the message that was raised.
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text.removeprefix("bnlab.errors.UserError: ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        sys.stderr.write(f"bnlab: error: {_one_line(e)}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("bnlab: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

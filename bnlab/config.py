@@ -1,0 +1,202 @@
+"""Run configuration: one frozen dataclass, loaded from TOML and/or flags, validated in one place.
+
+Every field carries its help text and unit as metadata, so `bnlab train --help` and the README's
+option table come from the same source as the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnlab.errors import UserError, suggest
+
+
+def _f(default, help: str, unit: str = "", choices: tuple = (), **kw):
+    meta = {"help": help, "unit": unit, "choices": choices}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+SCHEDULES = ("step", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+PLACEMENTS = ("post_conv", "post_act", "first_k")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str = _f("cifar10", "cifar10 | cifar100 | mnist | fashion-mnist | "
+                      "imagefolder:PATH (a folder, or a .tar/.tar.gz of one) | synthetic")
+    data_dir: str = _f("", "folder holding the dataset files (default: $BNLAB_DATA, "
+                       "else ./data)")
+    download: bool = _f(False, "download cifar/mnist files when missing (needs a network)")
+    limit_train: int = _f(0, "use only the first N training images, chosen by a fixed "
+                          "shuffle (0 = all)", "images")
+    limit_test: int = _f(0, "use only the first N test images (0 = all)", "images")
+    augment: bool = _f(True, "pad-4 random crop + horizontal flip for small images; "
+                       "RandomResizedCrop + flip for large ones")
+    # model
+    model: str = _f("resnet20", "resnet20|32|44|56|110 | mlp3x100 | resnet18 | resnet50")
+    norm: str = _f("bn", "normalization layer (see `bnlab norms`)")
+    norm_options: dict = _f({}, "extra options for the norm layer, e.g. {momentum=0.1}")
+    placement: str = _f("post_conv", "where norms sit in a ResNet block", choices=PLACEMENTS)
+    first_k: int = _f(1, "with placement=first_k: residual blocks that keep their norms",
+                      "blocks")
+    init: str = _f("kaiming", "weight initialization (see bnlab.init)")
+    dropout: float = _f(0.0, "dropout probability before the classifier", "probability")
+    # optimization
+    lr: float = _f(0.1, "peak learning rate of SGD", "per step")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(1e-4, "L2 weight decay coefficient")
+    decay_norm_and_bias: bool = _f(False, "also apply weight decay to norm parameters and "
+                                   "biases")
+    schedule: str = _f("step", "lr schedule: step (/10 at 50% and 75% of training, He et al. "
+                       "2016) | cosine | constant", choices=SCHEDULES)
+    warmup_epochs: float = _f(0.0, "linear lr warm-up from 0", "epochs")
+    batch_size: int = _f(128, "training batch size", "images")
+    epochs: int = _f(10, "training epochs", "epochs")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", "probability")
+    seed: int = _f(0, "seed of initialization, data order and augmentation")
+    # execution
+    device: str = _f("auto", "auto | cpu | cuda", choices=DEVICES)
+    precision: str = _f("fp32", "fp32 | bf16 (autocast; norm statistics stay fp32)",
+                        choices=PRECISIONS)
+    eval_batch_size: int = _f(1000, "batch size of evaluation", "images")
+    workers: int = _f(4, "DataLoader worker processes for streamed (large-image) data",
+                      "processes")
+    probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
+
+    # -- derived -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_id(self) -> str:
+        """Stable id: readable prefix + hash of every field that changes the result."""
+        ignored = {"device", "data_dir", "download", "eval_batch_size", "workers"}
+        canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
+        ds = dataset_tag(self.dataset)
+        return f"{self.model}-{self.norm}-{ds}-s{self.seed}-{digest}"
+
+
+def dataset_tag(dataset: str) -> str:
+    """Short name of a dataset for ids: the folder or archive name for imagefolder:PATH."""
+    if not dataset.startswith("imagefolder:"):
+        return dataset
+    name = Path(dataset.split(":", 1)[1].rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return name or "folder"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/flag value to the field's type, or raise a one-line UserError."""
+    default = FIELDS[name].default
+    if FIELDS[name].default_factory is not dataclasses.MISSING:
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a table like {{momentum = 0.1}}, got {value!r}")
+        return dict(value)
+    kind = type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and choice checks that need no imports of data or models."""
+    positive = {"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "eval_batch_size": cfg.eval_batch_size}
+    for name, v in positive.items():
+        if not v > 0:
+            raise UserError(f"{name} must be > 0, got {v!r}")
+    for name in ("limit_train", "limit_test", "weight_decay", "warmup_epochs", "momentum",
+                 "workers", "probe_every"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    for name in ("dropout", "label_smoothing"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {v!r}")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f"warmup_epochs must be <= epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            v = getattr(cfg, name)
+            raise UserError(f"{name} {v!r} is not accepted{suggest(v, choices)}; "
+                            f"accepted: {', '.join(choices)}")
+    if cfg.first_k < 0:
+        raise UserError(f"first_k must be >= 0, got {cfg.first_k}")
+    return cfg
+
+
+def from_mapping(values: dict[str, Any], base: RunConfig | None = None,
+                 where: str = "config") -> RunConfig:
+    """Apply `values` (TOML table or flags) on top of `base`, checking every key."""
+    out = {}
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        if k not in FIELDS:
+            raise UserError(f"unknown key {key!r} in {where}{suggest(k, FIELDS)}; "
+                            f"accepted: {', '.join(FIELDS)}")
+        out[k] = _coerce(k, value)
+    cfg = dataclasses.replace(base or RunConfig(), **out)
+    return validate(cfg)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {str(p)!r} is not UTF-8 text") from None
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A RunConfig from an optional TOML file (top-level keys or a [run] table), then overrides."""
+    base = RunConfig()
+    if path is not None:
+        data = read_toml(path)
+        if "run" in data and isinstance(data["run"], dict):
+            data = data["run"]
+        base = from_mapping(data, where=str(path))
+    return from_mapping(overrides or {}, base=base, where="flags")
+
+
+def from_json_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a stored config (config.json's `config` table); unknown keys are refused."""
+    return from_mapping({k: v for k, v in d.items()}, where="stored config")

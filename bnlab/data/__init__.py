@@ -1,0 +1,69 @@
+"""Datasets by name: `load_data(name, data_dir, ...)` returns a DataBundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bnlab.data.bundle import DataBundle, Split, fixed_subset
+from bnlab.errors import UserError, unknown
+
+DATASETS = {
+    "cifar10": "CIFAR-10, torchvision's official pickles (cifar-10-batches-py/)",
+    "cifar100": "CIFAR-100, torchvision's official pickles (cifar-100-python/)",
+    "mnist": "MNIST, the original IDX files (raw or .gz)",
+    "fashion-mnist": "Fashion-MNIST, IDX files (raw or .gz)",
+    "imagefolder:PATH": "an ImageNet-style folder (train/ and val/ or test/ of class folders), "
+                        "or a .tar/.tar.gz of one",
+    "synthetic": "generated class templates plus noise (for tests; no files)",
+}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("BNLAB_DATA") or "data")
+
+
+def load_data(name: str, data_dir: str | Path | None = None, download: bool = False,
+              limit_train: int = 0, limit_test: int = 0, augment: bool = True) -> DataBundle:
+    """Load a dataset and apply the fixed train/test subsets (`limit_*`, 0 = all)."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if name in ("cifar10", "cifar100"):
+        from bnlab.data.cifar import load_cifar
+
+        bundle = load_cifar(name, root, download)
+    elif name in ("mnist", "fashion-mnist"):
+        from bnlab.data.mnist import load_mnist
+
+        if not download and not root.is_dir():
+            raise UserError(f"data dir {str(root)!r} does not exist (needed for {name})")
+        bundle = load_mnist(name, root, download)
+    elif name.startswith("imagefolder:"):
+        from bnlab.data.imagefolder import load_imagefolder
+
+        path = name.split(":", 1)[1]
+        if not path:
+            raise UserError("imagefolder needs a path: imagefolder:PATH")
+        bundle = load_imagefolder(path, augment)
+    elif name == "synthetic":
+        from bnlab.data.synthetic import make_synthetic
+
+        bundle = make_synthetic()
+    else:
+        raise unknown("dataset", name, DATASETS)
+    bundle.train = _limit(bundle.train, limit_train)
+    bundle.test = _limit(bundle.test, limit_test)
+    return bundle
+
+
+def _limit(split, limit: int):
+    index = fixed_subset(len(split), limit)
+    if index is None:
+        return split
+    if isinstance(split, Split):
+        return split.subset(index)
+    return torch.utils.data.Subset(split, index.tolist())
+
+
+__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "default_data_dir"]

@@ -1,0 +1,129 @@
+"""Batches for training and evaluation.
+
+In-memory data (`Split`) lives as uint8 on the training device; shuffling, the pad-and-crop, the
+flip and the normalization are done there on whole batches. The random numbers come from a CPU
+generator seeded by (seed, epoch), so an epoch's batches are the same on every device and after
+a resume. Streamed data goes through a DataLoader whose shuffling is seeded the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from bnlab.data.bundle import DataBundle, Split
+
+PAD = 4  # px of zero padding before the random crop (He et al. 2016)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+              pad: int = PAD) -> torch.Tensor:
+    """Zero-pad (N, C, H, W) by `pad`, crop at `offsets` (N, 2: row, col), flip where `flips`."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (N, H)
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)  # (N, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = xp[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class Normalizer:
+    """uint8 -> float: (x / 255 - mean) / std per channel, as one multiply-add."""
+
+    def __init__(self, mean, std, device, memory_format=torch.contiguous_format):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -mean_t / std_t
+        self.memory_format = memory_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).mul_(self.scale).add_(self.shift)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+class MemoryLoader:
+    """Batches of a device-resident Split."""
+
+    def __init__(self, split: Split, bundle: DataBundle, batch_size: int, device: torch.device,
+                 train: bool, augment: bool, seed: int = 0,
+                 memory_format=torch.contiguous_format):
+        self.x = split.x.to(device)
+        self.y = split.y.to(device)
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.augment = augment and train
+        self.flip = bundle.flip
+        self.seed = seed
+        self.norm = Normalizer(bundle.mean, bundle.std, device, memory_format)
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        if self.train:  # the last partial batch is dropped in training (BN needs > 1 sample)
+            return max(1, n // self.batch_size)
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.y)
+        if self.train:
+            g = epoch_generator(self.seed, epoch)
+            order = torch.randperm(n, generator=g)
+            if self.augment:
+                offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+                flips = (torch.rand(n, generator=g) < 0.5) & self.flip
+                offsets, flips = offsets.to(self.device), flips.to(self.device)
+            order = order.to(self.device)
+        for b in range(len(self)):
+            lo = b * self.batch_size
+            hi = min(n, lo + self.batch_size)
+            if self.train:
+                idx = order[lo:hi]
+                x = self.x[idx]
+                if self.augment:
+                    x = crop_flip(x, offsets[idx], flips[idx])
+                yield self.norm(x), self.y[idx]
+            else:
+                yield self.norm(self.x[lo:hi]), self.y[lo:hi]
+
+
+class StreamLoader:
+    """A DataLoader over a streamed Dataset; shuffling and worker seeds follow (seed, epoch)."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device, train: bool,
+                 workers: int, seed: int = 0, memory_format=torch.contiguous_format):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.train, self.workers, self.seed = train, workers, seed
+        self.memory_format = memory_format
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        if self.train:
+            return max(1, n // self.batch_size)
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dl = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.train,
+            drop_last=self.train and len(self.dataset) >= self.batch_size,
+            num_workers=self.workers, generator=epoch_generator(self.seed, epoch),
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for x, y in dl:
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+def make_loader(bundle: DataBundle, train: bool, batch_size: int, device: torch.device,
+                augment: bool, seed: int, workers: int = 4,
+                memory_format=torch.contiguous_format):
+    split = bundle.train if train else bundle.test
+    if isinstance(split, Split):
+        return MemoryLoader(split, bundle, batch_size, device, train, augment, seed,
+                            memory_format)
+    return StreamLoader(split, batch_size, device, train, workers, seed, memory_format)

@@ -1,0 +1,121 @@
+"""CIFAR ResNets of He et al. 2016, section 4.2: 6n+2 layers, stages of 16/32/64 channels.
+
+Shortcuts are parameter-free (option A: subsample by 2 and pad the new channels with zeros) in
+every placement, so the only parameters that change with the norm are the norms' own and the
+conv biases that replace them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.norm import has_bias_substitute, make_norm
+
+DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+
+
+class ShortcutA(nn.Module):
+    """Identity, or stride-2 subsampling with zero-padded channels when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
+
+
+def _maybe_add(p: nn.Parameter | None, x: torch.Tensor) -> torch.Tensor:
+    return x if p is None else x + p
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection.
+
+    placement 'post_conv': x -> conv -> norm -> relu -> conv -> norm -> (+ shortcut) -> relu
+    placement 'post_act':  x -> conv -> relu -> norm -> conv -> (+ shortcut) -> relu -> norm
+    The scalar parameters (`bias1a` ... `scale`) exist only after `add_branch_scalars`, used by
+    the Fixup and SkipInit initializations; a norm of 'none' is an nn.Identity kept in place so
+    that probes find the same positions in every variant.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, placement: str,
+                 norm_options: dict):
+        super().__init__()
+        bias = has_bias_substitute(norm)
+        self.placement = placement
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
+        self.n1 = make_norm(norm, cout, **norm_options)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
+        self.n2 = make_norm(norm, cout, **norm_options)
+        self.shortcut = ShortcutA(cin, cout, stride)
+        self.bias1a = self.bias1b = self.bias2a = self.bias2b = self.scale = None
+
+    def add_branch_scalars(self, biases: bool, scale: float) -> None:
+        """Add a learnable scalar multiplier on the branch (and Fixup's four scalar biases)."""
+        dev = self.conv1.weight.device
+        if biases:
+            for name in ("bias1a", "bias1b", "bias2a", "bias2b"):
+                setattr(self, name, nn.Parameter(torch.zeros(1, device=dev)))
+        self.scale = nn.Parameter(torch.full((1,), float(scale), device=dev))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "post_act":
+            out = self.n1(F.relu(_maybe_add(self.bias1b, self.conv1(_maybe_add(self.bias1a, x)))))
+            out = self.conv2(_maybe_add(self.bias2a, out))
+        else:
+            out = F.relu(_maybe_add(self.bias1b, self.n1(self.conv1(_maybe_add(self.bias1a, x)))))
+            out = self.n2(self.conv2(_maybe_add(self.bias2a, out)))
+        if self.scale is not None:
+            out = out * self.scale
+        return _maybe_add(self.bias2b, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.branch(x) + self.shortcut(x))
+        return self.n2(out) if self.placement == "post_act" else out
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3,
+                 norm: str = "bn", placement: str = "post_conv", first_k: int = 1,
+                 dropout: float = 0.0, norm_options: dict | None = None):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        opts = dict(norm_options or {})
+        self.placement = placement
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=has_bias_substitute(norm))
+        self.n1 = make_norm(norm, 16, **opts)
+        blocks, cin, index = [], 16, 0
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(n):
+                block_norm = norm
+                if placement == "first_k" and index >= first_k:
+                    block_norm = "none"
+                blocks.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1,
+                                         block_norm, "post_act" if placement == "post_act"
+                                         else "post_conv", opts if block_norm == norm else {}))
+                cin, index = cout, index + 1
+        self.blocks = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "post_act":
+            x = self.n1(F.relu(self.conv1(x)))
+        else:
+            x = F.relu(self.n1(self.conv1(x)))
+        x = self.blocks(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(self.dropout(x))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc

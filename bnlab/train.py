@@ -1,0 +1,304 @@
+"""One training run, top to bottom: data, model, optimizer, the epoch loop, evaluation, storage.
+
+`train_run(cfg, out)` is the whole story. A run's folder is created only once its data and
+model have been built (so a bad config leaves nothing behind); after every epoch its metrics,
+summary and checkpoint are replaced atomically, so a killed run resumes from its last epoch and
+ends with the same numbers as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnlab
+from bnlab.config import RunConfig
+from bnlab.data import DataBundle, load_data
+from bnlab.data.loader import make_loader
+from bnlab.errors import UserError
+from bnlab.models import build_model, count_parameters
+from bnlab.store import RunDir, Store
+
+DIVERGENCE_CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between host syncs of the loss check
+
+
+# -- pieces ------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is available; accepted here: "
+                        "auto, cpu")
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Weight decay on conv/linear weights only, unless `decay_norm_and_bias`.
+
+    Norm scales/shifts, biases and the scalar Fixup/SkipInit parameters are all 0- or 1-d, so
+    the split is by dimension.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if (p.ndim > 1 or decay_norm_and_bias) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, then the schedule.
+
+    'step' divides by 10 at 50% and 75% of training (He et al. 2016 trained 64k iterations with
+    /10 at 32k and 48k); 'cosine' decays to 0 at the end; 'constant' keeps 1.
+    """
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "step":
+        return 0.01 if step >= 0.75 * total else 0.1 if step >= 0.5 * total else 1.0
+    if cfg.schedule == "cosine":
+        progress = (step - warm) / max(1.0, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32"
+             ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a loader, always in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for x, y in loader.epoch(0):
+        with autocast(device, precision):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return float(loss_sum) / n, int(correct) / n
+
+
+def chance_threshold(num_classes: int, n_test: int) -> float:
+    """Accuracy at or below which a model is indistinguishable from guessing: 1/K plus three
+    binomial standard errors at the test-set size (at least one point)."""
+    p = 1.0 / num_classes
+    return p + max(0.01, 3.0 * math.sqrt(p * (1 - p) / max(1, n_test)))
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "bnlab": bnlab.__version__, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+    }
+    try:
+        root = Path(bnlab.__file__).resolve().parent.parent
+        env["git_commit"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
+    return build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
+                       in_channels=bundle.in_channels, image_size=bundle.image_size,
+                       placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
+                       norm_options=cfg.norm_options)
+
+
+def memory_format_for(device: torch.device, model_name: str):
+    if device.type == "cuda" and not model_name.startswith("mlp"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# -- the run -----------------------------------------------------------------------------------
+def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
+              log: Callable[[str], None] = print, bundle: DataBundle | None = None) -> dict:
+    """Train one run into `out/<run_id>/` and return its summary.
+
+    resume=False refuses to touch an existing run folder; resume=True continues it from its
+    last checkpoint (or returns its summary at once when it already finished).
+    """
+    store = Store(out)
+    run = store.run(cfg.run_id())
+    if run.exists():
+        summary = run.summary or {}
+        if not resume:
+            raise UserError(f"run {run.run_id!r} already exists in {str(store.root)!r} "
+                            f"(status {summary.get('status', 'running')}); pass --resume to "
+                            "continue it or --out to start elsewhere")
+        if summary.get("status") in ("completed", "diverged", "no_learning"):
+            return summary
+    device = resolve_device(cfg.device)
+    if bundle is None:
+        bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.limit_train,
+                           cfg.limit_test, cfg.augment)
+    torch.manual_seed(cfg.seed)
+    model = build_for(cfg, bundle)
+    try:
+        return _train(cfg, store, run, model, bundle, device, log)
+    except KeyboardInterrupt:
+        raise
+    except UserError:
+        raise
+    except Exception as e:
+        summary = dict(run.summary or {}, status="failed", error=f"{type(e).__name__}: {e}")
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / "error.txt").write_text(traceback.format_exc())
+        run.write_json("summary.json", summary)
+        store.record(run)
+        raise
+
+
+def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: DataBundle,
+           device: torch.device, log: Callable[[str], None]) -> dict:
+    fmt = memory_format_for(device, cfg.model)
+    model = model.to(device=device, memory_format=fmt)
+    train_loader = make_loader(bundle, True, cfg.batch_size, device, cfg.augment, cfg.seed,
+                               cfg.workers, fmt)
+    test_loader = make_loader(bundle, False, cfg.eval_batch_size, device, False, cfg.seed,
+                              cfg.workers, fmt)
+    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    steps_per_epoch = len(train_loader)
+    n_train, n_test = len(bundle.train), len(bundle.test)
+
+    start_epoch, step, wall, metrics, flags = 0, 0, 0.0, [], {}
+    state = run.load_checkpoint(map_location=device) if run.exists() else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step, wall = state["epoch"], state["step"], state["wall_time"]
+        flags = dict(state.get("flags", {}))
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        metrics = [m for m in run.metrics() if m["epoch"] <= start_epoch]
+        log(f"resuming {run.run_id} at epoch {start_epoch}/{cfg.epochs}")
+    else:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_json("config.json", {
+            "config": cfg.to_dict(), "env": environment(device),
+            "data": {"name": bundle.name, "classes": bundle.classes, "n_train": n_train,
+                     "n_test": n_test, "image_size": bundle.image_size,
+                     "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed},
+            "model": {"parameters": count_parameters(model),
+                      "steps_per_epoch": steps_per_epoch}})
+        run.write_rows("metrics.jsonl", [])
+    run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
+    store.record(run)
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    check_every = DIVERGENCE_CHECK_EVERY.get(device.type, 50)
+    chance = chance_threshold(bundle.num_classes, n_test)
+    quarter = max(1, math.ceil(cfg.epochs / 4))
+    status = "completed"
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        seen = 0
+        for i, (x, y) in enumerate(train_loader.epoch(epoch)):
+            lr = cfg.lr * lr_factor(cfg, step, steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with autocast(device, cfg.precision):
+                out = model(x)
+                loss = criterion(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            detached = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached),
+                                    torch.full_like(first_bad, step), first_bad)
+            loss_sum += detached.double() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+            if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
+                bad = int(first_bad)
+                if bad >= 0:
+                    flags["diverged_step"] = bad
+                    break
+        if "diverged_step" in flags:
+            status = "diverged"
+            wall += time.perf_counter() - t0
+            log(f"{run.run_id}: loss became non-finite at step {flags['diverged_step']}; "
+                "stopping (status diverged)")
+            break
+        train_time = time.perf_counter() - t0
+        test_loss, test_acc = evaluate(model, test_loader, device, cfg.precision)
+        epoch_time = time.perf_counter() - t0
+        wall += epoch_time
+        row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": float(loss_sum) / seen,
+               "train_acc": int(correct) / seen, "test_loss": test_loss, "test_acc": test_acc,
+               "epoch_time": epoch_time, "train_images_per_s": seen / train_time}
+        metrics.append(row)
+        if epoch == quarter and test_acc <= chance:
+            flags["no_learning_at_epoch"] = epoch
+        log(f"{run.run_id} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
+            f"{row['train_images_per_s']:.0f} img/s")
+        run.write_rows("metrics.jsonl", metrics)
+        run.save_checkpoint(_checkpoint(cfg, model, opt, epoch, step, wall, flags, device))
+        if epoch < cfg.epochs:
+            run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
+            store.record(run)
+
+    if status == "completed" and "no_learning_at_epoch" in flags:
+        status = "no_learning"
+    summary = _summary(cfg, status, metrics, wall, flags)
+    run.write_json("summary.json", summary)
+    store.record(run)
+    return summary
+
+
+def _checkpoint(cfg, model, opt, epoch, step, wall, flags, device) -> dict:
+    return {
+        "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "epoch": epoch, "step": step, "wall_time": wall, "flags": flags,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _summary(cfg: RunConfig, status: str, metrics: list[dict], wall: float, flags: dict) -> dict:
+    last = metrics[-1] if metrics else {}
+    return {
+        "run_id": cfg.run_id(), "status": status, "epochs_done": len(metrics),
+        "epochs": cfg.epochs, "test_acc": last.get("test_acc"),
+        "test_loss": last.get("test_loss"), "train_acc": last.get("train_acc"),
+        "train_loss": last.get("train_loss"), "wall_time": wall, **flags,
+    }
