@@ -8,15 +8,30 @@ import json
 import sys
 
 from bnlab.config import FIELDS
-from bnlab.errors import UserError
+from bnlab.errors import UserError, suggest
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr and exit code 2."""
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            message += self._suggest_flag(message.split(":", 1)[1].split())
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
+
+    def _suggest_flag(self, tokens: list[str]) -> str:
+        flags = set(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags |= set(sub._option_string_actions)
+        for t in tokens:
+            if t.startswith("--"):
+                hint = suggest(t.split("=")[0], sorted(flags))
+                if hint:
+                    return hint
+        return ""
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -34,7 +49,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        hlp = _flag_help(f) + f" (default: {default!r})"
+        hlp = (_flag_help(f) + f" (default: {default!r})").replace("%", "%%")
         if isinstance(default, bool):
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=hlp)
@@ -153,7 +168,10 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -268,14 +268,14 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
         metrics.append(row)
         if epoch == quarter and test_acc <= chance:
             flags["no_learning_at_epoch"] = epoch
-        log(f"{run.run_id} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
-            f"{row['train_images_per_s']:.0f} img/s")
         run.write_rows("metrics.jsonl", metrics)
         run.save_checkpoint(_checkpoint(cfg, model, opt, epoch, step, wall, flags, device))
         if epoch < cfg.epochs:
             run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
             store.record(run)
+        log(f"{run.run_id} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
+            f"{row['train_images_per_s']:.0f} img/s")
 
     if status == "completed" and "no_learning_at_epoch" in flags:
         status = "no_learning"

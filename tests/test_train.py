@@ -1,0 +1,141 @@
+import json
+import math
+
+import pytest
+import torch
+
+from bnlab.config import RunConfig, validate
+from bnlab.store import Store
+from bnlab.train import chance_threshold, lr_factor, train_run
+
+DETERMINISTIC = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "step")
+
+
+def tiny(**kw) -> RunConfig:
+    base = dict(dataset="synthetic", model="resnet20", epochs=2, batch_size=32, lr=0.05,
+                limit_train=128, limit_test=64, eval_batch_size=64, device="cpu")
+    base.update(kw)
+    return validate(RunConfig(**base))
+
+
+def strip(metrics):
+    return [{k: m[k] for k in DETERMINISTIC} for m in metrics]
+
+
+def test_run_writes_folder_and_index(tmp_path):
+    cfg = tiny()
+    summary = train_run(cfg, tmp_path, log=lambda s: None)
+    run = Store(tmp_path).run(cfg.run_id())
+    assert summary["status"] in ("completed", "no_learning")
+    assert summary["epochs_done"] == 2
+    stored = json.loads((run.path / "config.json").read_text())
+    assert stored["config"] == cfg.to_dict()
+    assert stored["env"]["torch"] == torch.__version__
+    assert stored["model"]["parameters"] == 269_722
+    assert [m["epoch"] for m in run.metrics()] == [1, 2]
+    assert run.checkpoint_path.is_file()
+    rows = Store(tmp_path).rows()
+    assert rows[0]["run_id"] == cfg.run_id() and rows[0]["epochs_done"] == 2
+
+
+def test_same_config_and_seed_is_bit_identical_on_cpu(tmp_path):
+    cfg = tiny(dropout=0.2)
+    a = train_run(cfg, tmp_path / "a", log=lambda s: None)
+    b = train_run(cfg, tmp_path / "b", log=lambda s: None)
+    ma = Store(tmp_path / "a").run(cfg.run_id()).metrics()
+    mb = Store(tmp_path / "b").run(cfg.run_id()).metrics()
+    assert strip(ma) == strip(mb)
+    assert a["test_acc"] == b["test_acc"]
+    other = tiny(dropout=0.2, seed=1)
+    train_run(other, tmp_path / "a", log=lambda s: None)
+    assert strip(Store(tmp_path / "a").run(other.run_id()).metrics()) != strip(ma)
+
+
+class Stop(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    cfg = tiny(epochs=3, dropout=0.1)
+    train_run(cfg, tmp_path / "full", log=lambda s: None)
+
+    def crash_after_first_epoch(line):
+        if "epoch 1/3" in line:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_run(cfg, tmp_path / "cut", log=crash_after_first_epoch)
+    run = Store(tmp_path / "cut").run(cfg.run_id())
+    assert len(run.metrics()) == 1 and run.summary["status"] == "running"
+    with pytest.raises(Exception, match="already exists"):
+        train_run(cfg, tmp_path / "cut", log=lambda s: None)
+    lines = []
+    train_run(cfg, tmp_path / "cut", resume=True, log=lines.append)
+    assert any("resuming" in s for s in lines)
+    full = Store(tmp_path / "full").run(cfg.run_id())
+    assert strip(run.metrics()) == strip(full.metrics())
+    state_a = full.load_checkpoint()["model"]
+    state_b = run.load_checkpoint()["model"]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_huge_lr_diverges_without_crashing(tmp_path):
+    cfg = tiny(lr=1e8, epochs=3, norm="none")
+    summary = train_run(cfg, tmp_path, log=lambda s: None)
+    assert summary["status"] == "diverged"
+    assert isinstance(summary["diverged_step"], int) and summary["diverged_step"] >= 0
+    assert summary["epochs_done"] < 3
+    assert Store(tmp_path).rows()[0]["status"] == "diverged"
+
+
+def test_no_learning_is_recorded_but_the_run_finishes(tmp_path):
+    cfg = tiny(lr=1e-9, epochs=4, momentum=0.0)
+    summary = train_run(cfg, tmp_path, log=lambda s: None)
+    assert summary["status"] == "no_learning"
+    assert summary["epochs_done"] == 4 and summary["no_learning_at_epoch"] == 1
+
+
+def test_learns_above_chance_on_synthetic(tmp_path):
+    cfg = tiny(limit_train=256, epochs=3, lr=0.05, batch_size=32)
+    summary = train_run(cfg, tmp_path, log=lambda s: None)
+    assert summary["train_acc"] > 0.5
+    assert summary["test_acc"] > chance_threshold(10, 64)
+
+
+def test_lr_schedules():
+    cfg = tiny(epochs=4, lr=1.0)
+    steps = 10  # per epoch, 40 in all: /10 at step 20, /100 at step 30
+    assert [lr_factor(cfg, s, steps) for s in (0, 19, 20, 29, 30, 39)] == [
+        1, 1, 0.1, 0.1, 0.01, 0.01]
+    cos = tiny(epochs=4, schedule="cosine", warmup_epochs=1)
+    assert lr_factor(cos, 0, steps) == pytest.approx(0.1)
+    assert lr_factor(cos, 9, steps) == pytest.approx(1.0)
+    assert lr_factor(cos, 10, steps) == pytest.approx(1.0)
+    assert lr_factor(cos, 25, steps) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_weight_decay_skips_norm_and_bias_by_default():
+    from bnlab.models import build_model
+    from bnlab.train import param_groups
+
+    model = build_model("resnet20", 10)
+    groups = param_groups(model, 1e-4, False)
+    assert groups[0]["weight_decay"] == 1e-4 and all(p.ndim == 4 or p.ndim == 2
+                                                     for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0 and all(p.ndim == 1 for p in groups[1]["params"])
+    assert len(param_groups(model, 1e-4, True)) == 1
+
+
+def test_bf16_precision_runs(tmp_path):
+    summary = train_run(tiny(precision="bf16", epochs=1), tmp_path, log=lambda s: None)
+    assert summary["epochs_done"] == 1 and math.isfinite(summary["test_loss"])
+
+
+def test_mlp_on_mnist_format(tmp_path):
+    from conftest import write_mnist
+
+    write_mnist(tmp_path / "mnist", n_train=120, n_test=40)
+    cfg = tiny(dataset="mnist", data_dir=str(tmp_path / "mnist"), model="mlp3x100",
+               limit_train=0, limit_test=0, batch_size=60, epochs=1)
+    summary = train_run(cfg, tmp_path / "out", log=lambda s: None)
+    assert summary["epochs_done"] == 1
