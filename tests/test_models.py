@@ -12,7 +12,7 @@ def resnet_param_count(depth: int, num_classes: int = 10, bn: bool = True) -> in
     channels = [16]
     cin = 16
     for cout in (16, 32, 64):
-        for i in range(n):
+        for _ in range(n):
             convs += cin * cout * 9 + cout * cout * 9
             channels += [cout, cout]
             cin = cout
