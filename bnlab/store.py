@@ -203,6 +203,19 @@ class Store:
     def runs(self) -> list[RunDir]:
         return [self.run(r["run_id"]) for r in self.rows()]
 
+    # Files of the output root itself (study.json, analysis/, report/), by path relative to it.
+    def read_json(self, name: str) -> Any | None:
+        p = self.root / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        atomic_write_json(self.root / name, obj)
+        return self.root / name
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        atomic_write_bytes(self.root / name, data)
+        return self.root / name
+
 
 def _num(v):
     return v if isinstance(v, int | float) and math.isfinite(v) else None

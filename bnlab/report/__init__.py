@@ -1,0 +1,38 @@
+"""The study report: report.html, report.md and PNG figures in OUT/report/.
+
+    write_report(out_dir) -> {file name: path}
+
+reads OUT/study.json, the run folders and OUT/analysis/ (load.py), groups runs into arms
+(arms.py), computes statistics (stats.py), tables (tables.py), findings (findings.py) and
+figures (figures.py), and writes both renderings (html.py, markdown.py) through the store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnlab.report.compose import compose
+from bnlab.report.html import render_html
+from bnlab.report.load import load_study
+from bnlab.report.markdown import render_markdown
+
+REPORT_DIR = "report"
+
+
+def write_report(out_dir: str | Path) -> dict[str, Path]:
+    """Write OUT/report/{report.html, report.md, *.png}; return the written files by name."""
+    study = load_study(out_dir)
+    composed = compose(study)
+    store = study.store
+    written: dict[str, Path] = {}
+    # Figures first: a reader who opens report.html while it is being replaced finds its images.
+    for name, data in composed.images.items():
+        written[name] = store.write_bytes(f"{REPORT_DIR}/{name}", data)
+    written["report.md"] = store.write_bytes(f"{REPORT_DIR}/report.md",
+                                             render_markdown(composed.document).encode())
+    written["report.html"] = store.write_bytes(f"{REPORT_DIR}/report.html",
+                                               render_html(composed.document).encode())
+    return written
+
+
+__all__ = ["write_report", "REPORT_DIR"]

@@ -1,0 +1,158 @@
+"""Arms of a study: runs grouped by dataset and variant, the select_best choice, the baseline.
+
+An arm is every run of one dataset that shares the values of all varying axes except `seed`.
+Its accuracy statistics use the runs that finished training with a final test accuracy
+(INCLUDED: completed and no_learning); diverged and failed runs are counted, not averaged: a
+diverged run's last accuracy is from before its loss became non-finite, and a failed run is a
+crash, not an outcome of the method.
+
+select_best: arms that differ only in the select_best axes form a group; the arm with the highest
+mean final test accuracy is selected, among the arms of the group with no diverged or failed run
+(among all arms of the group if every one has such a run). Selecting on the test set biases the
+selected arm's accuracy upward; the report says so.
+
+Baseline: an arm is a baseline arm when its values match analysis.baseline (default norm=bn).
+Every other selected arm is compared with the selected baseline arm of its dataset that has the
+same values on the remaining axes (ignoring the baseline keys and the select_best axes); when no
+such arm exists but the dataset has exactly one baseline arm, with that one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from bnlab.report.load import STATUS_ORDER, Run, Study, fmt_value
+from bnlab.report.stats import Summary, Welch, summarize, welch
+
+INCLUDED = ("completed", "no_learning")
+
+
+def same(a, b) -> bool:
+    """Equality of config values across TOML and JSON (1 == 1.0, but True != 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@dataclass(eq=False)
+class Arm:
+    dataset: str
+    key: tuple[tuple[str, str], ...]
+    runs: list[Run]
+    select_axes: list[str]
+    stats: Summary = field(init=False)
+    accs: list[float] = field(init=False)
+    counts: Counter = field(init=False)
+    selected: bool = True
+    group_size: int = 1
+    no_result_in_group: bool = False
+    is_baseline: bool = False
+    baseline: Arm | None = None
+    welch: Welch | None = None
+    row: int | None = None  # row in the summary table
+    selection_row: int | None = None
+
+    def __post_init__(self):
+        self.accs = [r.final_test_acc for r in self.runs
+                     if r.status in INCLUDED and r.final_test_acc is not None]
+        self.stats = summarize(self.accs)
+        self.counts = Counter(r.status for r in self.runs)
+
+    def value(self, axis: str):
+        return json.loads(dict(self.key)[axis]) if axis in dict(self.key) else \
+            self.runs[0].value(axis)
+
+    @property
+    def label(self) -> str:
+        if not self.key:
+            return "all runs"
+        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key)
+
+    @property
+    def group_label(self) -> str:
+        parts = [(a, v) for a, v in self.key if a not in self.select_axes]
+        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in parts) or "all runs"
+
+    @property
+    def selection_label(self) -> str:
+        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key
+                         if a in self.select_axes)
+
+    @property
+    def group(self) -> tuple:
+        return tuple((a, v) for a, v in self.key if a not in self.select_axes)
+
+    def count(self, *statuses: str) -> int:
+        return sum(self.counts.get(s, 0) for s in statuses)
+
+    @property
+    def unstable(self) -> int:
+        return self.count("diverged", "failed")
+
+    @property
+    def pending(self) -> int:
+        return self.count("running", "missing")
+
+    @property
+    def gaps(self) -> list[float]:
+        """Per run: final-epoch train accuracy minus final test accuracy."""
+        return [r.final_train_acc - r.final_test_acc for r in self.runs
+                if r.status in INCLUDED and r.final_train_acc is not None
+                and r.final_test_acc is not None]
+
+
+def build_arms(study: Study) -> list[Arm]:
+    """All arms, per dataset in order of appearance; baseline arms first within a dataset."""
+    by_key: dict[tuple, list[Run]] = {}
+    for r in study.runs:
+        by_key.setdefault((r.dataset, r.arm), []).append(r)
+    arms = [Arm(ds, key, runs, study.select_best) for (ds, key), runs in by_key.items()]
+    base = study.baseline
+    for a in arms:
+        a.is_baseline = all(same(a.value(k), v) for k, v in base.items())
+    _select(arms, study.select_best)
+    _match_baselines(arms, base)
+    order = {ds: i for i, ds in enumerate(study.datasets)}
+    return sorted(arms, key=lambda a: (order[a.dataset], not a.is_baseline))
+
+
+def _select(arms: list[Arm], select_axes: list[str]) -> None:
+    if not select_axes:
+        return
+    groups: dict[tuple, list[Arm]] = {}
+    for a in arms:
+        groups.setdefault((a.dataset, a.group), []).append(a)
+    for members in groups.values():
+        with_result = [a for a in members if a.stats.n > 0]
+        stable = [a for a in with_result if a.unstable == 0]
+        pool = stable or with_result
+        best = max(pool, key=lambda a: a.stats.mean) if pool else members[0]
+        for a in members:
+            a.selected = a is best
+            a.group_size = len(members)
+            a.no_result_in_group = not pool
+
+
+def _match_baselines(arms: list[Arm], base: dict) -> None:
+    chosen = [a for a in arms if a.selected]
+    for a in chosen:
+        if a.is_baseline:
+            continue
+        candidates = [b for b in chosen if b.is_baseline and b.dataset == a.dataset]
+        rest = [ax for ax, _ in a.key if ax not in base and ax not in a.select_axes]
+        exact = [b for b in candidates if all(same(a.value(ax), b.value(ax)) for ax in rest)]
+        match = exact[0] if len(exact) == 1 else candidates[0] if len(candidates) == 1 else None
+        if match is not None:
+            a.baseline = match
+            a.welch = welch(a.accs, match.accs)
+
+
+def status_counts(arms: list[Arm]) -> Counter:
+    total: Counter = Counter()
+    for a in arms:
+        total.update(a.counts)
+    return Counter({s: total[s] for s in STATUS_ORDER if total[s]})

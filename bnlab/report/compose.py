@@ -1,0 +1,144 @@
+"""Put a study's report together: tables, then findings from them, figures, the appendix.
+
+Table and figure numbers follow their order in the document; findings are generated after all
+tables exist so every sentence can cite a row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from bnlab.report import figures as F
+from bnlab.report import tables as T
+from bnlab.report.arms import build_arms
+from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
+from bnlab.report.findings import findings
+from bnlab.report.load import Study, fmt_value
+from bnlab.report.provenance import provenance
+from bnlab.report.stats import ALPHA
+
+COMPARE_CAPTIONS = {
+    "reliability.png": "Reliability diagram of the compared models: accuracy against "
+                       "confidence per bin; the diagonal is perfect calibration.",
+    "confidence.png": "Distribution of the confidence (maximum softmax probability) of the "
+                      "compared models on the test set.",
+    "corruptions.png": "Test accuracy of the compared models under corruptions, by severity.",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
+
+
+@dataclass
+class Composed:
+    document: Document
+    images: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes
+
+
+class _Numbers:
+    def __init__(self):
+        self.table = 0
+        self.figure = 0
+
+    def next_table(self) -> int:
+        self.table += 1
+        return self.table
+
+    def next_figure(self) -> int:
+        self.figure += 1
+        return self.figure
+
+
+def compose(study: Study) -> Composed:
+    arms = build_arms(study)
+    num = _Numbers()
+    summary = T.summary_table(study, arms, num.next_table())
+    selection = T.selection_table(study, arms, num.table + 1)
+    if selection:
+        num.next_table()
+    gap, gap_rows = T.gap_table(study, arms, num.table + 1)
+    if gap:
+        num.next_table()
+    probe_rows = T.probe_rows(arms)
+    probe = T.probe_table(probe_rows, num.table + 1)
+    if probe:
+        num.next_table()
+    compare_tables = T.compare_tables(study.compare, num.table + 1)
+    num.table += len(compare_tables)
+    runs = T.runs_table(study, arms, num.next_table())
+
+    n_runs = len(study.runs)
+    subtitle = (study.description + " — " if study.description else "") + \
+        f"{n_runs} runs; report generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    doc = Document(f"Study report: {study.name}", subtitle)
+    images: dict[str, bytes] = {}
+
+    def add_figures(figs: list[F.FigureData]) -> None:
+        for f in figs:
+            images[f.file] = f.png
+            doc.add(Figure(num.next_figure(), f.file, f.caption, f.alt))
+
+    doc.add(Heading(2, "Results", "results"), Paragraph(_intro(study)), summary)
+    if selection:
+        doc.add(selection)
+    doc.add(Heading(2, "Findings", "findings"),
+            Paragraph("Generated from the numbers in the tables of this report; each sentence "
+                      f"cites the row it comes from. Significance: two-sided Welch's t-test at "
+                      f"α = {ALPHA:g}, without correction for multiple comparisons.",
+                      small=True),
+            Bullets(findings(arms, summary, selection, gap, gap_rows, probe, probe_rows,
+                             study.compare, compare_tables, runs)
+                    or ["No run has finished yet, so there is nothing to report."]))
+    doc.add(Heading(2, "Training curves", "curves"))
+    for ds in study.datasets:
+        add_figures(F.curves(ds, [a for a in arms if a.dataset == ds]))
+    if gap:
+        doc.add(Heading(2, "Overfitting: train–test gap", "gap"), gap)
+        for ds in study.datasets:
+            add_figures(F.gap_curves(ds, [a for a in arms if a.dataset == ds]))
+    if probe or any(r.probes for r in study.runs):
+        doc.add(Heading(2, "Probes during training", "probes"))
+        if probe:
+            doc.add(probe)
+        for ds in study.datasets:
+            here = [a for a in arms if a.dataset == ds]
+            add_figures(F.percentiles(ds, probe_rows))
+            add_figures(F.grad_norms(ds, here))
+            add_figures(F.model_probe_metrics(ds, here))
+    if compare_tables or (study.compare or {}).get("figures"):
+        doc.add(Heading(2, "Prediction comparison", "compare"), *compare_tables)
+        for name, data in _compare_images(study):
+            images[f"compare-{name}"] = data
+            caption = COMPARE_CAPTIONS.get(name, f"Prediction comparison: {name}.")
+            doc.add(Figure(num.next_figure(), f"compare-{name}",
+                           caption + " From analysis/" + name + ".", f"Comparison: {name}"))
+    doc.add(Heading(2, "All runs", "runs"), runs)
+    doc.add(*provenance(study, arms))
+    return Composed(doc, images)
+
+
+def _intro(study: Study) -> str:
+    axes = ", ".join(study.axes) or "none"
+    base = ", ".join(f"{k}={fmt_value(v)}" for k, v in study.baseline.items())
+    datasets = ", ".join(study.datasets) or "none"
+    text = (f"Study “{study.name}”: {len(study.runs)} runs on {datasets}; axes varied: {axes}. "
+            f"Each arm is one combination of the varied values except the seed; the baseline "
+            f"arm is {base}.")
+    if study.select_best:
+        text += (f" Within each arm, {', '.join(study.select_best)} was chosen from several "
+                 "values by mean final test accuracy.")
+    return text
+
+
+def _compare_images(study: Study) -> list[tuple[str, bytes]]:
+    """The figure files compare.json lists that exist in OUT/analysis/ (plain names only)."""
+    out = []
+    for name in (study.compare or {}).get("figures") or []:
+        name = str(name)
+        if PurePosixPath(name).name != name or not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        path = study.root / "analysis" / name
+        if path.is_file():
+            out.append((name, path.read_bytes()))
+    return out
+

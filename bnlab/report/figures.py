@@ -1,0 +1,258 @@
+"""PNG figures of a study, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Every function returns a list of FigureData (file name, PNG bytes, caption); nothing is written
+here. Curves over seeds are drawn as the mean with a band from the minimum to the maximum over
+seeds (with 2-3 seeds a standard-deviation band would claim more than the data hold).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bnlab.report.arms import INCLUDED, Arm
+from bnlab.report.load import Run, number
+from bnlab.report.probedata import PERCENTILES, layers_with, model_metrics, series
+from bnlab.report.tables import ProbeRow, arm_label
+
+STYLE = {
+    "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.spines.top": False,
+    "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5,
+    "lines.linewidth": 1.4, "savefig.dpi": 150, "figure.dpi": 150,
+}
+BAND_ALPHA = 0.18
+WIDTH = 7.0  # inches: a text-width figure at 150 dpi is 1050 px
+
+
+@dataclass
+class FigureData:
+    file: str
+    png: bytes
+    caption: str
+    alt: str
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "x"
+
+
+def _colors(n: int) -> list:
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _render(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _new(ncols: int, height: float = 2.6, sharey: bool = False):
+    fig = Figure(figsize=(WIDTH, height), layout="constrained")
+    axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def styled(draw: Callable[..., list[FigureData]]) -> Callable[..., list[FigureData]]:
+    """Run a figure function under the report's rc settings (read when artists are made)."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+def mean_band(per_run: list[dict[int, float]]) -> tuple[list[int], list[float], list[float],
+                                                         list[float]]:
+    """Per x: mean, min and max over the runs that have a value at x."""
+    xs = sorted({x for d in per_run for x in d})
+    mean, lo, hi = [], [], []
+    for x in xs:
+        vals = [d[x] for d in per_run if x in d]
+        mean.append(math.fsum(vals) / len(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
+    return xs, mean, lo, hi
+
+
+def _epoch_series(run: Run, get: Callable[[dict], float | None]) -> dict[int, float]:
+    out = {}
+    for m in run.metrics:
+        v = get(m)
+        if v is not None:
+            out[int(m["epoch"])] = v
+    return out
+
+
+def _plot_band(ax, per_run, color, label, scale=1.0):
+    per_run = [d for d in per_run if d]
+    if not per_run:
+        return
+    xs, mean, lo, hi = mean_band(per_run)
+    ax.plot(xs, [scale * v for v in mean], color=color, label=f"{label} (n={len(per_run)})")
+    if len(per_run) > 1:
+        ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=color,
+                        alpha=BAND_ALPHA, linewidth=0)
+
+
+def _included(a: Arm) -> list[Run]:
+    return [r for r in a.runs if r.status in INCLUDED]
+
+
+@styled
+def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
+    shown = [a for a in arms if a.selected and _included(a)]
+    if not shown:
+        return []
+    fig, (ax_acc, ax_loss) = _new(2)
+    all_positive = True
+    for a, color in zip(shown, _colors(len(shown))):
+        runs = _included(a)
+        acc = [_epoch_series(r, lambda m: number(m.get("test_acc"))) for r in runs]
+        loss = [_epoch_series(r, lambda m: number(m.get("train_loss"))) for r in runs]
+        all_positive &= all(v > 0 for d in loss for v in d.values())
+        _plot_band(ax_acc, acc, color, arm_label(a), scale=100.0)
+        _plot_band(ax_loss, loss, color, arm_label(a))
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="Train loss")
+    if all_positive:
+        ax_loss.set_yscale("log")
+    ax_acc.legend(frameon=False, loc="lower right")
+    png = _render(fig)
+    return [FigureData(
+        f"curves-{slug(dataset)}.png", png,
+        f"{dataset}: test accuracy after each epoch and mean training loss over each epoch. "
+        "Lines: mean over seeds; bands: minimum to maximum over seeds. Completed and "
+        "no-learning runs only (diverged and failed runs are excluded, as in the summary "
+        "table); n per arm in the legend.",
+        f"Training curves on {dataset}")]
+
+
+@styled
+def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
+    shown = [a for a in arms if a.selected and _included(a)]
+    if not shown:
+        return []
+    fig, (ax,) = _new(1, height=2.8)
+    for a, color in zip(shown, _colors(len(shown))):
+        per_run = [_epoch_series(r, lambda m: _diff(m.get("train_acc"), m.get("test_acc")))
+                   for r in _included(a)]
+        _plot_band(ax, per_run, color, arm_label(a), scale=100.0)
+    ax.axhline(0.0, color="0.4", linewidth=0.6)
+    ax.set(xlabel="epoch", ylabel="train − test accuracy (points)", title="Train–test gap")
+    ax.legend(frameon=False, fontsize=6, loc="upper left", ncol=2)
+    return [FigureData(
+        f"gap-{slug(dataset)}.png", _render(fig),
+        f"{dataset}: train accuracy (running, over each epoch in training mode) minus test "
+        "accuracy after the epoch. Lines: mean over seeds; bands: minimum to maximum.",
+        f"Train-test gap on {dataset}")]
+
+
+def _diff(a, b):
+    a, b = number(a), number(b)
+    return None if a is None or b is None else a - b
+
+
+def _first_seed_run(a: Arm) -> Run | None:
+    runs = [r for r in a.runs if r.probes]
+    if not runs:
+        return None
+    return sorted(runs, key=lambda r: (str(type(r.seed)), r.seed if r.seed is not None else 0)
+                  )[0]
+
+
+@styled
+def percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
+    """Ioffe & Szegedy 2015 Fig. 1(b, c): p15/p50/p85 of one layer's input over steps."""
+    rows = [p for p in rows if p.arm.dataset == dataset]
+    if not rows:
+        return []
+    fig, axes = _new(len(rows), height=2.5, sharey=True)
+    shades = {"act_p15": "0.55", "act_p50": "0.1", "act_p85": "0.55"}
+    styles = {"act_p15": "--", "act_p50": "-", "act_p85": ":"}
+    seeds = []
+    for ax, p in zip(axes, rows):
+        run = _first_seed_run(p.arm)
+        seeds.append(f"{p.arm.label}: seed {run.seed}")
+        for m in PERCENTILES:
+            xs, ys = series(run.probes, p.layer, m)
+            ax.plot(xs, ys, color=shades[m], linestyle=styles[m], label=m.removeprefix("act_"))
+        ax.set(title=arm_label(p.arm), xlabel="training step")
+    axes[0].set_ylabel(f"input of {rows[0].layer}")
+    axes[0].legend(frameon=False)
+    return [FigureData(
+        f"percentiles-{slug(dataset)}.png", _render(fig),
+        f"{dataset}: 15th, 50th and 85th percentiles of the input of layer {rows[0].layer} over "
+        "training, one run per arm (" + "; ".join(seeds) + "), as in Ioffe & Szegedy 2015, "
+        "Fig. 1(b, c). Table of first/last values and drift: see the probe table.",
+        f"Activation percentiles on {dataset}")]
+
+
+@styled
+def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
+    shown = [(a, _first_seed_run(a)) for a in arms if a.selected and a.dataset == dataset]
+    shown = [(a, r) for a, r in shown if r is not None and layers_with(r.probes, "grad_norm")]
+    if not shown:
+        return []
+    fig, axes = _new(len(shown), height=2.6, sharey=True)
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, (a, run) in zip(axes, shown):
+        layers = [x for x in layers_with(run.probes, "grad_norm") if x != ""]
+        for i, layer in enumerate(layers):
+            xs, ys = series(run.probes, layer, "grad_norm")
+            label = layer if i in (0, len(layers) - 1) else None
+            ax.plot(xs, ys, color=cmap(i / max(1, len(layers) - 1)), linewidth=0.9,
+                    label=label)
+        if all(v > 0 for x in layers for v in series(run.probes, x, "grad_norm")[1]):
+            ax.set_yscale("log")
+        ax.set(title=f"{arm_label(a)} (seed {run.seed})", xlabel="training step")
+        ax.legend(frameon=False, fontsize=6)
+    axes[0].set_ylabel("gradient norm")
+    return [FigureData(
+        f"gradnorm-{slug(dataset)}.png", _render(fig),
+        f"{dataset}: L2 norm of each layer's weight gradient over training, one run per arm; "
+        "colour runs from the first layer (dark) to the last (light).",
+        f"Gradient norms per layer on {dataset}")]
+
+
+@styled
+def model_probe_metrics(dataset: str, arms: list[Arm]) -> list[FigureData]:
+    """Whole-model probe metrics (layer ""), e.g. ICS and smoothness measures."""
+    shown = [a for a in arms if a.selected and a.dataset == dataset
+             and any(r.probes for r in a.runs)]
+    metrics = list(dict.fromkeys(m for a in shown for r in a.runs
+                                 for m in model_metrics(r.probes)))
+    if not metrics:
+        return []
+    cols = min(3, len(metrics))
+    out = []
+    for start in range(0, len(metrics), cols):
+        chunk = metrics[start:start + cols]
+        fig, axes = _new(cols, height=2.4)
+        for ax, metric in zip(axes, chunk):
+            for a, color in zip(shown, _colors(len(shown))):
+                per_run = [dict(zip(*series(r.probes, "", metric))) for r in a.runs if r.probes]
+                _plot_band(ax, per_run, color, arm_label(a))
+            ax.set(title=metric, xlabel="training step")
+        for ax in axes[len(chunk):]:
+            ax.set_visible(False)
+        axes[0].legend(frameon=False, fontsize=6)
+        names = ", ".join(chunk)
+        out.append(FigureData(
+            f"probes-{slug(dataset)}-{start // cols + 1}.png", _render(fig),
+            f"{dataset}: whole-model probe metrics ({names}) over training. Lines: mean over "
+            "the seeds that recorded probes; bands: minimum to maximum.",
+            f"Probe metrics {names} on {dataset}"))
+    return out

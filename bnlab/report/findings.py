@@ -1,0 +1,170 @@
+"""The "Findings" section: sentences generated from the computed table rows, nothing else.
+
+Every sentence states a measured number with its n and cites the table row it comes from.
+Direction words ("higher", "lower") follow the sign of the measured difference and significance
+words follow the Welch p-value at ALPHA; no conclusion is written in advance.
+"""
+
+from __future__ import annotations
+
+from bnlab.report import fmt
+from bnlab.report.arms import Arm, status_counts
+from bnlab.report.document import Table
+from bnlab.report.stats import ALPHA
+from bnlab.report.tables import GapRow, ProbeRow, arm_label
+
+
+def cite(table: Table | None, *rows: int | None) -> str:
+    if table is None:
+        return ""
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return f"({table.label})"
+    if len(rows) == 1:
+        return f"({table.label}, row {rows[0]})"
+    listed = ", ".join(str(r) for r in rows[:-1]) + f" and {rows[-1]}"
+    return f"({table.label}, rows {listed})"
+
+
+def _statuses(a: Arm) -> str | None:
+    parts = []
+    for status, verb in (("diverged", "diverged"), ("failed", "failed"),
+                         ("no_learning", "did not learn (accuracy at chance)")):
+        k = a.count(status)
+        if k:
+            parts.append(f"{k} {verb}")
+    if not parts:
+        return None
+    total = len(a.runs)
+    return f"of the {total} run{'s' if total != 1 else ''} of {a.label} on {a.dataset}, " + \
+        ", ".join(parts)
+
+
+def comparison_sentence(a: Arm, summary: Table) -> str | None:
+    w, b = a.welch, a.baseline
+    if b is None or w is None:
+        return None
+    where = cite(summary, a.row, b.row)
+    if w.diff is None:
+        return (f"On {a.dataset}, {a.label} cannot be compared with the baseline {b.label}: "
+                f"{w.reason} {where}.")
+    if w.p is None:
+        return (f"On {a.dataset}, {a.label} differs from the baseline {b.label} by "
+                f"{fmt.points(w.diff)} points, but no Welch test is possible ({w.reason}; "
+                f"n = {w.n_a} vs {w.n_b}) {where}.")
+    if w.diff == 0:
+        direction = f"has the same mean as the baseline {b.label}"
+    else:
+        word = "higher" if w.diff > 0 else "lower"
+        direction = (f"is {word} than the baseline {b.label} by "
+                     f"{fmt.points(w.diff, sign=False)} points")
+    verdict = (f"significant at α = {ALPHA:g}" if w.significant
+               else f"no significant difference at α = {ALPHA:g}")
+    return (f"On {a.dataset}, {a.label} {direction} ({fmt.p_phrase(w.p)}, n = {w.n_a} vs "
+            f"{w.n_b}; 95% CI of the difference {fmt.interval(w.ci_low, w.ci_high, sign=True)}"
+            f" points): {verdict} {where}.")
+
+
+def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
+             gap: Table | None = None, gap_rows: list[GapRow] = (),
+             probe: Table | None = None, probe_rows: list[ProbeRow] = (),
+             compare: dict | None = None, compare_tables: list[Table] = (),
+             runs: Table | None = None) -> list[str]:
+    out = []
+    counts = status_counts(arms)
+    total = sum(counts.values())
+    if total:
+        listed = ", ".join(f"{k} {s.replace('_', ' ')}" for s, k in counts.items())
+        out.append(f"The study has {total} runs: {listed} {cite(runs)}.")
+    shown = [a for a in arms if a.selected]
+    for ds in dict.fromkeys(a.dataset for a in shown):
+        here = [a for a in shown if a.dataset == ds and a.stats.n > 0]
+        if len(here) > 1:
+            best = max(here, key=lambda a: a.stats.mean)
+            out.append(f"On {ds}, the highest mean final test accuracy is "
+                       f"{fmt.pct(best.stats.mean)}% ({best.label}, n = {best.stats.n}) "
+                       f"{cite(summary, best.row)}.")
+        elif here:
+            a = here[0]
+            out.append(f"On {ds}, {a.label} reaches {fmt.mean_std(a.stats)}% "
+                       f"(n = {a.stats.n}) {cite(summary, a.row)}.")
+        for a in shown:
+            if a.dataset == ds and not a.is_baseline:
+                s = comparison_sentence(a, summary)
+                if s:
+                    out.append(s)
+    for a in arms:
+        text = _statuses(a)
+        if text is None:
+            continue
+        where = cite(summary, a.row) if a.selected else cite(selection, a.selection_row)
+        out.append(text[0].upper() + text[1:] + f" {where}.")
+    if selection is not None:
+        for a in arms:
+            if a.selected and a.group_size > 1 and a.selection_row is not None:
+                if a.no_result_in_group:
+                    out.append(f"On {a.dataset}, no value of {a.group_label} produced a "
+                               f"finished run {cite(selection, a.selection_row)}.")
+                    continue
+                out.append(f"On {a.dataset}, for {a.group_label}, {a.selection_label} gave the "
+                           f"highest mean final test accuracy among {a.group_size} values "
+                           f"({fmt.pct(a.stats.mean)}%) {cite(selection, a.selection_row)}; "
+                           "this choice uses the test set, so that arm's accuracy in "
+                           f"{summary.label} is biased upward.")
+    out += _gap_sentences(gap, list(gap_rows))
+    out += _probe_sentences(probe, list(probe_rows))
+    out += _compare_sentences(compare, list(compare_tables))
+    return out
+
+
+def _gap_sentences(gap: Table | None, rows: list[GapRow]) -> list[str]:
+    out = []
+    for ds in dict.fromkeys(g.arm.dataset for g in rows):
+        here = [g for g in rows if g.arm.dataset == ds and g.gap.mean is not None]
+        if len(here) < 2:
+            continue
+        hi = max(here, key=lambda g: g.gap.mean)
+        lo = min(here, key=lambda g: g.gap.mean)
+        out.append(f"On {ds}, the train–test gap is largest for {arm_label(hi.arm)} "
+                   f"({fmt.points(hi.gap.mean, sign=False)} points, n = {hi.gap.n}) and "
+                   f"smallest for {arm_label(lo.arm)} ({fmt.points(lo.gap.mean, sign=False)} "
+                   f"points, n = {lo.gap.n}) {cite(gap, hi.row, lo.row)}.")
+    return out
+
+
+def _probe_sentences(probe: Table | None, rows: list[ProbeRow]) -> list[str]:
+    out = []
+    for ds in dict.fromkeys(p.arm.dataset for p in rows):
+        here = sorted((p for p in rows if p.arm.dataset == ds),
+                      key=lambda p: p.p50_range.mean, reverse=True)
+        parts = [f"{fmt.num(p.p50_range.mean, 3)} in {p.arm.label} (n = {p.p50_range.n})"
+                 for p in here]
+        layer = here[0].layer
+        out.append(f"On {ds}, the median of the input of layer {layer} varies over training by "
+                   f"(max − min) {'; '.join(parts)} {cite(probe, *(p.row for p in here))}.")
+    return out
+
+
+def _compare_sentences(compare: dict | None, tables: list[Table]) -> list[str]:
+    if not compare or not tables:
+        return []
+    out = []
+    models = compare.get("models") or []
+    labels = {m.get("run_id"): str(m.get("label", m.get("run_id"))) for m in models}
+    with_ece = [(i, m) for i, m in enumerate(models, 1) if isinstance(m.get("ece"), int | float)]
+    if len(with_ece) > 1:
+        i, m = min(with_ece, key=lambda im: im[1]["ece"])
+        out.append(f"Among the compared models, {m.get('label')} has the lowest expected "
+                   f"calibration error ({fmt.num(m['ece'], 3)}) {cite(tables[0], i)}.")
+    pair_table = next((t for t in tables[1:] if t.anchor == "compare-pairs"), None)
+    for i, p in enumerate(compare.get("pairs") or [], 1):
+        if pair_table is None or not isinstance(p.get("agreement"), int | float):
+            continue
+        a, b = labels.get(p.get("a"), p.get("a")), labels.get(p.get("b"), p.get("b"))
+        extra = ""
+        if isinstance(p.get("right_to_wrong"), int) and isinstance(p.get("wrong_to_right"), int):
+            extra = (f"; {p['right_to_wrong']} test images are right for {a} and wrong for "
+                     f"{b}, {p['wrong_to_right']} the reverse")
+        out.append(f"{a} and {b} predict the same class on {fmt.pct(p['agreement'])}% of the "
+                   f"test images{extra} {cite(pair_table, i)}.")
+    return out

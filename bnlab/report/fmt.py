@@ -1,0 +1,61 @@
+"""How numbers are written in the report (one place, so tables and findings agree)."""
+
+from __future__ import annotations
+
+from bnlab.report.stats import Summary
+
+DASH = "–"
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """An accuracy (fraction) as percent."""
+    return DASH if x is None else f"{100.0 * x:.{digits}f}"
+
+
+def points(x: float | None, digits: int = 2, sign: bool = True) -> str:
+    """A difference of accuracies (fraction) in percentage points."""
+    if x is None:
+        return DASH
+    return f"{100.0 * x:+.{digits}f}" if sign else f"{100.0 * abs(x):.{digits}f}"
+
+
+def mean_std(s: Summary, scale: float = 100.0, digits: int = 2) -> str:
+    if s.mean is None:
+        return DASH
+    if s.std is None:
+        return f"{scale * s.mean:.{digits}f}"
+    return f"{scale * s.mean:.{digits}f} ± {scale * s.std:.{digits}f}"
+
+
+def interval(lo: float | None, hi: float | None, scale: float = 100.0, digits: int = 2,
+             sign: bool = False) -> str:
+    if lo is None or hi is None:
+        return DASH
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"[{f.format(scale * lo)}, {f.format(scale * hi)}]"
+
+
+def pvalue(p: float | None) -> str:
+    if p is None:
+        return DASH
+    if p < 0.001:
+        return "< 0.001"
+    return f"{p:.3f}"
+
+
+def p_phrase(p: float) -> str:
+    """'p = 0.012' or 'p < 0.001' for running text."""
+    text = pvalue(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
+def num(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return DASH
+    return f"{x:.{digits}g}"
+
+
+def seconds(x: float | None) -> str:
+    if x is None:
+        return DASH
+    return f"{x:.1f}"

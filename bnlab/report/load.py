@@ -1,0 +1,167 @@
+"""Read a study's output folder (study.json, run folders, analysis/) into plain records.
+
+Nothing here computes a statistic; it only gathers what the runner and the analysis stored, and
+decides for every run which arm it belongs to:
+
+    dataset  the study's dataset name for the run (values["dataset"], else the config's)
+    arm      the run's values of every varying axis except `seed` and `dataset`
+    status   summary.json's status; "missing" when the run folder has no config.json yet
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bnlab.config import dataset_tag
+from bnlab.errors import UserError
+from bnlab.store import Store
+
+NOT_ARM_AXES = ("seed", "dataset")
+DEFAULT_BASELINE = {"norm": "bn"}
+STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "missing")
+
+
+def canon(v: Any) -> str:
+    """A hashable, order-independent form of an axis value (floats and dicts included)."""
+    return json.dumps(v, sort_keys=True)
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={fmt_value(x)}" for k, x in sorted(v.items())) + "}"
+    return str(v)
+
+
+def number(v: Any) -> float | None:
+    """A finite float, or None (the store writes non-finite numbers as strings)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+@dataclass
+class Run:
+    run_id: str
+    values: dict[str, Any]
+    dataset: str
+    seed: Any
+    status: str
+    config: dict[str, Any] | None
+    env: dict[str, Any] | None
+    data: dict[str, Any] | None
+    model: dict[str, Any] | None
+    summary: dict[str, Any]
+    metrics: list[dict]
+    probes: list[dict]
+    arm: tuple[tuple[str, str], ...] = ()
+
+    def value(self, key: str) -> Any:
+        """The run's value of a config key: the study's value, else the stored config's."""
+        if key in self.values:
+            return self.values[key]
+        return (self.config or {}).get(key)
+
+    @property
+    def final_test_acc(self) -> float | None:
+        return number(self.summary.get("test_acc"))
+
+    @property
+    def final_train_acc(self) -> float | None:
+        return number(self.summary.get("train_acc"))
+
+
+@dataclass
+class Study:
+    root: Path
+    name: str
+    description: str
+    spec: dict[str, Any]
+    sets: dict[str, Any]
+    only: dict[str, Any]
+    data_map: dict[str, Any]
+    axes: list[str]
+    analysis: dict[str, Any]
+    runs: list[Run]
+    compare: dict[str, Any] | None = None
+    store: Store | None = field(default=None, repr=False)
+
+    @property
+    def arm_axes(self) -> list[str]:
+        return [a for a in self.axes if a not in NOT_ARM_AXES]
+
+    @property
+    def select_best(self) -> list[str]:
+        return [a for a in self.analysis.get("select_best", []) if a in self.arm_axes]
+
+    @property
+    def baseline(self) -> dict[str, Any]:
+        return dict(self.analysis.get("baseline") or DEFAULT_BASELINE)
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(r.dataset for r in self.runs))
+
+
+def load_study(out_dir: str | Path) -> Study:
+    root = Path(out_dir)
+    if not (root / "study.json").is_file():
+        raise UserError(f"{str(root)!r} is not a study output folder (no study.json); run "
+                        "`bnlab study run SPEC` first or pass the folder it wrote")
+    store = Store(root)
+    try:
+        meta = store.read_json("study.json")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{str(root / 'study.json')!r} is not valid JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list):
+        raise UserError(f"{str(root / 'study.json')!r} has no list of runs")
+    spec = meta.get("spec") or {}
+    base_dataset = (spec.get("base") or {}).get("dataset")
+    axes = list(meta.get("axes") or [])
+    runs = []
+    for entry in meta["runs"]:
+        runs.append(_load_run(store, entry, base_dataset))
+    arm_axes = [a for a in axes if a not in NOT_ARM_AXES]
+    for r in runs:
+        r.arm = tuple((a, canon(r.value(a))) for a in arm_axes)
+    compare = None
+    if (root / "analysis" / "compare.json").is_file():
+        compare = store.read_json("analysis/compare.json")
+    return Study(root=root, name=str(meta.get("name", root.name)),
+                 description=str(meta.get("description", "")), spec=spec,
+                 sets=dict(meta.get("sets") or {}), only=dict(meta.get("only") or {}),
+                 data_map=dict(meta.get("data_map") or {}), axes=axes,
+                 analysis=dict(meta.get("analysis") or spec.get("analysis") or {}),
+                 runs=runs, compare=compare, store=store)
+
+
+def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
+    run_id = str(entry["run_id"])
+    values = dict(entry.get("values") or {})
+    rd = store.run(run_id)
+    stored = rd.read_json("config.json") if rd.exists() else None
+    config = (stored or {}).get("config")
+    summary = rd.read_json("summary.json") or {}
+    if config is None:
+        status = "missing"
+    else:
+        status = str(summary.get("status", "running"))
+    if "dataset" in values:
+        dataset = str(values["dataset"])
+    elif config is not None:
+        dataset = dataset_tag(str(config["dataset"]))
+    else:
+        dataset = str(base_dataset or "?")
+    seed = values.get("seed", (config or {}).get("seed"))
+    return Run(run_id=run_id, values=values, dataset=dataset, seed=seed, status=status,
+               config=config, env=(stored or {}).get("env"), data=(stored or {}).get("data"),
+               model=(stored or {}).get("model"), summary=summary,
+               metrics=rd.metrics() if config is not None else [],
+               probes=rd.read_rows("probes.jsonl") if config is not None else [])

@@ -1,0 +1,72 @@
+"""Series out of probes.jsonl rows (long format: step, epoch, layer, metric, value).
+
+The percentile view follows Ioffe & Szegedy 2015, Fig. 1(b, c): the 15th, 50th and 85th
+percentiles of one layer's input over training steps. The layer shown is the last layer (in
+the order the probe file first mentions it) that has act_p50 rows, the closest counterpart of the
+paper's last hidden layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bnlab.report.load import Run, number
+
+PERCENTILES = ("act_p15", "act_p50", "act_p85")
+
+
+def series(rows: list[dict], layer: str, metric: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one layer's metric, sorted by step; non-finite values dropped."""
+    pts = sorted((int(r["step"]), number(r.get("value"))) for r in rows
+                 if r.get("layer") == layer and r.get("metric") == metric)
+    pts = [(s, v) for s, v in pts if v is not None]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def layers_with(rows: list[dict], metric: str) -> list[str]:
+    """Layers that have `metric`, in order of first appearance."""
+    return list(dict.fromkeys(r.get("layer", "") for r in rows if r.get("metric") == metric))
+
+
+def percentile_layer(rows: list[dict]) -> str | None:
+    layers = [x for x in layers_with(rows, "act_p50") if x != ""]
+    return layers[-1] if layers else None
+
+
+def model_metrics(rows: list[dict]) -> list[str]:
+    """Whole-model metrics (layer "") present in the rows, in order of first appearance."""
+    return list(dict.fromkeys(r["metric"] for r in rows if r.get("layer", "") == ""
+                              and r.get("metric")))
+
+
+@dataclass
+class PercentileDrift:
+    """One run's percentile series of one layer: first and last values and the range of p50."""
+
+    layer: str
+    first_step: int
+    last_step: int
+    first: dict[str, float]  # metric -> value at the first recorded step
+    last: dict[str, float]
+    p50_range: float  # max - min of act_p50 over all recorded steps
+
+    @property
+    def p50_change(self) -> float:
+        return self.last["act_p50"] - self.first["act_p50"]
+
+
+def percentile_drift(run: Run, layer: str) -> PercentileDrift | None:
+    got = {m: series(run.probes, layer, m) for m in PERCENTILES}
+    if any(not steps for steps, _ in got.values()):
+        return None
+    steps50, vals50 = got["act_p50"]
+    return PercentileDrift(
+        layer=layer, first_step=steps50[0], last_step=steps50[-1],
+        first={m: vals[0] for m, (_, vals) in got.items()},
+        last={m: vals[-1] for m, (_, vals) in got.items()},
+        p50_range=max(vals50) - min(vals50))
+
+
+def finite(xs: list[float]) -> list[float]:
+    return [x for x in xs if math.isfinite(x)]

@@ -1,0 +1,110 @@
+"""The reproducibility appendix: exact configurations, data sizes, versions and hardware.
+
+Everything comes from the runs' own config.json files ("config", "data", "model", "env") and
+study.json; a key is listed as common only when every run that has a config.json agrees on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bnlab.report.arms import Arm
+from bnlab.report.document import Block, Code, Heading, KeyValues, Paragraph
+from bnlab.report.load import Study, fmt_value
+
+ENV_KEYS = ("bnlab", "git_commit", "torch", "cuda", "python", "platform", "device",
+            "device_name", "torch_threads")
+
+
+def _json(v) -> str:
+    return json.dumps(v, sort_keys=True)
+
+
+def common_config(study: Study) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(keys equal in every run, keys that differ with their distinct values in run order)."""
+    configs = [r.config for r in study.runs if r.config is not None]
+    if not configs:
+        return [], []
+    common, varying = [], []
+    for key in configs[0]:
+        vals = list(dict.fromkeys(_json(c.get(key)) for c in configs))
+        if len(vals) == 1:
+            common.append((key, fmt_value(configs[0].get(key))))
+        else:
+            varying.append((key, ", ".join(fmt_value(json.loads(v)) for v in vals)))
+    return common, varying
+
+
+def provenance(study: Study, arms: list[Arm]) -> list[Block]:
+    out: list[Block] = [Heading(2, "Configuration, data and environment", "provenance")]
+    common, varying = common_config(study)
+    if common:
+        out.append(KeyValues("Run configuration shared by all runs", common))
+    if varying:
+        out.append(KeyValues("Configuration keys that vary between runs", varying))
+    overrides = [(f"--set {k}", fmt_value(v)) for k, v in study.sets.items()]
+    overrides += [(f"--only {k}", fmt_value(v)) for k, v in study.only.items()]
+    overrides += [(f"--data-map {k}", fmt_value(v)) for k, v in study.data_map.items()]
+    if overrides:
+        out.append(KeyValues("Command-line overrides of the spec", overrides))
+    data = _data_pairs(study)
+    if data:
+        out.append(KeyValues("Data", data))
+    sizes = _model_sizes(arms)
+    if sizes:
+        out.append(KeyValues("Model parameters", sizes))
+    envs: dict[str, list[str]] = {}
+    for r in study.runs:
+        if r.env is not None:
+            envs.setdefault(_json({k: r.env.get(k) for k in ENV_KEYS}), []).append(r.run_id)
+    for i, (key, run_ids) in enumerate(envs.items(), 1):
+        env = json.loads(key)
+        title = "Software and hardware" + (f" ({i} of {len(envs)})" if len(envs) > 1 else "")
+        pairs = [(k, fmt_value(env[k]) if env[k] is not None else "none") for k in ENV_KEYS]
+        pairs.append(("runs", f"{len(run_ids)} of {len(study.runs)}"))
+        out.append(KeyValues(title, pairs))
+    walls = [w for w in (r.summary.get("wall_time") for r in study.runs)
+             if isinstance(w, int | float) and math.isfinite(w)]
+    if walls:
+        out.append(Paragraph(f"Total training time recorded by the runs: "
+                             f"{sum(walls) / 60:.1f} minutes over {len(walls)} runs "
+                             "(sum of per-run wall times; runs may have overlapped).",
+                             small=True))
+    if study.spec:
+        out.append(Code(json.dumps(study.spec, indent=2, sort_keys=False),
+                        "Study specification as loaded (study.json, \"spec\")"))
+    return out
+
+
+def _data_pairs(study: Study) -> list[tuple[str, str]]:
+    seen: dict[tuple, str] = {}
+    for r in study.runs:
+        d = r.data
+        if not d:
+            continue
+        source = (r.config or {}).get("dataset", r.dataset)
+        key = (r.dataset, source, d.get("n_train"), d.get("n_test"))
+        if key in seen:
+            continue
+        classes = d.get("classes") or []
+        seen[key] = (f"{source}: {d.get('n_train')} training and {d.get('n_test')} test images, "
+                     f"{len(classes)} classes, {d.get('image_size')} px"
+                     + (", streamed from disk" if d.get("streamed") else ""))
+    return [(k[0], v) for k, v in seen.items()]
+
+
+def _model_sizes(arms: list[Arm]) -> list[tuple[str, str]]:
+    """Parameter count per architecture (lr, seed and the like do not change it)."""
+    out = {}
+    for a in arms:
+        for r in a.runs:
+            params = (r.model or {}).get("parameters")
+            c = r.config
+            if params is None or c is None:
+                continue
+            name = f"{c.get('model')}, norm={c.get('norm')}, placement={c.get('placement')}"
+            if c.get("placement") == "first_k":
+                name += f" (first_k={c.get('first_k')})"
+            out.setdefault(f"{name} on {a.dataset}", f"{params:,}")
+    return list(out.items())

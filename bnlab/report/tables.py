@@ -1,0 +1,295 @@
+"""The report's numbered tables, built from arms (arms.py) and stored analysis files.
+
+Each builder records the row number it gave an item (arm.row, ...) so findings can cite it.
+Accuracies are printed in percent, differences in percentage points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bnlab.report import fmt
+from bnlab.report.arms import Arm
+from bnlab.report.document import Table
+from bnlab.report.load import Run, Study, fmt_value
+from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer
+from bnlab.report.stats import ALPHA, Summary, summarize
+
+SELECTED_MARK = "†"
+
+
+def arm_label(a: Arm) -> str:
+    return a.label + (f" {SELECTED_MARK}" if a.group_size > 1 else "")
+
+
+def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
+    shown = [a for a in arms if a.selected]
+    pending = any(a.pending for a in shown)
+    head = ["Dataset", "Arm", "n", "Test acc. (%)", "95% CI (%)", "Δ vs baseline (points)",
+            "95% CI of Δ", "p (Welch)", "Completed", "No learning", "Diverged", "Failed"]
+    head += ["Pending"] if pending else []
+    rows = []
+    for i, a in enumerate(shown, 1):
+        a.row = i
+        if a.is_baseline:
+            delta, delta_ci, p = "baseline", fmt.DASH, fmt.DASH
+        elif a.welch is None or a.welch.diff is None:
+            delta, delta_ci, p = fmt.DASH, fmt.DASH, fmt.DASH
+        else:
+            w = a.welch
+            delta = fmt.points(w.diff)
+            delta_ci = fmt.interval(w.ci_low, w.ci_high, sign=True)
+            p = fmt.pvalue(w.p) if w.p is not None else f"{fmt.DASH} ({w.reason})"
+        row = [a.dataset, arm_label(a), str(a.stats.n), fmt.mean_std(a.stats),
+               fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, delta_ci, p,
+               str(a.count("completed")), str(a.count("no_learning")),
+               str(a.count("diverged")), str(a.count("failed"))]
+        rows.append(row + ([str(a.pending)] if pending else []))
+    base = ", ".join(f"{k}={fmt_value(v)}" for k, v in study.baseline.items())
+    notes = [
+        "Test acc.: the test accuracy after the last epoch (not the best epoch), mean ± sample "
+        "standard deviation (divisor n − 1) over seeds. n: runs included in the mean.",
+        "Included are completed and no-learning runs (no learning: test accuracy at or below "
+        "chance + 3 binomial standard errors after the first quarter of training; such runs "
+        "finished training). Diverged runs (non-finite loss) and failed runs (errors) are "
+        "excluded from the mean, standard deviation, CI and test, and counted in their own "
+        "columns." + (" Pending: runs not started or not finished." if pending else ""),
+        "95% CI: mean ± t(0.975, n − 1) · s / √n. Δ: arm mean − baseline mean; its CI uses the "
+        "Welch–Satterthwaite degrees of freedom; p: two-sided Welch's t-test, "
+        f"α = {ALPHA:g}, not corrected for multiple comparisons.",
+        f"Baseline arm: {base} (analysis.baseline); every other arm is compared with the "
+        "baseline arm of its dataset that shares its remaining values.",
+    ]
+    if any(a.group_size > 1 for a in shown):
+        axes = ", ".join(study.select_best)
+        notes.append(f"{SELECTED_MARK} {axes} chosen among several values by the highest mean "
+                     "final test accuracy (see the selection table). The selection uses the "
+                     "test set, which biases the selected arm's accuracy upward.")
+    return Table(number, "Final test accuracy per dataset and arm", head, rows, notes,
+                 numeric=[False, False] + [True] * (len(head) - 2), anchor="summary")
+
+
+def selection_table(study: Study, arms: list[Arm], number: int) -> Table | None:
+    if not study.select_best or all(a.group_size == 1 for a in arms):
+        return None
+    axes = study.select_best
+    head = ["Dataset", "Group", *axes, "n", "Test acc. (%)", "No learning", "Diverged",
+            "Failed", "Selected"]
+    rows, marked = [], []
+    groups: dict[tuple, list[Arm]] = {}
+    for a in arms:
+        groups.setdefault((a.dataset, a.group), []).append(a)
+    i = 0
+    for members in groups.values():
+        if len(members) == 1:
+            continue
+        for a in members:
+            i += 1
+            a.selection_row = i
+            vals = [fmt_value(a.value(ax)) for ax in axes]
+            rows.append([a.dataset, a.group_label, *vals, str(a.stats.n),
+                         fmt.mean_std(a.stats), str(a.count("no_learning")),
+                         str(a.count("diverged")), str(a.count("failed")),
+                         "selected" if a.selected else ""])
+            marked.append(a.selected)
+    notes = [
+        f"Every value of {', '.join(axes)} tried per group, with the mean ± std of its final test "
+        "accuracy over seeds (diverged and failed runs excluded).",
+        "Selected: the value with the highest mean among values none of whose runs diverged or "
+        "failed (among all values when each has such a run). The choice is made on the test "
+        "set, so the selected arm's accuracy in the summary table is biased upward; an unbiased "
+        "estimate needs a held-out validation split.",
+    ]
+    return Table(number, f"Selection of {', '.join(axes)} per group", head, rows, notes,
+                 numeric=[False, False] + [True] * (len(head) - 3) + [False], marked=marked,
+                 anchor="selection")
+
+
+@dataclass
+class GapRow:
+    arm: Arm
+    train: Summary
+    test: Summary
+    gap: Summary
+    row: int = 0
+
+
+def gap_table(study: Study, arms: list[Arm], number: int) -> tuple[Table | None, list[GapRow]]:
+    if not {"dropout", "augment"} & set(study.axes):
+        return None, []
+    out = []
+    for a in arms:
+        if not a.selected:
+            continue
+        runs = [r for r in a.runs if r.final_train_acc is not None and r.status in
+                ("completed", "no_learning") and r.final_test_acc is not None]
+        out.append(GapRow(a, summarize([r.final_train_acc for r in runs]),
+                          summarize([r.final_test_acc for r in runs]), summarize(a.gaps)))
+    head = ["Dataset", "Arm", "n", "Train acc. (%)", "Test acc. (%)", "Gap (points)",
+            "95% CI of gap"]
+    rows = []
+    for i, g in enumerate(out, 1):
+        g.row = i
+        rows.append([g.arm.dataset, arm_label(g.arm), str(g.gap.n), fmt.mean_std(g.train),
+                     fmt.mean_std(g.test), fmt.mean_std(g.gap),
+                     fmt.interval(g.gap.ci_low, g.gap.ci_high)])
+    notes = ["Gap: final-epoch train accuracy − final test accuracy per run, then mean ± std "
+             "over seeds. The train accuracy is the running accuracy over the last epoch in "
+             "training mode, i.e. on augmented images and with dropout active, as the network "
+             "saw them; a larger gap means more overfitting.",
+             "Runs included as in the summary table."]
+    return (Table(number, "Train–test gap (overfitting)", head, rows, notes,
+                  numeric=[False, False] + [True] * 5, anchor="gap"), out)
+
+
+@dataclass
+class ProbeRow:
+    arm: Arm
+    layer: str
+    drifts: list[PercentileDrift] = field(default_factory=list)
+    row: int = 0
+
+    @property
+    def abs_change(self) -> Summary:
+        return summarize([abs(d.p50_change) for d in self.drifts])
+
+    @property
+    def p50_range(self) -> Summary:
+        return summarize([d.p50_range for d in self.drifts])
+
+    def mean_at(self, end: str, metric: str) -> float:
+        vals = [getattr(d, end)[metric] for d in self.drifts]
+        return sum(vals) / len(vals)
+
+
+def probe_rows(arms: list[Arm]) -> list[ProbeRow]:
+    out = []
+    for a in arms:
+        if not a.selected:
+            continue
+        runs = [r for r in a.runs if r.probes]
+        layer = next((x for x in (percentile_layer(r.probes) for r in runs) if x), None)
+        if layer is None:
+            continue
+        drifts = [d for d in (percentile_drift(r, layer) for r in runs) if d is not None]
+        if drifts:
+            out.append(ProbeRow(a, layer, drifts))
+    return out
+
+
+def probe_table(rows_in: list[ProbeRow], number: int) -> Table | None:
+    if not rows_in:
+        return None
+    head = ["Dataset", "Arm", "Layer", "n", "Steps", "p15 first → last", "p50 first → last",
+            "p85 first → last", "|Δ p50|", "p50 range"]
+    rows = []
+    for i, p in enumerate(rows_in, 1):
+        p.row = i
+        steps = f"{p.drifts[0].first_step}–{max(d.last_step for d in p.drifts)}"
+        cells = [f"{fmt.num(p.mean_at('first', m), 3)} → {fmt.num(p.mean_at('last', m), 3)}"
+                 for m in ("act_p15", "act_p50", "act_p85")]
+        rows.append([p.arm.dataset, arm_label(p.arm), p.layer, str(len(p.drifts)), steps,
+                     *cells, fmt.mean_std(p.abs_change, 1.0, 3),
+                     fmt.mean_std(p.p50_range, 1.0, 3)])
+    notes = ["Percentiles of the layer's input activations as recorded by the probes "
+             "(Ioffe & Szegedy 2015, Fig. 1(b, c)); first/last: values at the first and last "
+             "recorded step, averaged over the n seeds that recorded probes.",
+             "|Δ p50|: absolute change of the median from the first to the last recorded step; "
+             "p50 range: max − min of the median over all recorded steps; both mean ± std over "
+             "seeds. Larger values mean the input distribution of the layer moved more."]
+    return Table(number, "Input distribution of one layer over training", head, rows, notes,
+                 numeric=[False, False, False] + [True] * 7, anchor="probes")
+
+
+def compare_tables(compare: dict | None, first_number: int) -> list[Table]:
+    """Tables of OUT/analysis/compare.json: per model, per pair, per corruption."""
+    if not compare or not compare.get("models"):
+        return []
+    models = compare["models"]
+    labels = {m.get("run_id"): str(m.get("label", m.get("run_id"))) for m in models}
+    n = first_number
+    head = ["Model", "Run", "Test acc. (%)", "NLL", "Brier", "ECE"]
+    rows = [[str(m.get("label", "")), str(m.get("run_id", "")), fmt.pct(_n(m.get("test_acc"))),
+             fmt.num(_n(m.get("nll"))), fmt.num(_n(m.get("brier"))),
+             fmt.num(_n(m.get("ece")))] for m in models]
+    tables = [Table(n, "Predictions of the compared models on the test set", head, rows,
+                    ["From analysis/compare.json. NLL: mean negative log-likelihood (nats); "
+                     "Brier: mean squared error of the probability vector; ECE: expected "
+                     "calibration error."], numeric=[False, False, True, True, True, True],
+                    anchor="compare-models")]
+    pairs = compare.get("pairs") or []
+    if pairs:
+        n += 1
+        head = ["Model A", "Model B", "Agreement (%)", "Right → wrong", "Wrong → right",
+                "Both right", "Both wrong", "KL(A‖B)", "KL(B‖A)", "JS"]
+        rows = [[labels.get(p.get("a"), str(p.get("a"))), labels.get(p.get("b"), str(p.get("b"))),
+                 fmt.pct(_n(p.get("agreement"))), _i(p.get("right_to_wrong")),
+                 _i(p.get("wrong_to_right")), _i(p.get("both_right")), _i(p.get("both_wrong")),
+                 fmt.num(_n(p.get("kl_ab"))), fmt.num(_n(p.get("kl_ba"))),
+                 fmt.num(_n(p.get("js")))] for p in pairs]
+        tables.append(Table(n, "Agreement between pairs of models", head, rows,
+                            ["Agreement: share of test images with the same predicted class. "
+                             "Right → wrong: images A classifies correctly and B does not; "
+                             "wrong → right the reverse. KL and JS: mean divergences of the "
+                             "predicted distributions (nats)."],
+                            numeric=[False, False] + [True] * 8, anchor="compare-pairs"))
+    corr = sorted({c for m in models for c in (m.get("corruption_acc") or {})})
+    if corr:
+        n += 1
+        head = ["Model", *corr]
+        rows = []
+        for m in models:
+            cells = []
+            for c in corr:
+                vals = [v for v in ((m.get("corruption_acc") or {}).get(c) or [])
+                        if _n(v) is not None]
+                cells.append(fmt.pct(sum(vals) / len(vals)) if vals else fmt.DASH)
+            rows.append([str(m.get("label", "")), *cells])
+        tables.append(Table(n, "Accuracy under corruptions (%)", head, rows,
+                            ["Mean test accuracy over the recorded severities of each "
+                             "corruption."], numeric=[False] + [True] * len(corr),
+                            anchor="compare-corruptions"))
+    return tables
+
+
+def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
+    arm_of = {id(r): a for a in arms for r in a.runs}
+    head = ["Run", "Dataset", "Arm", "Seed", "Status", "Epochs", "Train acc. (%)",
+            "Test acc. (%)", "Wall time (s)", "Note"]
+    rows = []
+    for r in study.runs:
+        a = arm_of[id(r)]
+        s = r.summary
+        epochs = f"{s.get('epochs_done', 0)}/{(r.config or {}).get('epochs', '?')}"
+        rows.append([r.run_id, r.dataset, a.label, fmt_value(r.seed), r.status.replace("_", " "),
+                     epochs, fmt.pct(r.final_train_acc), fmt.pct(r.final_test_acc),
+                     fmt.seconds(_n(s.get("wall_time"))), _note(r)])
+    notes = ["Every run of the study in the order of study.json, with the status recorded in "
+             "its summary.json. Accuracies are those of the last finished epoch; a diverged "
+             "run's values are from before its loss became non-finite."]
+    return Table(number, "All runs", head, rows, notes,
+                 numeric=[False, False, False, True, False, True, True, True, True, False],
+                 anchor="runs")
+
+
+def _note(r: Run) -> str:
+    s = r.summary
+    if r.status == "missing":
+        return "not started"
+    if "diverged_step" in s:
+        return f"loss non-finite at step {s['diverged_step']}"
+    if "no_learning_at_epoch" in s:
+        return f"at chance after epoch {s['no_learning_at_epoch']}"
+    if s.get("error"):
+        return str(s["error"])[:200]
+    return ""
+
+
+def _n(v):
+    from bnlab.report.load import number
+
+    return number(v)
+
+
+def _i(v) -> str:
+    return fmt.DASH if v is None else str(v)

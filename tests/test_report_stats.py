@@ -1,0 +1,207 @@
+"""Statistics of the report against scipy, closed forms and published values; findings on
+hand-made arms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special
+from scipy import stats as sps
+
+from bnlab.report import stats as S
+from bnlab.report.arms import Arm, _match_baselines
+from bnlab.report.document import Table
+from bnlab.report.findings import comparison_sentence, findings
+from bnlab.report.load import Run, canon
+
+
+# -- incomplete beta and the t distribution ---------------------------------------------------
+@pytest.mark.parametrize("a,b", [(0.5, 0.5), (0.5, 3.0), (2.0, 0.5), (5.0, 7.5), (50.0, 0.5),
+                                 (0.05, 20.0), (300.0, 0.5)])
+@pytest.mark.parametrize("x", [1e-8, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-9])
+def test_betainc_matches_scipy(a, b, x):
+    # 1e-10, not tighter: near x = 1 scipy itself is off by ~1e-12 (see the arcsine test)
+    assert S.betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10, abs=1e-300)
+
+
+@pytest.mark.parametrize("x", [1e-12, 0.2, 0.5, 0.93, 1 - 1e-9])
+def test_betainc_arcsine_closed_form(x):
+    # I_x(1/2, 1/2) = (2/pi) arcsin(sqrt(x)) = 1 - (2/pi) arcsin(sqrt(1 - x))
+    ref = (2 / math.pi) * math.asin(math.sqrt(x)) if x < 0.5 else \
+        1 - (2 / math.pi) * math.asin(math.sqrt(1 - x))
+    assert S.betainc(0.5, 0.5, x) == pytest.approx(ref, rel=1e-14)
+
+
+@pytest.mark.parametrize("a", [0.5, 1.0, 2.5, 10.0])
+@pytest.mark.parametrize("x", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_betainc_closed_forms(a, x):
+    # I_x(a, 1) = x^a and I_x(1, b) = 1 - (1 - x)^b
+    assert S.betainc(a, 1.0, x) == pytest.approx(x ** a, rel=1e-13, abs=1e-15)
+    assert S.betainc(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, rel=1e-13, abs=1e-15)
+
+
+@pytest.mark.parametrize("df", [1.0, 2.0, 2.5, 3.0, 7.0, 29.0, 200.0, 5000.0])
+@pytest.mark.parametrize("t", [-40.0, -3.1, -0.2, 0.0, 0.7, 2.0, 12.0, 1e3])
+def test_t_cdf_sf_match_scipy(df, t):
+    assert S.t_cdf(t, df) == pytest.approx(sps.t.cdf(t, df), rel=1e-11, abs=1e-300)
+    assert S.t_sf(t, df) == pytest.approx(sps.t.sf(t, df), rel=1e-11, abs=1e-300)
+
+
+@pytest.mark.parametrize("t", [-50.0, -1.0, -0.01, 0.0, 0.3, 4.0, 1e4])
+def test_t_closed_forms_df1_df2(t):
+    # df = 1 is the Cauchy distribution; df = 2 has F(t) = 1/2 + t / (2 sqrt(2 + t^2))
+    assert S.t_cdf(t, 1.0) == pytest.approx(0.5 + math.atan(t) / math.pi, rel=1e-13)
+    assert S.t_cdf(t, 2.0) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), rel=1e-13)
+
+
+@pytest.mark.parametrize("df", [1.0, 1.5, 2.0, 4.0, 9.0, 30.0, 120.0, 1e4])
+@pytest.mark.parametrize("p", [1e-6, 0.025, 0.1, 0.4999, 0.5, 0.6, 0.975, 0.995, 1 - 1e-7])
+def test_t_ppf_matches_scipy(df, p):
+    assert S.t_ppf(p, df) == pytest.approx(sps.t.ppf(p, df), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.2, 0.5, 0.8, 0.975, 0.9999])
+def test_t_ppf_closed_forms(p):
+    assert S.t_ppf(p, 1.0) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-12, abs=1e-15)
+    assert S.t_ppf(p, 2.0) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
+                                            rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("df,value", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),
+                                      (5, 2.571), (10, 2.228), (20, 2.086), (30, 2.042)])
+def test_t_975_quantiles_match_printed_table(df, value):
+    assert round(S.t_ppf(0.975, df), 3) == value
+
+
+def test_t_ppf_refuses_bad_levels():
+    for p in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(ValueError):
+            S.t_ppf(p, 3)
+    with pytest.raises(ValueError):
+        S.t_sf(1.0, 0.0)
+
+
+# -- summaries ---------------------------------------------------------------------------------
+def test_summarize_matches_numpy_and_scipy():
+    xs = [0.912, 0.905, 0.921, 0.899]
+    s = S.summarize(xs)
+    assert s.n == 4
+    assert s.mean == pytest.approx(np.mean(xs), rel=1e-15)
+    assert s.std == pytest.approx(np.std(xs, ddof=1), rel=1e-13)
+    lo, hi = sps.t.interval(0.95, 3, loc=np.mean(xs), scale=sps.sem(xs))
+    assert (s.ci_low, s.ci_high) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+
+
+def test_summarize_edge_cases():
+    assert S.summarize([]) == S.Summary(0, None, None, None, None)
+    assert S.summarize([0.7]) == S.Summary(1, 0.7, None, None, None)
+    s = S.summarize([0.5, 0.5, 0.5])
+    assert (s.mean, s.std, s.ci_low, s.ci_high) == (0.5, 0.0, 0.5, 0.5)
+
+
+# -- Welch -------------------------------------------------------------------------------------
+def test_welch_published_example():
+    # Welch's t-test, Wikipedia example 1: t = -2.46, df = 25.0, p = 0.021
+    a = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+    b = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+    w = S.welch(a, b)
+    assert round(w.t, 2) == -2.46 and round(w.df, 1) == 25.0 and round(w.p, 3) == 0.021
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert w.t == pytest.approx(ref.statistic, rel=1e-12)
+    assert w.p == pytest.approx(ref.pvalue, rel=1e-10)
+    assert w.df == pytest.approx(ref.df, rel=1e-12)
+    assert w.significant
+
+
+@pytest.mark.parametrize("a,b", [([0.91, 0.93, 0.92], [0.88, 0.85, 0.90]),
+                                 ([0.5, 0.52], [0.51, 0.49, 0.55, 0.50]),
+                                 ([0.1, 0.9, 0.4], [0.45, 0.46, 0.44]),
+                                 ([0.8, 0.8, 0.8], [0.7, 0.75, 0.72])])
+@pytest.mark.filterwarnings("ignore:Precision loss")
+def test_welch_matches_scipy_and_second_path(a, b):
+    w = S.welch(a, b)
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert w.p == pytest.approx(ref.pvalue, rel=1e-10)
+    # CI of the difference from the Welch-Satterthwaite df, computed with numpy + scipy
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = sps.t.ppf(0.975, df) * se
+    diff = np.mean(a) - np.mean(b)
+    assert w.ci_low == pytest.approx(diff - half, rel=1e-9)
+    assert w.ci_high == pytest.approx(diff + half, rel=1e-9)
+    assert (w.ci_low < 0 < w.ci_high) == (w.p >= 0.05)
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss")
+def test_welch_edge_cases():
+    w = S.welch([0.9], [0.8, 0.82])
+    assert w.diff == pytest.approx(0.09) and w.p is None and "n = 1" in w.reason
+    w = S.welch([0.9, 0.9], [0.8, 0.8])
+    assert w.p is None and "zero variance" in w.reason and not w.significant
+    w = S.welch([], [0.8, 0.8])
+    assert w.diff is None and w.p is None
+    # zero variance on one side only is a valid test: df = n_other - 1
+    w = S.welch([0.9, 0.9, 0.9], [0.8, 0.85, 0.83])
+    assert w.df == pytest.approx(2.0) and w.p == pytest.approx(
+        sps.ttest_ind([0.9, 0.9, 0.9], [0.8, 0.85, 0.83], equal_var=False).pvalue, rel=1e-10)
+
+
+# -- findings on hand-made arms ----------------------------------------------------------------
+def _run(run_id, norm, seed, acc, status="completed", train_acc=None):
+    return Run(run_id=run_id, values={"norm": norm, "seed": seed}, dataset="cifar10", seed=seed,
+               status=status, config={"norm": norm, "seed": seed}, env=None, data=None,
+               model=None, summary={"status": status, "test_acc": acc,
+                                    "train_acc": train_acc or acc},
+               metrics=[], probes=[], arm=(("norm", canon(norm)),))
+
+
+def _arms(bn, none, none_status=None):
+    runs_bn = [_run(f"b{i}", "bn", i, x) for i, x in enumerate(bn)]
+    runs_none = [_run(f"n{i}", "none", i, x, (none_status or {}).get(i, "completed"))
+                 for i, x in enumerate(none)]
+    a = Arm("cifar10", (("norm", canon("bn")),), runs_bn, [])
+    b = Arm("cifar10", (("norm", canon("none")),), runs_none, [])
+    a.is_baseline = True
+    _match_baselines([a, b], {"norm": "bn"})
+    a.row, b.row = 1, 2
+    return a, b
+
+
+TABLE = Table(1, "summary", [], [])
+
+
+def test_findings_significant_difference_phrased_by_sign():
+    bn, none = [0.912, 0.915, 0.909], [0.895, 0.890, 0.898]
+    _, b = _arms(bn, none)
+    ref = sps.ttest_ind(none, bn, equal_var=False).pvalue
+    text = comparison_sentence(b, TABLE)
+    diff = 100 * (np.mean(bn) - np.mean(none))
+    assert f"is lower than the baseline norm=bn by {diff:.2f} points" in text
+    assert f"p = {ref:.3f}" in text and "n = 3 vs 3" in text
+    assert "significant at α = 0.05" in text and "no significant" not in text
+    assert text.endswith("(Table 1, rows 2 and 1).")
+
+
+def test_findings_no_significant_difference():
+    bn, none = [0.90, 0.93, 0.88], [0.91, 0.89, 0.935]
+    _, b = _arms(bn, none)
+    text = comparison_sentence(b, TABLE)
+    ref = sps.ttest_ind(none, bn, equal_var=False).pvalue
+    assert ref > 0.05
+    assert "is higher than the baseline" in text
+    assert "no significant difference at α = 0.05" in text
+
+
+def test_findings_untestable_and_counted_statuses():
+    a, b = _arms([0.91, 0.92], [0.5, float("nan"), 0.6],
+                 none_status={1: "diverged", 2: "failed"})
+    assert b.stats.n == 1 and b.count("diverged") == 1 and b.count("failed") == 1
+    text = comparison_sentence(b, TABLE)
+    assert "no Welch test is possible (n = 1 in an arm; n = 1 vs 2)" in text
+    out = findings([a, b], TABLE)
+    assert any(s.startswith("Of the 3 runs of norm=none on cifar10, 1 diverged, 1 failed")
+               and s.endswith("(Table 1, row 2).") for s in out)
+    assert any("The study has 5 runs: 3 completed, 1 diverged, 1 failed" in s for s in out)
