@@ -70,6 +70,7 @@ class Figure:
 class Code:
     text: str
     caption: str = ""
+    lang: str = ""
 
 
 Block = Heading | Paragraph | Bullets | Table | KeyValues | Figure | Code

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.load import Run, number
@@ -31,6 +32,7 @@ STYLE = {
 }
 BAND_ALPHA = 0.18
 WIDTH = 7.0  # inches: a text-width figure at 150 dpi is 1050 px
+MARKERS_UP_TO = 12  # points per curve up to which each point gets a marker
 
 
 @dataclass
@@ -57,8 +59,8 @@ def _render(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _new(ncols: int, height: float = 2.6, sharey: bool = False):
-    fig = Figure(figsize=(WIDTH, height), layout="constrained")
+def _new(ncols: int, height: float = 2.6, sharey: bool = False, width: float = WIDTH):
+    fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
     return fig, list(axes)
 
@@ -101,10 +103,33 @@ def _plot_band(ax, per_run, color, label, scale=1.0):
     if not per_run:
         return
     xs, mean, lo, hi = mean_band(per_run)
-    ax.plot(xs, [scale * v for v in mean], color=color, label=f"{label} (n={len(per_run)})")
+    marker = "o" if len(xs) <= MARKERS_UP_TO else None
+    ax.plot(xs, [scale * v for v in mean], color=color, label=f"{label} (n={len(per_run)})",
+            marker=marker, markersize=3)
     if len(per_run) > 1:
         ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=color,
                         alpha=BAND_ALPHA, linewidth=0)
+
+
+def _legend_below(fig, ax) -> None:
+    """One legend for the whole figure, under the panels, so it never hides a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", frameon=False,
+                   ncol=min(3, len(handles)))
+
+
+def _epochs_axis(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _log_if_wide(ax, values: list[float]) -> None:
+    """Log scale only when the values span more than a decade; plain tick labels either way."""
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _included(a: Arm) -> list[Run]:
@@ -116,20 +141,21 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     shown = [a for a in arms if a.selected and _included(a)]
     if not shown:
         return []
-    fig, (ax_acc, ax_loss) = _new(2)
-    all_positive = True
+    fig, (ax_acc, ax_loss) = _new(2, height=3.0)
+    losses = []
     for a, color in zip(shown, _colors(len(shown))):
         runs = _included(a)
         acc = [_epoch_series(r, lambda m: number(m.get("test_acc"))) for r in runs]
         loss = [_epoch_series(r, lambda m: number(m.get("train_loss"))) for r in runs]
-        all_positive &= all(v > 0 for d in loss for v in d.values())
+        losses += [v for d in loss for v in d.values()]
         _plot_band(ax_acc, acc, color, arm_label(a), scale=100.0)
         _plot_band(ax_loss, loss, color, arm_label(a))
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="Train loss")
-    if all_positive:
-        ax_loss.set_yscale("log")
-    ax_acc.legend(frameon=False, loc="lower right")
+    _log_if_wide(ax_loss, losses)
+    _epochs_axis(ax_acc)
+    _epochs_axis(ax_loss)
+    _legend_below(fig, ax_acc)
     png = _render(fig)
     return [FigureData(
         f"curves-{slug(dataset)}.png", png,
@@ -145,14 +171,15 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     shown = [a for a in arms if a.selected and _included(a)]
     if not shown:
         return []
-    fig, (ax,) = _new(1, height=2.8)
+    fig, (ax,) = _new(1, height=3.0, width=WIDTH * 0.7)
     for a, color in zip(shown, _colors(len(shown))):
         per_run = [_epoch_series(r, lambda m: _diff(m.get("train_acc"), m.get("test_acc")))
                    for r in _included(a)]
         _plot_band(ax, per_run, color, arm_label(a), scale=100.0)
     ax.axhline(0.0, color="0.4", linewidth=0.6)
     ax.set(xlabel="epoch", ylabel="train − test accuracy (points)", title="Train–test gap")
-    ax.legend(frameon=False, fontsize=6, loc="upper left", ncol=2)
+    _epochs_axis(ax)
+    _legend_below(fig, ax)
     return [FigureData(
         f"gap-{slug(dataset)}.png", _render(fig),
         f"{dataset}: train accuracy (running, over each epoch in training mode) minus test "
@@ -166,11 +193,9 @@ def _diff(a, b):
 
 
 def _first_seed_run(a: Arm) -> Run | None:
+    """The arm's run with probes and the lowest seed (the one a single-run figure shows)."""
     runs = [r for r in a.runs if r.probes]
-    if not runs:
-        return None
-    return sorted(runs, key=lambda r: (str(type(r.seed)), r.seed if r.seed is not None else 0)
-                  )[0]
+    return min(runs, key=lambda r: str(r.seed).zfill(12)) if runs else None
 
 
 @styled
@@ -215,8 +240,7 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
             label = layer if i in (0, len(layers) - 1) else None
             ax.plot(xs, ys, color=cmap(i / max(1, len(layers) - 1)), linewidth=0.9,
                     label=label)
-        if all(v > 0 for x in layers for v in series(run.probes, x, "grad_norm")[1]):
-            ax.set_yscale("log")
+        _log_if_wide(ax, [v for x in layers for v in series(run.probes, x, "grad_norm")[1]])
         ax.set(title=f"{arm_label(a)} (seed {run.seed})", xlabel="training step")
         ax.legend(frameon=False, fontsize=6)
     axes[0].set_ylabel("gradient norm")
@@ -240,7 +264,7 @@ def model_probe_metrics(dataset: str, arms: list[Arm]) -> list[FigureData]:
     out = []
     for start in range(0, len(metrics), cols):
         chunk = metrics[start:start + cols]
-        fig, axes = _new(cols, height=2.4)
+        fig, axes = _new(cols, height=2.6, width=WIDTH if cols > 1 else WIDTH * 0.6)
         for ax, metric in zip(axes, chunk):
             for a, color in zip(shown, _colors(len(shown))):
                 per_run = [dict(zip(*series(r.probes, "", metric))) for r in a.runs if r.probes]
@@ -248,7 +272,7 @@ def model_probe_metrics(dataset: str, arms: list[Arm]) -> list[FigureData]:
             ax.set(title=metric, xlabel="training step")
         for ax in axes[len(chunk):]:
             ax.set_visible(False)
-        axes[0].legend(frameon=False, fontsize=6)
+        _legend_below(fig, axes[0])
         names = ", ".join(chunk)
         out.append(FigureData(
             f"probes-{slug(dataset)}-{start // cols + 1}.png", _render(fig),

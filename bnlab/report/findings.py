@@ -36,8 +36,9 @@ def _statuses(a: Arm) -> str | None:
     if not parts:
         return None
     total = len(a.runs)
-    return f"of the {total} run{'s' if total != 1 else ''} of {a.label} on {a.dataset}, " + \
-        ", ".join(parts)
+    pending = f" ({a.pending} not finished)" if a.pending else ""
+    return (f"of the {total} run{'s' if total != 1 else ''}{pending} of {a.label} on "
+            f"{a.dataset}, " + ", ".join(parts))
 
 
 def comparison_sentence(a: Arm, summary: Table) -> str | None:
@@ -125,10 +126,10 @@ def _gap_sentences(gap: Table | None, rows: list[GapRow]) -> list[str]:
             continue
         hi = max(here, key=lambda g: g.gap.mean)
         lo = min(here, key=lambda g: g.gap.mean)
-        out.append(f"On {ds}, the train–test gap is largest for {arm_label(hi.arm)} "
-                   f"({fmt.points(hi.gap.mean, sign=False)} points, n = {hi.gap.n}) and "
-                   f"smallest for {arm_label(lo.arm)} ({fmt.points(lo.gap.mean, sign=False)} "
-                   f"points, n = {lo.gap.n}) {cite(gap, hi.row, lo.row)}.")
+        out.append(f"On {ds}, the train–test gap (train minus test accuracy) is largest for "
+                   f"{arm_label(hi.arm)} ({fmt.points(hi.gap.mean)} points, n = {hi.gap.n}) "
+                   f"and smallest for {arm_label(lo.arm)} ({fmt.points(lo.gap.mean)} points, "
+                   f"n = {lo.gap.n}) {cite(gap, hi.row, lo.row)}.")
     return out
 
 

@@ -24,7 +24,7 @@ CSS = """
 html { background: #fff; }
 body { margin: 0; color: #111; font: 16px/1.5 "Latin Modern Roman", "CMU Serif", Georgia,
        "Times New Roman", serif; }
-main { max-width: 60rem; margin: 2.5rem auto 4rem; padding: 0 1.5rem; }
+main { max-width: 66rem; margin: 2.5rem auto 4rem; padding: 0 1.5rem; }
 header { text-align: center; margin-bottom: 1.5rem; }
 h1 { font-size: 1.7rem; font-weight: normal; margin: 0 0 .3rem; }
 .subtitle { color: var(--muted); margin: 0; }
@@ -43,18 +43,22 @@ table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.data { margin: 0 auto; font-size: .8rem; border-top: 1.5px solid var(--rule);
              border-bottom: 1.5px solid var(--rule); }
 table.data thead th { font-weight: 600; border-bottom: .8px solid var(--rule);
-                      padding: .3rem .55rem; vertical-align: bottom; }
+                      padding: .3rem .55rem; vertical-align: bottom; white-space: normal; }
 table.data td { padding: .18rem .55rem; vertical-align: top; }
 table.data tr.marked td { font-weight: 700; }
-.num { text-align: right; white-space: nowrap; }
+.num { text-align: right; }
+td.num { white-space: nowrap; }
+#runs td:nth-child(2) { white-space: nowrap; font-family: ui-monospace, "DejaVu Sans Mono",
+                        monospace; font-size: .7rem; }
 .txt { text-align: left; }
 td.rowno { color: var(--muted); }
-table.kv { font-size: .8rem; margin: .2rem 0 1rem; }
-table.kv caption { text-align: left; font-weight: 600; padding-bottom: .2rem; }
-table.kv th { text-align: left; font-weight: normal; color: var(--muted);
-              padding: .05rem 1.2rem .05rem 0; white-space: nowrap; vertical-align: top; }
-table.kv td { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .76rem;
-              word-break: break-all; }
+.kv { margin: .3rem 0 1.1rem; font-size: .8rem; }
+.kv-title { font-weight: 600; margin-bottom: .25rem; }
+dl.kv-list { display: grid; grid-template-columns: max-content minmax(0, 1fr) max-content
+             minmax(0, 1fr); gap: .05rem 1rem; margin: 0; }
+dl.kv-list dt { color: var(--muted); white-space: nowrap; }
+dl.kv-list dd { margin: 0; font-family: ui-monospace, "DejaVu Sans Mono", monospace;
+                font-size: .74rem; overflow-wrap: anywhere; }
 figure.fig img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 pre { background: #f6f6f4; border: 1px solid #e2e2dd; padding: .7rem .9rem; font-size: .74rem;
       overflow-x: auto; line-height: 1.35; }
@@ -99,8 +103,9 @@ def _block(b) -> str:
     if isinstance(b, Table):
         return _table(b)
     if isinstance(b, KeyValues):
-        rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in b.pairs)
-        return f'<table class="kv"><caption>{esc(b.title)}</caption>{rows}</table>'
+        items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in b.pairs)
+        return (f'<div class="kv"><div class="kv-title">{esc(b.title)}</div>'
+                f'<dl class="kv-list">{items}</dl></div>')
     if isinstance(b, Figure):
         return (f'<figure class="fig" id="figure-{b.number}">'
                 f'<img src="{esc(b.file)}" alt="{esc(b.alt)}">'

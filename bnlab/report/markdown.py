@@ -56,7 +56,7 @@ def _block(b) -> str:
         longest = max((len(m) for m in re.findall(r"`+", b.text)), default=0)
         fence = "`" * max(3, longest + 1)
         cap = f"*{md_escape(b.caption)}*\n\n" if b.caption else ""
-        return f"{cap}{fence}json\n{b.text}\n{fence}"
+        return f"{cap}{fence}{b.lang}\n{b.text}\n{fence}"
     raise TypeError(f"unknown block {type(b).__name__}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from bnlab.report.arms import Arm
 from bnlab.report.document import Block, Code, Heading, KeyValues, Paragraph
@@ -67,14 +68,59 @@ def provenance(study: Study, arms: list[Arm]) -> list[Block]:
     walls = [w for w in (r.summary.get("wall_time") for r in study.runs)
              if isinstance(w, int | float) and math.isfinite(w)]
     if walls:
-        out.append(Paragraph(f"Total training time recorded by the runs: "
-                             f"{sum(walls) / 60:.1f} minutes over {len(walls)} runs "
+        total = sum(walls)
+        took = f"{total / 60:.1f} minutes" if total >= 120 else f"{total:.1f} s"
+        out.append(Paragraph(f"Total training time recorded by the runs: {took} over "
+                             f"{len(walls)} runs "
                              "(sum of per-run wall times; runs may have overlapped).",
                              small=True))
     if study.spec:
-        out.append(Code(json.dumps(study.spec, indent=2, sort_keys=False),
-                        "Study specification as loaded (study.json, \"spec\")"))
+        out.append(Code(to_toml(study.spec), "Study specification as loaded (study.json's "
+                        "\"spec\", written back as TOML)", "toml"))
     return out
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) \
+            else repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }" \
+            if v else "{}"
+    return json.dumps(str(v))
+
+
+def _table_array(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def to_toml(spec: dict) -> str:
+    """The spec dict as TOML: top-level values, then [tables] and [[arrays of tables]]."""
+    lines = [f"{_key(k)} = {_value(v)}" for k, v in spec.items()
+             if not isinstance(v, dict) and not _table_array(v)]
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{_key(k)}]"] + [f"{_key(a)} = {_value(b)}" for a, b in v.items()]
+        elif _table_array(v):
+            for item in v:
+                lines += ["", f"[[{_key(k)}]]"]
+                lines += [f"{_key(a)} = {_value(b)}" for a, b in item.items()]
+    return "\n".join(lines).strip() + "\n"
 
 
 def _data_pairs(study: Study) -> list[tuple[str, str]]:
@@ -88,7 +134,8 @@ def _data_pairs(study: Study) -> list[tuple[str, str]]:
         if key in seen:
             continue
         classes = d.get("classes") or []
-        seen[key] = (f"{source}: {d.get('n_train')} training and {d.get('n_test')} test images, "
+        named = f"{source}: " if source != r.dataset else ""
+        seen[key] = (f"{named}{d.get('n_train')} training and {d.get('n_test')} test images, "
                      f"{len(classes)} classes, {d.get('image_size')} px"
                      + (", streamed from disk" if d.get("streamed") else ""))
     return [(k[0], v) for k, v in seen.items()]

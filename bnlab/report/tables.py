@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from bnlab.report import fmt
 from bnlab.report.arms import Arm
 from bnlab.report.document import Table
-from bnlab.report.load import Run, Study, fmt_value
+from bnlab.report.load import Run, Study, fmt_value, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer
 from bnlab.report.stats import ALPHA, Summary, summarize
 
@@ -25,23 +25,25 @@ def arm_label(a: Arm) -> str:
 def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
     shown = [a for a in arms if a.selected]
     pending = any(a.pending for a in shown)
-    head = ["Dataset", "Arm", "n", "Test acc. (%)", "95% CI (%)", "Δ vs baseline (points)",
-            "95% CI of Δ", "p (Welch)", "Completed", "No learning", "Diverged", "Failed"]
+    head = ["Dataset", "Arm", "n", "Test acc. (%)", "95% CI (%)",
+            "Δ vs baseline (points) [95% CI]", "p (Welch)", "Completed", "No learning",
+            "Diverged", "Failed"]
     head += ["Pending"] if pending else []
     rows = []
     for i, a in enumerate(shown, 1):
         a.row = i
         if a.is_baseline:
-            delta, delta_ci, p = "baseline", fmt.DASH, fmt.DASH
+            delta, p = "baseline", fmt.DASH
         elif a.welch is None or a.welch.diff is None:
-            delta, delta_ci, p = fmt.DASH, fmt.DASH, fmt.DASH
+            delta, p = fmt.DASH, fmt.DASH
         else:
             w = a.welch
             delta = fmt.points(w.diff)
-            delta_ci = fmt.interval(w.ci_low, w.ci_high, sign=True)
+            if w.ci_low is not None:
+                delta += " " + fmt.interval(w.ci_low, w.ci_high, sign=True)
             p = fmt.pvalue(w.p) if w.p is not None else f"{fmt.DASH} ({w.reason})"
         row = [a.dataset, arm_label(a), str(a.stats.n), fmt.mean_std(a.stats),
-               fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, delta_ci, p,
+               fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, p,
                str(a.count("completed")), str(a.count("no_learning")),
                str(a.count("diverged")), str(a.count("failed"))]
         rows.append(row + ([str(a.pending)] if pending else []))
@@ -286,8 +288,6 @@ def _note(r: Run) -> str:
 
 
 def _n(v):
-    from bnlab.report.load import number
-
     return number(v)
 
 
