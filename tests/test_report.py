@@ -8,6 +8,7 @@ from the stored files with numpy/scipy, independently of bnlab.report.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -22,6 +23,7 @@ import torch
 from scipy import stats as sps
 
 from bnlab.config import from_mapping
+from bnlab.data.bundle import Split
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError
 from bnlab.report import write_report
@@ -91,6 +93,13 @@ def study_dir(tmp_path_factory) -> Path:
                                 "values": dict(values, dataset="synthetic")})
                 if arm["dropout"] == 0.0 and arm["lr"] < 10:
                     store.run(cfg.run_id()).write_rows("probes.jsonl", _probe_rows(values))
+        # A run that crashes (labels outside the model's classes) is recorded as failed.
+        broken = dataclasses.replace(bundle, train=Split(bundle.train.x, bundle.train.y + 10))
+        crash = dict(ARMS[0], seed=2)
+        cfg = from_mapping({**BASE, **crash})
+        with pytest.raises(IndexError):
+            train_run(cfg, out, bundle=broken, log=lambda m: None)
+        entries.append({"run_id": cfg.run_id(), "values": dict(crash, dataset="synthetic")})
     finally:
         torch.set_num_threads(threads)
     never = dict(ARMS[2], seed=2)
@@ -196,6 +205,8 @@ def test_summary_table_matches_stored_runs(study_dir, doc):
                 assert row[6].startswith("–")
     never = next(r for r in table.rows if "norm=none" in r[1])
     assert never[11] == "1"  # the run that was never started is pending, not hidden
+    crashed = next(r for r in table.rows if r[1] == "norm=bn, dropout=0, lr=1")
+    assert crashed[10] == "1" and crashed[2] == "2"  # failed: counted, not averaged
 
 
 def test_selection_table_marks_best_stable_lr(study_dir, doc):
@@ -294,6 +305,23 @@ def test_spec_is_shown_as_toml_that_reads_back_the_same(study_dir):
     spec = dict(spec, odd={"key with space": 'quote " and \\ backslash', "inline": {"a": 1}},
                 floats=[0.1, 1e-07, 3.0], flag=True)
     assert tomllib.loads(to_toml(spec)) == spec
+
+
+def test_report_of_a_study_with_no_finished_run(tmp_path):
+    out = tmp_path / "out"
+    values = [dict(norm=n, seed=0) for n in ("bn", "none")]
+    Store(out).write_json("study.json", {
+        "name": "empty", "axes": ["norm"], "analysis": {},
+        "runs": [{"run_id": from_mapping({**BASE, **v}).run_id(), "values": v} for v in values]})
+    files = write_report(out)
+    assert set(files) == {"report.html", "report.md"}
+    doc = compose(load_study(out)).document
+    assert [r[2] for r in doc.tables[0].rows] == ["0", "0"]
+    assert [r[-1] for r in doc.tables[0].rows] == ["1", "1"]  # pending
+    items = next(b for b in doc.blocks if type(b).__name__ == "Bullets").items
+    assert items == ["The study has 2 runs: 2 missing (Table 2).",
+                     "On unknown, norm=none cannot be compared with the baseline norm=bn: an arm "
+                     "has no finished runs (Table 1, rows 2 and 1)."]
 
 
 def test_not_a_study_folder(tmp_path):

@@ -158,7 +158,7 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
     elif config is not None:
         dataset = dataset_tag(str(config["dataset"]))
     else:
-        dataset = str(base_dataset or "?")
+        dataset = str(base_dataset or "unknown")
     seed = values.get("seed", (config or {}).get("seed"))
     return Run(run_id=run_id, values=values, dataset=dataset, seed=seed, status=status,
                config=config, env=(stored or {}).get("env"), data=(stored or {}).get("data"),
