@@ -61,7 +61,7 @@ def comparison_sentence(a: Arm, summary: Table) -> str | None:
                      f"{fmt.points(w.diff, sign=False)} points")
     verdict = (f"significant at α = {ALPHA:g}" if w.significant
                else f"no significant difference at α = {ALPHA:g}")
-    return (f"On {a.dataset}, {a.label} {direction} ({fmt.p_phrase(w.p)}, n = {w.n_a} vs "
+    return (f"On {a.dataset}, {arm_label(a)} {direction} ({fmt.p_phrase(w.p)}, n = {w.n_a} vs "
             f"{w.n_b}; 95% CI of the difference {fmt.interval(w.ci_low, w.ci_high, sign=True)}"
             f" points): {verdict} {where}.")
 
@@ -83,11 +83,11 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
         if len(here) > 1:
             best = max(here, key=lambda a: a.stats.mean)
             out.append(f"On {ds}, the highest mean final test accuracy is "
-                       f"{fmt.pct(best.stats.mean)}% ({best.label}, n = {best.stats.n}) "
+                       f"{fmt.pct(best.stats.mean)}% ({arm_label(best)}, n = {best.stats.n}) "
                        f"{cite(summary, best.row)}.")
         elif here:
             a = here[0]
-            out.append(f"On {ds}, {a.label} reaches {fmt.mean_std(a.stats)}% "
+            out.append(f"On {ds}, {arm_label(a)} reaches {fmt.mean_std(a.stats)}% "
                        f"(n = {a.stats.n}) {cite(summary, a.row)}.")
         for a in shown:
             if a.dataset == ds and not a.is_baseline:
