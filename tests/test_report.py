@@ -198,6 +198,8 @@ def test_summary_table_matches_stored_runs(study_dir, doc):
         else:
             assert row[5].split(" [")[0] == f"{100 * (np.mean(accs) - np.mean(base)):+.2f}"
             ref = sps.ttest_ind(accs, base, equal_var=False)
+            ci = ref.confidence_interval(0.95)
+            assert row[5].endswith(f"[{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]")
             if np.isfinite(ref.pvalue):
                 p = ref.pvalue
                 assert row[6] == ("< 0.001" if p < 0.001 else f"{p:.3f}")

@@ -154,7 +154,7 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
     else:
         status = str(summary.get("status", "running"))
     if "dataset" in values:
-        dataset = str(values["dataset"])
+        dataset = dataset_tag(str(values["dataset"]))
     elif config is not None:
         dataset = dataset_tag(str(config["dataset"]))
     else:
