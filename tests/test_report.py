@@ -170,6 +170,7 @@ def test_report_files_written(written, study_dir):
     assert not (study_dir / "report" / "compare-missing.png").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss")  # scipy, when an arm has equal values
 def test_summary_table_matches_stored_runs(study_dir, doc):
     stored = _stored(study_dir)
     table = doc.tables[0]
