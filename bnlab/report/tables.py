@@ -59,9 +59,16 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
         "95% CI: mean ± t(0.975, n − 1) · s / √n. Δ: arm mean − baseline mean; its CI uses the "
         "Welch–Satterthwaite degrees of freedom; p: two-sided Welch's t-test, "
         f"α = {ALPHA:g}, not corrected for multiple comparisons.",
-        f"Baseline arm: {base} (analysis.baseline); every other arm is compared with the "
-        "baseline arm of its dataset that shares its remaining values.",
     ]
+    if not any(a.is_baseline for a in shown):
+        notes.append(f"No arm matches the baseline {base} (analysis.baseline), so no "
+                     "differences are tested.")
+    elif all(a.is_baseline for a in shown):
+        notes.append(f"Every arm matches the baseline {base} (analysis.baseline), so no "
+                     "differences are tested.")
+    else:
+        notes.append(f"Baseline arm: {base} (analysis.baseline); every other arm is compared "
+                     "with the baseline arm of its dataset that shares its remaining values.")
     if any(a.group_size > 1 for a in shown):
         axes = ", ".join(study.select_best)
         notes.append(f"{SELECTED_MARK} {axes} chosen among several values by the highest mean "
