@@ -203,7 +203,8 @@ def test_summary_table_matches_stored_runs(study_dir, doc):
             assert row[5].endswith(f"[{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]")
             if np.isfinite(ref.pvalue):
                 p = ref.pvalue
-                assert row[6] == ("< 0.001" if p < 0.001 else f"{p:.3f}")
+                text = f"{p:.4f}" if round(p, 3) == 0.05 else f"{p:.3f}"
+                assert row[6] == ("< 0.001" if p < 0.001 else text)
             else:
                 assert row[6].startswith("–")
     never = next(r for r in table.rows if "norm=none" in r[1])
@@ -325,6 +326,17 @@ def test_report_of_a_study_with_no_finished_run(tmp_path):
     assert items == ["The study has 2 runs: 2 missing (Table 2).",
                      "On unknown, norm=none cannot be compared with the baseline norm=bn: an arm "
                      "has no finished runs (Table 1, rows 2 and 1)."]
+
+
+def test_store_files_of_the_output_root(tmp_path):
+    store = Store(tmp_path / "out")
+    assert store.read_json("study.json") is None
+    path = store.write_json("analysis/x.json", {"a": float("nan"), "b": [1, 2]})
+    assert path == tmp_path / "out" / "analysis" / "x.json"
+    assert store.read_json("analysis/x.json") == {"a": "nan", "b": [1, 2]}
+    store.write_bytes("report/f.png", b"\x89PNG")
+    assert (tmp_path / "out" / "report" / "f.png").read_bytes() == b"\x89PNG"
+    assert not list((tmp_path / "out" / "report").glob(".*.tmp"))
 
 
 def test_not_a_study_folder(tmp_path):

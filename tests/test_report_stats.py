@@ -205,3 +205,10 @@ def test_findings_untestable_and_counted_statuses():
     assert any(s.startswith("Of the 3 runs of norm=none on cifar10, 1 diverged, 1 failed")
                and s.endswith("(Table 1, row 2).") for s in out)
     assert any("The study has 5 runs: 3 completed, 1 diverged, 1 failed" in s for s in out)
+
+
+def test_p_values_near_alpha_keep_their_side():
+    from bnlab.report.fmt import pvalue
+
+    assert pvalue(0.0496) == "0.0496" and pvalue(0.0503) == "0.0503"
+    assert pvalue(0.012) == "0.012" and pvalue(0.0004) == "< 0.001" and pvalue(None) == "–"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnlab.report.stats import Summary
+from bnlab.report.stats import ALPHA, Summary
 
 DASH = "–"
 
@@ -40,7 +40,8 @@ def pvalue(p: float | None) -> str:
         return DASH
     if p < 0.001:
         return "< 0.001"
-    return f"{p:.3f}"
+    # Near alpha, three decimals could print 0.050 for both sides of the threshold.
+    return f"{p:.4f}" if round(p, 3) == ALPHA else f"{p:.3f}"
 
 
 def p_phrase(p: float) -> str:
