@@ -32,6 +32,7 @@ STYLE = {
 }
 BAND_ALPHA = 0.18
 WIDTH = 7.0  # inches: a text-width figure at 150 dpi is 1050 px
+PANELS_PER_ROW = 4  # one panel per arm in probe figures
 MARKERS_UP_TO = 12  # points per curve up to which each point gets a marker
 
 
@@ -48,8 +49,9 @@ def slug(text: str) -> str:
 
 
 def _colors(n: int) -> list:
-    cmap = matplotlib.colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    name, k = ("tab10", 10) if n <= 10 else ("tab20", 20)
+    cmap = matplotlib.colormaps[name]
+    return [cmap(i % k) for i in range(n)]
 
 
 def _render(fig: Figure) -> bytes:
@@ -63,6 +65,17 @@ def _new(ncols: int, height: float = 2.6, sharey: bool = False, width: float = W
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
     return fig, list(axes)
+
+
+def _panels(n: int, sharey: bool = True, per_row: int = PANELS_PER_ROW):
+    """n panels, at most `per_row` to a row; unused axes of the last row hidden."""
+    cols = min(n, per_row)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(WIDTH, 2.5 * rows + 0.3), layout="constrained")
+    axes = list(fig.subplots(rows, cols, sharey=sharey, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
 
 
 def styled(draw: Callable[..., list[FigureData]]) -> Callable[..., list[FigureData]]:
@@ -204,7 +217,7 @@ def percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
     rows = [p for p in rows if p.arm.dataset == dataset]
     if not rows:
         return []
-    fig, axes = _new(len(rows), height=2.5, sharey=True)
+    fig, axes = _panels(len(rows))
     shades = {"act_p15": "0.55", "act_p50": "0.1", "act_p85": "0.55"}
     styles = {"act_p15": "--", "act_p50": "-", "act_p85": ":"}
     seeds = []
@@ -215,8 +228,9 @@ def percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
             xs, ys = series(run.probes, p.layer, m)
             ax.plot(xs, ys, color=shades[m], linestyle=styles[m], label=m.removeprefix("act_"))
         ax.set(title=arm_label(p.arm), xlabel="training step")
-    axes[0].set_ylabel(f"input of {rows[0].layer}")
-    axes[0].legend(frameon=False)
+    for ax in axes[::PANELS_PER_ROW]:
+        ax.set_ylabel(f"input of {rows[0].layer}")
+    _legend_below(fig, axes[0])
     return [FigureData(
         f"percentiles-{slug(dataset)}.png", _render(fig),
         f"{dataset}: 15th, 50th and 85th percentiles of the input of layer {rows[0].layer} over "
@@ -231,7 +245,7 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
     shown = [(a, r) for a, r in shown if r is not None and layers_with(r.probes, "grad_norm")]
     if not shown:
         return []
-    fig, axes = _new(len(shown), height=2.6, sharey=True)
+    fig, axes = _panels(len(shown))
     cmap = matplotlib.colormaps["viridis"]
     for ax, (a, run) in zip(axes, shown):
         layers = [x for x in layers_with(run.probes, "grad_norm") if x != ""]
@@ -242,8 +256,9 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
                     label=label)
         _log_if_wide(ax, [v for x in layers for v in series(run.probes, x, "grad_norm")[1]])
         ax.set(title=f"{arm_label(a)} (seed {run.seed})", xlabel="training step")
-        ax.legend(frameon=False, fontsize=6)
-    axes[0].set_ylabel("gradient norm")
+    for ax in axes[::PANELS_PER_ROW]:
+        ax.set_ylabel("gradient norm")
+    _legend_below(fig, axes[0])
     return [FigureData(
         f"gradnorm-{slug(dataset)}.png", _render(fig),
         f"{dataset}: L2 norm of each layer's weight gradient over training, one run per arm; "

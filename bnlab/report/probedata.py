@@ -8,7 +8,6 @@ paper's last hidden layer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from bnlab.report.load import Run, number
@@ -67,6 +66,3 @@ def percentile_drift(run: Run, layer: str) -> PercentileDrift | None:
         last={m: vals[-1] for m, (_, vals) in got.items()},
         p50_range=max(vals50) - min(vals50))
 
-
-def finite(xs: list[float]) -> list[float]:
-    return [x for x in xs if math.isfinite(x)]
