@@ -8,6 +8,8 @@ Layout of an output root:
     OUT/<run_id>/summary.json   status, final test accuracy/loss, epochs done, wall time
     OUT/<run_id>/checkpoint.pt  model, optimizer, step, RNG states (saved each epoch)
     OUT/<run_id>/<name>.jsonl   further row files (probes, ...)
+    OUT/study.json              the study a runner expanded into these runs (`write_meta`)
+    OUT/report/                 report.html, report.md and figures (bnlab/report, `write_bytes`)
 
 Every file is written to a temporary name and renamed over the old one, so a reader (or a run
 killed at any moment) sees either the previous complete file or the new complete file.
@@ -203,18 +205,24 @@ class Store:
     def runs(self) -> list[RunDir]:
         return [self.run(r["run_id"]) for r in self.rows()]
 
-    # Files of the output root itself (study.json, analysis/, report/), by path relative to it.
-    def read_json(self, name: str) -> Any | None:
+    # -- study-level files ---------------------------------------------------------------------
+    def write_meta(self, name: str, obj: Any) -> None:
+        """Atomically write OUT/<name> (a JSON document about the whole output root)."""
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"meta file name {name!r} must be a plain file name")
+        atomic_write_json(self.root / name, obj)
+
+    def read_meta(self, name: str) -> Any | None:
         p = self.root / name
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def write_json(self, name: str, obj: Any) -> Path:
-        atomic_write_json(self.root / name, obj)
-        return self.root / name
-
     def write_bytes(self, name: str, data: bytes) -> Path:
-        atomic_write_bytes(self.root / name, data)
-        return self.root / name
+        """Atomically write OUT/<name>, where name may lie in a folder (report/fig.png)."""
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(f"file name {name!r} must be a relative path inside the output root")
+        atomic_write_bytes(self.root / rel, data)
+        return self.root / rel
 
 
 def _num(v):

@@ -30,7 +30,7 @@ from bnlab.report import write_report
 from bnlab.report.compose import compose
 from bnlab.report.load import load_study
 from bnlab.report.provenance import to_toml
-from bnlab.store import Store
+from bnlab.store import Store, atomic_write_json
 from bnlab.train import train_run
 
 NAME = 'tiny <script>document.body.dataset.pwned = "1"</script> & co'
@@ -110,7 +110,7 @@ def study_dir(tmp_path_factory) -> Path:
             "cases": [{"where": {"norm": "bn"}, "grid": {"dropout": [0.0, 0.5]}},
                       {"where": {"norm": "none"}, "grid": {"lr": [0.5, 1e6]}}],
             "analysis": {"select_best": ["lr"], "baseline": {"norm": "bn"}}}
-    store.write_json("study.json", {
+    store.write_meta("study.json", {
         "name": NAME, "description": spec["description"], "spec": spec,
         "sets": {"epochs": 2}, "only": {}, "data_map": {},
         "axes": ["norm", "dropout", "lr", "seed"], "runs": entries,
@@ -118,7 +118,7 @@ def study_dir(tmp_path_factory) -> Path:
     bn0, none0 = entries[0]["run_id"], entries[4]["run_id"]
     store.write_bytes("analysis/reliability.png", _png())
     store.write_bytes("evil.png", _png())
-    store.write_json("analysis/compare.json", {
+    atomic_write_json(out / "analysis" / "compare.json", {
         "models": [{"run_id": bn0, "label": "norm=bn <b>", "test_acc": 0.9, "nll": 0.31,
                     "brier": 0.14, "ece": 0.021, "per_class_acc": [0.9] * 10,
                     "corruption_acc": {"gaussian_noise": [0.8, 0.7, 0.6, 0.5, 0.4]}},
@@ -314,7 +314,7 @@ def test_spec_is_shown_as_toml_that_reads_back_the_same(study_dir):
 def test_report_of_a_study_with_no_finished_run(tmp_path):
     out = tmp_path / "out"
     values = [dict(norm=n, seed=0) for n in ("bn", "none")]
-    Store(out).write_json("study.json", {
+    Store(out).write_meta("study.json", {
         "name": "empty", "axes": ["norm"], "analysis": {},
         "runs": [{"run_id": from_mapping({**BASE, **v}).run_id(), "values": v} for v in values]})
     files = write_report(out)
@@ -330,13 +330,16 @@ def test_report_of_a_study_with_no_finished_run(tmp_path):
 
 def test_store_files_of_the_output_root(tmp_path):
     store = Store(tmp_path / "out")
-    assert store.read_json("study.json") is None
-    path = store.write_json("analysis/x.json", {"a": float("nan"), "b": [1, 2]})
-    assert path == tmp_path / "out" / "analysis" / "x.json"
-    assert store.read_json("analysis/x.json") == {"a": "nan", "b": [1, 2]}
-    store.write_bytes("report/f.png", b"\x89PNG")
-    assert (tmp_path / "out" / "report" / "f.png").read_bytes() == b"\x89PNG"
-    assert not list((tmp_path / "out" / "report").glob(".*.tmp"))
+    assert store.read_meta("study.json") is None
+    store.write_meta("study.json", {"a": float("nan"), "b": [1, 2]})
+    assert store.read_meta("study.json") == {"a": "nan", "b": [1, 2]}
+    path = store.write_bytes("report/f.png", b"\x89PNG")
+    assert path == tmp_path / "out" / "report" / "f.png"
+    assert path.read_bytes() == b"\x89PNG"
+    assert not list(path.parent.glob(".*.tmp"))
+    for bad in ("../f.png", "/tmp/f.png", "report/../../f.png"):
+        with pytest.raises(ValueError, match="inside the output root"):
+            store.write_bytes(bad, b"")
 
 
 def test_not_a_study_folder(tmp_path):

@@ -117,7 +117,7 @@ def load_study(out_dir: str | Path) -> Study:
                         "`bnlab study run SPEC` first or pass the folder it wrote")
     store = Store(root)
     try:
-        meta = store.read_json("study.json")
+        meta = store.read_meta("study.json")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{str(root / 'study.json')!r} is not valid JSON") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list):
@@ -133,7 +133,7 @@ def load_study(out_dir: str | Path) -> Study:
         r.arm = tuple((a, canon(r.value(a))) for a in arm_axes)
     compare = None
     if (root / "analysis" / "compare.json").is_file():
-        compare = store.read_json("analysis/compare.json")
+        compare = store.read_meta("analysis/compare.json")
     return Study(root=root, name=str(meta.get("name", root.name)),
                  description=str(meta.get("description", "")), spec=spec,
                  sets=dict(meta.get("sets") or {}), only=dict(meta.get("only") or {}),
