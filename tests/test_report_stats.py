@@ -212,3 +212,21 @@ def test_p_values_near_alpha_keep_their_side():
 
     assert pvalue(0.0496) == "0.0496" and pvalue(0.0503) == "0.0503"
     assert pvalue(0.012) == "0.012" and pvalue(0.0004) == "< 0.001" and pvalue(None) == "–"
+
+
+def test_labels_leave_out_axes_that_follow_from_earlier_ones():
+    from bnlab.report.arms import label_axes
+
+    def arm(norm, lr, warm):
+        key = (("norm", canon(norm)), ("lr", canon(lr)), ("warmup_epochs", canon(warm)))
+        return Arm("cifar10", key, [_run("r", norm, 0, 0.5)], [])
+
+    # lr and warm-up set by a case for norm=none: determined by norm, so not named
+    arms = [arm("bn", 0.1, 0.0), arm("none", 0.01, 2.0)]
+    assert label_axes(arms, ["norm", "lr", "warmup_epochs"], []) == ("norm",)
+    # several lr values for one norm: lr is needed, warm-up still follows
+    arms.append(arm("none", 0.05, 2.0))
+    assert label_axes(arms, ["norm", "lr", "warmup_epochs"], []) == ("norm", "lr")
+    # a select_best axis is always named; the first axis always is
+    assert label_axes(arms[:2], ["norm", "lr", "warmup_epochs"], ["lr"]) == ("norm", "lr")
+    assert label_axes(arms[:1], ["norm", "lr"], []) == ("norm",)

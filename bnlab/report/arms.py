@@ -53,6 +53,7 @@ class Arm:
     is_baseline: bool = False
     baseline: Arm | None = None
     welch: Welch | None = None
+    label_axes: tuple[str, ...] | None = None  # axes named in labels (None: all; label_axes())
     row: int | None = None  # row in the summary table
     selection_row: int | None = None
 
@@ -66,16 +67,22 @@ class Arm:
         return json.loads(dict(self.key)[axis]) if axis in dict(self.key) else \
             self.runs[0].value(axis)
 
+    def _text(self, keep) -> str:
+        named = dict(self.key) if self.label_axes is None else self.label_axes
+        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key
+                         if a in named and keep(a))
+
     @property
     def label(self) -> str:
-        if not self.key:
-            return "all runs"
-        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key)
+        return self._text(lambda a: True) or "all runs"
+
+    @property
+    def full_label(self) -> str:
+        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key) or "all runs"
 
     @property
     def group_label(self) -> str:
-        parts = [(a, v) for a, v in self.key if a not in self.select_axes]
-        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in parts) or "all runs"
+        return self._text(lambda a: a not in self.select_axes) or "all runs"
 
     @property
     def selection_label(self) -> str:
@@ -111,6 +118,9 @@ def build_arms(study: Study) -> list[Arm]:
     for r in study.runs:
         by_key.setdefault((r.dataset, r.arm), []).append(r)
     arms = [Arm(ds, key, runs, study.select_best) for (ds, key), runs in by_key.items()]
+    named = label_axes(arms, study.arm_axes, study.select_best)
+    for a in arms:
+        a.label_axes = named
     base = study.baseline
     for a in arms:
         a.is_baseline = all(same(a.value(k), v) for k, v in base.items())
@@ -118,6 +128,21 @@ def build_arms(study: Study) -> list[Arm]:
     _match_baselines(arms, base)
     order = {ds: i for i, ds in enumerate(study.datasets)}
     return sorted(arms, key=lambda a: (order[a.dataset], not a.is_baseline))
+
+
+def label_axes(arms: list[Arm], axes: list[str], keep: list[str]) -> tuple[str, ...]:
+    """The axes that labels name: an axis is left out when its value follows from the axes
+    before it (like an lr that a case sets for norm=none; the runner lists grid axes first).
+    `keep` axes are always named."""
+    named = []
+    for i, ax in enumerate(axes):
+        seen: dict[tuple, set] = {}
+        for a in arms:
+            k = dict(a.key)
+            seen.setdefault((a.dataset, *(k.get(x) for x in axes[:i])), set()).add(k.get(ax))
+        if ax in keep or i == 0 or any(len(v) > 1 for v in seen.values()):
+            named.append(ax)
+    return tuple(named)
 
 
 def _select(arms: list[Arm], select_axes: list[str]) -> None:

@@ -16,6 +16,7 @@ from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile
 from bnlab.report.stats import ALPHA, Summary, summarize
 
 SELECTED_MARK = "†"
+NO_TEST_MARKS = "ᵃᵇᶜᵈᵉ"  # one per reason a test is undefined (stats.welch has three)
 
 
 def arm_label(a: Arm) -> str:
@@ -30,6 +31,7 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
             "Diverged", "Failed"]
     head += ["Pending"] if pending else []
     rows = []
+    reasons: dict[str, str] = {}
     for i, a in enumerate(shown, 1):
         a.row = i
         if a.is_baseline:
@@ -41,7 +43,11 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
             delta = fmt.points(w.diff)
             if w.ci_low is not None:
                 delta += " " + fmt.interval(w.ci_low, w.ci_high, sign=True)
-            p = fmt.pvalue(w.p) if w.p is not None else f"{fmt.DASH} ({w.reason})"
+            if w.p is not None:
+                p = fmt.pvalue(w.p)
+            else:
+                mark = reasons.setdefault(w.reason, NO_TEST_MARKS[len(reasons)])
+                p = f"{fmt.DASH}{mark}"
         row = [a.dataset, arm_label(a), str(a.stats.n), fmt.mean_std(a.stats),
                fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, p,
                str(a.count("completed")), str(a.count("no_learning")),
@@ -69,6 +75,13 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
     else:
         notes.append(f"Baseline arm: {base} (analysis.baseline); every other arm is compared "
                      "with the baseline arm of its dataset that shares its remaining values.")
+    for reason, mark in reasons.items():
+        notes.append(f"{mark} No Welch test: {reason}.")
+    hidden = [ax for ax in study.arm_axes
+              if shown and shown[0].label_axes is not None and ax not in shown[0].label_axes]
+    if hidden:
+        notes.append(f"Arm labels leave out {', '.join(hidden)}: their values follow from the "
+                     "other axes (full values of every arm in the appendix).")
     if any(a.group_size > 1 for a in shown):
         axes = ", ".join(study.select_best)
         notes.append(f"{SELECTED_MARK} {axes} chosen among several values by the highest mean "
