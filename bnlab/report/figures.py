@@ -127,9 +127,15 @@ def _plot_band(ax, per_run, color, label, scale=1.0):
 def _legend_below(fig, ax) -> None:
     """One legend for the whole figure, under the panels, so it never hides a curve."""
     handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", frameon=False,
-                   ncol=min(3, len(handles)))
+    if not handles:
+        return
+    # As many columns as fit the figure's width: ~0.55 em per character plus the line sample.
+    size = matplotlib.rcParams["legend.fontsize"]
+    size = size if isinstance(size, int | float) else 7.0
+    per_entry = max(len(x) for x in labels) * 0.55 * size + 4 * size
+    fits = int(fig.get_figwidth() * 72 // per_entry)
+    fig.legend(handles, labels, loc="outside lower center", frameon=False,
+               ncol=max(1, min(3, len(handles), fits)))
 
 
 def _epochs_axis(ax) -> None:
@@ -184,7 +190,7 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     shown = [a for a in arms if a.selected and _included(a)]
     if not shown:
         return []
-    fig, (ax,) = _new(1, height=3.0, width=WIDTH * 0.7)
+    fig, (ax,) = _new(1, height=3.0)
     for a, color in zip(shown, _colors(len(shown))):
         per_run = [_epoch_series(r, lambda m: _diff(m.get("train_acc"), m.get("test_acc")))
                    for r in _included(a)]
