@@ -40,7 +40,6 @@ ARMS = [dict(norm="bn", lr=1.0, dropout=0.0), dict(norm="bn", lr=1.0, dropout=0.
         dict(norm="none", lr=0.5, dropout=0.0), dict(norm="none", lr=1e6, dropout=0.0)]
 SEEDS = [0, 1]
 PROBE_STEPS = [0, 8, 16, 24, 32]
-LAYERS = ["hidden.0.norm", "hidden.1.norm", "hidden.2.norm"]
 
 
 def p50_slope(values: dict) -> float:
@@ -49,16 +48,26 @@ def p50_slope(values: dict) -> float:
 
 
 def _probe_rows(values: dict) -> list[dict]:
+    """Rows named as bnlab.probes names them for mlp3x100: activations at each sigmoid input
+    ("hidden.<i>.sigmoid", recorded before the enclosing block's output "hidden.<i>"), weight
+    gradients and ICS per linear layer, model-wide values on layer ""."""
     rows = []
+
+    def add(step, layer, metric, v):
+        rows.append({"step": step, "epoch": step // 16, "layer": layer, "metric": metric,
+                     "value": v})
+
     for step in PROBE_STEPS:
-        for i, layer in enumerate(LAYERS):
+        for i in range(3):
             p50 = 0.1 * i + p50_slope(values) * step
-            for metric, v in (("act_p15", p50 - 0.5), ("act_p50", p50), ("act_p85", p50 + 0.5),
-                              ("grad_norm", (i + 1) / (1 + step))):
-                rows.append({"step": step, "epoch": step // 16, "layer": layer,
-                             "metric": metric, "value": v})
-        rows.append({"step": step, "epoch": step // 16, "layer": "", "metric": "loss_variation",
-                     "value": 0.01 * step + values["seed"]})
+            for metric, v in (("act_p15", p50 - 0.5), ("act_p50", p50), ("act_p85", p50 + 0.5)):
+                add(step, f"hidden.{i}.sigmoid", metric, v)
+                add(step, f"hidden.{i}", metric, 0.5)  # the block output: a sigmoid's output
+            add(step, f"hidden.{i}.linear", "grad_norm", (i + 1) / (1 + step))
+            add(step, f"hidden.{i}.linear", "ics_l2", 0.1 * (i + 1))
+            add(step, f"hidden.{i}.linear", "ics_cos", 1.0 - 0.01 * step)
+        add(step, "", "loss_variation", 0.01 * step + values["seed"])
+        add(step, "", "grad_norm", 1.0 / (1 + step))
     return rows
 
 
@@ -161,7 +170,8 @@ def _accs(summaries):
 def test_report_files_written(written, study_dir):
     assert set(written) >= {"report.html", "report.md", "curves-synthetic.png",
                             "gap-synthetic.png", "percentiles-synthetic.png",
-                            "gradnorm-synthetic.png", "compare-reliability.png"}
+                            "gradnorm-synthetic.png", "ics-synthetic.png",
+                            "compare-reliability.png"}
     for name, path in written.items():
         assert path == study_dir / "report" / name and path.is_file()
         if name.endswith(".png"):
@@ -234,7 +244,7 @@ def test_gap_and_probe_tables(study_dir, doc):
             if s["status"] in ("completed", "no_learning")]
     assert row[5] == f"{100 * np.mean(gaps):.2f} ± {100 * np.std(gaps, ddof=1):.2f}"
     probe = next(t for t in doc.tables if t.anchor == "probes")
-    assert [r[2] for r in probe.rows] == ["hidden.2.norm"] * 2
+    assert [r[2] for r in probe.rows] == ["hidden.2.sigmoid"] * 2
     span = PROBE_STEPS[-1] - PROBE_STEPS[0]
     for r in probe.rows:
         norm = "bn" if "norm=bn" in r[1] else "none"

@@ -230,3 +230,17 @@ def test_labels_leave_out_axes_that_follow_from_earlier_ones():
     # a select_best axis is always named; the first axis always is
     assert label_axes(arms[:2], ["norm", "lr", "warmup_epochs"], ["lr"]) == ("norm", "lr")
     assert label_axes(arms[:1], ["norm", "lr"], []) == ("norm",)
+
+
+def test_percentile_layer_is_the_deepest_leaf():
+    from bnlab.report.probedata import percentile_layer
+
+    # hooks fire in forward order: a norm's output before its enclosing block's output
+    order = ["hidden.0.sigmoid", "hidden.0", "hidden.1.sigmoid", "hidden.1",
+             "hidden.2.sigmoid", "hidden.2", ""]
+    rows = [{"step": 0, "layer": x, "metric": "act_p50", "value": 0.0} for x in order]
+    assert percentile_layer(rows) == "hidden.2.sigmoid"
+    rows = [{"step": 0, "layer": x, "metric": "act_p50", "value": 0.0}
+            for x in ["layer1.0", "layer1.0.bn1", "layer3.2.bn2", "layer3.2"]]
+    assert percentile_layer(rows) == "layer3.2.bn2"
+    assert percentile_layer([{"step": 0, "layer": "", "metric": "act_p50", "value": 0}]) is None

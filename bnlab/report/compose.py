@@ -104,6 +104,7 @@ def compose(study: Study) -> Composed:
             here = [a for a in arms if a.dataset == ds]
             add_figures(F.percentiles(ds, probe_rows))
             add_figures(F.grad_norms(ds, here))
+            add_figures(F.ics(ds, here))
             add_figures(F.model_probe_metrics(ds, here))
     if compare_tables or (study.compare or {}).get("figures"):
         doc.add(Heading(2, "Prediction comparison", "compare"), *compare_tables)

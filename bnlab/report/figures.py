@@ -272,6 +272,45 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
         f"Gradient norms per layer on {dataset}")]
 
 
+def _layer_mean(rows: list[dict], metric: str) -> dict[int, float]:
+    """step -> mean of `metric` over the layers (not the whole-model row) that have it."""
+    per_step: dict[int, list[float]] = {}
+    for r in rows:
+        v = number(r.get("value"))
+        if r.get("metric") == metric and r.get("layer", "") != "" and v is not None:
+            per_step.setdefault(int(r["step"]), []).append(v)
+    return {s: math.fsum(vs) / len(vs) for s, vs in per_step.items()}
+
+
+ICS_METRICS = {"ics_l2": "ICS: ‖G − G′‖₂ (mean over layers)",
+               "ics_cos": "ICS: cos(G, G′) (mean over layers)"}
+
+
+@styled
+def ics(dataset: str, arms: list[Arm]) -> list[FigureData]:
+    """Internal covariate shift as measured by Santurkar et al. 2018, per arm over steps."""
+    shown = [a for a in arms if a.selected and a.dataset == dataset
+             and any(r.probes for r in a.runs)]
+    metrics = [m for m in ICS_METRICS
+               if any(x.get("metric") == m for a in shown for r in a.runs for x in r.probes)]
+    if not metrics:
+        return []
+    fig, axes = _new(len(metrics), height=2.6,
+                     width=WIDTH if len(metrics) > 1 else WIDTH * 0.6)
+    for ax, metric in zip(axes, metrics):
+        for a, color in zip(shown, _colors(len(shown))):
+            _plot_band(ax, [_layer_mean(r.probes, metric) for r in a.runs if r.probes], color,
+                       arm_label(a))
+        ax.set(title=ICS_METRICS[metric], xlabel="training step")
+    _legend_below(fig, axes[0])
+    return [FigureData(
+        f"ics-{slug(dataset)}.png", _render(fig),
+        f"{dataset}: internal covariate shift in the sense of Santurkar et al. 2018: G is a "
+        "layer's gradient before and G′ after the earlier layers take their update step; "
+        "averaged over the measured layers. Lines: mean over seeds; bands: minimum to "
+        "maximum.", f"Internal covariate shift on {dataset}")]
+
+
 @styled
 def model_probe_metrics(dataset: str, arms: list[Arm]) -> list[FigureData]:
     """Whole-model probe metrics (layer ""), e.g. ICS and smoothness measures."""

@@ -1,9 +1,9 @@
 """Series out of probes.jsonl rows (long format: step, epoch, layer, metric, value).
 
 The percentile view follows Ioffe & Szegedy 2015, Fig. 1(b, c): the 15th, 50th and 85th
-percentiles of one layer's input over training steps. The layer shown is the last layer (in
-the order the probe file first mentions it) that has act_p50 rows, the closest counterpart of the
-paper's last hidden layer.
+percentiles of one layer's input over training steps. The layer shown is the deepest leaf layer
+with act_p50 rows (for mlp3x100 the input of the last sigmoid, "hidden.2.sigmoid", as in the
+paper; block outputs, which contain other probed layers, are passed over).
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def layers_with(rows: list[dict], metric: str) -> list[str]:
 
 
 def percentile_layer(rows: list[dict]) -> str | None:
+    """The deepest leaf layer with act_p50 rows: the last in order of appearance among layers
+    that are not a parent of another one (a block "hidden.2" contains "hidden.2.sigmoid")."""
     layers = [x for x in layers_with(rows, "act_p50") if x != ""]
-    return layers[-1] if layers else None
+    leaves = [x for x in layers if not any(y.startswith(x + ".") for y in layers)]
+    return (leaves or layers)[-1] if layers else None
 
 
 def model_metrics(rows: list[dict]) -> list[str]:
