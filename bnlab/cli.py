@@ -128,6 +128,28 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_norms(args) -> int:
+    from bnlab.norm import (
+        FORMULAS,
+        OPTIONS,
+        TABLE_SHAPE,
+        TABLE_STEPS,
+        format_stats_table,
+        forward_stats,
+    )
+
+    if args.table:
+        print(f"Per-channel mean and std of each norm's output on one fixed batch of shape "
+              f"{TABLE_SHAPE} (channel c: mean 2c, std c+1); train = first training-mode pass, "
+              f"eval = after {TABLE_STEPS} training-mode passes; default options.\n")
+        print(format_stats_table(forward_stats()))
+        return 0
+    for name, text in FORMULAS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in OPTIONS[name].items() if v is not None)
+        print(f"{name:13s} {text}" + (f"\n{'':13s}   options: {opts}" if opts else ""))
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="bnlab", formatter_class=Formatter,
                description="Batch-normalization studies: real training runs, measured reports.")
@@ -150,6 +172,11 @@ def build_parser() -> Parser:
 
     sub.add_parser("datasets", help="list dataset names").set_defaults(func=cmd_datasets)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)
+    nm = sub.add_parser("norms", help="list normalization layers with their formulas",
+                        formatter_class=Formatter)
+    nm.add_argument("--table", action="store_true",
+                    help="print each norm's output statistics on one fixed input batch")
+    nm.set_defaults(func=cmd_norms)
     return p
 
 

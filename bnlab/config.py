@@ -51,6 +51,7 @@ class RunConfig:
     first_k: int = _f(1, "with placement=first_k: residual blocks that keep their norms",
                       "blocks")
     init: str = _f("kaiming", "weight initialization (see bnlab.init)")
+    init_options: dict = _f({}, "extra options for the initialization, e.g. {mode='fan_out'}")
     dropout: float = _f(0.0, "dropout probability before the classifier", "probability")
     # optimization
     lr: float = _f(0.1, "peak learning rate of SGD", "per step")

@@ -131,7 +131,7 @@ def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
     return build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
                        in_channels=bundle.in_channels, image_size=bundle.image_size,
                        placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
-                       norm_options=cfg.norm_options)
+                       norm_options=cfg.norm_options, init_options=cfg.init_options)
 
 
 def memory_format_for(device: torch.device, model_name: str):

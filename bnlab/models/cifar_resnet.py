@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.errors import UserError, unknown
 from bnlab.norm import has_bias_substitute, make_norm
 
+PLACEMENTS = ("post_conv", "post_act", "first_k")
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 
 
@@ -36,10 +38,15 @@ def _maybe_add(p: nn.Parameter | None, x: torch.Tensor) -> torch.Tensor:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection.
+    """Two 3x3 convs on a residual branch, added to a parameter-free shortcut.
 
-    placement 'post_conv': x -> conv -> norm -> relu -> conv -> norm -> (+ shortcut) -> relu
-    placement 'post_act':  x -> conv -> relu -> norm -> conv -> (+ shortcut) -> relu -> norm
+    placement 'post_conv': out = relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x))
+    placement 'post_act':  out = n2(relu(conv2(n1(relu(conv1(x)))))) + shortcut(x)
+    In both, the block's last norm ends its branch, so the trunk between blocks carries no norm
+    (a norm after the addition would normalize the shortcut path too, and a zero scale there
+    would cut the whole network off instead of only the branch). In post_act every conv is
+    followed by ReLU then norm, so the ReLU that post_conv applies after the addition sits on
+    the branch before n2.
     The scalar parameters (`bias1a` ... `scale`) exist only after `add_branch_scalars`, used by
     the Fixup and SkipInit initializations; a norm of 'none' is an nn.Identity kept in place so
     that probes find the same positions in every variant.
@@ -48,8 +55,8 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm: str, placement: str,
                  norm_options: dict):
         super().__init__()
-        bias = has_bias_substitute(norm)
-        self.placement = placement
+        bias = has_bias_substitute(norm, norm_options)
+        self.placement, self.norm, self.norm_options = placement, norm, norm_options
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
         self.n1 = make_norm(norm, cout, **norm_options)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
@@ -66,19 +73,20 @@ class BasicBlock(nn.Module):
         self.scale = nn.Parameter(torch.full((1,), float(scale), device=dev))
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(_maybe_add(self.bias1a, x))
         if self.placement == "post_act":
-            out = self.n1(F.relu(_maybe_add(self.bias1b, self.conv1(_maybe_add(self.bias1a, x)))))
-            out = self.conv2(_maybe_add(self.bias2a, out))
+            out = self.n1(F.relu(_maybe_add(self.bias1b, out)))
+            out = self.n2(F.relu(self.conv2(_maybe_add(self.bias2a, out))))
         else:
-            out = F.relu(_maybe_add(self.bias1b, self.n1(self.conv1(_maybe_add(self.bias1a, x)))))
+            out = F.relu(_maybe_add(self.bias1b, self.n1(out)))
             out = self.n2(self.conv2(_maybe_add(self.bias2a, out)))
         if self.scale is not None:
             out = out * self.scale
         return _maybe_add(self.bias2b, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.branch(x) + self.shortcut(x))
-        return self.n2(out) if self.placement == "post_act" else out
+        out = self.branch(x) + self.shortcut(x)
+        return out if self.placement == "post_act" else F.relu(out)
 
 
 class CifarResNet(nn.Module):
@@ -89,9 +97,14 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
+        if placement not in PLACEMENTS:
+            raise unknown("placement", placement, PLACEMENTS)
+        if placement == "first_k" and not 0 <= first_k <= 3 * n:
+            raise UserError(f"first_k must be between 0 and {3 * n} (the residual blocks of "
+                            f"resnet{depth}), got {first_k}")
         opts = dict(norm_options or {})
-        self.placement = placement
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=has_bias_substitute(norm))
+        self.placement, self.norm, self.norm_options = placement, norm, opts
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=has_bias_substitute(norm, opts))
         self.n1 = make_norm(norm, 16, **opts)
         blocks, cin, index = [], 16, 0
         for stage, cout in enumerate((16, 32, 64)):

@@ -16,11 +16,12 @@ class TorchvisionResNet(nn.Module):
                  dropout: float, norm_options: dict | None = None):
         super().__init__()
         opts = dict(norm_options or {})
+        self.norm, self.norm_options = norm, opts
         net = getattr(torchvision.models, arch)(
             weights=None, num_classes=num_classes, norm_layer=lambda c: make_norm(norm, c, **opts))
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        if has_bias_substitute(norm):
+        if has_bias_substitute(norm, opts):
             # torchvision's convs have no bias because BN follows them; without BN they need one.
             for m in net.modules():
                 if isinstance(m, nn.Conv2d) and m.bias is None:

@@ -15,7 +15,7 @@ from bnlab.norm import has_bias_substitute, make_norm
 class Hidden(nn.Module):
     def __init__(self, cin: int, cout: int, norm: str, norm_options: dict):
         super().__init__()
-        self.linear = nn.Linear(cin, cout, bias=has_bias_substitute(norm))
+        self.linear = nn.Linear(cin, cout, bias=has_bias_substitute(norm, norm_options))
         self.norm = make_norm(norm, cout, dim=1, **norm_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
