@@ -9,7 +9,9 @@ Every layer computes its statistics in float32 (or float64 for float64 inputs), 
 autocast the statistics and running buffers stay fp32; the output has the input's dtype.
 Layers whose eval mode is exactly `gamma * (x - running_mean) / sqrt(running_var + eps) + beta`
 subclass torch's `_BatchNorm`, so BN-folding and probing code that looks for BatchNorm modules
-treats them correctly; the others (bn_posscale, bn_l2, frozen) are plain modules.
+treats them correctly; the others (bn_posscale, bn_l2, frozen) are plain modules. Beware that
+nn.SyncBatchNorm.convert_sync_batchnorm converts every _BatchNorm, so multi-GPU code must only
+convert the `bn` layers (or keep these norms per-GPU).
 """
 
 from __future__ import annotations
