@@ -370,3 +370,22 @@ def test_forward_stats_table_and_cli():
                            capture_output=True, text=True, check=True).stdout
     assert table.count("| bn_l2 |") == 2 and "| frozen | eval |" in table
     assert math.isfinite(float(table.split("| bn | train | ")[1].split(" |")[0]))
+
+
+def test_bn_ref_trains_a_resnet_like_torch_bn():
+    from bnlab.models import build_model
+
+    losses = {}
+    x, y = torch.rand(8, 3, 8, 8), torch.arange(8) % 10
+    for name in ("bn", "bn_ref"):
+        torch.manual_seed(0)
+        net = build_model("resnet20", 10, norm=name)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        losses[name] = []
+        for _ in range(3):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["bn_ref"] == pytest.approx(losses["bn"], rel=1e-4)
