@@ -99,8 +99,12 @@ def _require_eval(model: nn.Module) -> None:
 def find_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(foldable (layer, norm) name pairs, [(norm, reason it is left)]) from an fx trace."""
     candidates = dict(norm_layers(model))
+    class Tracer(torch.fx.Tracer):  # norm layers stay single calls even when custom classes
+        def is_leaf_module(self, m, qualname):
+            return qualname in candidates or super().is_leaf_module(m, qualname)
+
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = torch.fx.GraphModule(model, Tracer().trace(model))
     except Exception as e:  # noqa: BLE001 - any python the tracer cannot follow
         raise UserError(f"cannot trace {type(model).__name__} to find conv->BN pairs: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
