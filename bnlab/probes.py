@@ -40,6 +40,7 @@ import contextlib
 import torch
 from torch import nn
 
+from bnlab.errors import UserError
 from bnlab.norm import is_norm_layer
 
 ICS_LAYERS = 8  # weight layers with an ICS measurement, evenly spread over depth
@@ -123,8 +124,11 @@ class Prober:
                              opt.register_step_post_hook(self._after_update)]
         self.writer = None
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("tensorboard output needs the tensorboard package "
+                                "(pip install 'bnlab[tensorboard]')") from None
             self.writer = SummaryWriter(str(tensorboard_dir))
 
     def _pick_ics(self) -> list[tuple[str, int]]:

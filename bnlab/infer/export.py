@@ -53,9 +53,11 @@ def onnx_parity(path: str | Path, model: nn.Module, loader) -> dict:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     max_abs, max_logit, n = 0.0, 0.0, 0
+    model = model.cpu().eval()
     for x, _ in loader.epoch(0):
-        ref = model(x).float().cpu()
-        out = torch.from_numpy(sess.run(None, {name: x.float().cpu().contiguous().numpy()})[0])
+        x = x.float().cpu().contiguous()
+        ref = model(x).float()
+        out = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
         max_abs = max(max_abs, float((out - ref).abs().max()))
         max_logit = max(max_logit, float(ref.abs().max()))
         n += len(x)
