@@ -179,6 +179,18 @@ def _positive_list(text: str) -> str:
     return text
 
 
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = minimum - 1
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return v
+    return parse
+
+
 def build_parser() -> Parser:
     p = Parser(prog="bnlab", formatter_class=Formatter,
                description="Batch-normalization studies: real training runs, measured reports.")
@@ -216,9 +228,9 @@ def build_parser() -> Parser:
     d.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
     d.add_argument("--batch-sizes", type=_positive_list, default="1,2,8,32,128,1000",
                    help="inference batch sizes with the norms in train mode")
-    d.add_argument("--precise-batches", type=int, default=100,
+    d.add_argument("--precise-batches", type=_count(0), default=100,
                    help="training batches averaged by PreciseBN (0 = skip)")
-    d.add_argument("--max-images", type=int, default=0,
+    d.add_argument("--max-images", type=_count(0), default=0,
                    help="use only N test images (fixed shuffle; 0 = all)")
     f = sub.add_parser("fold", help="fold BN into conv/linear layers; parity, speed, ONNX",
                        formatter_class=Formatter,
@@ -227,7 +239,7 @@ def build_parser() -> Parser:
                        "ONNX and check it with onnxruntime.")
     f.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
     f.add_argument("--onnx", metavar="FILE", default=None, help="export the folded model here")
-    f.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    f.add_argument("--repeats", type=_count(1), default=20, help="timed calls per measurement")
     for q in (c, d, f):
         q.add_argument("--data-dir", metavar="DIR", default=None,
                        help="dataset folder, when the runs' data moved")

@@ -44,11 +44,22 @@ def config_of(path: Path, state: dict) -> RunConfig:
         raise UserError(f"{str(path)!r} holds a config this version cannot read: {e}") from None
 
 
+def dataset_name(cfg: RunConfig, data_dir: str | None) -> str:
+    """The stored dataset name; for imagefolder:PATH with `data_dir` given, PATH is looked up
+    as <data_dir>/<name of PATH>, else taken to be `data_dir` itself (the data moved)."""
+    if not data_dir or not cfg.dataset.startswith("imagefolder:"):
+        return cfg.dataset
+    stored = Path(cfg.dataset.split(":", 1)[1].rstrip("/"))
+    moved = Path(data_dir) / stored.name
+    return f"imagefolder:{moved if moved.exists() else Path(data_dir)}"
+
+
 def bundle_for(cfg: RunConfig, data_dir: str | None = None) -> DataBundle:
     """The run's dataset with its fixed subsets; loaded once per process for equal configs."""
-    key = (cfg.dataset, data_dir or cfg.data_dir, cfg.limit_train, cfg.limit_test)
+    name = dataset_name(cfg, data_dir)
+    key = (name, data_dir or cfg.data_dir, cfg.limit_train, cfg.limit_test)
     if key not in _BUNDLES:
-        _BUNDLES[key] = load_data(cfg.dataset, data_dir or cfg.data_dir or None, False,
+        _BUNDLES[key] = load_data(name, data_dir or cfg.data_dir or None, False,
                                   cfg.limit_train, cfg.limit_test, False)
     return _BUNDLES[key]
 
