@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--norm", default="bn")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of off/idle steps")
+    ap.add_argument("--probe-rounds", type=int, default=3, help="probe steps timed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -65,7 +66,8 @@ def main() -> None:
     for _ in range(2):  # warm-up
         step(None, 1)
     for r in range(args.rounds):
-        for mode in ("off", "idle", "probe"):
+        modes = ("off", "idle", "probe") if r < args.probe_rounds else ("off", "idle")
+        for mode in modes:
             if mode == "off":
                 prober.close()
                 p = None
@@ -74,12 +76,13 @@ def main() -> None:
             t0 = time.perf_counter()
             step(p, 0 if mode == "probe" else 1)  # step 0 is a probe step for any N
             times[mode].append(time.perf_counter() - t0)
-        print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
+        print(f"round {r + 1}: " + "  ".join(f"{k} {times[k][-1]:.3f} s" for k in modes),
               flush=True)
     prober.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.model}/{args.norm}, batch {args.batch}, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
+          f"{torch.get_num_threads()} threads, medians of {args.rounds} off/idle and "
+          f"{args.probe_rounds} probe steps")
     print(f"step time, probes off:          {med['off']:.3f} s")
     print(f"step time, prober idle:         {med['idle']:.3f} s "
           f"({med['idle'] / med['off'] - 1:+.1%})")

@@ -147,7 +147,8 @@ def test_conv_output_used_twice_is_not_folded():
     assert info["folded"] == [] and "used elsewhere" in info["left"][0][1]
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_onnx_export_matches_pytorch(tmp_path, dynamo):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import onnxruntime as ort
@@ -158,7 +159,7 @@ def test_onnx_export_matches_pytorch(tmp_path):
                                         image_size=8))
     folded, _ = fold_model(model)
     x = torch.randn(5, 1, 8, 8)
-    path = export_onnx(folded, x[:2], tmp_path / "m.onnx")
+    path = export_onnx(folded, x[:2], tmp_path / "m.onnx", dynamo=dynamo)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]  # batch 5: dynamic
     with torch.no_grad():

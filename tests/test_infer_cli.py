@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
+from conftest import write_image_folder
 
 from bnlab.cli import main
 from bnlab.config import from_mapping
@@ -126,17 +126,10 @@ def test_compare_refuses_another_test_set(runs, tmp_path, capsys):
     assert str(copy / "checkpoint.pt") in err and "another test set" in err
 
 
-def test_compare_refuses_other_classes(runs, tmp_path, capsys, monkeypatch):
+def test_compare_refuses_other_classes(runs, tmp_path, capsys):
     _, paths = runs
-    monkeypatch.setenv("BNLAB_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "folder"
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in ("a", "b", "c"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(4):
-                px = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(px).save(root / split / c / f"{i}.png")
+    write_image_folder(root, size=32, eval_name="test")  # 3 classes
     cfg = _cfg(dataset=f"imagefolder:{root}", limit_train=0, limit_test=0, batch_size=4)
     train_run(cfg, tmp_path / "runs3", log=lambda m: None)
     third = tmp_path / "runs3" / cfg.run_id()
