@@ -11,7 +11,7 @@ where a norm would be in a no-norm model) and at every block output; for mlp3x10
 of each sigmoid (the norm's output, Ioffe & Szegedy 2015 Fig. 1, layer "hidden.<i>.sigmoid"):
     act_mean, act_std   mean and population std over all elements of the training forward pass
     act_p15/p50/p85     15th/50th/85th percentiles over all elements (linear interpolation
-                        between order statistics, torch.quantile), taken on at most 2^18
+                        between order statistics, torch.quantile), taken on at most 2^16
                         elements: a larger tensor is subsampled with a fixed stride
 per conv/linear layer (named by module): grad_norm = ||dL/dW||_2 (W = its weight),
     weight_norm = ||W||_2; layer "" gives both over all parameters
@@ -45,7 +45,7 @@ from bnlab.norm import is_norm_layer
 
 ICS_LAYERS = 8  # weight layers with an ICS measurement, evenly spread over depth
 STEP_MULTIPLES = (0.5, 1.0, 2.0, 4.0)  # step sizes along -g, in units of the current lr
-MAX_QUANTILE_ELEMENTS = 2 ** 18
+MAX_QUANTILE_ELEMENTS = 2 ** 16
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 

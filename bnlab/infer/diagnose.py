@@ -32,6 +32,7 @@ BATCH_SIZES = (1, 2, 8, 32, 128, 1000)
 PRECISE_BATCHES = 100  # training batches averaged by PreciseBN (fvcore's default is 200)
 NEAR_ZERO_VAR = 1e-8  # running variance at or below this (and below eps) counts as ~0
 DEAD_GAMMA = 1e-6  # |gamma| at or below this: the channel's output is the constant beta
+STREAMED_TEST_LIMIT = 2000  # test images held in memory for large-image (streamed) data
 
 
 def _norms_train(model: nn.Module) -> nn.Module:
@@ -43,12 +44,26 @@ def _norms_train(model: nn.Module) -> nn.Module:
 
 
 def _test_tensors(loaded: Loaded, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test set (or `limit` images of it) in a fixed shuffled order, on the device.
+
+    Streamed (large-image) test sets are capped at STREAMED_TEST_LIMIT images unless `limit`
+    says otherwise, since they are held in memory as float tensors here.
+    """
+    bundle = loaded.bundle
+    order = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(0))
+    if bundle.streamed:
+        order = order[: limit or STREAMED_TEST_LIMIT]
+        sub = torch.utils.data.Subset(bundle.test, order.tolist())
+        dl = torch.utils.data.DataLoader(sub, batch_size=100,
+                                         num_workers=min(4, loaded.cfg.workers))
+        xs, ys = zip(*dl)
+        return torch.cat(xs).to(loaded.device), torch.cat(ys).to(loaded.device)
     xs, ys = [], []
     for x, y in test_loader(loaded).epoch(0):
         xs.append(x)
         ys.append(y)
     x, y = torch.cat(xs), torch.cat(ys)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).to(y.device)
+    order = order.to(y.device)
     if limit:
         order = order[:limit]
     return x[order], y[order]
