@@ -148,3 +148,23 @@ def test_probes_leave_the_trajectory_unchanged(tmp_path):
                           "hidden.0", "hidden.1", "hidden.2"}
     if tensorboard:
         assert any((on.path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resumed_run_has_the_same_probes(tmp_path):
+    cfg = from_mapping(dict(dataset="synthetic", model="mlp3x100", norm="bn", limit_train=64,
+                            limit_test=32, batch_size=16, epochs=3, probe_every=3,
+                            device="cpu"))
+    train_run(cfg, tmp_path / "whole", log=lambda m: None)
+
+    def stop_after_epoch_1(msg):  # logged once epoch 1 is stored
+        if "epoch 1/3" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "cut", log=stop_after_epoch_1)
+    cut = Store(tmp_path / "cut").run(cfg.run_id())
+    assert {r["epoch"] for r in cut.read_rows("probes.jsonl")} == {1}
+    train_run(cfg, tmp_path / "cut", resume=True, log=lambda m: None)
+    whole = Store(tmp_path / "whole").run(cfg.run_id())
+    assert cut.read_rows("probes.jsonl") == whole.read_rows("probes.jsonl")
+    assert {r["step"] for r in whole.read_rows("probes.jsonl")} == {0, 3, 6, 9}
