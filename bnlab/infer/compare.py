@@ -16,6 +16,7 @@ from bnlab.errors import UserError
 from bnlab.infer import metrics as M
 from bnlab.infer.corrupt import CORRUPTIONS, SEVERITIES, corrupt, noise_generator
 from bnlab.infer.loading import (
+    EVAL_BATCH,
     Loaded,
     checkpoint_path,
     from_unit,
@@ -45,14 +46,15 @@ def _test_fingerprint(loaded: Loaded) -> tuple:
     """Class names, test size, and a hash of the test labels and images."""
     h = hashlib.sha256()
     n = 0
-    for x, y in test_loader(loaded, 1000).epoch(0):
+    for x, y in test_loader(loaded).epoch(0):
         h.update(y.cpu().numpy().tobytes())
         h.update(x.float().cpu().numpy().tobytes())
         n += len(y)
     return tuple(loaded.bundle.classes), n, h.hexdigest()
 
 
-def corruption_accuracy(loaded: Loaded, batch_size: int = 1000) -> dict[str, list[float]]:
+def corruption_accuracy(loaded: Loaded, batch_size: int = EVAL_BATCH
+                        ) -> dict[str, list[float]]:
     """Accuracy at severities 1..5 of each corruption (same noise for every model)."""
     out = {}
     for name in CORRUPTIONS:

@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from bnlab.infer.loading import Loaded, norm_layers, test_loader, train_loader
+from bnlab.infer.loading import EVAL_BATCH, Loaded, norm_layers, test_loader, train_loader
 from bnlab.infer.metrics import accuracy
 
 BATCH_SIZES = (1, 2, 8, 32, 128, 1000)
@@ -197,7 +197,7 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
                    and n not in dict(layers)]
     x, y = _test_tensors(loaded, max_images)
     with torch.no_grad():
-        eval_acc = batch_accuracy(model, x, y, 1000)
+        eval_acc = batch_accuracy(model, x, y, EVAL_BATCH)
     res = {"checkpoint": str(loaded.path), "model": loaded.cfg.model, "norm": loaded.cfg.norm,
            "n_test": len(y), "eval_acc": eval_acc, "running_stat_layers": len(layers),
            "other_norm_layers": len(other_norms), "not_applicable": []}
@@ -230,7 +230,7 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
             layer.running_mean.copy_(mean.to(layer.running_mean))
             layer.running_var.copy_(var.to(layer.running_var))
         with torch.no_grad():
-            res["precise_acc"] = batch_accuracy(pm.eval(), x, y, 1000)
+            res["precise_acc"] = batch_accuracy(pm.eval(), x, y, EVAL_BATCH)
         res["precise"] = {"batches": precise_batches, "batch_size": loaded.cfg.batch_size,
                           "gaps": gaps}
     return res
