@@ -133,6 +133,12 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _wrap(label: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label.replace(",", ", "), width)) or label
+
+
 def write_figures(result: dict, out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -150,10 +156,11 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
         acc = [a if a is not None else 0.0 for a in r["acc"]]
         ax.bar(centers, acc, width=w, edgecolor="black", linewidth=0.5, label="accuracy")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
-        ax.set(title=f"{m['label']}\nECE {m['ece']:.3f}", xlabel="confidence",
+        ax.set(title=f"{_wrap(m['label'])}\nECE {m['ece']:.3f}", xlabel="confidence",
                xlim=(0, 1), ylim=(0, 1))
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
     _save(fig, out_dir / "reliability.png")
     plt.close(fig)
     written.append("reliability.png")
@@ -180,7 +187,10 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
                 ax.plot(range(len(ys)), ys, marker="o", markersize=3, label=m["label"])
             ax.set(title=name, xlabel="severity (0 = clean)")
         axes[0][0].set_ylabel("test accuracy")
-        axes[0][0].legend(fontsize=7)
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(len(models), 3), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02 - 0.06 * ((len(models) - 1) // 3)))
+        fig.tight_layout(rect=(0, 0.08 + 0.06 * ((len(models) - 1) // 3), 1, 1))
         _save(fig, out_dir / "corruptions.png")
         plt.close(fig)
         written.append("corruptions.png")
