@@ -241,7 +241,9 @@ def format_diagnose(res: dict) -> str:
 
     lines = [f"checkpoint {res['checkpoint']}  ({res['model']}, norm {res['norm']}, "
              f"{res['n_test']} test images)",
-             f"eval-mode accuracy (running statistics): {res['eval_acc']:.4f}"]
+             f"eval-mode accuracy"
+             f"{' (running statistics)' if res['running_stat_layers'] else ''}: "
+             f"{res['eval_acc']:.4f}"]
     for text in res["not_applicable"]:
         lines.append(f"not applicable: {text}")
     if "train_mode_acc" in res:
