@@ -20,6 +20,7 @@ post_act) or without running statistics is left in place and reported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -178,16 +179,28 @@ def fold_model(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, dict
 PARITY_LIMIT = 1e-5  # max |logit difference| / max |logit| accepted in float32
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off for CUDA convolutions and matmuls: the parity check is about float32."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
 def parity(model: nn.Module, folded: nn.Module, loader) -> dict:
     """Max |logit difference| of the folded vs unfolded model over a loader, and that maximum
-    divided by the largest |logit| of the unfolded model."""
+    divided by the largest |logit| of the unfolded model (float32; TF32 off on CUDA)."""
     max_abs, max_logit, n = 0.0, 0.0, 0
-    for x, _ in loader.epoch(0):
-        a, b = model(x).float(), folded(x).float()
-        max_abs = max(max_abs, float((a - b).abs().max()))
-        max_logit = max(max_logit, float(a.abs().max()))
-        n += len(x)
+    with full_fp32():
+        for x, _ in loader.epoch(0):
+            a, b = model(x).float(), folded(x).float()
+            max_abs = max(max_abs, float((a - b).abs().max()))
+            max_logit = max(max_logit, float(a.abs().max()))
+            n += len(x)
     rel = max_abs / max_logit if max_logit > 0 else 0.0
     return {"max_abs_diff": max_abs, "max_abs_logit": max_logit, "rel_diff": rel,
             "n_images": n, "limit": PARITY_LIMIT, "ok": rel <= PARITY_LIMIT}
