@@ -150,6 +150,69 @@ def cmd_norms(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from bnlab.infer.compare import compare_runs, format_compare
+    from bnlab.store import RunDir
+
+    runs = [RunDir(Path(r).parent if Path(r).is_file() else Path(r)) for r in args.runs]
+    for r, arg in zip(runs, args.runs):
+        if not r.exists():
+            raise UserError(f"{arg!r} is not a run folder (no config.json)")
+    out = Path(args.out) if args.out else runs[0].path.parent / "analysis"
+    labels = args.labels.split(",") if args.labels else None
+    result = compare_runs(runs, out, labels, data_dir=args.data_dir, device=args.device,
+                          corruptions=not args.no_corruptions, log=lambda m: None)
+    print(format_compare(result))
+    print(f"\nwrote {out / 'compare.json'} and {', '.join(result['figures'])}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from bnlab.infer.diagnose import diagnose, format_diagnose
+    from bnlab.infer.loading import load_model
+
+    loaded = load_model(args.checkpoint, args.data_dir, args.device)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    res = diagnose(loaded, sizes, args.precise_batches, args.max_images, log=lambda m: None)
+    print(format_diagnose(res))
+    run = loaded.run_dir
+    if run is not None:
+        run.write_json("diagnose.json", res)
+        print(f"wrote {run.path / 'diagnose.json'}")
+    return 0
+
+
+def cmd_fold(args) -> int:
+    from bnlab.infer.foldcli import fold_command
+
+    return fold_command(args.checkpoint, args.onnx, args.data_dir, args.device, args.repeats)
+
+
+def _positive_list(text: str) -> str:
+    try:
+        ok = all(int(b) > 0 for b in text.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of positive integers: "
+                                         f"{text!r}")
+    return text
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = minimum - 1
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return v
+    return parse
+
+
 def build_parser() -> Parser:
     p = Parser(prog="bnlab", formatter_class=Formatter,
                description="Batch-normalization studies: real training runs, measured reports.")
@@ -169,6 +232,44 @@ def build_parser() -> Parser:
     r = sub.add_parser("runs", help="list the runs of an output root", formatter_class=Formatter)
     r.add_argument("--out", metavar="DIR", default="runs", help="output root")
     r.set_defaults(func=cmd_runs)
+
+    c = sub.add_parser("compare", help="compare the predictions of trained runs",
+                       formatter_class=Formatter,
+                       description="Accuracy, calibration (NLL, Brier, ECE, reliability), "
+                       "agreement and flips, KL/JS between predictive distributions, and "
+                       "accuracy under corruptions, for runs sharing a test set.")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (OUT/<run_id>)")
+    c.add_argument("--out", metavar="DIR", default=None,
+                   help="where compare.json and figures go (default: <root of RUN 1>/analysis)")
+    c.add_argument("--labels", metavar="A,B,...", default=None, help="one label per run")
+    c.add_argument("--no-corruptions", action="store_true", help="skip the corruption sweep")
+    d = sub.add_parser("diagnose", help="BN inference diagnostics of a checkpoint",
+                       formatter_class=Formatter,
+                       description="Eval vs train-mode accuracy, accuracy vs batch size in "
+                       "train mode, PreciseBN recalibration, running-statistics checks.")
+    d.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
+    d.add_argument("--batch-sizes", type=_positive_list, default="1,2,8,32,128,1000",
+                   help="inference batch sizes with the norms in train mode")
+    d.add_argument("--precise-batches", type=_count(0), default=100,
+                   help="training batches averaged by PreciseBN (0 = skip)")
+    d.add_argument("--max-images", type=_count(0), default=0,
+                   help="use only N test images (fixed shuffle; 0 = all)")
+    f = sub.add_parser("fold", help="fold BN into conv/linear layers; parity, speed, ONNX",
+                       formatter_class=Formatter,
+                       description="Fold every BN that follows a conv or linear layer, check "
+                       "the logits against the unfolded model, time both, optionally export "
+                       "ONNX and check it with onnxruntime.")
+    f.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
+    f.add_argument("--onnx", metavar="FILE", default=None, help="export the folded model here")
+    f.add_argument("--repeats", type=_count(1), default=20, help="timed calls per measurement")
+    for q in (c, d, f):
+        q.add_argument("--data-dir", metavar="DIR", default=None,
+                       help="dataset folder, when the runs' data moved")
+        q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                       help="where the models run")
+    c.set_defaults(func=cmd_compare)
+    d.set_defaults(func=cmd_diagnose)
+    f.set_defaults(func=cmd_fold)
 
     sub.add_parser("datasets", help="list dataset names").set_defaults(func=cmd_datasets)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)

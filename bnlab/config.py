@@ -75,6 +75,8 @@ class RunConfig:
     workers: int = _f(4, "DataLoader worker processes for streamed (large-image) data",
                       "processes")
     probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
+    tensorboard: bool = _f(False, "also write probes as TensorBoard scalars and histograms "
+                           "(needs probe_every > 0 and the tensorboard package)")
 
     # -- derived -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +84,7 @@ class RunConfig:
 
     def run_id(self) -> str:
         """Stable id: readable prefix + hash of every field that changes the result."""
-        ignored = {"device", "data_dir", "download", "eval_batch_size", "workers"}
+        ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard"}
         canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
@@ -156,6 +158,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             v = getattr(cfg, name)
             raise UserError(f"{name} {v!r} is not accepted{suggest(v, choices)}; "
                             f"accepted: {', '.join(choices)}")
+    if cfg.tensorboard and not cfg.probe_every:
+        raise UserError("tensorboard needs probes: set probe_every > 0 (e.g. --probe-every 50)")
     if cfg.first_k < 0:
         raise UserError(f"first_k must be >= 0, got {cfg.first_k}")
     return cfg

@@ -27,6 +27,7 @@ from bnlab.data import DataBundle, load_data
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
 from bnlab.models import build_model, count_parameters
+from bnlab.probes import make_prober
 from bnlab.store import RunDir, Store
 
 DIVERGENCE_CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between host syncs of the loss check
@@ -218,6 +219,8 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
     store.record(run)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # probes (bnlab/probes.py): None when off; they never change the trajectory
+    prober = make_prober(cfg, model, opt, criterion, run, start_epoch) if cfg.probe_every else None
     check_every = DIVERGENCE_CHECK_EVERY.get(device.type, 50)
     chance = chance_threshold(bundle.num_classes, n_test)
     quarter = max(1, math.ceil(cfg.epochs / 4))
@@ -234,6 +237,8 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
             lr = cfg.lr * lr_factor(cfg, step, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if prober is not None:
+                prober.start(step, epoch, x, y)
             with autocast(device, cfg.precision):
                 out = model(x)
                 loss = criterion(out.float(), y)
@@ -269,6 +274,8 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
         if epoch == quarter and test_acc <= chance:
             flags["no_learning_at_epoch"] = epoch
         run.write_rows("metrics.jsonl", metrics)
+        if prober is not None:
+            prober.flush()
         run.save_checkpoint(_checkpoint(cfg, model, opt, epoch, step, wall, flags, device))
         if epoch < cfg.epochs:
             run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
@@ -277,6 +284,8 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
             f"acc {row['train_acc']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
             f"{row['train_images_per_s']:.0f} img/s")
 
+    if prober is not None:
+        prober.close()
     if status == "completed" and "no_learning_at_epoch" in flags:
         status = "no_learning"
     summary = _summary(cfg, status, metrics, wall, flags)

@@ -1,0 +1,300 @@
+"""Probes during training: what happens inside the network, sampled every N optimizer steps.
+
+Enabled by RunConfig.probe_every (0 = off: no prober exists, no hook is registered). At a probe
+step t (t % probe_every == 0, t counting optimizer steps from 0) with batch (x, y), parameters
+W_t before and W_{t+1} after the update, and L the training criterion on that batch (data loss
+only: weight decay is applied inside the optimizer and not part of L), the prober records
+(contract: one row {"step", "epoch", "layer", "metric", "value"} per value, probes.jsonl):
+
+activations, at the input of every norm position (a norm layer, or the nn.Identity that stands
+where a norm would be in a no-norm model) and at every block output; for mlp3x100 at the input
+of each sigmoid (the norm's output, Ioffe & Szegedy 2015 Fig. 1, layer "hidden.<i>.sigmoid"):
+    act_mean, act_std   mean and population std over all elements of the training forward pass
+    act_p15/p50/p85     15th/50th/85th percentiles over all elements (linear interpolation
+                        between order statistics, torch.quantile), taken on at most 2^16
+                        elements: a larger tensor is subsampled with a fixed stride
+per conv/linear layer (named by module): grad_norm = ||dL/dW||_2 (W = its weight),
+    weight_norm = ||W||_2; layer "" gives both over all parameters
+per norm layer: norm_weight_mean, norm_bias_mean (mean of gamma, beta), running_mean_mean,
+    running_var_mean (mean over channels of the running statistics, after this step's forward)
+Santurkar et al. 2018 (all on the same batch, the network in training mode):
+    ics_l2, ics_cos (per weight layer i, up to ICS_LAYERS of them): G = dL/dW_i at W_t;
+        G' = dL/dW_i at (W_{t+1} for the parameters before W_i, W_t for W_i and after);
+        ics_l2 = ||G - G'||_2, ics_cos = <G, G'> / (||G|| ||G'||). "Before" is the order of
+        model.parameters(), which is the forward order in every bnlab model.
+    on layer "", with g = dL/dW at W_t (all parameters) and eta_k = lr_t * STEP_MULTIPLES:
+    loss_variation      max_k L(W_t - eta_k g) - min_k L(W_t - eta_k g), eta_0 = 0 included
+    grad_predictiveness max_k ||g - grad L(W_t - eta_k g)||_2
+    beta_smoothness     max_k ||g - grad L(W_t - eta_k g)||_2 / ||eta_k g||_2
+The extra passes (1 + len(STEP_MULTIPLES) + ICS layers forward/backward passes per probe step)
+run with the RNG state of the training forward (same dropout masks) inside torch's fork_rng,
+restore every buffer (BN running statistics) and W_{t+1} bit for bit, and use
+torch.autograd.grad (no .grad is touched), so a probed run follows the same trajectory as an
+unprobed one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from bnlab.errors import UserError
+from bnlab.norm import is_norm_layer
+
+ICS_LAYERS = 8  # weight layers with an ICS measurement, evenly spread over depth
+STEP_MULTIPLES = (0.5, 1.0, 2.0, 4.0)  # step sizes along -g, in units of the current lr
+MAX_QUANTILE_ELEMENTS = 2 ** 16
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def activation_stats(t: torch.Tensor) -> dict[str, float]:
+    """act_mean, act_std (population), act_p15/p50/p85 of all elements of t (see module doc)."""
+    v = t.detach().float().flatten()
+    mean = v.mean()
+    std = ((v - mean) ** 2).mean().sqrt()
+    if v.numel() > MAX_QUANTILE_ELEMENTS:
+        stride = -(-v.numel() // MAX_QUANTILE_ELEMENTS)
+        v = v[::stride]
+    q = torch.quantile(v, torch.tensor([0.15, 0.50, 0.85], device=v.device))
+    return {"act_mean": float(mean), "act_std": float(std), "act_p15": float(q[0]),
+            "act_p50": float(q[1]), "act_p85": float(q[2])}
+
+
+def _norm_positions(cfg) -> set[str]:
+    """Module names where the BN variant of cfg's model has a norm layer (built on 'meta')."""
+    from bnlab.models import build_model
+
+    placement = "post_conv" if cfg.placement == "first_k" else cfg.placement
+    try:
+        with torch.device("meta"):
+            ref = build_model(cfg.model, 10, norm="bn", placement=placement)
+    except Exception:  # noqa: BLE001 - an architecture without a BN variant: no positions
+        return set()
+    return {n for n, m in ref.named_modules() if is_norm_layer(m)}
+
+
+def _is_block(m: nn.Module) -> bool:
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck
+
+    from bnlab.models.cifar_resnet import BasicBlock
+    from bnlab.models.mlp import Hidden
+
+    return isinstance(m, BasicBlock | TvBasic | Bottleneck | Hidden)
+
+
+def default_layers(cfg, model: nn.Module) -> list[tuple[str, str, str]]:
+    """(row layer name, module name, "input" | "output") of the activations to record."""
+    positions = _norm_positions(cfg)
+    out = []
+    for name, m in model.named_modules():
+        if name in positions or is_norm_layer(m):
+            if cfg.model == "mlp3x100":
+                out.append((name.rsplit(".", 1)[0] + ".sigmoid", name, "output"))
+            else:
+                out.append((name, name, "input"))
+        elif _is_block(m):
+            out.append((name, name, "output"))
+    return out
+
+
+class Prober:
+    """Records probes of one run; see the module docstring for every definition."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, criterion, every: int,
+                 layers: list[tuple[str, str, str]], precision: str = "fp32", run=None,
+                 rows: list[dict] | None = None, tensorboard_dir=None):
+        self.model, self.opt, self.criterion, self.every = model, opt, criterion, every
+        self.layers, self.precision, self.run = layers, precision, run
+        self.rows: list[dict] = list(rows or [])
+        self.armed = False
+        self._handles: list = []
+        self._act_hists: dict[str, torch.Tensor] = {}
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        index = {id(p): i for i, (_, p) in enumerate(self.params)}
+        self.weight_layers = [(n, m, index[id(m.weight)]) for n, m in model.named_modules()
+                              if isinstance(m, WEIGHT_LAYERS) and id(m.weight) in index]
+        self.norm_layers = [(n, m) for n, m in model.named_modules()
+                            if is_norm_layer(m)
+                            or isinstance(getattr(m, "running_mean", None), torch.Tensor)]
+        self.ics_layers = self._pick_ics()
+        self._opt_handles = [opt.register_step_pre_hook(self._before_update),
+                             opt.register_step_post_hook(self._after_update)]
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("tensorboard output needs the tensorboard package "
+                                "(pip install 'bnlab[tensorboard]')") from None
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def _pick_ics(self) -> list[tuple[str, int]]:
+        cands = self.weight_layers[1:]  # the first layer has no earlier layers: ICS = 0
+        if len(cands) <= ICS_LAYERS:
+            return [(n, i) for n, _, i in cands]
+        picks = torch.linspace(0, len(cands) - 1, ICS_LAYERS).round().long().unique().tolist()
+        return [(cands[k][0], cands[k][2]) for k in picks]
+
+    # -- called from the training loop -------------------------------------------------------
+    def start(self, step: int, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Call before the forward pass of every step; arms the probes at probe steps."""
+        if step % self.every:
+            return
+        self.armed, self.step, self.epoch, self.x, self.y = True, step, epoch, x, y
+        self.rng = torch.get_rng_state()
+        self.rng_cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+        modules = dict(self.model.named_modules())
+        for row_name, mod_name, where in self.layers:
+            m = modules[mod_name]
+            if where == "input":
+                h = m.register_forward_pre_hook(
+                    lambda _m, args, row_name=row_name: self._record_act(row_name, args[0]))
+            else:
+                h = m.register_forward_hook(
+                    lambda _m, _a, out, row_name=row_name: self._record_act(row_name, out))
+            self._handles.append(h)
+
+    def flush(self) -> None:
+        """Write probes.jsonl (all rows so far) through the store."""
+        if self.run is not None:
+            self.run.write_rows("probes.jsonl", self.rows)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        for h in self._handles + self._opt_handles:
+            h.remove()
+        self._handles, self._opt_handles = [], []
+        if self.writer is not None:
+            self.writer.close()
+
+    # -- recording ---------------------------------------------------------------------------
+    def _add(self, layer: str, metric: str, value: float) -> None:
+        self.rows.append({"step": self.step, "epoch": self.epoch, "layer": layer,
+                          "metric": metric, "value": float(value)})
+        if self.writer is not None:
+            self.writer.add_scalar(f"{metric}/{layer or 'model'}", float(value), self.step)
+
+    def _record_act(self, layer: str, t: torch.Tensor) -> None:
+        if not torch.is_tensor(t):
+            return
+        for k, v in activation_stats(t).items():
+            self._add(layer, k, v)
+        if self.writer is not None:
+            flat = t.detach().float().flatten()
+            stride = max(1, -(-flat.numel() // MAX_QUANTILE_ELEMENTS))
+            self.writer.add_histogram(f"act/{layer}", flat[::stride].cpu(), self.step)
+
+    @torch.no_grad()
+    def _before_update(self, opt, args, kwargs) -> None:
+        if not self.armed:
+            return
+        for h in self._handles:  # the extra passes must not record activations
+            h.remove()
+        self._handles = []
+        self.lr = float(opt.param_groups[0]["lr"])
+        self.g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                  for _, p in self.params]
+        self.w_t = [p.detach().clone() for _, p in self.params]
+        for name, _m, i in self.weight_layers:
+            self._add(name, "grad_norm", self.g[i].norm())
+            self._add(name, "weight_norm", self.w_t[i].norm())
+        self._add("", "grad_norm", _norm(self.g))
+        self._add("", "weight_norm", _norm(self.w_t))
+        for name, m in self.norm_layers:
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(w, torch.Tensor):
+                self._add(name, "norm_weight_mean", w.mean())
+            if isinstance(b, torch.Tensor):
+                self._add(name, "norm_bias_mean", b.mean())
+            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
+                self._add(name, "running_mean_mean", rm.float().mean())
+                self._add(name, "running_var_mean", rv.float().mean())
+
+    def _after_update(self, opt, args, kwargs) -> None:
+        if not self.armed:
+            return
+        self.armed = False
+        params = [p for _, p in self.params]
+        with torch.no_grad():
+            w_next = [p.detach().clone() for p in params]
+            buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        devices = [self.x.device] if self.x.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for name, i in self.ics_layers:
+                    self._set(params, [w_next[k] if k < i else self.w_t[k]
+                                       for k in range(len(params))])
+                    g2 = self._grad([params[i]])[1][0]
+                    g1 = self.g[i]
+                    self._add(name, "ics_l2", (g1 - g2).norm())
+                    cos = (g1 * g2).sum() / (g1.norm() * g2.norm()).clamp(min=1e-30)
+                    self._add(name, "ics_cos", cos)
+                self._landscape(params)
+        finally:
+            self._set(params, w_next)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            self.x = self.y = self.g = self.w_t = None
+
+    def _landscape(self, params: list[nn.Parameter]) -> None:
+        self._set(params, self.w_t)
+        loss0, g0 = self._grad(params)
+        losses, diffs, betas = [loss0], [], []
+        g_norm = _norm(g0)
+        for mult in STEP_MULTIPLES:
+            eta = self.lr * mult
+            self._set(params, [w - eta * g for w, g in zip(self.w_t, g0)])
+            loss, g = self._grad(params)
+            losses.append(loss)
+            d = _norm([a - b for a, b in zip(g0, g)])
+            diffs.append(d)
+            betas.append(d / max(eta * g_norm, 1e-30))
+        self._add("", "loss_variation", max(losses) - min(losses))
+        self._add("", "grad_predictiveness", max(diffs))
+        self._add("", "beta_smoothness", max(betas))
+
+    # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def _set(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+    def _grad(self, wrt: list[nn.Parameter]) -> tuple[float, list[torch.Tensor]]:
+        """L and dL/d(wrt) on the probe batch, with the training forward's RNG state."""
+        torch.set_rng_state(self.rng)
+        if self.rng_cuda is not None:
+            torch.cuda.set_rng_state(self.rng_cuda, self.x.device)
+        ctx = (torch.autocast(self.x.device.type, dtype=torch.bfloat16)
+               if self.precision == "bf16" else contextlib.nullcontext())
+        with torch.enable_grad():
+            with ctx:
+                loss = self.criterion(self.model(self.x).float(), self.y)
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(wrt, grads)]
+        return float(loss.detach()), grads
+
+
+def _norm(ts: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
+
+
+def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, run=None,
+                start_epoch: int = 0) -> Prober:
+    """The prober of a run: default layers, earlier rows kept on resume (epochs <= start_epoch),
+    TensorBoard scalars and histograms under OUT/<run_id>/tensorboard when cfg.tensorboard."""
+    rows = []
+    if run is not None and start_epoch > 0:
+        rows = [r for r in run.read_rows("probes.jsonl") if r["epoch"] <= start_epoch]
+    tb = None
+    if getattr(cfg, "tensorboard", False) and run is not None:
+        tb = run.path / "tensorboard"
+    return Prober(model, opt, criterion, cfg.probe_every, default_layers(cfg, model),
+                  cfg.precision, run, rows, tb)

@@ -1,0 +1,120 @@
+"""BN inference diagnostics: PreciseBN against closed-form pooled statistics, sanity checks,
+the batch-size sweep and the norm-type dispatch."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnlab.config import from_mapping
+from bnlab.data.synthetic import make_synthetic
+from bnlab.infer.diagnose import _batches, diagnose, precise_statistics, sanity
+from bnlab.infer.loading import Loaded
+from bnlab.train import build_for
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batches(seed=0, n=3, b=5):
+    g = torch.Generator().manual_seed(seed)
+    # channels with different means and scales, so a wrong axis or divisor shows
+    return [torch.randn(b, 2, 3, 3, generator=g) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
+            + torch.tensor([0.5, -2.0]).view(1, 2, 1, 1) for _ in range(n)]
+
+
+def test_precise_statistics_pool_all_samples_biased():
+    model = nn.Sequential(nn.BatchNorm2d(2)).eval()
+    bs = batches()
+    stats = precise_statistics(model, bs)
+    mean, var, count = stats["0"]
+    x = np.concatenate([b.numpy() for b in bs]).astype(np.float64)  # (15, 2, 3, 3)
+    pooled = x.transpose(1, 0, 2, 3).reshape(2, -1)
+    np.testing.assert_allclose(mean.numpy(), pooled.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(var.numpy(), pooled.var(1, ddof=0), rtol=1e-12)
+    assert count == 15 * 9
+    # the model's own statistics are untouched
+    assert torch.equal(model[0].running_mean, torch.zeros(2))
+    assert torch.equal(model[0].running_var, torch.ones(2))
+
+
+def test_precise_statistics_see_train_mode_inputs():
+    """The second BN's input is the first BN's output normalized with batch statistics."""
+    model = nn.Sequential(nn.BatchNorm2d(2, eps=1e-5), nn.BatchNorm2d(2)).eval()
+    model[0].weight.data = torch.tensor([2.0, 0.5])
+    model[0].bias.data = torch.tensor([1.0, -1.0])
+    bs = batches(seed=1)
+    stats = precise_statistics(model, bs)
+    outs = []
+    for b in bs:
+        x = b.double().numpy()
+        m = x.mean(axis=(0, 2, 3), keepdims=True)
+        v = x.var(axis=(0, 2, 3), keepdims=True)
+        y = (x - m) / np.sqrt(v + 1e-5) * np.array([2.0, 0.5]).reshape(1, 2, 1, 1) \
+            + np.array([1.0, -1.0]).reshape(1, 2, 1, 1)
+        outs.append(y)
+    pooled = np.concatenate(outs).transpose(1, 0, 2, 3).reshape(2, -1)
+    np.testing.assert_allclose(stats["1"][0].numpy(), pooled.mean(1), atol=1e-6)
+    np.testing.assert_allclose(stats["1"][1].numpy(), pooled.var(1), rtol=1e-5)
+
+
+def test_sanity_finds_planted_problems():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(3))
+    model[0].running_var[1] = float("nan")
+    model[0].running_var[2] = 0.0
+    model[0].weight.data[3] = 0.0
+    model[0].num_batches_tracked.fill_(5)
+    issues = sanity(model)
+    assert issues == [
+        {"layer": "0", "channels": 4, "nonfinite": 1, "near_zero_var": 1, "dead": 1},
+        {"layer": "1", "channels": 3, "never_updated": True},
+    ]
+
+
+def test_batches_merge_a_trailing_single_image():
+    assert _batches(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert _batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert _batches(5, 1) == [(i, i + 1) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic(n_train=64, n_test=40, size=8, channels=1)
+
+
+def loaded_for(norm, bundle, tmp_path):
+    cfg = from_mapping(dict(dataset="synthetic", model="mlp3x100", norm=norm, batch_size=16))
+    torch.manual_seed(0)
+    model = build_for(cfg, bundle)
+    x = bundle.train.x[:32].float() / 255
+    with torch.no_grad():  # a few training-mode passes give the running statistics values
+        model.train()
+        for _ in range(3):
+            model((x - 0.5) / 0.3)
+    return Loaded(tmp_path / "checkpoint.pt", cfg, model.eval(), bundle, torch.device("cpu"))
+
+
+def test_diagnose_bn_mlp(synthetic, tmp_path):
+    res = diagnose(loaded_for("bn", synthetic, tmp_path), (1, 2, 8, 40), precise_batches=2,
+                   log=lambda m: None)
+    # BatchNorm1d in train mode on one sample: one value per channel, PyTorch refuses
+    assert res["train_mode_acc"]["1"] is None
+    assert "more than 1 value" in res["train_mode_errors"]["1"]
+    for b in ("2", "8", "40"):
+        assert 0.0 <= res["train_mode_acc"][b] <= 1.0
+    assert res["running_stat_layers"] == 3 and len(res["precise"]["gaps"]) == 3
+    assert res["precise"]["gaps"][0]["values_per_channel"] == 32  # 2 batches of 16 rows
+    assert res["not_applicable"] == []
+
+
+def test_diagnose_without_norm_says_what_does_not_apply(synthetic, tmp_path):
+    res = diagnose(loaded_for("none", synthetic, tmp_path), precise_batches=2,
+                   log=lambda m: None)
+    assert "train_mode_acc" not in res and "precise" not in res
+    assert "no layer keeps running statistics" in res["not_applicable"][0]

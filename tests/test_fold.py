@@ -1,0 +1,167 @@
+"""BN folding: the formula against float64 references, and eager parity for every norm that
+can fold (checked eager against eager; an ONNX exporter folds BN by itself)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.errors import UserError
+from bnlab.infer.fold import PARITY_LIMIT, fold_model, fold_params
+from bnlab.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize_stats(model, seed=0):
+    """Non-trivial running statistics and affine parameters, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(getattr(m, "running_mean", None), torch.Tensor):
+            c = m.running_mean.numel()
+            m.running_mean.copy_(torch.randn(c, generator=g))
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+            if getattr(m, "weight", None) is not None:
+                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+def rel_diff(a, b):
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def test_fold_params_conv_against_float64():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 3, 3, 3, generator=g)
+    b = torch.randn(5, generator=g)
+    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.1
+    gamma, beta = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    x = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, w.double(), b.double())
+    ref = (ref - mean.double().view(1, -1, 1, 1)) / torch.sqrt(var.double() + 1e-3).view(
+        1, -1, 1, 1) * gamma.double().view(1, -1, 1, 1) + beta.double().view(1, -1, 1, 1)
+    w2, b2 = fold_params(w, b, mean, var, 1e-3, gamma, beta)
+    assert w2.dtype == torch.float32
+    got = F.conv2d(x, w2.double(), b2.double())
+    assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
+def test_fold_params_linear_no_bias_no_affine():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mean, var = torch.randn(4, generator=g, dtype=torch.float64), torch.rand(
+        4, generator=g, dtype=torch.float64) + 0.5
+    w2, b2 = fold_params(w, None, mean, var, 1e-5, None, None)
+    x = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    ref = (x @ w.T - mean) / torch.sqrt(var + 1e-5)
+    torch.testing.assert_close(x @ w2.T + b2, ref, rtol=1e-12, atol=1e-12)
+
+
+CASES = [  # (model, norm_options, placement, folded count)
+    ("resnet20", {}, "post_conv", 19),
+    ("resnet20", {"eps": 1e-3, "momentum": 0.01}, "post_conv", 19),  # Keras convention
+    ("resnet20", {"affine": False}, "post_conv", 19),
+    ("resnet20", {}, "first_k", 3),  # stem + first block keep their norms
+    ("mlp3x100", {}, "post_conv", 3),  # BatchNorm1d after Linear
+    ("resnet18", {}, "post_conv", 20),  # torchvision, with downsample convs
+]
+
+
+@pytest.mark.parametrize("name,opts,placement,count", CASES)
+def test_folded_model_matches_unfolded(name, opts, placement, count):
+    torch.manual_seed(0)
+    model = randomize_stats(build_model(name, 10, norm="bn", placement=placement,
+                                        norm_options=opts))
+    folded, info = fold_model(model)
+    assert len(info["folded"]) == count
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), folded(x)
+    assert rel_diff(a, b) <= PARITY_LIMIT
+    # the original is untouched
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) >= count
+
+
+def test_post_activation_norms_are_left():
+    model = randomize_stats(build_model("resnet20", 10, norm="bn", placement="post_act"))
+    folded, info = fold_model(model)
+    assert info["folded"] == []
+    assert len(info["left"]) == 19 and all("relu" in why for _, why in info["left"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), folded(x))
+
+
+def test_no_norm_model_is_unchanged():
+    model = build_model("resnet20", 10, norm="none").eval()
+    folded, info = fold_model(model)
+    assert info == {"folded": [], "left": []}
+
+
+def test_training_mode_is_refused():
+    model = build_model("mlp3x100", 10, norm="bn")
+    with pytest.raises(UserError, match="eval mode"):
+        fold_model(model.train())
+
+
+class BatchStatsAlways(nn.BatchNorm2d):
+    """Looks like BN (running statistics) but normalizes with batch statistics in eval too."""
+
+    def forward(self, x):
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def test_norm_that_ignores_its_running_stats_is_not_folded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchStatsAlways(4), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4))
+    model = randomize_stats(model)
+    folded, info = fold_model(model)
+    assert info["folded"] == [["2", "3"]]
+    assert info["left"][0][0] == "1" and "running" in info["left"][0][1]
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) <= PARITY_LIMIT
+
+
+def test_conv_output_used_twice_is_not_folded():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = randomize_stats(Two())
+    folded, info = fold_model(model)
+    assert info["folded"] == [] and "used elsewhere" in info["left"][0][1]
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_onnx_export_matches_pytorch(tmp_path, dynamo):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    from bnlab.infer.export import export_onnx
+
+    model = randomize_stats(build_model("mlp3x100", 10, norm="bn", in_channels=1,
+                                        image_size=8))
+    folded, _ = fold_model(model)
+    x = torch.randn(5, 1, 8, 8)
+    path = export_onnx(folded, x[:2], tmp_path / "m.onnx", dynamo=dynamo)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]  # batch 5: dynamic
+    with torch.no_grad():
+        ref = model(x)
+    assert rel_diff(ref, torch.from_numpy(out)) <= 1e-5
