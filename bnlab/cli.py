@@ -213,6 +213,40 @@ def _count(minimum: int):
     return parse
 
 
+def cmd_study(args) -> int:
+    from bnlab import spec as specs
+    from bnlab import study
+
+    if args.study_command == "list":
+        print(study.list_text())
+        return 0
+    if args.study_command == "run":
+        sp = specs.load_spec(args.spec)
+        sets = specs.parse_assignments(args.set, "--set")
+        if args.device:
+            sets.append(("device", args.device))
+        plan = specs.expand(sp, sets, specs.parse_assignments(args.only, "--only"),
+                            specs.parse_data_map(args.data_map))
+        specs.preflight(plan)
+        out = args.out or str(study.DEFAULT_ROOT / sp.name)
+        counts = study.run_study(plan, out, jobs=args.jobs)
+        print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+              + f" -> {out} (next: bnlab study report {out})")
+        return 1 if counts.get("failed") else 0
+    out = study.resolve_out(args.target, args.out)
+    if args.study_command == "status":
+        print(study.status_text(out))
+        return 0
+    try:
+        from bnlab.report import write_report
+    except ImportError as e:
+        raise UserError(f"the report module is not available in this installation ({e})") \
+            from None
+    for name, path in write_report(out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="bnlab", formatter_class=Formatter,
                description="Batch-normalization studies: real training runs, measured reports.")
@@ -270,6 +304,38 @@ def build_parser() -> Parser:
     c.set_defaults(func=cmd_compare)
     d.set_defaults(func=cmd_diagnose)
     f.set_defaults(func=cmd_fold)
+    st = sub.add_parser("study", help="run a study (a grid of runs) and report on it",
+                        formatter_class=Formatter,
+                        description="Studies: grids of runs from a TOML spec or a built-in name "
+                        "(see `bnlab study list`); resumable, safe to kill and restart.")
+    ssub = st.add_subparsers(dest="study_command", metavar="ACTION", parser_class=Parser,
+                             required=True)
+    sr = ssub.add_parser("run", help="run every run of a study that has not finished",
+                         formatter_class=Formatter)
+    sr.add_argument("spec", metavar="SPEC", help="built-in study name or a .toml spec file")
+    sr.add_argument("--out", metavar="DIR", default=None,
+                    help="output folder (default: studies-out/<name>)")
+    sr.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="runs trained at once, each in its own process (one GPU each when "
+                    "several exist)")
+    sr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                    help="device of every run (default: the spec's, else auto)")
+    sr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a run option in every run (repeatable)")
+    sr.add_argument("--only", action="append", metavar="KEY=VALUE",
+                    help="keep only runs with this value (repeatable; same key = any of)")
+    sr.add_argument("--data-map", action="append", metavar="NAME=DATASET",
+                    help="use DATASET wherever the spec says NAME, e.g. "
+                    "cifar10=imagefolder:PATH (repeatable)")
+    for action, text in (("status", "counts by status and one line per run"),
+                         ("report", "write report.html, report.md and figures")):
+        sp = ssub.add_parser(action, help=text, formatter_class=Formatter)
+        sp.add_argument("target", metavar="SPEC|DIR",
+                        help="the study's output folder, or its spec (then --out or "
+                        "studies-out/<name>)")
+        sp.add_argument("--out", metavar="DIR", default=None, help="output folder of the study")
+    ssub.add_parser("list", help="built-in studies with their size and estimated time")
+    st.set_defaults(func=cmd_study)
 
     sub.add_parser("datasets", help="list dataset names").set_defaults(func=cmd_datasets)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)

@@ -10,6 +10,8 @@ Layout of an output root:
     OUT/<run_id>/<name>.jsonl   further row files (probes, ...)
     OUT/study.json              the study a runner expanded into these runs (`write_meta`)
     OUT/report/                 report.html, report.md and figures (bnlab/report, `write_bytes`)
+    OUT/.locks/<run_id>.lock    flock()ed by the process training the run; the kernel drops the
+                                lock when that process dies, even by SIGKILL
 
 Every file is written to a temporary name and renamed over the old one, so a reader (or a run
 killed at any moment) sees either the previous complete file or the new complete file.
@@ -17,13 +19,16 @@ killed at any moment) sees either the previous complete file or the new complete
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +159,12 @@ CREATE TABLE IF NOT EXISTS runs (
     test_acc REAL, test_loss REAL, wall_time REAL,
     config TEXT NOT NULL,
     updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL,
+    started REAL NOT NULL,
+    host TEXT, pid INTEGER,
+    from_epoch INTEGER
 )
 """
 
@@ -166,7 +177,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.index_path = self.root / "index.sqlite"
         with self._connect() as db:
-            db.execute(SCHEMA)
+            db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.index_path, timeout=60)
@@ -223,6 +234,48 @@ class Store:
             raise ValueError(f"file name {name!r} must be a relative path inside the output root")
         atomic_write_bytes(self.root / rel, data)
         return self.root / rel
+
+    # -- per-run locks and attempts ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, run_id: str, wait: bool = True) -> Iterator[bool]:
+        """Hold OUT/.locks/<run_id>.lock exclusively; yields False (at once) when `wait` is
+        False and another process holds it."""
+        path = self.root / ".locks" / f"{run_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def is_locked(self, run_id: str) -> bool:
+        """Whether some process holds the run's lock right now."""
+        with self.lock(run_id, wait=False) as held:
+            return not held
+
+    def record_attempt(self, run_id: str, from_epoch: int) -> None:
+        """Note that this process starts (or resumes, from `from_epoch`) training `run_id`."""
+        with self._connect() as db:
+            db.execute("INSERT INTO attempts (run_id, started, host, pid, from_epoch) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (run_id, time.time(), socket.gethostname(), os.getpid(), from_epoch))
+
+    def attempts(self) -> dict[str, list[dict]]:
+        """run_id -> its attempts in order of start."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            out: dict[str, list[dict]] = {}
+            for r in db.execute("SELECT * FROM attempts ORDER BY started, rowid"):
+                out.setdefault(r["run_id"], []).append(dict(r))
+            return out
 
 
 def _num(v):

@@ -1,0 +1,396 @@
+"""Study specs: a TOML file (or a built-in name) expanded into a list of validated run configs.
+
+A spec has a `[base]` run config, a `[grid]` whose axes are multiplied out, and `[[cases]]` that
+are applied in order to the expanded grid: a case whose `where` values all equal a run's values
+overrides that run with `set` and/or multiplies it by the case's own `grid`. On top of the spec,
+the command line may override values in every run (`--set`), keep a subset (`--only`) and point
+placeholder dataset names at real data (`--data-map`). Every run is identified by
+`RunConfig.run_id()`; runs that end up identical are kept once.
+
+Names of norms, inits and models are not checked here: the registries grow independently, so
+they are checked by `preflight` just before running (and a run that fails anyway is recorded
+as failed by the runner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bnlab.config import FIELDS, RunConfig, _coerce, validate
+from bnlab.errors import UserError, suggest, unknown
+
+SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
+CASE_KEYS = ("where", "set", "grid")
+ANALYSIS_KEYS = ("select_best", "compare", "baseline")
+ESTIMATE_KEYS = ("cpu_minutes", "gpu_minutes")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# -- loading -----------------------------------------------------------------------------------
+def builtin_names() -> list[str]:
+    folder = resources.files("bnlab") / "studies"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _builtin_text(name: str) -> str | None:
+    p = resources.files("bnlab") / "studies" / f"{name}.toml"
+    return p.read_text() if p.is_file() else None
+
+
+def looks_like_path(text: str) -> bool:
+    return text.endswith(".toml") or "/" in text or text.startswith(".")
+
+
+@dataclass
+class Case:
+    where: dict[str, Any]
+    set: dict[str, Any]
+    grid: dict[str, list]
+
+
+@dataclass
+class Spec:
+    name: str
+    description: str
+    source: str  # "built-in" or the file path
+    raw: dict[str, Any]  # the TOML as read
+    base: dict[str, Any]  # coerced [base] values
+    grid: dict[str, list]
+    cases: list[Case]
+    analysis: dict[str, Any]
+    estimate: dict[str, float]
+
+
+def load_spec(text: str) -> Spec:
+    """A spec from a built-in name or a TOML path; errors name the file and the bad key."""
+    if not looks_like_path(text):
+        body = _builtin_text(text)
+        if body is not None:
+            return parse_spec(tomllib.loads(body), source="built-in", default_name=text)
+        if not Path(text).is_file():
+            raise unknown("study", text, builtin_names())
+    path = Path(text)
+    if not path.is_file():
+        raise UserError(f"study spec {text!r} does not exist (give a built-in name: "
+                        f"{', '.join(builtin_names())}, or a .toml file)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"study spec {text!r} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"study spec {text!r} is not UTF-8 text") from None
+    return parse_spec(data, source=str(path), default_name=path.stem)
+
+
+# -- parsing and validation --------------------------------------------------------------------
+def field_name(key: str, where: str) -> str:
+    k = str(key).replace("-", "_")
+    if k not in FIELDS:
+        raise UserError(f"unknown key {key!r} in {where}{suggest(k, FIELDS)}; accepted: "
+                        f"{', '.join(FIELDS)}")
+    return k
+
+
+def coerce(key: str, value: Any, where: str) -> tuple[str, Any]:
+    """(field, value converted to the field's type), or a one-line UserError naming `where`."""
+    k = field_name(key, where)
+    try:
+        v = _coerce(k, value)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    choices = FIELDS[k].metadata.get("choices")
+    if choices and v not in choices:
+        raise UserError(f"{where}: {k} {v!r} is not accepted{suggest(v, choices)}; "
+                        f"accepted: {', '.join(choices)}")
+    return k, v
+
+
+def _table(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a table, got {value!r}")
+    return value
+
+
+def _values(table: dict, where: str) -> dict[str, Any]:
+    return dict(coerce(k, v, f"{where} {k}") for k, v in _table(table, where).items())
+
+
+def _axes(table: dict, where: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for key, values in _table(table, where).items():
+        if not isinstance(values, list):
+            raise UserError(f"{where} axis {key!r} must be a list, e.g. {key} = [{values!r}], "
+                            f"got {values!r}")
+        if not values:
+            raise UserError(f"{where} axis {key!r} is an empty list: give at least one value")
+        coerced = [coerce(key, v, f"{where} {key}")[1] for v in values]
+        out[field_name(key, where)] = coerced
+    return out
+
+
+def _keys(table: dict, allowed: tuple, where: str) -> None:
+    for k in table:
+        if k not in allowed:
+            raise UserError(f"unknown key {k!r} in {where}{suggest(k, allowed)}; accepted: "
+                            f"{', '.join(allowed)}")
+
+
+def parse_spec(data: dict, source: str = "built-in", default_name: str = "study") -> Spec:
+    label = f"spec {default_name!r}" if source == "built-in" else f"spec {source!r}"
+    _keys(data, SECTIONS, label)
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"{label}: name must be letters, digits, '_', '-' or '.', got {name!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise UserError(f"{label}: description must be a string, got {description!r}")
+
+    base = _values(data.get("base", {}), f"{label} [base]")
+    grid = _axes(data.get("grid", {}), f"{label} [grid]")
+    if not grid:
+        raise UserError(f"{label} has an empty [grid]: give at least one axis, e.g. "
+                        "seed = [0, 1, 2]")
+
+    cases_raw = data.get("cases", [])
+    if not isinstance(cases_raw, list):
+        raise UserError(f"{label}: cases must be an array of tables ([[cases]]), got "
+                        f"{cases_raw!r}")
+    cases = []
+    for i, c in enumerate(cases_raw, 1):
+        where = f"{label} case {i}"
+        _keys(_table(c, where), CASE_KEYS, where)
+        if "set" not in c and "grid" not in c:
+            raise UserError(f"{where} has neither set nor grid: it would change nothing")
+        cases.append(Case(where=_values(c.get("where", {}), f"{where} where"),
+                          set=_values(c.get("set", {}), f"{where} set"),
+                          grid=_axes(c.get("grid", {}), f"{where} grid")))
+
+    analysis = _parse_analysis(_table(data.get("analysis", {}), f"{label} [analysis]"), label)
+    est = _table(data.get("estimate", {}), f"{label} [estimate]")
+    _keys(est, ESTIMATE_KEYS, f"{label} [estimate]")
+    for k, v in est.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise UserError(f"{label} [estimate] {k} must be a number of minutes >= 0, "
+                            f"got {v!r}")
+    return Spec(name, description, source, data, base, grid, cases, analysis,
+                {k: float(v) for k, v in est.items()})
+
+
+def _parse_analysis(table: dict, label: str) -> dict[str, Any]:
+    where = f"{label} [analysis]"
+    _keys(table, ANALYSIS_KEYS, where)
+    select = table.get("select_best", [])
+    if not isinstance(select, list) or not all(isinstance(s, str) for s in select):
+        raise UserError(f"{where} select_best must be a list of keys, got {select!r}")
+    compare = table.get("compare", False)
+    if not isinstance(compare, bool):
+        raise UserError(f"{where} compare must be true or false, got {compare!r}")
+    return {"select_best": [field_name(s, f"{where} select_best") for s in select],
+            "compare": compare,
+            "baseline": _values(table.get("baseline", {}), f"{where} baseline")}
+
+
+# -- expansion ---------------------------------------------------------------------------------
+@dataclass
+class PlannedRun:
+    cfg: RunConfig
+    dataset: str  # the dataset name in the spec, before --data-map
+    values: dict[str, Any] = field(default_factory=dict)  # axes (and dataset) -> value
+
+    @property
+    def run_id(self) -> str:
+        return self.cfg.run_id()
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    runs: list[PlannedRun]
+    axes: list[str]
+    sets: dict[str, Any]
+    only: dict[str, Any]
+    data_map: dict[str, str]
+
+    def study_json(self) -> dict[str, Any]:
+        """The OUT/study.json document (see the contract in docs/studies.md)."""
+        return {"name": self.spec.name, "description": self.spec.description,
+                "spec": self.spec.raw, "sets": self.sets, "only": self.only,
+                "data_map": self.data_map, "axes": self.axes,
+                "runs": [{"run_id": r.run_id, "values": r.values} for r in self.runs],
+                "analysis": self.spec.analysis}
+
+
+def _product(axes: dict[str, list]) -> list[dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _expand_spec(spec: Spec) -> list[dict[str, Any]]:
+    """Every run as its overrides of [base], before command-line changes."""
+    base = dataclasses.replace(RunConfig(), **spec.base)
+    runs = _product(spec.grid)
+    for i, case in enumerate(spec.cases, 1):
+        out, hits = [], 0
+        for r in runs:
+            cfg = dataclasses.replace(base, **r)
+            if all(_same(getattr(cfg, k), v) for k, v in case.where.items()):
+                hits += 1
+                out.extend({**r, **case.set, **extra} for extra in _product(case.grid))
+            else:
+                out.append(r)
+        if not hits:
+            shown = ", ".join(f"{k}={v!r}" for k, v in case.where.items())
+            raise UserError(f"case {i} of spec {spec.name!r} (where {shown}) matches no run "
+                            "of the grid")
+        runs = out
+    return runs
+
+
+def parse_assignments(items: list[str] | None, flag: str) -> list[tuple[str, Any]]:
+    """`key=value` strings of --set/--only as (field, coerced value) pairs."""
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} expects key=value, got {item!r}")
+        k = field_name(key.strip(), flag)
+        v: Any = value
+        if FIELDS[k].default_factory is not dataclasses.MISSING:  # a table: JSON on the CLI
+            try:
+                v = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserError(f"{flag} {k} must be a JSON object, got {value!r}") from None
+        out.append(coerce(k, v, flag))
+    return out
+
+
+def parse_data_map(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, dataset = item.partition("=")
+        if not sep or not name or not dataset:
+            raise UserError(f"--data-map expects NAME=DATASET (e.g. cifar10=imagefolder:PATH), "
+                            f"got {item!r}")
+        if dataset.startswith("imagefolder:"):
+            # an absolute path keeps run ids the same from any working directory
+            path = dataset.split(":", 1)[1]
+            if path:
+                dataset = "imagefolder:" + str(Path(path).expanduser().resolve())
+        out[name] = dataset
+    return out
+
+
+def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
+           only: list[tuple[str, Any]] | None = None,
+           data_map: dict[str, str] | None = None) -> Plan:
+    """The runs of `spec` after --set (applied last, to every run), --data-map and --only."""
+    sets_d = dict(sets or [])
+    data_map = dict(data_map or {})
+    only_d: dict[str, list] = {}
+    for k, v in only or []:
+        only_d.setdefault(k, []).append(v)
+
+    base = dataclasses.replace(RunConfig(), **spec.base)
+    raw = _expand_spec(spec)
+    logical = sorted({dataclasses.replace(base, **{**r, **sets_d}).dataset for r in raw})
+    for name in data_map:
+        if name not in logical:
+            raise UserError(f"--data-map name {name!r} is not a dataset of study "
+                            f"{spec.name!r}{suggest(name, logical)}; its datasets: "
+                            f"{', '.join(logical)}")
+
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    for r in raw:
+        overrides = {**r, **sets_d}
+        cfg = dataclasses.replace(base, **overrides)
+        name = cfg.dataset
+        cfg = dataclasses.replace(cfg, dataset=data_map.get(name, name))
+        try:
+            cfg = validate(cfg)
+        except UserError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
+            raise UserError(f"run ({shown}) of spec {spec.name!r}: {e}") from None
+        if cfg.run_id() in seen:
+            continue
+        seen.add(cfg.run_id())
+        keep = all(any(_same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
+                       for v in vals) for k, vals in only_d.items())
+        if keep:
+            runs.append(PlannedRun(cfg, name))
+    if not runs:
+        shown = " ".join(f"{k}={v!r}" for k, vals in only_d.items() for v in vals)
+        raise UserError(f"no run of study {spec.name!r} matches --only {shown}")
+
+    axes = _varying(spec, runs, list(sets_d))
+    for r in runs:
+        r.values = {k: (r.dataset if k == "dataset" else getattr(r.cfg, k)) for k in axes}
+        r.values.setdefault("dataset", r.dataset)
+    only_out = {k: v[0] if len(v) == 1 else v for k, v in only_d.items()}
+    return Plan(spec, runs, axes, sets_d, only_out, data_map)
+
+
+def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[str]:
+    """Keys whose value differs between runs: grid axes first, then cases', then the rest."""
+    order = list(spec.grid)
+    for c in spec.cases:
+        order += list(c.set) + list(c.grid)
+    order += set_keys + list(FIELDS)
+    axes = []
+    for k in dict.fromkeys(order):
+        vals = {json.dumps(r.dataset if k == "dataset" else getattr(r.cfg, k), sort_keys=True)
+                for r in runs}
+        if len(vals) > 1:
+            axes.append(k)
+    return axes
+
+
+# -- checks just before running ----------------------------------------------------------------
+KNOWN_DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
+
+
+def _registries() -> dict[str, dict]:
+    """Name registries of the factories (absent ones are skipped, never guessed)."""
+    import bnlab.init
+    import bnlab.models
+    import bnlab.norm
+
+    regs = {"model": getattr(bnlab.models, "MODELS", None),
+            "norm": getattr(bnlab.norm, "FORMULAS", None),
+            "init": getattr(bnlab.init, "INITS", None)}
+    return {k: v for k, v in regs.items() if isinstance(v, dict)}
+
+
+def preflight(plan: Plan) -> None:
+    """Refuse, before anything is trained, names that nothing knows: unmapped placeholder
+    datasets, models, norms and inits missing from their registries, an unavailable device.
+
+    Only names are checked: a combination a factory refuses (say, options of one norm) is a run
+    that fails at run time, recorded as failed while the rest of the study goes on.
+    """
+    from bnlab.train import resolve_device
+
+    for r in plan.runs:
+        ds = r.cfg.dataset
+        if ds not in KNOWN_DATASETS and not ds.startswith("imagefolder:"):
+            raise UserError(f"dataset {ds!r} of study {plan.spec.name!r} is not a dataset "
+                            f"name{suggest(ds, KNOWN_DATASETS)}: map it with --data-map "
+                            f"{ds}=imagefolder:PATH (or one of {', '.join(KNOWN_DATASETS)})")
+    for kind, names in _registries().items():
+        for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.runs):
+            if value not in names:
+                raise unknown(kind, value, names)
+    for device in sorted({r.cfg.device for r in plan.runs}):
+        resolve_device(device)

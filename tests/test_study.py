@@ -1,0 +1,348 @@
+"""Studies: spec parsing and expansion, one-line errors, the runner's skip/resume/failure
+isolation, SIGKILL equivalence and two-runner locking (all on the synthetic dataset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab import cli
+from bnlab.config import RunConfig
+from bnlab.errors import UserError
+from bnlab.spec import builtin_names, expand, load_spec, parse_spec
+from bnlab.store import Store
+from bnlab.study import FINAL, run_one, status_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"epoch_time", "train_images_per_s"}  # the only fields of metrics.jsonl that vary
+
+TINY = """
+name = "tiny"
+description = "test study"
+[base]
+dataset = "synthetic"
+model = "mlp3x100"
+limit_train = 128
+limit_test = 128
+batch_size = 32
+epochs = 2
+lr = 0.05
+device = "cpu"
+[grid]
+norm = ["bn", "none"]
+seed = [0, 1]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def main_rc(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def env() -> dict:
+    e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    e.setdefault("BNLAB_CACHE", str(ROOT / ".pytest-cache-bnlab"))
+    return e
+
+
+def runner(spec: Path, out: Path, *extra, stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bnlab", "study", "run", str(spec), "--out",
+                             str(out), *extra], cwd=ROOT, env=env(), stdout=stdout,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+# -- specs -------------------------------------------------------------------------------------
+def test_expansion_counts_cases_and_stable_ids():
+    spec = parse_spec({
+        "name": "t", "base": {"dataset": "synthetic", "epochs": 3},
+        "grid": {"norm": ["bn", "none"], "seed": [0, 1, 2]},
+        "cases": [{"where": {"norm": "none"}, "grid": {"lr": [0.01, 0.02]}},
+                  {"where": {"norm": "none", "lr": 0.02}, "set": {"epochs": 5}}],
+        "analysis": {"select_best": ["lr"], "baseline": {"norm": "bn"}}})
+    plan = expand(spec)
+    assert len(plan.runs) == 3 + 3 * 2
+    bn = [r.cfg for r in plan.runs if r.cfg.norm == "bn"]
+    none = [r.cfg for r in plan.runs if r.cfg.norm == "none"]
+    assert {c.lr for c in bn} == {0.1} and {c.epochs for c in bn} == {3}
+    assert sorted((c.lr, c.epochs) for c in none) == [(0.01, 3)] * 3 + [(0.02, 5)] * 3
+    ids = [r.run_id for r in plan.runs]
+    assert len(set(ids)) == len(ids)
+    assert ids == [r.run_id for r in expand(spec).runs]  # stable
+    assert ids[0] == RunConfig(dataset="synthetic", epochs=3, norm="bn", seed=0).run_id()
+    assert plan.axes == ["norm", "seed", "lr", "epochs"]
+    assert plan.runs[0].values == {"norm": "bn", "seed": 0, "lr": 0.1, "epochs": 3,
+                                   "dataset": "synthetic"}
+
+
+def test_set_only_and_data_map():
+    spec = parse_spec({"name": "t", "base": {"dataset": "cifar10"},
+                       "grid": {"norm": ["bn", "none"], "seed": [0, 1], "epochs": [1, 2]}})
+    plan = expand(spec, sets=[("epochs", 7)], only=[("norm", "none")],
+                  data_map={"cifar10": "synthetic"})
+    # --set collapses the epochs axis; duplicates are kept once
+    assert len(plan.runs) == 2
+    assert {r.cfg.epochs for r in plan.runs} == {7}
+    assert {r.cfg.dataset for r in plan.runs} == {"synthetic"}
+    assert {r.values["dataset"] for r in plan.runs} == {"cifar10"}
+    doc = plan.study_json()
+    assert doc["sets"] == {"epochs": 7} and doc["only"] == {"norm": "none"}
+    assert doc["data_map"] == {"cifar10": "synthetic"} and doc["axes"] == ["seed"]
+    # --only on the spec's dataset name still matches after mapping
+    assert len(expand(spec, only=[("dataset", "cifar10")],
+                      data_map={"cifar10": "synthetic"}).runs) == 8
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_builtin_specs_parse_and_expand(name):
+    from bnlab.spec import _registries
+
+    spec = load_spec(name)
+    assert spec.name == name and spec.description
+    assert {"cpu_minutes", "gpu_minutes"} <= set(spec.estimate)
+    plan = expand(spec)
+    assert len(plan.runs) >= 2
+    # names not yet registered here must be ones the norm/init libraries are to provide
+    planned = {"norm": {"bn", "bn_ref", "bn_posscale", "bn_l2", "batch_renorm", "cumulative",
+                        "ghost", "frozen", "group", "layer", "instance", "none"},
+               "init": {"kaiming", "xavier", "fixup", "zero_residual"}}
+    for kind, names in _registries().items():
+        for r in plan.runs:
+            value = getattr(r.cfg, kind)
+            assert value in names or value in planned.get(kind, ()), (kind, value)
+
+
+def test_builtin_sizes():
+    sizes = {n: len(expand(load_spec(n)).runs) for n in builtin_names()}
+    assert sizes["quick"] == 4
+    assert sizes["bn-paper-mnist"] >= 2
+    assert sizes["seed"] == 3 * (3 + 3 * 3)  # datasets x (bn + none x 3 lrs) x 3 seeds
+    assert sizes["variants"] % 12 == 0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("[grid]\nnrom = ['bn']\n", "unknown key 'nrom'"),
+    ("[grdi]\nnorm = ['bn']\n", "unknown key 'grdi'"),
+    ("[grid]\n", "empty [grid]"),
+    ("[grid]\nnorm = []\n", "empty list"),
+    ("[grid]\nnorm = 'bn'\n", "must be a list"),
+    ("[grid]\nschedule = ['step', 'stpe']\n", "'stpe' is not accepted"),
+    ("[grid]\nepochs = [1, 'x']\n", "epochs must be a int"),
+    ("[grid]\nseed = [0]\n[[cases]]\nwhere = {norm = 'nonee'}\nset = {lr = 0.1}\n",
+     "matches no run"),
+    ("[grid]\nseed = [0]\n[[cases]]\nwhere = {norm = 'bn'}\n", "neither set nor grid"),
+    ("[grid]\nseed = [0]\n[analysis]\nselect_bset = ['lr']\n", "unknown key 'select_bset'"),
+    ("[grid]\nseed = [0]\n[estimate]\ncpu_minutes = -1\n", "minutes >= 0"),
+    ("[base]\nepochs = 2\nwarmup_epochs = 1\n[grid]\nwarmup_epochs = [1, 3]\n",
+     "warmup_epochs must be <= epochs"),
+    ("name = 'bad name'\n[grid]\nseed = [0]\n", "name must be"),
+    ("[grid\n", "not valid TOML"),
+])
+def test_spec_errors_are_one_line_exit_2(tmp_path, capsys, text, expected):
+    spec = write(tmp_path, text)
+    rc, _, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("bnlab: error: ")
+    assert expected in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_suggestions_and_command_line_errors(tmp_path, capsys):
+    spec = write(tmp_path, TINY)
+    cases = [
+        (["study", "run", "quik"], "did you mean 'quick'?"),
+        (["study", "run", spec, "--set", "epoch=3"], "did you mean 'epochs'?"),
+        (["study", "run", spec, "--set", "epochs"], "expects key=value"),
+        (["study", "run", spec, "--set", "epochs=two"], "epochs must be a int"),
+        (["study", "run", spec, "--only", "norm=group"], "no run of study 'tiny' matches"),
+        (["study", "run", spec, "--data-map", "cifar10=synthetic"], "not a dataset of study"),
+        (["study", "run", spec, "--set", "norm=bnn"], "unknown norm 'bnn'"),
+        (["study", "run", spec, "--set", "dataset=imagenet"], "--data-map imagenet="),
+        (["study", "run", spec, "--jobs", "0"], "--jobs must be >= 1"),
+        (["study", "status", tmp_path], "not a study output folder"),
+        (["study", "report", "quick", "--out", tmp_path / "nothing"], "no study results"),
+    ]
+    for argv, expected in cases:
+        rc, _, err = main_rc(capsys, *argv, *(["--out", tmp_path / "o"]
+                                             if argv[1] == "run" else []))
+        assert rc == 2, argv
+        assert err.count("\n") == 1 and expected in err, (argv, err)
+
+
+# -- the runner --------------------------------------------------------------------------------
+def test_run_skip_status_and_study_json(tmp_path, capsys):
+    spec, out = write(tmp_path, TINY), tmp_path / "out"
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0, stdout
+    doc = json.loads((out / "study.json").read_text())
+    assert set(doc) == {"name", "description", "spec", "sets", "only", "data_map", "axes",
+                        "runs", "analysis"}
+    assert doc["name"] == "tiny" and doc["axes"] == ["norm", "seed"]
+    assert doc["spec"]["grid"] == {"norm": ["bn", "none"], "seed": [0, 1]}
+    assert doc["analysis"] == {"select_best": [], "compare": False, "baseline": {}}
+    assert [r["values"] for r in doc["runs"]] == [
+        {"norm": n, "seed": s, "dataset": "synthetic"} for n in ("bn", "none") for s in (0, 1)]
+    store = Store(out)
+    for r in doc["runs"]:
+        s = store.run(r["run_id"]).summary
+        assert s["status"] in FINAL and s["epochs_done"] == 2
+        assert len(store.run(r["run_id"]).metrics()) == 2
+    before = {r["run_id"]: (out / r["run_id"] / "metrics.jsonl").read_bytes()
+              for r in doc["runs"]}
+
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0 and "4 already finished, 0 to run" in stdout
+    assert {k: len(v) for k, v in store.attempts().items()} == {k: 1 for k in before}
+    assert before == {k: (out / k / "metrics.jsonl").read_bytes() for k in before}
+
+    rc, stdout, _ = main_rc(capsys, "study", "status", out)
+    assert rc == 0 and "study tiny in" in stdout
+    assert "pending" not in stdout and "running" not in stdout
+    assert all(k in stdout for k in before)
+
+
+def test_failure_isolation(tmp_path, capsys):
+    spec = write(tmp_path, TINY + """
+    [[cases]]
+    where = { norm = "none", seed = 0 }
+    set = { lr = 1e30 }                  # diverges at once
+    [[cases]]
+    where = { norm = "bn", seed = 1 }
+    set = { norm_options = { bogus = 1 } }  # refused by the norm factory at run time
+    """)
+    out = tmp_path / "out"
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 1
+    store = Store(out)
+    rows = {r["run_id"]: r for r in status_rows(store, [r["run_id"] for r in json.loads(
+        (out / "study.json").read_text())["runs"]])}
+    by_status = sorted(r["status"] for r in rows.values())
+    assert by_status[:2] == ["diverged", "failed"] and set(by_status[2:]) <= set(FINAL)
+    failed = next(r for r in rows.values() if r["status"] == "failed")
+    assert "bogus" in failed["error"]
+    assert store.run(failed["run_id"]).config["norm_options"] == {"bogus": 1}
+    # a second invocation retries only the failed run
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 1 and "3 already finished, 1 to run" in stdout
+    counts = {k: len(v) for k, v in store.attempts().items()}
+    assert counts == {k: 2 if k == failed["run_id"] else 1 for k in rows}
+
+
+def test_run_one_leaves_locked_runs_alone(tmp_path):
+    cfg = RunConfig(dataset="synthetic", model="mlp3x100", limit_train=64, limit_test=64,
+                    batch_size=32, epochs=1, device="cpu")
+    store = Store(tmp_path)
+    with store.lock(cfg.run_id()) as held:
+        assert held
+        assert store.is_locked(cfg.run_id())
+        assert run_one(cfg, tmp_path, log=lambda s: None, wait=False) == {
+            "run_id": cfg.run_id(), "status": "busy"}
+    assert not store.is_locked(cfg.run_id())
+    assert run_one(cfg, tmp_path, log=lambda s: None, wait=False)["status"] in FINAL
+
+
+# -- crashes and concurrency (real processes) ---------------------------------------------------
+KILL_SPEC = """
+name = "killme"
+[base]
+dataset = "synthetic"
+model = "mlp3x100"
+limit_train = 256
+limit_test = 128
+batch_size = 32
+epochs = 4
+lr = 0.1
+device = "cpu"
+[grid]
+norm = ["bn", "none"]
+seed = [0, 1]
+"""
+
+
+def _final_state(out: Path) -> dict:
+    doc = json.loads((out / "study.json").read_text())
+    state = {}
+    for r in doc["runs"]:
+        run = Store(out).run(r["run_id"])
+        rows = [{k: v for k, v in m.items() if k not in TIMING} for m in run.metrics()]
+        ckpt = run.load_checkpoint()
+        state[r["run_id"]] = (run.summary["status"], rows,
+                              {k: v.clone() for k, v in ckpt["model"].items()})
+    return state
+
+
+def test_sigkill_at_any_moment_then_resume_equals_clean_run(tmp_path):
+    spec = write(tmp_path, KILL_SPEC)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    t0 = time.monotonic()
+    p = runner(spec, clean)
+    p.communicate()
+    assert p.returncode == 0
+    duration = time.monotonic() - t0
+
+    # first kill: right after a run has printed its 2nd epoch (metrics written, checkpoint not
+    # yet), then at random moments; then a last runner that finishes the study
+    p = runner(spec, killed)
+    for line in p.stdout:
+        if "epoch 2/4" in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    rng = random.Random(int(os.environ.get("BNLAB_TEST_SEED", "0")))
+    for _ in range(2):
+        with open(tmp_path / "log.txt", "a") as f:
+            p = runner(spec, killed, stdout=f)
+            time.sleep(rng.uniform(0.2, duration))
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    p = runner(spec, killed)
+    p.communicate()
+    assert p.returncode == 0
+
+    a, b = _final_state(clean), _final_state(killed)
+    assert a.keys() == b.keys()
+    for run_id in a:
+        assert a[run_id][0] == b[run_id][0] and a[run_id][0] in FINAL
+        assert a[run_id][1] == b[run_id][1]  # every loss and accuracy, bit for bit
+        for k, v in a[run_id][2].items():
+            assert torch.equal(v, b[run_id][2][k]), (run_id, k)
+    attempts = Store(killed).attempts()
+    assert any(x["from_epoch"] > 0 for xs in attempts.values() for x in xs)  # a real resume
+
+
+def test_two_runners_never_train_a_run_twice(tmp_path):
+    spec = write(tmp_path, KILL_SPEC.replace("seed = [0, 1]", "seed = [0, 1, 2]")
+                 .replace("epochs = 4", "epochs = 2"))
+    out = tmp_path / "out"
+    procs = [runner(spec, out), runner(spec, out, "--jobs", "2")]
+    logs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    starts = [line.split(":")[0] for log in logs for line in log.splitlines()
+              if line.endswith(": starting")]
+    doc = json.loads((out / "study.json").read_text())
+    ids = sorted(r["run_id"] for r in doc["runs"])
+    assert sorted(starts) == ids
+    attempts = Store(out).attempts()
+    assert sorted(attempts) == ids and all(len(v) == 1 for v in attempts.values())
+    assert all(Store(out).run(i).summary["status"] in FINAL for i in ids)
+
+
+def test_user_error_from_bad_spec_leaves_nothing(tmp_path):
+    with pytest.raises(UserError):
+        load_spec(str(tmp_path / "missing.toml"))
