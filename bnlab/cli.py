@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from bnlab.config import FIELDS
@@ -214,6 +215,8 @@ def _count(minimum: int):
 
 
 def cmd_study(args) -> int:
+    if args.study_command == "run":  # before torch loads: see bnlab.study.passive_openmp
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from bnlab import spec as specs
     from bnlab import study
 

@@ -304,6 +304,11 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
 
     base = dataclasses.replace(RunConfig(), **spec.base)
     raw = _expand_spec(spec)
+    baseline = spec.analysis["baseline"]
+    if baseline and not any(all(_same(getattr(dataclasses.replace(base, **r), k), v)
+                                for k, v in baseline.items()) for r in raw):
+        shown = ", ".join(f"{k}={v!r}" for k, v in baseline.items())
+        raise UserError(f"[analysis] baseline ({shown}) of spec {spec.name!r} matches no run")
     logical = sorted({dataclasses.replace(base, **{**r, **sets_d}).dataset for r in raw})
     for name in data_map:
         if name not in logical:

@@ -58,7 +58,6 @@ def main_rc(capsys, *argv) -> tuple[int, str, str]:
 
 def env() -> dict:
     e = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    e.setdefault("BNLAB_CACHE", str(ROOT / ".pytest-cache-bnlab"))
     return e
 
 
@@ -149,6 +148,7 @@ def test_builtin_sizes():
     ("[grid]\nseed = [0]\n[[cases]]\nwhere = {norm = 'bn'}\n", "neither set nor grid"),
     ("[grid]\nseed = [0]\n[analysis]\nselect_bset = ['lr']\n", "unknown key 'select_bset'"),
     ("[grid]\nseed = [0]\n[estimate]\ncpu_minutes = -1\n", "minutes >= 0"),
+    ("[grid]\nseed = [0]\n[analysis]\nbaseline = {norm = 'group'}\n", "matches no run"),
     ("[base]\nepochs = 2\nwarmup_epochs = 1\n[grid]\nwarmup_epochs = [1, 3]\n",
      "warmup_epochs must be <= epochs"),
     ("name = 'bad name'\n[grid]\nseed = [0]\n", "name must be"),
