@@ -232,8 +232,9 @@ def test_failure_isolation(tmp_path, capsys):
     store = Store(out)
     rows = {r["run_id"]: r for r in status_rows(store, [r["run_id"] for r in json.loads(
         (out / "study.json").read_text())["runs"]])}
-    by_status = sorted(r["status"] for r in rows.values())
-    assert by_status[:2] == ["diverged", "failed"] and set(by_status[2:]) <= set(FINAL)
+    statuses = [r["status"] for r in rows.values()]
+    assert statuses.count("diverged") == 1 and statuses.count("failed") == 1
+    assert all(s in FINAL for s in statuses if s != "failed")
     failed = next(r for r in rows.values() if r["status"] == "failed")
     assert "bogus" in failed["error"]
     assert store.run(failed["run_id"]).config["norm_options"] == {"bogus": 1}
@@ -296,8 +297,8 @@ def test_sigkill_at_any_moment_then_resume_equals_clean_run(tmp_path):
     assert p.returncode == 0
     duration = time.monotonic() - t0
 
-    # first kill: right after a run has printed its 2nd epoch (metrics written, checkpoint not
-    # yet), then at random moments; then a last runner that finishes the study
+    # first kill: right after a run has logged its 2nd epoch (so mid-run for certain), then at
+    # random moments; then a last runner that finishes the study
     p = runner(spec, killed)
     for line in p.stdout:
         if "epoch 2/4" in line:
