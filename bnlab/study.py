@@ -357,7 +357,48 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
         if busy:  # held by another runner: wait for it, and take over if it dies
             progress.log(f"{len(busy)} runs are being trained by another process; waiting")
             execute(True, False, busy)
-    return count_statuses(store, plan)
+    counts = count_statuses(store, plan)
+    if plan.spec.analysis.get("compare") and set(counts) <= {*FINAL, "failed"}:
+        compare_selected(store, plan, progress.log)
+    return counts
+
+
+def compare_selected(store: Store, plan: Plan, log) -> None:
+    """analysis.compare: compare the predictions of the selected arms (bnlab.infer.compare),
+    one finished run per arm (its lowest seed), into OUT/analysis/ for the study's first
+    dataset with two such arms and OUT/analysis/<dataset>/ for the others. Skipped when the
+    comparison of the same runs exists; a failure is logged, never raised."""
+    from bnlab.infer.compare import compare_runs
+    from bnlab.report.arms import INCLUDED, build_arms
+    from bnlab.report.load import load_study
+    from bnlab.train import resolve_device
+
+    arms = [a for a in build_arms(load_study(store.root)) if a.selected]
+    device = resolve_device(plan.runs[0].cfg.device).type
+    first = True
+    for dataset in dict.fromkeys(a.dataset for a in arms):
+        picks = []
+        for a in arms:
+            done = [r for r in a.runs if a.dataset == dataset and r.status in INCLUDED
+                    and store.run(r.run_id).checkpoint_path.is_file()]
+            if done:
+                run = min(done, key=lambda r: (str(r.seed), r.run_id))
+                picks.append((run.run_id, a.label))
+        if len(picks) < 2:
+            continue
+        folder = store.root / "analysis" if first else store.root / "analysis" / dataset
+        first = False
+        old = store.read_meta(str((folder / "compare.json").relative_to(store.root))) \
+            if (folder / "compare.json").is_file() else None
+        if old and [m["run_id"] for m in old.get("models", [])] == [p[0] for p in picks]:
+            continue
+        log(f"comparing the predictions of {len(picks)} arms on {dataset}: "
+            + ", ".join(label for _, label in picks))
+        try:
+            compare_runs([store.run(rid) for rid, _ in picks], folder,
+                         labels=[label for _, label in picks], device=device, log=log)
+        except Exception as e:  # noqa: BLE001 - the runs are the result; the comparison is extra
+            log(f"prediction comparison on {dataset} failed: {type(e).__name__}: {e}")
 
 
 def count_statuses(store: Store, plan: Plan) -> dict[str, int]:

@@ -217,6 +217,26 @@ def test_run_skip_status_and_study_json(tmp_path, capsys):
     assert all(k in stdout for k in before)
 
 
+def test_compare_after_the_runs(tmp_path, capsys):
+    spec = write(tmp_path, TINY + """
+    [analysis]
+    compare = true
+    """)
+    out = tmp_path / "out"
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0 and "comparing the predictions of 2 arms" in stdout
+    result = json.loads((out / "analysis" / "compare.json").read_text())
+    doc = json.loads((out / "study.json").read_text())
+    seed0 = [r["run_id"] for r in doc["runs"] if r["values"]["seed"] == 0]
+    assert [m["run_id"] for m in result["models"]] == seed0
+    assert [m["label"] for m in result["models"]] == ["norm=bn", "norm=none"]
+    for m in result["models"]:  # the comparison's accuracy is the run's own final accuracy
+        assert abs(m["test_acc"] - Store(out).run(m["run_id"]).summary["test_acc"]) <= 1 / 128
+    # a second invocation finds the comparison of the same runs and leaves it alone
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0 and "comparing" not in stdout
+
+
 def test_failure_isolation(tmp_path, capsys):
     spec = write(tmp_path, TINY + """
     [[cases]]
