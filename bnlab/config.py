@@ -77,6 +77,8 @@ class RunConfig:
     probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
     tensorboard: bool = _f(False, "also write probes as TensorBoard scalars and histograms "
                            "(needs probe_every > 0 and the tensorboard package)")
+    compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
+                       "steps are slower while it compiles")
 
     # -- derived -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +86,8 @@ class RunConfig:
 
     def run_id(self) -> str:
         """Stable id: readable prefix + hash of every field that changes the result."""
-        ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard"}
+        ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
+                   "compile"}
         canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)

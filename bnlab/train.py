@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab
+from bnlab.accel import FirstBad, mark_step, memory_format_for, pad_batch, prepare
 from bnlab.config import RunConfig
 from bnlab.data import DataBundle, load_data
 from bnlab.data.loader import make_loader
@@ -29,8 +30,6 @@ from bnlab.errors import UserError
 from bnlab.models import build_model, count_parameters
 from bnlab.probes import make_prober
 from bnlab.store import RunDir, Store
-
-DIVERGENCE_CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between host syncs of the loss check
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -84,9 +83,10 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32"
-             ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a loader, always in eval mode."""
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+             pad_to: int | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a loader, always in eval mode. `pad_to` pads a
+    short last batch (for compiled models, which then see a single shape)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -94,7 +94,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     n = 0
     for x, y in loader.epoch(0):
         with autocast(device, precision):
-            out = model(x)
+            out = model(x if pad_to is None else pad_batch(x, pad_to))[: len(y)]
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
         n += len(y)
@@ -135,10 +135,15 @@ def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
                        norm_options=cfg.norm_options, init_options=cfg.init_options)
 
 
-def memory_format_for(device: torch.device, model_name: str):
-    if device.type == "cuda" and not model_name.startswith("mlp"):
-        return torch.channels_last
-    return torch.contiguous_format
+def config_record(cfg: RunConfig, bundle: DataBundle, model: nn.Module, device: torch.device,
+                  steps_per_epoch: int) -> dict:
+    """The content of a run's config.json."""
+    return {
+        "config": cfg.to_dict(), "env": environment(device),
+        "data": {"name": bundle.name, "classes": bundle.classes, "n_train": len(bundle.train),
+                 "n_test": len(bundle.test), "image_size": bundle.image_size,
+                 "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed},
+        "model": {"parameters": count_parameters(model), "steps_per_epoch": steps_per_epoch}}
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     steps_per_epoch = len(train_loader)
-    n_train, n_test = len(bundle.train), len(bundle.test)
+    n_test = len(bundle.test)
 
     start_epoch, step, wall, metrics, flags = 0, 0, 0.0, [], {}
     state = run.load_checkpoint(map_location=device) if run.exists() else None
@@ -207,13 +212,7 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
         log(f"resuming {run.run_id} at epoch {start_epoch}/{cfg.epochs}")
     else:
         run.path.mkdir(parents=True, exist_ok=True)
-        run.write_json("config.json", {
-            "config": cfg.to_dict(), "env": environment(device),
-            "data": {"name": bundle.name, "classes": bundle.classes, "n_train": n_train,
-                     "n_test": n_test, "image_size": bundle.image_size,
-                     "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed},
-            "model": {"parameters": count_parameters(model),
-                      "steps_per_epoch": steps_per_epoch}})
+        run.write_json("config.json", config_record(cfg, bundle, model, device, steps_per_epoch))
         run.write_rows("metrics.jsonl", [])
     run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
     store.record(run)
@@ -221,7 +220,8 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # probes (bnlab/probes.py): None when off; they never change the trajectory
     prober = make_prober(cfg, model, opt, criterion, run, start_epoch) if cfg.probe_every else None
-    check_every = DIVERGENCE_CHECK_EVERY.get(device.type, 50)
+    fast = prepare(model, device, cfg.compile)  # the model itself unless cfg.compile
+    watch = FirstBad(device)
     chance = chance_threshold(bundle.num_classes, n_test)
     quarter = max(1, math.ceil(cfg.epochs / 4))
     status = "completed"
@@ -231,7 +231,7 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        watch.reset()
         seen = 0
         for i, (x, y) in enumerate(train_loader.epoch(epoch)):
             lr = cfg.lr * lr_factor(cfg, step, steps_per_epoch)
@@ -239,24 +239,23 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
                 g["lr"] = lr
             if prober is not None:
                 prober.start(step, epoch, x, y)
+            mark_step(fast)
             with autocast(device, cfg.precision):
-                out = model(x)
+                out = fast(x)
                 loss = criterion(out.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             detached = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached),
-                                    torch.full_like(first_bad, step), first_bad)
+            watch.update(detached, step)
             loss_sum += detached.double() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             step += 1
-            if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
-                bad = int(first_bad)
-                if bad >= 0:
-                    flags["diverged_step"] = bad
-                    break
+            bad = watch.poll(i, final=i + 1 == steps_per_epoch)
+            if bad is not None:
+                flags["diverged_step"] = int(bad)
+                break
         if "diverged_step" in flags:
             status = "diverged"
             wall += time.perf_counter() - t0
@@ -264,7 +263,8 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
                 "stopping (status diverged)")
             break
         train_time = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(model, test_loader, device, cfg.precision)
+        test_loss, test_acc = evaluate(fast, test_loader, device, cfg.precision,
+                                       cfg.eval_batch_size if cfg.compile else None)
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
         row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": float(loss_sum) / seen,

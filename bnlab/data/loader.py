@@ -22,6 +22,19 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def epoch_plan(n: int, seed: int, epoch: int, augment: bool, flip: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of one training epoch, on the CPU: the order of the n images, and (with
+    augmentation) each image's crop offsets (n, 2) and flip flags (n,), indexed by image."""
+    g = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=g)
+    if not augment:
+        return order, None, None
+    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    flips = (torch.rand(n, generator=g) < 0.5) & flip
+    return order, offsets, flips
+
+
 def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
               pad: int = PAD) -> torch.Tensor:
     """Zero-pad (N, C, H, W) by `pad`, crop at `offsets` (N, 2: row, col), flip where `flips`."""
@@ -73,11 +86,8 @@ class MemoryLoader:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.y)
         if self.train:
-            g = epoch_generator(self.seed, epoch)
-            order = torch.randperm(n, generator=g)
+            order, offsets, flips = epoch_plan(n, self.seed, epoch, self.augment, self.flip)
             if self.augment:
-                offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
-                flips = (torch.rand(n, generator=g) < 0.5) & self.flip
                 offsets, flips = offsets.to(self.device), flips.to(self.device)
             order = order.to(self.device)
         for b in range(len(self)):

@@ -1,0 +1,122 @@
+"""The fast path of a training step: memory layout, optional torch.compile, and a divergence
+check that never stalls the GPU.
+
+Why each piece exists:
+- channels_last: oneDNN (CPU) and cuDNN (GPU) run 3x3 convolutions of small-channel ResNets
+  fastest in NHWC; on this project's reference CPU it also keeps bf16 convolutions on their fast
+  kernels (docs/speed.md has the measurements).
+- torch.compile fuses the BN/ReLU/residual element-wise work that dominates a CIFAR ResNet step
+  once the convolutions are fast; on a GPU, CUDA graphs (mode "reduce-overhead") also remove the
+  per-kernel launch cost, which is most of the step time of a ResNet-20 at batch 128.
+  Shapes are kept static (the training loader drops the last partial batch and evaluation pads
+  its last batch), so each of train and eval compiles exactly once.
+- A loss check by `.item()` every step would wait for the GPU each step; `FirstBad` keeps the
+  first non-finite step on the device and reads it through an event-guarded copy instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# torch.compile mode per device type: CUDA graphs on GPUs, plain inductor elsewhere
+COMPILE_MODES = {"cuda": "reduce-overhead", "cpu": "default"}
+DIVERGENCE_CHECK_EVERY = {"cpu": 1, "cuda": 50}  # steps between looks at the loss flag
+
+
+def memory_format_for(device: torch.device, model_name: str) -> torch.memory_format:
+    """channels_last for convolutional models on every device, contiguous for the MLP."""
+    if model_name.startswith("mlp"):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def compile_model(model: nn.Module, device: torch.device, mode: str | None = None):
+    """`torch.compile(model)` with static shapes; the returned module shares `model`'s
+    parameters and buffers, so state dicts and checkpoints are taken from `model` as before."""
+    mode = mode or COMPILE_MODES.get(device.type, "default")
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def uses_cuda_graphs(model) -> bool:
+    return getattr(model, "_bnlab_cuda_graphs", False)
+
+
+def mark_step(model) -> None:
+    """Tell CUDA graph trees that a new training iteration starts (outputs of the previous
+    one may then be overwritten)."""
+    if uses_cuda_graphs(model):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def prepare(model: nn.Module, device: torch.device, compile: bool, mode: str | None = None):
+    """The callable used for forward passes: `model` itself, or its compiled wrapper."""
+    if not compile:
+        return model
+    mode = mode or COMPILE_MODES.get(device.type, "default")
+    fast = compile_model(model, device, mode)
+    fast._bnlab_cuda_graphs = device.type == "cuda" and mode == "reduce-overhead"
+    return fast
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the batch dimension of `x` to `size` rows. In eval mode every layer of a bnlab
+    model acts on each sample alone, so the real rows' outputs do not change; a compiled model
+    then sees one batch shape only."""
+    n = x.shape[0]
+    if n >= size:
+        return x
+    fill = x.new_zeros((size - n, *x.shape[1:]))
+    fmt = torch.channels_last if (x.ndim == 4 and x.is_contiguous(
+        memory_format=torch.channels_last) and not x.is_contiguous()) else None
+    out = torch.cat([x, fill])
+    return out.contiguous(memory_format=fmt) if fmt is not None else out
+
+
+class FirstBad:
+    """Index of the first training step whose loss was not finite, kept on the device.
+
+    `update` costs two tiny device ops and no synchronization. `poll` returns the step once it
+    is known: on the CPU at once; on a GPU from a copy issued `every` steps earlier whose event
+    has completed (so the answer may come up to 2*every steps late, never with a stall), and
+    exactly at the end of an epoch (`final=True`), where the metrics are read anyway.
+    """
+
+    def __init__(self, device: torch.device, shape: tuple[int, ...] = ()):
+        self.device = device
+        self.flag = torch.full(shape, -1, dtype=torch.int64, device=device)
+        self.every = DIVERGENCE_CHECK_EVERY.get(device.type, 50)
+        self._pending = None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = (self.flag < 0) & ~torch.isfinite(loss.detach())
+        self.flag = torch.where(bad, torch.full_like(self.flag, step), self.flag)
+
+    def poll(self, i: int, final: bool = False) -> torch.Tensor | None:
+        """The flag's value (a CPU tensor) when it shows a bad step, else None."""
+        if final or self.device.type != "cuda":
+            if not final and (i + 1) % self.every:
+                return None
+            v = self.flag.cpu()
+            self._pending = None
+            return v if bool((v >= 0).any()) else None
+        if (i + 1) % self.every:
+            return None
+        if self._pending is not None:
+            host, event = self._pending
+            if not event.query():
+                return None
+            self._pending = None
+            if bool((host >= 0).any()):
+                return host.clone()
+        host = torch.empty(self.flag.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(self.flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
+        return None
+
+    def reset(self, shape: tuple[int, ...] | None = None) -> None:
+        self.flag = torch.full(self.flag.shape if shape is None else shape, -1,
+                               dtype=torch.int64, device=self.device)
+        self._pending = None

@@ -1,0 +1,144 @@
+"""K copies of one architecture as one network: run k owns channel block k of every layer.
+
+The packed input is the K runs' batches side by side along channels, (B, K*C, H, W). Every
+convolution becomes a grouped convolution (groups = K * its own groups), so block k of its output
+depends only on block k of its input and weights; batch norm over K*C channels computes each
+channel's statistics over (B, H, W) exactly as the run's own BN(C) does; element-wise layers,
+pooling and flattening act per channel; linear layers become K independent matrix products.
+The packed network is therefore K independent networks that share kernel launches: the
+gradient of sum_k loss_k with respect to run k's weights is the gradient of loss_k alone.
+
+Every packed tensor stores run k's entries in slice k of `tensor.reshape(K, -1)`, so
+`pack_state` / `unpack_state` convert between K single-run state dicts and the packed one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.models.cifar_resnet import BasicBlock, CifarResNet, ShortcutA
+from bnlab.models.mlp import MLP, Hidden
+
+# modules that hold no parameters and act on each channel (or each feature) alone
+STRUCTURAL = (nn.Sequential, nn.Identity, nn.ReLU, CifarResNet, BasicBlock, MLP, Hidden)
+
+
+class NotPackable(ValueError):
+    """A model contains a layer that has no packed form."""
+
+
+class PackedLinear(nn.Module):
+    """K independent linear maps: (B, K*in) -> (B, K*out); weight (K, out, in), bias (K, out)."""
+
+    def __init__(self, k: int, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.k, self.in_features, self.out_features = k, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(k, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(k, out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        out = torch.bmm(x.reshape(b, self.k, self.in_features).transpose(0, 1),
+                        self.weight.transpose(1, 2)).transpose(0, 1)  # (B, K, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(b, self.k * self.out_features)
+
+
+class PackedShortcutA(nn.Module):
+    """Option-A shortcut of K runs: the zero channels are padded inside each run's block."""
+
+    def __init__(self, k: int, stride: int, pad: int):
+        super().__init__()
+        self.k, self.stride, self.pad = k, stride, pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad:
+            b, kc, h, w = x.shape
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            x = F.pad(x.reshape(b, self.k, kc // self.k, h, w),
+                      (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+            x = x.reshape(b, -1, h, w)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def _packed_layer(m: nn.Module, k: int) -> nn.Module | None:
+    """The packed replacement of one layer, None for a structural module kept as it is."""
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d(k * m.in_channels, k * m.out_channels, m.kernel_size, m.stride,
+                         m.padding, m.dilation, k * m.groups, m.bias is not None,
+                         m.padding_mode)
+    if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and type(m) in (nn.BatchNorm1d,
+                                                                     nn.BatchNorm2d):
+        return type(m)(k * m.num_features, m.eps, m.momentum, m.affine,
+                       m.track_running_stats)
+    if type(m) is nn.Linear:
+        return PackedLinear(k, m.in_features, m.out_features, m.bias is not None)
+    if type(m) is ShortcutA:
+        return PackedShortcutA(k, m.stride, m.pad)
+    if isinstance(m, nn.Dropout) and m.p == 0:
+        return None
+    if type(m) in STRUCTURAL:
+        if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)):
+            names = [n for n, _ in m.named_parameters(recurse=False)]
+            raise NotPackable(f"{type(m).__name__} holds its own parameters "
+                              f"({', '.join(names) or 'buffers'}), which have no packed form")
+        return None
+    raise NotPackable(f"layer {type(m).__name__} has no packed form")
+
+
+def check_packable(model: nn.Module) -> None:
+    """Raise NotPackable naming the first layer that cannot be packed."""
+    for _, m in model.named_modules():
+        _packed_layer(m, 1)
+
+
+def empty_pack(model: nn.Module, k: int) -> nn.Module:
+    """The packed form of `model` for k runs (its parameters still to be loaded)."""
+    packed = copy.deepcopy(model)
+    for name, m in list(packed.named_modules()):
+        new = _packed_layer(m, k)
+        if new is not None:
+            ref = next(iter(m.parameters(recurse=False)), None)
+            if ref is not None:
+                new = new.to(device=ref.device, dtype=ref.dtype)
+            packed.set_submodule(name, new)
+    return packed
+
+
+def pack_models(models: list[nn.Module]) -> nn.Module:
+    """One packed network holding the K given models' parameters and buffers."""
+    packed = empty_pack(models[0], len(models))
+    packed.load_state_dict(pack_state([m.state_dict() for m in models], packed.state_dict()))
+    return packed
+
+
+def pack_state(states: list[dict], like: dict) -> dict:
+    """Stack K single-run state dicts into the layout of the packed state dict `like`."""
+    out = {}
+    for key, ref in like.items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = states[0][key].clone()  # one count: every packed run takes the same steps
+        else:
+            out[key] = torch.stack([s[key] for s in states]).reshape(ref.shape)
+    return out
+
+
+def unpack_state(packed: dict, k: int, n: int, like: dict) -> dict:
+    """Run k's state dict (of n packed runs), shaped like the single-run state dict `like`."""
+    out = {}
+    for key, ref in like.items():
+        t = packed[key]
+        if key.endswith("num_batches_tracked"):
+            out[key] = t.detach().clone()
+        else:
+            out[key] = t.detach().reshape(n, -1)[k].reshape(ref.shape).clone()
+    return out

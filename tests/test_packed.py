@@ -1,0 +1,157 @@
+"""Packed runs against the same runs trained one by one.
+
+Tolerances: in float64 a packed step and K lone steps agree to 1e-10 relative (the arithmetic is
+the same up to reassociation, whose error there is ~1e-15 per operation, grown by a few training
+steps). In float32 grouped and plain convolutions round differently (different oneDNN kernels);
+training amplifies those ~1e-7 relative differences, so after 2 short epochs the metrics agree to
+2e-3 absolute on losses and to one test image on accuracies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnlab.config import RunConfig
+from bnlab.data.synthetic import make_synthetic
+from bnlab.errors import UserError
+from bnlab.models.packed import NotPackable, check_packable, pack_models, unpack_state
+from bnlab.packed import PackedSGD, can_pack, train_packed
+from bnlab.store import Store
+from bnlab.train import build_for, param_groups, train_run
+
+QUIET = {"log": lambda s: None}
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_synthetic(n_train=32, n_test=16, size=8)
+
+
+def _base(**kw) -> RunConfig:
+    return dataclasses.replace(RunConfig(dataset="synthetic", model="resnet20", epochs=2,
+                                         batch_size=8, device="cpu", lr=0.05), **kw)
+
+
+@pytest.mark.parametrize("model,norm", [("resnet20", "bn"), ("resnet20", "none"),
+                                        ("mlp3x100", "bn")])
+def test_packed_steps_equal_lone_steps_float64(small, model, norm):
+    cfgs = [_base(model=model, norm=norm, seed=0),
+            _base(model=model, norm=norm, seed=1, lr=0.02, weight_decay=5e-4, momentum=0.8),
+            _base(model=model, norm=norm, seed=2, decay_norm_and_bias=True, nesterov=False)]
+    models = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        models.append(build_for(c, small).double())
+    packed = pack_models(models)
+    popt = PackedSGD(packed, cfgs, {n: p.ndim for n, p in models[0].named_parameters()})
+    opts = [torch.optim.SGD(param_groups(m, c.weight_decay, c.decay_norm_and_bias), lr=c.lr,
+                            momentum=c.momentum) for m, c in zip(models, cfgs)]
+    g = torch.Generator().manual_seed(0)
+    k = len(cfgs)
+    for _ in range(3):
+        xs = [torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64) for _ in cfgs]
+        ys = [torch.randint(0, 10, (6,), generator=g) for _ in cfgs]
+        for m, o, x, y in zip(models, opts, xs, ys):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        out = packed(torch.cat(xs, 1)).reshape(6, k, -1)
+        losses = F.cross_entropy(out.permute(0, 2, 1), torch.stack(ys, 1), reduction="none")
+        popt.zero_grad()
+        losses.mean(0).sum().backward()
+        popt.step(torch.tensor([c.lr for c in cfgs], dtype=torch.float64))
+    state = packed.state_dict()
+    for i, m in enumerate(models):
+        mine = unpack_state(state, i, k, m.state_dict())
+        for name, ref in m.state_dict().items():
+            if ref.is_floating_point():
+                err = float((mine[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+                assert err < 1e-10, (name, err)
+            else:
+                assert torch.equal(mine[name], ref), name
+
+
+def test_train_packed_matches_lone_runs(small, tmp_path):
+    cfgs = [_base(seed=0), _base(seed=1, lr=0.02, weight_decay=5e-4),
+            _base(seed=2, momentum=0.8, schedule="cosine")]
+    assert can_pack(cfgs) is None
+    packed = train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
+    lone = [train_run(c, tmp_path / "s", bundle=small, **QUIET) for c in cfgs]
+    sp, ss = Store(tmp_path / "p"), Store(tmp_path / "s")
+    for c, a, b in zip(cfgs, packed, lone):
+        assert a["status"] == b["status"] and a["epochs_done"] == b["epochs_done"] == 2
+        ra, rb = sp.run(c.run_id()), ss.run(c.run_id())
+        assert sorted(p.name for p in ra.path.iterdir()) == sorted(
+            p.name for p in rb.path.iterdir())
+        for ma, mb in zip(ra.metrics(), rb.metrics()):
+            assert ma["step"] == mb["step"] and ma["lr"] == mb["lr"]
+            for key in ("train_loss", "test_loss"):
+                assert abs(ma[key] - mb[key]) < 2e-3, (key, ma[key], mb[key])
+            assert abs(ma["train_acc"] - mb["train_acc"]) <= 1 / 32 + 1e-9
+            assert abs(ma["test_acc"] - mb["test_acc"]) <= 1 / 16 + 1e-9
+        ca, cb = ra.load_checkpoint(), rb.load_checkpoint()
+        assert ca.keys() == cb.keys()
+        assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
+        assert ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
+        assert torch.equal(ca["rng_cpu"], cb["rng_cpu"])
+        for name, ref in cb["model"].items():
+            assert ca["model"][name].shape == ref.shape
+        assert ra.config["config"] == rb.config["config"]
+    assert {r["run_id"] for r in sp.rows()} == {c.run_id() for c in cfgs}
+
+
+def test_packed_resume_alone_and_packed(small, tmp_path):
+    cfgs = [_base(seed=3), _base(seed=4)]
+    full = train_packed(cfgs, tmp_path / "full", bundle=small, **QUIET)
+
+    def stop_in_epoch_2(line):
+        if "epoch 2/2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_packed(cfgs, tmp_path / "cut", bundle=small, log=stop_in_epoch_2)
+    store = Store(tmp_path / "cut")
+    assert all(store.run(c.run_id()).summary["status"] == "running" for c in cfgs)
+    # one run resumes alone from its packed checkpoint, the other resumes as a pack of one
+    alone = train_run(cfgs[0], tmp_path / "cut", resume=True, bundle=small, **QUIET)
+    again = train_packed(cfgs, tmp_path / "cut", bundle=small, **QUIET)
+    assert again[0] == alone
+    assert again[1]["status"] == "completed"
+    assert again[1]["test_loss"] == full[1]["test_loss"]  # same arithmetic: bit for bit
+    assert abs(alone["test_loss"] - full[0]["test_loss"]) < 2e-3
+
+
+def test_one_diverging_run_stops_alone(small, tmp_path):
+    cfgs = [_base(seed=0, model="mlp3x100", norm="none", lr=1e9, momentum=0.0),
+            _base(seed=1, model="mlp3x100")]
+    packed = train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
+    lone = [train_run(c, tmp_path / "s", bundle=small, **QUIET) for c in cfgs]
+    assert lone[0]["status"] == packed[0]["status"] == "diverged"
+    assert packed[0]["diverged_step"] == lone[0]["diverged_step"]
+    assert packed[1]["status"] == lone[1]["status"] != "diverged"
+    assert packed[1]["epochs_done"] == 2
+    assert abs(packed[1]["test_loss"] - lone[1]["test_loss"]) < 2e-3
+
+
+def test_can_pack_reasons():
+    assert "at least 2" in can_pack([_base()])
+    assert "same run" in can_pack([_base(), _base()])
+    assert "batch_size differs" in can_pack([_base(seed=0), _base(seed=1, batch_size=16)])
+    assert "dropout" in can_pack([_base(seed=0, dropout=0.1), _base(seed=1, dropout=0.1)])
+    assert "probe_every" in can_pack([_base(seed=0, probe_every=5),
+                                      _base(seed=1, probe_every=5)])
+    assert "resnet18" in can_pack([_base(seed=0, model="resnet18"),
+                                   _base(seed=1, model="resnet18")])
+    assert can_pack([_base(seed=0, lr=0.1, init="kaiming"), _base(seed=1, lr=0.3)]) is None
+    with pytest.raises(UserError, match="cannot be packed"):
+        train_packed([_base(seed=0), _base(seed=1, epochs=3)], "unused")
+
+
+def test_layers_without_packed_form_are_refused():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    with pytest.raises(NotPackable, match="GroupNorm"):
+        check_packable(model)
