@@ -213,6 +213,29 @@ def _count(minimum: int):
         return v
     return parse
 
+def cmd_bench(args) -> int:
+    from bnlab.bench import VARIANTS, BenchArgs, run_all
+    from bnlab.errors import unknown
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            raise unknown("variant", v, VARIANTS)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    for p in precisions:
+        if p not in ("fp32", "bf16"):
+            raise unknown("precision", p, ("fp32", "bf16"))
+    for name in ("batch_size", "steps", "k", "timeout"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    a = BenchArgs(data=args.data, data_dir=args.data_dir, model=args.model,
+                  batch_size=args.batch_size, steps=args.steps, k=args.k, device=args.device,
+                  workers=args.workers, compile_mode=args.compile_mode)
+    rows = run_all(a, variants, precisions, args.timeout, print, args.out)
+    return 0 if all("error" not in r for r in rows) else 1
+
 
 def cmd_study(args) -> int:
     if args.study_command == "run":  # before torch loads: see bnlab.study.passive_openmp
@@ -339,6 +362,31 @@ def build_parser() -> Parser:
         sp.add_argument("--out", metavar="DIR", default=None, help="output folder of the study")
     ssub.add_parser("list", help="built-in studies with their size and estimated time")
     st.set_defaults(func=cmd_study)
+
+    b = sub.add_parser("bench", help="images/s of bnlab against the textbook loop",
+                       formatter_class=Formatter,
+                       description="Training speed of the textbook loop and of bnlab (eager, "
+                       "compiled, packed) on this device, one JSON line per variant.")
+    b.add_argument("--data", default="synthetic", help="dataset spec (e.g. imagefolder:PATH); "
+                   "synthetic = generated images of CIFAR-10's shape")
+    b.add_argument("--data-dir", default="", help="folder of the dataset files")
+    b.add_argument("--model", default="resnet20", help="model name")
+    b.add_argument("--variants", default=",".join(("textbook", "eager", "compiled", "packed")),
+                   help="comma-separated: textbook, eager, compiled, packed, packed-compiled")
+    b.add_argument("--precision", default="fp32", help="fp32, bf16 or both (comma-separated; "
+                   "the textbook loop is always fp32)")
+    b.add_argument("--batch-size", type=int, default=128, help="batch size [images]")
+    b.add_argument("--steps", type=int, default=20, help="timed steps per variant, after a "
+                   "warm-up epoch of as many [steps]")
+    b.add_argument("--k", type=int, default=4, help="runs per pack in the packed variants")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--workers", type=int, default=4, help="DataLoader workers of the "
+                   "textbook loop [processes]")
+    b.add_argument("--compile-mode", default="", help="torch.compile mode (default: "
+                   "reduce-overhead on CUDA, default on CPU)")
+    b.add_argument("--timeout", type=float, default=1800, help="per variant [s]")
+    b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines here")
+    b.set_defaults(func=cmd_bench)
 
     sub.add_parser("datasets", help="list dataset names").set_defaults(func=cmd_datasets)
     sub.add_parser("models", help="list model names").set_defaults(func=cmd_models)

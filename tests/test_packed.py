@@ -100,7 +100,7 @@ def test_train_packed_matches_lone_runs(small, tmp_path):
         assert torch.equal(ca["rng_cpu"], cb["rng_cpu"])
         for name, ref in cb["model"].items():
             assert ca["model"][name].shape == ref.shape
-        assert ra.config["config"] == rb.config["config"]
+        assert ra.config == rb.config
     assert {r["run_id"] for r in sp.rows()} == {c.run_id() for c in cfgs}
 
 
