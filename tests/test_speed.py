@@ -1,0 +1,109 @@
+"""The fast path's pieces: divergence flag, padded evaluation, packed batches, `bnlab bench`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from bnlab.accel import FirstBad, pad_batch
+from bnlab.bench import BenchArgs, run_one
+from bnlab.cli import main
+from bnlab.config import RunConfig
+from bnlab.data.loader import MemoryLoader, Normalizer
+from bnlab.data.synthetic import make_synthetic
+from bnlab.models import build_model
+from bnlab.packed import _batches, _Member
+from bnlab.store import Store
+from bnlab.train import evaluate, train_run
+
+
+def test_first_bad_keeps_the_first_non_finite_step_per_run():
+    watch = FirstBad(torch.device("cpu"), (3,))
+    assert watch.poll(0) is None
+    watch.update(torch.tensor([1.0, math.nan, 2.0]), 7)
+    watch.update(torch.tensor([1.0, 3.0, math.inf]), 8)
+    watch.update(torch.tensor([math.nan, math.nan, math.nan]), 9)
+    assert watch.poll(1).tolist() == [9, 7, 8]
+    watch.reset()
+    assert watch.poll(2, final=True) is None
+
+
+def test_padded_eval_batch_leaves_real_rows_unchanged():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    x = torch.randn(5, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    padded = pad_batch(x, 12)
+    assert padded.shape == (12, 3, 8, 8) and torch.equal(padded[:5], x)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    assert bool((padded[5:] == 0).all())
+    with torch.no_grad():
+        ref = model(x).double()
+        out = model(padded)[:5].double()
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_with_padding_matches_plain_evaluate():
+    bundle = make_synthetic(n_train=16, n_test=22, size=8)
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10)
+    loader = MemoryLoader(bundle.test, bundle, 8, torch.device("cpu"), False, False)
+    plain = evaluate(model, loader, torch.device("cpu"))
+    padded = evaluate(model, loader, torch.device("cpu"), pad_to=8)
+    assert padded[1] == plain[1]
+    assert abs(padded[0] - plain[0]) < 1e-5
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_packed_batches_are_each_runs_own_batches(augment):
+    bundle = make_synthetic(n_train=40, n_test=8, size=8)
+    dev = torch.device("cpu")
+    cfgs = [RunConfig(dataset="synthetic", seed=s, batch_size=8) for s in (0, 5, 9)]
+    members = [_Member(c, None) for c in cfgs]
+    norm = Normalizer(bundle.mean * 3, bundle.std * 3, dev)
+    packed = list(_batches(members, bundle.train, norm, 2, 5, 8, augment, True, dev))
+    for k, c in enumerate(cfgs):
+        own = MemoryLoader(bundle.train, bundle, 8, dev, True, augment, c.seed)
+        for (x, y), (xk, yk) in zip(packed, own.epoch(2), strict=True):
+            assert torch.equal(x[:, 3 * k:3 * (k + 1)], xk)
+            assert torch.equal(y[:, k], yk)
+
+
+def test_compile_flag_keeps_run_identity():
+    cfg = RunConfig(dataset="synthetic")
+    assert dataclasses.replace(cfg, compile=True).run_id() == cfg.run_id()
+
+
+def test_bench_refuses_bad_options(capsys):
+    assert main(["bench", "--variants", "eager,fastest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "fastest" in err and "textbook" in err
+    assert main(["bench", "--precision", "fp16"]) == 2
+    assert main(["bench", "--k", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_variants_report_positive_speeds():
+    args = BenchArgs(steps=2, batch_size=8, k=2, workers=0)
+    rows = [run_one(args, v) for v in ("textbook", "eager", "packed")]
+    for row in rows:
+        json.dumps(row)
+        assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 0
+    assert rows[2]["model_images_per_s"] == pytest.approx(2 * rows[2]["images_per_s"])
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_run(tmp_path):
+    bundle = make_synthetic(n_train=256, n_test=128)
+    base = RunConfig(dataset="synthetic", model="mlp3x100", epochs=2, batch_size=32,
+                     device="cpu", eval_batch_size=100)
+    eager = train_run(base, tmp_path / "e", bundle=bundle, log=lambda s: None)
+    fast = train_run(dataclasses.replace(base, compile=True), tmp_path / "c", bundle=bundle,
+                     log=lambda s: None)
+    assert fast["run_id"] == eager["run_id"]
+    assert abs(fast["test_loss"] - eager["test_loss"]) < 1e-3
+    rows = Store(tmp_path / "c").run(base.run_id()).metrics()
+    assert [r["epoch"] for r in rows] == [1, 2]
