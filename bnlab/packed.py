@@ -111,7 +111,8 @@ class PackedSGD:
 
     def _rows(self, per_run: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """(K,) values spread over p's first dimension, which holds the K runs in blocks."""
-        return per_run.repeat_interleave(p.shape[0] // self.k).view(-1, *[1] * (p.ndim - 1))
+        rows = per_run[:, None].expand(self.k, p.shape[0] // self.k).reshape(-1)
+        return rows.view(-1, *[1] * (p.ndim - 1))
 
     def zero_grad(self) -> None:
         for p in self.params.values():

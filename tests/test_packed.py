@@ -126,8 +126,8 @@ def test_packed_resume_alone_and_packed(small, tmp_path):
 
 
 def test_one_diverging_run_stops_alone(small, tmp_path):
-    cfgs = [_base(seed=0, model="mlp3x100", norm="none", lr=1e9, momentum=0.0),
-            _base(seed=1, model="mlp3x100", norm="none")]
+    cfgs = [_base(seed=0, norm="none", lr=10.0, momentum=0.0),
+            _base(seed=1, norm="none", lr=0.02)]
     packed = train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
     lone = [train_run(c, tmp_path / "s", bundle=small, **QUIET) for c in cfgs]
     assert lone[0]["status"] == packed[0]["status"] == "diverged"
