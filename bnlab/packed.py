@@ -82,6 +82,25 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
     return None
 
 
+def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]:
+    """Split `cfgs` into packs (lists of 2..max_k packable runs, in input order) and lone
+    runs (lists of one). A study runner trains each list of two or more with `train_packed`
+    and each single one with its usual executor."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for c in cfgs:
+        key = tuple(repr(getattr(c, n)) for n in FIELDS if n not in PER_RUN)
+        groups.setdefault(key, []).append(c)
+    out = []
+    for members in groups.values():
+        chunks = [members[i:i + max_k] for i in range(0, len(members), max_k)]
+        for chunk in chunks:
+            if len(chunk) > 1 and can_pack(chunk) is None:
+                out.append(chunk)
+            else:
+                out.extend([c] for c in chunk)
+    return out
+
+
 class PackedSGD:
     """torch.optim.SGD (dampening 0) on packed parameters, with per-run hyperparameters:
 

@@ -19,7 +19,7 @@ from bnlab.config import RunConfig
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError
 from bnlab.models.packed import NotPackable, check_packable, pack_models, unpack_state
-from bnlab.packed import PackedSGD, can_pack, train_packed
+from bnlab.packed import PackedSGD, can_pack, pack_groups, train_packed
 from bnlab.store import Store
 from bnlab.train import build_for, param_groups, train_run
 
@@ -155,3 +155,15 @@ def test_layers_without_packed_form_are_refused():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     with pytest.raises(NotPackable, match="GroupNorm"):
         check_packable(model)
+
+
+def test_pack_groups_splits_by_shared_settings():
+    cfgs = [_base(seed=s, norm=n) for n in ("bn", "none") for s in range(3)]
+    cfgs += [_base(seed=0, dropout=0.1), _base(seed=9, norm="bn", lr=0.3)]
+    groups = pack_groups(cfgs, max_k=2)
+    assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 2]
+    assert sorted(c.run_id() for g in groups for c in g) == sorted(c.run_id() for c in cfgs)
+    for g in groups:
+        if len(g) > 1:
+            assert can_pack(g) is None
+    assert [len(g) for g in pack_groups(cfgs[:3])] == [3]
