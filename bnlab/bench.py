@@ -12,6 +12,10 @@ Variants (each in its own child process, so peak memory and thread pools are its
 
 images_per_s counts the images of one run; model_images_per_s = images_per_s * K counts the
 images of all K packed runs; ratio_vs_textbook = model_images_per_s / textbook images_per_s.
+cpu_ms_per_image is the CPU time (all threads, and the DataLoader workers) per training image
+of the timed part (for bnlab: the second epoch, its evaluation of `batch_size` test images
+included): on a machine shared with other work, where wall-clock rates depend on the load,
+it is the steadier measure of what each loop costs.
 """
 
 from __future__ import annotations
@@ -51,16 +55,23 @@ def _load(a: BenchArgs, n_train: int):
     if a.data == "synthetic":
         from bnlab.data.synthetic import make_synthetic
 
-        return make_synthetic(n_train=n_train, n_test=min(1000, n_train))
+        return make_synthetic(n_train=n_train, n_test=a.batch_size)
     from bnlab.data import load_data
 
-    return load_data(a.data, a.data_dir or None, False, n_train, 1000, True)
+    return load_data(a.data, a.data_dir or None, False, n_train, a.batch_size, True)
 
 
 def _device(a: BenchArgs) -> torch.device:
     from bnlab.train import resolve_device
 
     return resolve_device(a.device)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process's threads and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _peaks(device: torch.device) -> dict:
@@ -120,6 +131,7 @@ def run_textbook(a: BenchArgs) -> dict:
     dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True,
                                      num_workers=a.workers, drop_last=True,
                                      pin_memory=device.type == "cuda")
+    cpu0 = cpu_seconds()
     torch.manual_seed(0)
     model = build_model(a.model, bundle.num_classes, in_channels=bundle.in_channels,
                         image_size=bundle.image_size).to(device)
@@ -139,10 +151,13 @@ def run_textbook(a: BenchArgs) -> dict:
         running += loss.item()
         done = i + 1
     seconds = time.perf_counter() - t0
+    del dl  # its workers have exited, so their CPU time is counted below
+    cpu = cpu_seconds() - cpu0
     timed = done - warm
     ips = timed * a.batch_size / seconds
     return {"images_per_s": ips, "model_images_per_s": ips, "k": 1, "steps": timed,
-            "seconds": seconds, "precision": "fp32", **_peaks(device)}
+            "seconds": seconds, "precision": "fp32",
+            "cpu_ms_per_image": round(1000 * cpu / (done * a.batch_size), 3), **_peaks(device)}
 
 
 # -- bnlab's own path --------------------------------------------------------------------------
@@ -163,15 +178,22 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
         accel.COMPILE_MODES[device.type] = a.compile_mode
     base = RunConfig(dataset=a.data, data_dir=a.data_dir, model=a.model,
                      batch_size=a.batch_size, epochs=2, device=device.type,
-                     precision=a.precision, limit_train=n_train, eval_batch_size=1000,
+                     precision=a.precision, limit_train=n_train,
+                     eval_batch_size=a.batch_size,
                      compile=variant.endswith("compiled"), schedule="constant")
     cfgs = [dataclasses.replace(base, seed=s) for s in range(k)]
+    marks: dict[str, float] = {}
+
+    def log(line: str) -> None:  # CPU time at the end of each epoch's evaluation
+        for e in ("1/2", "2/2"):
+            if f"epoch {e} " in line and e not in marks:
+                marks[e] = cpu_seconds()
+
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-") as out:
         if packed:
-            summaries = train_packed(cfgs, out, resume=False, log=lambda s: None,
-                                     bundle=bundle)
+            summaries = train_packed(cfgs, out, resume=False, log=log, bundle=bundle)
         else:
-            summaries = [train_run(cfgs[0], out, log=lambda s: None, bundle=bundle)]
+            summaries = [train_run(cfgs[0], out, log=log, bundle=bundle)]
         from bnlab.store import Store
 
         bad = [s for s in summaries if s["status"] not in ("completed", "no_learning")]
@@ -184,7 +206,9 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
     return {"images_per_s": ips, "model_images_per_s": ips * k, "k": k, "steps": steps,
             "seconds": steps * a.batch_size / ips, "precision": a.precision,
             "compile_mode": (a.compile_mode or None) if variant.endswith("compiled") else None,
-            "test_acc_after_2_epochs": summaries[0]["test_acc"], **_peaks(device)}
+            "test_acc_after_2_epochs": summaries[0]["test_acc"],
+            "cpu_ms_per_image": round(1000 * (marks["2/2"] - marks["1/2"]) / (
+                steps * a.batch_size * k), 3), **_peaks(device)}
 
 
 def run_one(a: BenchArgs, variant: str) -> dict:
