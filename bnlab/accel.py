@@ -77,15 +77,18 @@ class FirstBad:
     """Index of the first training step whose loss was not finite, kept on the device.
 
     `update` costs two tiny device ops and no synchronization. `poll` returns the step once it
-    is known: on the CPU at once; on a GPU from a copy issued `every` steps earlier whose event
-    has completed (so the answer may come up to 2*every steps late, never with a stall), and
-    exactly at the end of an epoch (`final=True`), where the metrics are read anyway.
+    is known: on the CPU at once; on a GPU (or with lazy=True) from a copy issued `every` steps
+    earlier whose event has completed (so the answer may come up to 2*every steps late, never
+    with a stall), and exactly at the end of an epoch (`final=True`), where the metrics are
+    read anyway.
     """
 
-    def __init__(self, device: torch.device, shape: tuple[int, ...] = ()):
+    def __init__(self, device: torch.device, shape: tuple[int, ...] = (),
+                 lazy: bool | None = None, every: int | None = None):
         self.device = device
+        self.lazy = device.type == "cuda" if lazy is None else lazy
+        self.every = every or DIVERGENCE_CHECK_EVERY.get(device.type, 50)
         self.flag = torch.full(shape, -1, dtype=torch.int64, device=device)
-        self.every = DIVERGENCE_CHECK_EVERY.get(device.type, 50)
         self._pending = None
 
     def update(self, loss: torch.Tensor, step: int) -> None:
@@ -94,7 +97,7 @@ class FirstBad:
 
     def poll(self, i: int, final: bool = False) -> torch.Tensor | None:
         """The flag's value (a CPU tensor) when it shows a bad step, else None."""
-        if final or self.device.type != "cuda":
+        if final or not self.lazy:
             if not final and (i + 1) % self.every:
                 return None
             v = self.flag.cpu()
@@ -104,17 +107,22 @@ class FirstBad:
             return None
         if self._pending is not None:
             host, event = self._pending
-            if not event.query():
+            if event is not None and not event.query():
                 return None
             self._pending = None
             if bool((host >= 0).any()):
                 return host.clone()
+        self._pending = self._copy_to_host()
+        return None
+
+    def _copy_to_host(self):
+        if self.device.type != "cuda":
+            return self.flag.cpu(), None
         host = torch.empty(self.flag.shape, dtype=torch.int64, pin_memory=True)
         host.copy_(self.flag, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (host, event)
-        return None
+        return host, event
 
     def reset(self, shape: tuple[int, ...] | None = None) -> None:
         self.flag = torch.full(self.flag.shape if shape is None else shape, -1,

@@ -32,6 +32,20 @@ def test_first_bad_keeps_the_first_non_finite_step_per_run():
     assert watch.poll(2, final=True) is None
 
 
+def test_lazy_first_bad_reports_late_but_never_misses():
+    watch = FirstBad(torch.device("cpu"), lazy=True, every=3)
+    seen = []
+    for i in range(12):
+        watch.update(torch.tensor(math.nan if i >= 4 else 1.0), 100 + i)
+        bad = watch.poll(i)
+        seen.append(None if bad is None else int(bad))
+    first = next(i for i, v in enumerate(seen) if v is not None)
+    assert seen[first] == 104 and 4 <= first <= 4 + 2 * 3
+    watch.reset()
+    watch.update(torch.tensor(math.inf), 7)
+    assert watch.poll(0) is None and int(watch.poll(1, final=True)) == 7
+
+
 def test_padded_eval_batch_leaves_real_rows_unchanged():
     torch.manual_seed(0)
     model = build_model("resnet20", 10).eval()
