@@ -85,7 +85,9 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
 def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]:
     """Split `cfgs` into packs (lists of 2..max_k packable runs, in input order) and lone
     runs (lists of one). A study runner trains each list of two or more with `train_packed`
-    and each single one with its usual executor."""
+    and each single one with its usual executor. Packing pays on GPUs, where one small run
+    leaves most of the device idle; on a CPU a grouped convolution costs more per run than K
+    plain ones (docs/speed.md), so runners pack CUDA runs only."""
     groups: dict[tuple, list[RunConfig]] = {}
     for c in cfgs:
         key = tuple(repr(getattr(c, n)) for n in FIELDS if n not in PER_RUN)
