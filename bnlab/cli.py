@@ -213,6 +213,7 @@ def _count(minimum: int):
         return v
     return parse
 
+
 def cmd_bench(args) -> int:
     from bnlab.bench import VARIANTS, BenchArgs, run_all
     from bnlab.errors import unknown

@@ -44,8 +44,8 @@ from bnlab.train import (
     train_run,
 )
 
-PER_RUN = ("seed", "init", "lr", "momentum", "weight_decay", "decay_norm_and_bias", "schedule",
-           "warmup_epochs")
+PER_RUN = ("seed", "init", "init_options", "lr", "momentum", "weight_decay",
+           "decay_norm_and_bias", "schedule", "warmup_epochs")
 # fields that may be anything as long as it is the same for every run of the pack
 SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment", "model",
           "norm", "norm_options", "placement", "first_k", "batch_size", "epochs",
@@ -79,6 +79,31 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
         return f"norm {first.norm!r} is not packable (packable: {', '.join(NORMS)})"
     if first.model == "mlp3x100" and first.placement != "post_conv":
         return "mlp3x100 supports placement post_conv only"
+    return _structure_reason(cfgs)
+
+
+def _structure_reason(cfgs: list[RunConfig]) -> str | None:
+    """Build each distinct init's model (RNG state kept) and look for layers without a packed
+    form (norm variants of other classes, Fixup/SkipInit scalars, ...)."""
+    from bnlab.models import build_model
+
+    seen = set()
+    for c in cfgs:
+        key = (c.init, repr(c.init_options))
+        if key in seen:
+            continue
+        seen.add(key)
+        channels, size = (1, 28) if c.model.startswith("mlp") else (3, 32)
+        with torch.random.fork_rng(devices=[]):
+            try:
+                model = build_model(c.model, 10, norm=c.norm, init=c.init, in_channels=channels,
+                                    image_size=size, placement=c.placement, first_k=c.first_k,
+                                    norm_options=c.norm_options, init_options=c.init_options)
+                check_packable(model)
+            except NotPackable as e:
+                return f"{e} (init {c.init!r}, norm {c.norm!r})"
+            except UserError as e:
+                return str(e)
     return None
 
 
