@@ -6,6 +6,9 @@
 # $1: the CIFAR-10 JPEG tarball (ImageNet folder layout), copied into an ignored folder of the
 # tree. Prints every figure and writes them under $OUT (default .gpu/out). Each step has its
 # own time box, so the whole script ends within about 8 minutes even when a step hangs.
+# For a dry run of the same code paths on a CPU (tiny sizes):
+#   DEVICE=cpu STEPS=2 K=2 EPOCHS=1 LIMIT=256 COMPILE=false VARIANTS128=textbook,eager,packed \
+#   VARIANTS512=textbook PYTHONPATH=. bash benchmarks/gpu_check.sh ../shared/data/cifar10-jpg.tar.gz
 set -u
 DATA=${1:?usage: PYTHONPATH=. bash benchmarks/gpu_check.sh PATH/TO/cifar10-jpg.tar.gz}
 [ -f "$DATA" ] || { echo "gpu_check: $DATA is not a file" >&2; exit 2; }
@@ -14,16 +17,24 @@ mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 export BNLAB_CACHE=${BNLAB_CACHE:-$PWD/.gpu/cache}
 PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-100}
+K=${K:-16}
+EPOCHS=${EPOCHS:-30}
+LIMIT=${LIMIT:-0}
+COMPILE=${COMPILE:-true}
+VARIANTS128=${VARIANTS128:-textbook,eager,compiled,packed,packed-compiled}
+VARIANTS512=${VARIANTS512:-textbook,compiled}
 START=$(date +%s)
 say() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/log.txt"; }
 
 say "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 $PY -c "import torch, bnlab; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'gpu', torch.cuda.get_device_name(), 'bnlab', bnlab.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'bnlab', bnlab.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 
 say "1/4 extract and decode CIFAR-10 once (cached in $BNLAB_CACHE)"
-timeout 60 $PY -c "
+timeout 45 $PY -c "
 import time; t = time.time()
 from bnlab.data import load_data
 b = load_data('imagefolder:$DATA')
@@ -31,30 +42,32 @@ print('train', len(b.train), 'test', len(b.test), 'classes', len(b.classes), f'{
 " 2>&1 | tail -3 | tee "$OUT/data.txt"
 
 say "2/4 bnlab bench, batch 128, bf16, packed x16"
-timeout 210 $PY -m bnlab bench --data "imagefolder:$DATA" --device cuda --precision bf16 \
-  --batch-size 128 --steps 100 --k 16 --timeout 110 \
-  --variants textbook,eager,compiled,packed,packed-compiled --out "$OUT/bench_b128.jsonl"
+timeout 190 $PY -m bnlab bench --data "imagefolder:$DATA" --device "$DEVICE" --precision bf16 \
+  --batch-size 128 --steps "$STEPS" --k "$K" --timeout 100 \
+  --variants "$VARIANTS128" --out "$OUT/bench_b128.jsonl"
 
 say "3/4 bnlab bench, batch 512, bf16"
-timeout 80 $PY -m bnlab bench --data "imagefolder:$DATA" --device cuda --precision bf16 \
-  --batch-size 512 --steps 40 --timeout 60 --variants textbook,compiled \
+timeout 95 $PY -m bnlab bench --data "imagefolder:$DATA" --device "$DEVICE" --precision bf16 \
+  --batch-size 512 --steps $(( (STEPS + 1) / 2 )) --timeout 85 --variants "$VARIANTS512" \
   --out "$OUT/bench_b512.jsonl"
 
-say "4/4 seed study, CIFAR-10 part, 30 epochs (BN vs none x 3 seeds, batch 128)"
+say "4/4 seed study, CIFAR-10 part, $EPOCHS epochs (BN vs none x 3 seeds, batch 128)"
 T0=$(date +%s)
 if $PY -c "import bnlab.study" 2>/dev/null && [ -f bnlab/studies/seed.toml ]; then
-  timeout 170 $PY -m bnlab study run seed --only dataset=cifar10 \
-    --data-map "cifar10=imagefolder:$DATA" --set epochs=30 --set precision=bf16 \
-    --set compile=true --device cuda --out "$OUT/seed-study" 2>&1 | tail -20
+  timeout 160 $PY -m bnlab study run seed --only dataset=cifar10 \
+    --data-map "cifar10=imagefolder:$DATA" --set "epochs=$EPOCHS" --set precision=bf16 \
+    --set "compile=$COMPILE" --set "limit_train=$LIMIT" --device "$DEVICE" \
+    --out "$OUT/seed-study" 2>&1 | tail -20
   STUDY_OUT="$OUT/seed-study"
 else
   # no study runner in this tree: the same six runs, packed by norm (3 seeds each)
-  timeout 170 $PY -c "
+  timeout 160 $PY -c "
 import dataclasses, statistics, time
 from bnlab.config import RunConfig
 from bnlab.packed import train_packed
-base = RunConfig(dataset='imagefolder:$DATA', model='resnet20', batch_size=128, epochs=30,
-                 precision='bf16', compile=True, device='cuda')
+base = RunConfig(dataset='imagefolder:$DATA', model='resnet20', batch_size=128, epochs=$EPOCHS,
+                 precision='bf16', compile='$COMPILE' == 'true', device='$DEVICE',
+                 limit_train=$LIMIT)
 for norm in ('bn', 'none'):
     t = time.time()
     cfgs = [dataclasses.replace(base, norm=norm, seed=s) for s in range(3)]
