@@ -256,7 +256,7 @@ def cmd_study(args) -> int:
                             specs.parse_data_map(args.data_map))
         specs.preflight(plan)
         out = args.out or str(study.DEFAULT_ROOT / sp.name)
-        counts = study.run_study(plan, out, jobs=args.jobs)
+        counts = study.run_study(plan, out, jobs=args.jobs, pack=not args.no_pack)
         print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
               + f" -> {out} (next: bnlab study report {out})")
         return 1 if counts.get("failed") else 0
@@ -342,6 +342,9 @@ def build_parser() -> Parser:
     sr.add_argument("spec", metavar="SPEC", help="built-in study name or a .toml spec file")
     sr.add_argument("--out", metavar="DIR", default=None,
                     help="output folder (default: studies-out/<name>)")
+    sr.add_argument("--no-pack", action="store_true",
+                    help="train every run alone (by default CUDA runs that differ only in "
+                         "seed, lr, ... train packed into one network)")
     sr.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="runs trained at once, each in its own process (one GPU each when "
                     "several exist)")

@@ -329,8 +329,13 @@ def run_one_crashed(store: Store, cfg: RunConfig, exitcode: int | None, log) -> 
             f"worker process died with exit code {exitcode}"), log)
 
 
-def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None) -> dict:
-    """Run every run of `plan` into `out`; return {status: count} over the plan's runs."""
+def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
+              pack: bool = True) -> dict:
+    """Run every run of `plan` into `out`; return {status: count} over the plan's runs.
+
+    With `pack`, CUDA runs that differ only in what bnlab.packed can vary (seed, lr, ...) train
+    together as one packed network first; the rest go to the executor one by one.
+    """
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     store = Store(out)
@@ -353,6 +358,8 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
         return _run_parallel(plan, store, progress, jobs, wait, retry_failed, runs)
 
     with progress:
+        if pack:
+            todo = _run_packed(store, progress, todo)
         busy = execute(False, True, todo)
         if busy:  # held by another runner: wait for it, and take over if it dies
             progress.log(f"{len(busy)} runs are being trained by another process; waiting")
@@ -361,6 +368,37 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     if plan.spec.analysis.get("compare") and set(counts) <= {*FINAL, "failed"}:
         compare_selected(store, plan, progress.log)
     return counts
+
+
+def _run_packed(store: Store, progress: Progress, todo: list) -> list:
+    """Train the packable CUDA runs of `todo` in packs of up to 16; return the runs left.
+
+    Packing pays on GPUs only (on the CPU a grouped network costs more per model-image, see
+    docs/speed.md), so CPU runs are never packed. A pack takes every member's lock without
+    waiting; if another runner holds one of them, the group is left to the usual path.
+    """
+    from contextlib import ExitStack
+
+    from bnlab.packed import pack_groups, train_packed
+    from bnlab.train import resolve_device
+
+    cuda = [r for r in todo if r.cfg.device != "cpu" and resolve_device(r.cfg.device).type
+            == "cuda"]
+    done: set[str] = set()
+    for group in pack_groups([r.cfg for r in cuda], max_k=16):
+        if len(group) < 2:
+            continue
+        with ExitStack() as stack:
+            held = [stack.enter_context(store.lock(c.run_id(), wait=False)) for c in group]
+            if not all(held):
+                continue
+            for c in group:
+                s = store.run(c.run_id()).summary or {}
+                store.record_attempt(c.run_id(), int(s.get("epochs_done") or 0))
+            for summary in train_packed(group, store.root, resume=True, log=progress.log):
+                progress.finished(summary)
+        done |= {c.run_id() for c in group}
+    return [r for r in todo if r.run_id not in done]
 
 
 def compare_selected(store: Store, plan: Plan, log) -> None:
