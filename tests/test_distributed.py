@@ -1,0 +1,175 @@
+"""Data-parallel training on the CPU: 2 gloo processes under torchrun against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnlab.train as train_mod
+from bnlab.data.loader import make_loader
+from bnlab.data.synthetic import make_synthetic
+from bnlab.distributed import DistEnv, detect, launch_command
+from bnlab.errors import UserError
+from bnlab.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_common import BN_CFG, GROUP_CFG, SHARD_BATCH, bundle_for, patch_group  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# float32 sums in another order (two half-batch means averaged by DDP vs one mean) over 6 SGD
+# steps: observed differences are ~1e-7; anything above 1e-4 would be a real mismatch
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_group_norm_ddp_matches_single_process(ddp_out, tmp_path, one_thread):
+    with patch_group():
+        train_mod.train_run(GROUP_CFG, tmp_path, bundle=bundle_for(GROUP_CFG), log=print)
+    rid = GROUP_CFG.run_id()
+    single, ddp = tmp_path / rid, ddp_out / "group" / rid
+    assert not any("running_mean" in k for k in _weights(ddp))  # GroupNorm: no batch statistics
+    for a, b in zip(_rows(single), _rows(ddp), strict=True):
+        for key in ("train_loss", "test_loss"):
+            assert a[key] == pytest.approx(b[key], rel=TOL, abs=TOL), key
+        for key in ("train_acc", "test_acc", "test_acc5"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    wa, wb = _weights(single), _weights(ddp)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    print(f"largest weight difference DDP vs one process: {worst:.2e}")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=TOL, atol=TOL, msg=k)
+    cfg = json.loads((ddp / "config.json").read_text())["distributed"]
+    assert cfg == {"world_size": 2, "backend": "gloo", "global_batch": 16,
+                   "per_device_batch": 8, "sync_bn": False, "norm_batch": 8}
+
+
+def test_bn_statistics_come_from_each_shard(ddp_out):
+    bundle = make_synthetic(n_train=64, n_test=16, size=16)
+    loader = make_loader(bundle, True, SHARD_BATCH, torch.device("cpu"), True, 0, 0)
+    x_global, y_global = next(iter(loader.epoch(1)))
+    torch.manual_seed(0)
+    conv1 = build_model("resnet20", bundle.num_classes, norm="bn", image_size=16).conv1.double()
+    shards = [torch.load(ddp_out / f"shard{r}.pt", weights_only=True) for r in (0, 1)]
+    # the two shards are the halves of the single-process global batch, in order
+    torch.testing.assert_close(torch.cat([s["x"] for s in shards]), x_global)
+    assert torch.equal(torch.cat([s["y"] for s in shards]), y_global)
+    with torch.no_grad():
+        full = conv1(x_global.double())
+    for r, s in enumerate(shards):
+        with torch.no_grad():
+            h = conv1(s["x"].double())
+        # from running_mean = 0: one momentum-0.1 update with this shard's batch statistics
+        mean = 0.1 * h.mean((0, 2, 3))
+        var = 0.9 + 0.1 * h.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(s["running_mean"].double(), mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s["running_var"].double(), var, rtol=1e-4, atol=1e-6)
+        # ... and not the statistics of the whole global batch
+        assert (s["running_mean"].double() - 0.1 * full.mean((0, 2, 3))).abs().max() > 1e-3
+
+
+def test_ddp_resume_matches_uninterrupted(ddp_out):
+    rid = BN_CFG.run_id()
+    interrupted = json.loads((ddp_out / "interrupted.json").read_text())
+    assert interrupted == {"status": "failed", "checkpoint_epoch": 1}
+    ref, resumed = ddp_out / "ref" / rid, ddp_out / "resumed" / rid
+    assert json.loads((resumed / "summary.json").read_text())["status"] in (
+        "completed", "no_learning")
+    ra, rb = _rows(ref), _rows(resumed)
+    assert [r["epoch"] for r in rb] == [1, 2]
+    for a, b in zip(ra, rb, strict=True):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_acc5"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    wa, wb = _weights(ref), _weights(resumed)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_only_rank_zero_wrote(ddp_out):
+    # one run folder per configuration, no stray files from rank 1
+    assert sorted(p.name for p in (ddp_out / "ref").iterdir() if p.is_dir()) == [
+        BN_CFG.run_id()]
+
+
+def test_detect_reads_torchrun_environment():
+    assert detect({}) == DistEnv()
+    assert not detect({}).enabled
+    e = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (e.rank, e.world_size, e.local_rank, e.enabled, e.is_main) == (3, 4, 1, True, False)
+    with pytest.raises(UserError, match="WORLD_SIZE"):
+        detect({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(UserError, match="integers"):
+        detect({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_launch_command_runs_bnlab_train_under_torchrun():
+    cmd = launch_command(2, ["--epochs", "1"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                       "-m", "bnlab", "train", "--epochs", "1"]
+
+
+def test_sync_bn_on_cpu_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bnlab", "train", "--dataset", "synthetic",
+                        "--device", "cpu", "--sync-bn", "--out", str(tmp_path)],
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "sync_bn needs CUDA" in r.stderr
+
+
+def test_peak_lr_linear_scaling():
+    cfg = BN_CFG.__class__(lr=0.1, batch_size=1024, lr_scaling="linear")
+    assert train_mod.peak_lr(cfg) == pytest.approx(0.4)
+    assert train_mod.peak_lr(BN_CFG) == BN_CFG.lr
+
+
+def test_top5_counts_label_among_five_largest_logits():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    logits = torch.tensor([[9., 8, 7, 6, 5, 4, 0], [0., 1, 2, 3, 4, 5, 6], [1., 0, 0, 0, 0, 0, 0]])
+    y = torch.tensor([4, 0, 0])
+
+    class Loader:
+        def epoch(self, e):
+            yield logits, y
+
+    m = train_mod.evaluate_topk(Fixed(), Loader(), torch.device("cpu"))
+    # row 0: label 4 is 5th largest (top-5 hit, top-1 miss); row 1: label 0 is smallest; row 2 hit
+    assert m["acc"] == pytest.approx(1 / 3) and m["acc5"] == pytest.approx(2 / 3)
+    assert m["loss"] == pytest.approx(F.cross_entropy(logits, y).item())
