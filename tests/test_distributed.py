@@ -90,7 +90,7 @@ def test_bn_statistics_come_from_each_shard(ddp_out):
     assert torch.equal(torch.cat([s["y"] for s in shards]), y_global)
     with torch.no_grad():
         full = conv1(x_global.double())
-    for r, s in enumerate(shards):
+    for s in shards:
         with torch.no_grad():
             h = conv1(s["x"].double())
         # from running_mean = 0: one momentum-0.1 update with this shard's batch statistics
