@@ -164,13 +164,29 @@ class SlurmExecutor:
             jobs = [ex.submit(task, c.to_dict(), out_s) for c in todo]
         return jobs
 
+    def run(self, cfgs: Sequence[RunConfig], out: str | Path,
+            log: Callable[[str], None] = print) -> list[dict]:
+        """Submit and wait. On SLURM the whole array at once (the scheduler throttles it with
+        `parallel`); on this node (cluster 'local') `parallel` runs at a time, default 1, since
+        every run may take all the GPUs."""
+        if self.cluster == "slurm":
+            jobs = self.submit(cfgs, out)
+            log(f"submitted {len(jobs)} runs as job array "
+                f"{jobs[0].job_id.split('_')[0] if jobs else '-'}; logs in {self.folder}")
+            return self.wait(jobs, log)
+        todo, results, wave = self.pending(cfgs, out), [], max(1, self.options.parallel)
+        for i in range(0, len(todo), wave):
+            results += self.wait(self.submit(todo[i:i + wave], out), log)
+        return results
+
     @staticmethod
     def wait(jobs: list, log: Callable[[str], None] = print) -> list[dict]:
-        """Each job's summary; a job that died without one gives status `failed`."""
+        """Each job's summary (rank 0's for a data-parallel run); a job that died without one
+        gives status `failed`."""
         results = []
         for job in jobs:
             try:
-                results.append(job.result())
+                results.append(job.results()[0])
             except Exception as e:  # noqa: BLE001 - a lost job must not hide the others
                 log(f"job {job.job_id} failed: {' '.join(str(e).split())[:300]}")
                 results.append({"job_id": job.job_id, "status": "failed", "error": str(e)})

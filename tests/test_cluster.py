@@ -86,3 +86,17 @@ def test_slurm_parameters():
         SlurmExecutor("/tmp/x", cluster="local", run_one="bnlab.nothing:run_one")
     with pytest.raises(UserError, match="cluster"):
         SlurmExecutor("/tmp/x", cluster="pbs", run_one="bnlab.train:train_run")
+
+
+@pytest.mark.slow
+def test_data_parallel_run_as_two_tasks(tmp_path, job_path):
+    """gpus_per_run=2 on the CPU: two submitit tasks form a gloo group and train one run."""
+    out = tmp_path / "study"
+    cfg = _cfgs()[0]
+    ex = SlurmExecutor(tmp_path / "jobs", SlurmOptions(gpus_per_run=2, cpus_per_gpu=1, time=10),
+                       cluster="local", run_one=HELPER)
+    results = ex.run([cfg], out)
+    assert [r["run_id"] for r in results] == [cfg.run_id()]
+    assert results[0]["status"] in ("completed", "no_learning"), results
+    d = json.loads((out / cfg.run_id() / "config.json").read_text())["distributed"]
+    assert d["world_size"] == 2 and d["per_device_batch"] == cfg.batch_size // 2
