@@ -191,3 +191,60 @@ class SlurmExecutor:
                 log(f"job {job.job_id} failed: {' '.join(str(e).split())[:300]}")
                 results.append({"job_id": job.job_id, "status": "failed", "error": str(e)})
         return results
+
+
+# -- `bnlab study run --executor slurm|node` ---------------------------------------------------
+EXECUTORS = {"local": "this machine's processes (bnlab.study; default)",
+             "slurm": "a SLURM job array through submitit",
+             "node": "this machine through submitit, one (data-parallel) run at a time"}
+
+
+def add_flags(p) -> None:
+    """The executor options of `bnlab study run` (argparse parser or group)."""
+    g = p.add_argument_group("cluster execution (--executor slurm or node)")
+    g.add_argument("--executor", choices=tuple(EXECUTORS), default="local",
+                   help="; ".join(f"{k}: {v}" for k, v in EXECUTORS.items()))
+    d = SlurmOptions()
+    g.add_argument("--partition", default=d.partition, help="SLURM partition")
+    g.add_argument("--account", default=d.account, help="SLURM account")
+    g.add_argument("--gpus-per-run", type=int, default=d.gpus_per_run, metavar="N",
+                   help="GPUs of one run (N > 1: data-parallel, one task per GPU on one node)")
+    g.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu, metavar="N",
+                   help="CPU cores per GPU (DataLoader workers)")
+    g.add_argument("--time", type=int, default=d.time, metavar="MINUTES",
+                   help="time limit of one job; a run cut off is requeued and resumes")
+    g.add_argument("--mem", type=int, default=d.mem_gb, metavar="GB",
+                   help="memory per node (0 = the partition's default)")
+    g.add_argument("--parallel", type=int, default=d.parallel, metavar="N",
+                   help="runs at a time (0: no limit on SLURM, 1 with --executor node)")
+
+
+def options_from(args) -> SlurmOptions:
+    return SlurmOptions(partition=args.partition, gpus_per_run=args.gpus_per_run,
+                        cpus_per_gpu=args.cpus_per_gpu, time=args.time, mem_gb=args.mem,
+                        parallel=args.parallel, account=args.account).validate()
+
+
+def run_study(plan, out: str | Path, executor: str, options: SlurmOptions,
+              log: Callable[[str], None] = print) -> dict[str, int]:
+    """Run a study's plan (bnlab/spec.py) with the SLURM or node executor; {status: count}."""
+    from bnlab.store import Store
+
+    store = Store(out)
+    old = store.read_meta("study.json")
+    if old is not None and old.get("name") != plan.spec.name:
+        raise UserError(f"{str(store.root)!r} holds the results of study {old.get('name')!r}, "
+                        f"not {plan.spec.name!r}: pass another --out")
+    store.write_meta("study.json", plan.study_json())
+    ex = SlurmExecutor(store.root / "slurm", options,
+                       cluster="slurm" if executor == "slurm" else "local")
+    cfgs = [r.cfg for r in plan.runs]
+    todo = ex.pending(cfgs, store.root)
+    log(f"study {plan.spec.name}: {len(cfgs)} runs, {len(cfgs) - len(todo)} already finished, "
+        f"{len(todo)} to run with --executor {executor} -> {store.root}")
+    ex.run(todo, store.root, log)
+    counts: dict[str, int] = {}
+    for c in cfgs:
+        s = (store.run(c.run_id()).summary or {}).get("status", "missing")
+        counts[s] = counts.get(s, 0) + 1
+    return counts

@@ -55,6 +55,10 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
         from bnlab.data.synthetic import make_synthetic
 
         bundle = make_synthetic()
+    elif name in ("imagenet", "imagenette"):
+        # the names built-in studies use; the data itself is the user's copy
+        raise UserError(f"dataset {name!r} is read from your copy: use imagefolder:PATH (in a "
+                        f"study: --data-map {name}=imagefolder:PATH)")
     else:
         raise unknown("dataset", name, DATASETS)
     bundle.train = _limit(bundle.train, limit_train)
