@@ -67,3 +67,30 @@ def test_batch_not_divisible_by_processes_is_refused():
     with pytest.raises(UserError, match="not divisible by the 3 processes"):
         ctx.check_batch(128)
     ctx.check_batch(129)
+
+
+@pytest.mark.parametrize("arch,blocks,m", [("resnet18", 8, 2), ("resnet50", 16, 3)])
+def test_fixup_torchvision_scales_and_zeroes(arch, blocks, m):
+    from bnlab.models import build_model
+    from bnlab.models.imagenet import FixupBlock, fixup_torchvision
+
+    torch.manual_seed(0)
+    ref = build_model(arch, 10, norm="none")
+    torch.manual_seed(0)
+    model = fixup_torchvision(build_model(arch, 10, norm="none"))
+    fixed = [b for b in model.modules() if isinstance(b, FixupBlock)]
+    assert len(fixed) == blocks and all(b.depth == m for b in fixed)
+    factor = blocks ** (-1.0 / (2 * m - 2))  # 8^(-1/2) for ResNet-18, 16^(-1/4) for ResNet-50
+    ref_p, got_p = dict(ref.named_parameters()), dict(model.named_parameters())
+    for name, p in got_p.items():
+        last = f"conv{m}.weight"
+        if name.endswith(last) and "layer" in name:
+            assert torch.count_nonzero(p) == 0, name
+        elif "layer" in name and ".conv" in name and name.endswith("weight"):
+            torch.testing.assert_close(p, ref_p[name] * factor, msg=name)
+    assert torch.count_nonzero(model.classifier.weight) == 0
+    # at initialization every block is relu(shortcut(x)): its branch contributes nothing
+    x = torch.randn(2, 64 if m == 2 else 256, 8, 8)
+    with torch.no_grad():
+        b = model.net.layer1[1]
+        torch.testing.assert_close(b(x), torch.relu(x))
