@@ -17,11 +17,18 @@ batch: the union of the shards is the single-process batch, and a ghost-batch no
 size divides B / N sees the same ghost batches as on one device. Streamed data uses a
 DistributedSampler seeded with (seed, epoch).
 
+Running statistics. Each process updates its norms' running statistics from its own shard;
+after every optimizer step the floating-point buffers are averaged over the processes (DDP's
+default would instead copy rank 0's at the next forward, discarding the other shards). Since
+every process starts the step from the same buffers and the update is linear (running <- (1 -
+f) running + f batch_stat), the average equals one update with the mean of the shard statistics.
+So BN without sync_bn on N processes is exactly ghost BN with virtual batch B / N on one device,
+running statistics included, and a ghost norm under DDP matches its single-device run.
+
 Evaluation runs on every process over a contiguous 1/N of the test set (no padding, so no image
 counts twice); the sums of loss, top-1 and top-5 hits are all-reduced, so the result is the
-single-process one up to summation order while taking 1/N of the time. Before it, rank 0's
-buffers (BN running statistics, which every process updates from its own shard) are broadcast,
-so the evaluated model is exactly the one rank 0 checkpoints.
+single-process one up to summation order while taking 1/N of the time. All processes hold the
+same buffers, so the evaluated model is exactly the one rank 0 checkpoints.
 
 Only rank 0 logs and writes the store; the other processes get the resume state from rank 0
 through a broadcast, so multi-node runs need no shared file system for the run folder.
@@ -142,11 +149,24 @@ class Context:
     def _object_device(self) -> torch.device | None:
         return self.device if self.backend == "nccl" else None
 
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Copy rank 0's buffers (BN running statistics) to every process."""
-        if self.env.enabled:
-            for b in model.buffers():
-                tdist.broadcast(b, src=0)
+    def average_buffers(self, model: nn.Module) -> None:
+        """Replace every floating-point buffer (running statistics) by its mean over the
+        processes, in one all-reduce per dtype. Integer buffers (num_batches_tracked) are equal
+        on every process already."""
+        if not self.env.enabled or self.env.world_size == 1:
+            return
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in model.buffers():
+            if b.is_floating_point():
+                groups.setdefault(b.dtype, []).append(b)
+        for bufs in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+            flat /= self.env.world_size
+            offset = 0
+            for b in bufs:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     def barrier(self) -> None:
         if self.env.enabled:
@@ -162,7 +182,9 @@ class Context:
         if not self.env.enabled:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # buffers are averaged after each step (average_buffers) instead of copied from rank 0
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   broadcast_buffers=False)
 
     def check_batch(self, batch_size: int) -> None:
         n = self.env.world_size

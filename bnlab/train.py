@@ -304,6 +304,7 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            ctx.average_buffers(model)  # running statistics over all shards (distributed.py)
             detached = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached),
                                     torch.full_like(first_bad, step), first_bad)
@@ -327,7 +328,6 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
         seen_t = torch.tensor(float(seen), dtype=torch.float64, device=device)
         ctx.sum_(loss_sum, correct, seen_t)  # over the global batch
         seen = int(seen_t)
-        ctx.sync_buffers(model)
         ev = evaluate_topk(model, test_loader, device, cfg.precision, ctx)
         test_loss, test_acc = ev["loss"], ev["acc"]
         epoch_time = time.perf_counter() - t0

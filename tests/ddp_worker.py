@@ -32,9 +32,16 @@ def shard_statistics(out: Path, ctx: Context) -> None:
     loader = ctx.train_loader(make_loader(bundle, True, SHARD_BATCH, ctx.device, True, 0, 0),
                               bundle, SHARD_BATCH, 0, 0, torch.contiguous_format)
     x, y = next(iter(loader.epoch(1)))
+    seen = {}
+    model.n1.register_forward_hook(lambda mod, inp, outp: seen.setdefault("n1", outp.detach()))
     net(x)
-    torch.save({"x": x, "y": y, "running_mean": model.n1.running_mean.clone(),
-                "running_var": model.n1.running_var.clone()}, out / f"shard{ctx.env.rank}.pt")
+    own = {"running_mean": model.n1.running_mean.clone(),
+           "running_var": model.n1.running_var.clone()}
+    ctx.average_buffers(model)
+    torch.save({"x": x, "y": y, "n1_out": seen["n1"], "own": own,
+                "averaged": {"running_mean": model.n1.running_mean.clone(),
+                             "running_var": model.n1.running_var.clone()}},
+               out / f"shard{ctx.env.rank}.pt")
 
 
 def main() -> None:

@@ -90,16 +90,26 @@ def test_bn_statistics_come_from_each_shard(ddp_out):
     assert torch.equal(torch.cat([s["y"] for s in shards]), y_global)
     with torch.no_grad():
         full = conv1(x_global.double())
+        hs = [conv1(s["x"].double()) for s in shards]
+    for s, h in zip(shards, hs):
+        # the forward normalized with this shard's mean and biased variance (gamma 1, beta 0)
+        ref = (h - h.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+            h.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(s["n1_out"].double(), ref, rtol=1e-4, atol=1e-4)
+        # from running_mean = 0, var = 1: one momentum-0.1 update with this shard's statistics
+        mean, var = 0.1 * h.mean((0, 2, 3)), 0.9 + 0.1 * h.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(s["own"]["running_mean"].double(), mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s["own"]["running_var"].double(), var, rtol=1e-4, atol=1e-6)
+        # ... not the statistics of the whole global batch
+        assert (s["own"]["running_mean"].double() - 0.1 * full.mean((0, 2, 3))).abs().max() > 1e-3
+    # after the step every process holds the mean of the two shard updates
+    mean = 0.1 * sum(h.mean((0, 2, 3)) for h in hs) / 2
+    var = 0.9 + 0.1 * sum(h.var((0, 2, 3), unbiased=True) for h in hs) / 2
     for s in shards:
-        with torch.no_grad():
-            h = conv1(s["x"].double())
-        # from running_mean = 0: one momentum-0.1 update with this shard's batch statistics
-        mean = 0.1 * h.mean((0, 2, 3))
-        var = 0.9 + 0.1 * h.var((0, 2, 3), unbiased=True)
-        torch.testing.assert_close(s["running_mean"].double(), mean, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(s["running_var"].double(), var, rtol=1e-4, atol=1e-6)
-        # ... and not the statistics of the whole global batch
-        assert (s["running_mean"].double() - 0.1 * full.mean((0, 2, 3))).abs().max() > 1e-3
+        torch.testing.assert_close(s["averaged"]["running_mean"].double(), mean, rtol=1e-4,
+                                   atol=1e-6)
+        torch.testing.assert_close(s["averaged"]["running_var"].double(), var, rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_ddp_resume_matches_uninterrupted(ddp_out):
