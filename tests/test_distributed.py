@@ -183,3 +183,18 @@ def test_top5_counts_label_among_five_largest_logits():
     # row 0: label 4 is 5th largest (top-5 hit, top-1 miss); row 1: label 0 is smallest; row 2 hit
     assert m["acc"] == pytest.approx(1 / 3) and m["acc5"] == pytest.approx(2 / 3)
     assert m["loss"] == pytest.approx(F.cross_entropy(logits, y).item())
+
+
+@pytest.mark.slow
+def test_nproc_shortcut_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bnlab", "train", "--nproc", "2", "--device", "cpu",
+                        "--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32",
+                        "--batch-size", "16", "--epochs", "1", "--workers", "0",
+                        "--out", str(tmp_path)],
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # rank 0 alone prints: one epoch line and one final line
+    assert r.stdout.count("epoch 1/1") == 1 and r.stdout.count("test acc") == 1, r.stdout
+    (cfg,) = tmp_path.glob("*/config.json")
+    assert json.loads(cfg.read_text())["distributed"]["world_size"] == 2
