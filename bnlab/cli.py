@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
 
     cfg = load(args.config, run_overrides(args))
     if args.nproc:
-        return launch(args.nproc, _train_argv(args))
+        return launch(args.nproc, _train_argv(args), cfg)
     summary = train_run(cfg, args.out, resume=args.resume)
     if not detect().is_main:
         return 0

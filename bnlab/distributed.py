@@ -309,12 +309,15 @@ def launch_command(nproc: int, argv: list[str]) -> list[str]:
             f"--nproc-per-node={nproc}", "-m", "bnlab", "train", *argv]
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `bnlab train argv` under torchrun on this node and return its exit code."""
+def launch(nproc: int, argv: list[str], cfg=None) -> int:
+    """Run `bnlab train argv` under torchrun on this node and return its exit code. `cfg` (the
+    parsed RunConfig) lets a mistake be reported once here instead of by every process."""
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if detect().launched:
         raise UserError("--nproc starts torchrun itself; inside torchrun leave it out")
+    if cfg is not None and cfg.sync_bn and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        check_sync_bn(torch.device("cpu"))
     import subprocess
 
     return subprocess.run(launch_command(nproc, argv)).returncode

@@ -161,6 +161,12 @@ def test_sync_bn_on_cpu_is_one_line_error(tmp_path):
     assert r.stderr.count("\n") == 1 and "sync_bn needs CUDA" in r.stderr
 
 
+def test_sync_bn_on_cpu_is_refused_before_launching():
+    from bnlab.cli import main
+
+    assert main(["train", "--nproc", "2", "--device", "cpu", "--sync-bn"]) == 2
+
+
 def test_peak_lr_linear_scaling():
     cfg = BN_CFG.__class__(lr=0.1, batch_size=1024, lr_scaling="linear")
     assert train_mod.peak_lr(cfg) == pytest.approx(0.4)
