@@ -170,40 +170,51 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
     Under torchrun (WORLD_SIZE > 1) every process calls this; see bnlab.distributed.
     """
     with session(resolve_device(cfg.device)) as ctx:
-        # rank 0 alone looks at the store and tells the others what it found
-        store = run = verdict = None
-        if ctx.is_main:
-            store = Store(out)
-            run = store.run(cfg.run_id())
-            verdict = _existing(cfg, store, run, resume, ctx)
-        verdict = ctx.from_main(verdict)
-        if isinstance(verdict, str):
-            raise UserError(verdict)
-        if verdict is not None:
-            return verdict
-        if cfg.sync_bn:
-            check_sync_bn(ctx.device)
-        ctx.check_batch(cfg.batch_size)
-        if bundle is None:
-            bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
-                               cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size)
-        torch.manual_seed(cfg.seed)
-        model = build_for(cfg, bundle)
-        try:
-            return _train(cfg, store, run, model, bundle, ctx.device, ctx.log(log), ctx)
-        except KeyboardInterrupt:
-            raise
-        except UserError:
-            raise
-        except Exception as e:
-            if ctx.is_main:
-                summary = dict(run.summary or {}, status="failed",
-                               error=f"{type(e).__name__}: {e}")
-                run.path.mkdir(parents=True, exist_ok=True)
-                (run.path / "error.txt").write_text(traceback.format_exc())
-                run.write_json("summary.json", summary)
-                store.record(run)
-            raise
+        return _run(cfg, out, resume, log, bundle, ctx)
+
+
+def _run(cfg: RunConfig, out: str | Path, resume: bool, log: Callable[[str], None],
+         bundle: DataBundle | None, ctx: Context) -> dict:
+    store, run, done = _open(cfg, out, resume, ctx)  # store and run: rank 0 only
+    if done is not None:
+        return done
+    device = ctx.device
+    if cfg.sync_bn:
+        check_sync_bn(device)
+    ctx.check_batch(cfg.batch_size)
+    if bundle is None:
+        bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.limit_train,
+                           cfg.limit_test, cfg.augment, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    model = build_for(cfg, bundle)
+    try:
+        return _train(cfg, store, run, model, bundle, device, ctx.log(log), ctx)
+    except KeyboardInterrupt:
+        raise
+    except UserError:
+        raise
+    except Exception as e:
+        if run is not None:
+            summary = dict(run.summary or {}, status="failed", error=f"{type(e).__name__}: {e}")
+            run.path.mkdir(parents=True, exist_ok=True)
+            (run.path / "error.txt").write_text(traceback.format_exc())
+            run.write_json("summary.json", summary)
+            store.record(run)
+        raise
+
+
+def _open(cfg: RunConfig, out: str | Path, resume: bool, ctx: Context):
+    """(store, run, summary to return at once or None); rank 0 looks at the store alone and
+    tells the other processes what it found."""
+    store = run = verdict = None
+    if ctx.is_main:
+        store = Store(out)
+        run = store.run(cfg.run_id())
+        verdict = _existing(cfg, store, run, resume, ctx)
+    verdict = ctx.from_main(verdict)
+    if isinstance(verdict, str):
+        raise UserError(verdict)
+    return store, run, verdict
 
 
 def _existing(cfg: RunConfig, store: Store, run: RunDir, resume: bool,
