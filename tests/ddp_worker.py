@@ -20,7 +20,7 @@ from bnlab.distributed import Context, detect
 from bnlab.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddp_common import BN_CFG, GROUP_CFG, SHARD_BATCH, bundle_for, patch_group  # noqa: E402
+from ddp_common import BN_CFG, GHOST_CFG, GROUP_CFG, SHARD_BATCH, bundle_for  # noqa: E402
 
 
 def shard_statistics(out: Path, ctx: Context) -> None:
@@ -51,9 +51,10 @@ def main() -> None:
     ctx = Context(env, torch.device("cpu"))
     shard_statistics(out, ctx)
 
-    # group norm (per-sample): must match the single-process run that the test trains itself
-    with patch_group():
-        train_mod.train_run(GROUP_CFG, out / "group", bundle=bundle_for(GROUP_CFG), log=print)
+    # group norm (per sample) and ghost norm (per virtual batch): must match the single-process
+    # runs that the test trains itself
+    for cfg in (GROUP_CFG, GHOST_CFG):
+        train_mod.train_run(cfg, out / cfg.norm, bundle=bundle_for(cfg))
 
     # resume: an uninterrupted run, and one that crashes in epoch 2's evaluation on every
     # process and is then resumed from its epoch-1 checkpoint

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_common import BN_AS_GHOST_CFG, BN_CFG, GHOST_CFG, GROUP_CFG, SHARD_BATCH, bundle_for
 
 import bnlab.train as train_mod
 from bnlab.data.loader import make_loader
@@ -18,9 +19,6 @@ from bnlab.data.synthetic import make_synthetic
 from bnlab.distributed import DistEnv, detect, launch_command
 from bnlab.errors import UserError
 from bnlab.models import build_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddp_common import BN_CFG, GROUP_CFG, SHARD_BATCH, bundle_for, patch_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # float32 sums in another order (two half-batch means averaged by DDP vs one mean) over 6 SGD
@@ -56,12 +54,13 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_group_norm_ddp_matches_single_process(ddp_out, tmp_path, one_thread):
-    with patch_group():
-        train_mod.train_run(GROUP_CFG, tmp_path, bundle=bundle_for(GROUP_CFG), log=print)
-    rid = GROUP_CFG.run_id()
-    single, ddp = tmp_path / rid, ddp_out / "group" / rid
-    assert not any("running_mean" in k for k in _weights(ddp))  # GroupNorm: no batch statistics
+def _single(cfg, out: Path) -> Path:
+    train_mod.train_run(cfg, out, bundle=bundle_for(cfg), log=lambda _m: None)
+    return out / cfg.run_id()
+
+
+def _assert_same_run(single: Path, ddp: Path) -> float:
+    """Metrics and every weight and buffer equal to TOL; returns the largest difference."""
     for a, b in zip(_rows(single), _rows(ddp), strict=True):
         for key in ("train_loss", "test_loss"):
             assert a[key] == pytest.approx(b[key], rel=TOL, abs=TOL), key
@@ -69,13 +68,25 @@ def test_group_norm_ddp_matches_single_process(ddp_out, tmp_path, one_thread):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
     wa, wb = _weights(single), _weights(ddp)
     assert wa.keys() == wb.keys()
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    print(f"largest weight difference DDP vs one process: {worst:.2e}")
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=TOL, atol=TOL, msg=k)
-    cfg = json.loads((ddp / "config.json").read_text())["distributed"]
-    assert cfg == {"world_size": 2, "backend": "gloo", "global_batch": 16,
-                   "per_device_batch": 8, "sync_bn": False, "norm_batch": 8}
+        torch.testing.assert_close(wb[k].double(), wa[k].double(), rtol=TOL, atol=TOL, msg=k)
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+@pytest.mark.parametrize("cfg", [GROUP_CFG, GHOST_CFG], ids=["group", "ghost"])
+def test_ddp_matches_single_process(cfg, ddp_out, tmp_path, one_thread):
+    worst = _assert_same_run(_single(cfg, tmp_path), ddp_out / cfg.norm / cfg.run_id())
+    print(f"{cfg.norm}: largest weight/buffer difference, 2 processes vs 1: {worst:.2e}")
+    d = json.loads((ddp_out / cfg.norm / cfg.run_id() / "config.json").read_text())
+    assert d["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 16,
+                                "per_device_batch": 8, "sync_bn": False, "norm_batch": 8}
+
+
+def test_bn_on_two_processes_is_ghost_bn_on_one(ddp_out, tmp_path, one_thread):
+    """BN's per-device batch of 8, running statistics included, is ghost BN with v = 8."""
+    worst = _assert_same_run(_single(BN_AS_GHOST_CFG, tmp_path),
+                             ddp_out / "ref" / BN_CFG.run_id())
+    print(f"bn on 2 processes vs ghost(8) on 1: largest difference {worst:.2e}")
 
 
 def test_bn_statistics_come_from_each_shard(ddp_out):
