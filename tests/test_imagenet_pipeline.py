@@ -72,12 +72,12 @@ def test_batch_not_divisible_by_processes_is_refused():
 @pytest.mark.parametrize("arch,blocks,m", [("resnet18", 8, 2), ("resnet50", 16, 3)])
 def test_fixup_torchvision_scales_and_zeroes(arch, blocks, m):
     from bnlab.models import build_model
-    from bnlab.models.imagenet import FixupBlock, fixup_torchvision
+    from bnlab.models.imagenet import FixupBlock
 
     torch.manual_seed(0)
     ref = build_model(arch, 10, norm="none")
     torch.manual_seed(0)
-    model = fixup_torchvision(build_model(arch, 10, norm="none"))
+    model = build_model(arch, 10, norm="none", init="fixup")
     fixed = [b for b in model.modules() if isinstance(b, FixupBlock)]
     assert len(fixed) == blocks and all(b.depth == m for b in fixed)
     factor = blocks ** (-1.0 / (2 * m - 2))  # 8^(-1/2) for ResNet-18, 16^(-1/4) for ResNet-50
