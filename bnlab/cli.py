@@ -79,15 +79,33 @@ def run_overrides(args: argparse.Namespace) -> dict:
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from bnlab.config import load
+    from bnlab.distributed import detect, launch
     from bnlab.train import train_run
 
     cfg = load(args.config, run_overrides(args))
+    if args.nproc:
+        return launch(args.nproc, _train_argv(args), cfg)
     summary = train_run(cfg, args.out, resume=args.resume)
+    if not detect().is_main:
+        return 0
     acc = summary.get("test_acc")
     print(f"{summary['run_id']}: {summary['status']}, {summary['epochs_done']} epochs, "
           f"test acc {acc if acc is None else f'{acc:.4f}'}, "
           f"{summary['wall_time']:.1f} s -> {args.out}/{summary['run_id']}")
     return 0
+
+
+def _train_argv(args) -> list[str]:
+    """The `bnlab train` arguments of `args` without --nproc (for the processes torchrun starts)."""
+    argv = ["--out", args.out] + (["--config", args.config] if args.config else [])
+    argv += ["--resume"] if args.resume else []
+    for k, v in run_overrides(args).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        else:
+            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return argv
 
 
 def cmd_runs(args) -> int:
@@ -287,6 +305,9 @@ def build_parser() -> Parser:
     t.add_argument("--out", metavar="DIR", default="runs", help="output root")
     t.add_argument("--resume", action="store_true",
                    help="continue an existing run from its last checkpoint")
+    t.add_argument("--nproc", metavar="N", type=int, default=0,
+                   help="data-parallel on N local processes (GPUs, or CPU processes with gloo): "
+                        "starts torchrun; batch_size stays the global batch")
     add_run_flags(t)
     t.set_defaults(func=cmd_train)
 

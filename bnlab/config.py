@@ -28,6 +28,7 @@ SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 PLACEMENTS = ("post_conv", "post_act", "first_k")
+LR_SCALINGS = ("none", "linear")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class RunConfig:
     limit_train: int = _f(0, "use only the first N training images, chosen by a fixed "
                           "shuffle (0 = all)", "images")
     limit_test: int = _f(0, "use only the first N test images (0 = all)", "images")
+    image_size: int = _f(0, "side of the crops of streamed (large-image) data; 0 = 224 "
+                         "(smaller sizes make CPU runs of ImageNet-style data affordable)", "px")
     augment: bool = _f(True, "pad-4 random crop + horizontal flip for small images; "
                        "RandomResizedCrop + flip for large ones")
     # model
@@ -63,7 +66,11 @@ class RunConfig:
     schedule: str = _f("step", "lr schedule: step (/10 at 50% and 75% of training, He et al. "
                        "2016) | cosine | constant", choices=SCHEDULES)
     warmup_epochs: float = _f(0.0, "linear lr warm-up from 0", "epochs")
-    batch_size: int = _f(128, "training batch size", "images")
+    lr_scaling: str = _f("none", "none: lr is the peak lr | linear: the peak lr is "
+                         "lr x batch_size / 256 (Goyal et al. 2017; lr=0.1 gives ResNet's "
+                         "0.1 x batch/256)", choices=LR_SCALINGS)
+    batch_size: int = _f(128, "GLOBAL training batch size: under data-parallel training each "
+                         "of N processes gets batch_size / N", "images")
     epochs: int = _f(10, "training epochs", "epochs")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", "probability")
     seed: int = _f(0, "seed of initialization, data order and augmentation")
@@ -74,6 +81,8 @@ class RunConfig:
     eval_batch_size: int = _f(1000, "batch size of evaluation", "images")
     workers: int = _f(4, "DataLoader worker processes for streamed (large-image) data",
                       "processes")
+    sync_bn: bool = _f(False, "data-parallel on GPUs: BatchNorm statistics over the global "
+                       "batch (SyncBatchNorm) instead of each device's share")
     probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
     tensorboard: bool = _f(False, "also write probes as TensorBoard scalars and histograms "
                            "(needs probe_every > 0 and the tensorboard package)")
@@ -146,7 +155,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not v > 0:
             raise UserError(f"{name} must be > 0, got {v!r}")
     for name in ("limit_train", "limit_test", "weight_decay", "warmup_epochs", "momentum",
-                 "workers", "probe_every"):
+                 "workers", "probe_every", "image_size"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
     for name in ("dropout", "label_smoothing"):

@@ -21,10 +21,10 @@ INITS = {
               "biases 0",
     "orthogonal": "Saxe et al. 2014: each weight reshaped to (out, in*k*k) is gain * a random "
                   "(semi-)orthogonal matrix, biases 0",
-    "fixup": "Zhang et al. 2019: kaiming, then the first conv of each residual branch times "
-             "L^(-1/(2m-2)) (L blocks, m=2 convs per branch), the branch's last conv and the "
-             "classifier 0, scalar biases 0 and a scalar multiplier 1 per branch (norm none "
-             "only)",
+    "fixup": "Zhang et al. 2019: kaiming, then the convs of each residual branch but the last "
+             "times L^(-1/(2m-2)) (L blocks, m convs per branch: 2, or 3 in ResNet-50's "
+             "bottlenecks), the branch's last conv and the classifier 0, scalar biases 0 and a "
+             "scalar multiplier 1 per branch (norm none only)",
     "zero_residual": "kaiming, then the scale of the last norm of every residual branch 0 "
                      "(Goyal et al. 2017)",
     "skipinit": "De & Smith 2020: kaiming, then a learnable scalar multiplier, 0 at start, on "
@@ -58,9 +58,12 @@ def refusal(model: nn.Module, name: str) -> str | None:
         return None
     kind = type(model).__name__
     blocks = residual_blocks(model)
-    if name in ("fixup", "skipinit") and not blocks:
+    if name == "skipinit" and not blocks:
         return (f"init {name!r} is implemented for the residual blocks of the CIFAR ResNets, "
                 f"not for {kind}")
+    if name == "fixup" and not blocks and not _tv_blocks(model):
+        return (f"init {name!r} is implemented for the residual blocks of the CIFAR ResNets "
+                f"and of resnet18/resnet50, not for {kind}")
     if name == "fixup":
         if model.norm != "none":
             return (f"init 'fixup' is for networks without normalization (norm none), got norm "
@@ -125,6 +128,11 @@ def _init_layers(model: nn.Module, fill) -> None:
 
 @torch.no_grad()
 def _fixup(model: nn.Module) -> None:
+    if not residual_blocks(model):  # torchvision's blocks: m = 2 (BasicBlock) or 3 (Bottleneck)
+        from bnlab.models.imagenet import fixup_torchvision
+
+        fixup_torchvision(model)
+        return
     blocks = residual_blocks(model)
     scale = fixup_scale(len(blocks))
     for b in blocks:

@@ -26,6 +26,7 @@ from bnlab.accel import FirstBad, mark_step, memory_format_for, pad_batch, prepa
 from bnlab.config import RunConfig
 from bnlab.data import DataBundle, load_data
 from bnlab.data.loader import make_loader
+from bnlab.distributed import Context, check_sync_bn, convert_sync_bn, session
 from bnlab.errors import UserError
 from bnlab.models import build_model, count_parameters
 from bnlab.probes import make_prober
@@ -76,6 +77,11 @@ def lr_factor(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
+def peak_lr(cfg: RunConfig) -> float:
+    """cfg.lr, or with lr_scaling 'linear' cfg.lr x batch_size / 256 (the global batch)."""
+    return cfg.lr * cfg.batch_size / 256 if cfg.lr_scaling == "linear" else cfg.lr
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -87,19 +93,32 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
              pad_to: int | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a loader, always in eval mode. `pad_to` pads a
     short last batch (for compiled models, which then see a single shape)."""
+    m = evaluate_topk(model, loader, device, precision, pad_to=pad_to)
+    return m["loss"], m["acc"]
+
+
+@torch.no_grad()
+def evaluate_topk(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+                  ctx: Context | None = None, pad_to: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy (top-k: the label is among the k largest
+    logits, k = min(5, classes)) over a loader in eval mode; with `ctx` the sums are taken over
+    every process's shard."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, n
     for x, y in loader.epoch(0):
         with autocast(device, precision):
-            out = model(x if pad_to is None else pad_batch(x, pad_to))[: len(y)]
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
+            out = model(x if pad_to is None else pad_batch(x, pad_to))[: len(y)].float()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
     model.train(was_training)
-    return float(loss_sum) / n, int(correct) / n
+    if ctx is not None:
+        ctx.sum_(sums)
+    loss, top1, top5, n = sums.tolist()
+    return {"loss": loss / n, "acc": top1 / n, "acc5": top5 / n}
 
 
 def chance_threshold(num_classes: int, n_test: int) -> float:
@@ -153,53 +172,98 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
 
     resume=False refuses to touch an existing run folder; resume=True continues it from its
     last checkpoint (or returns its summary at once when it already finished).
+    Under torchrun (WORLD_SIZE > 1) every process calls this; see bnlab.distributed.
     """
-    store = Store(out)
-    run = store.run(cfg.run_id())
-    if run.exists():
-        summary = run.summary or {}
-        if not resume:
-            raise UserError(f"run {run.run_id!r} already exists in {str(store.root)!r} "
-                            f"(status {summary.get('status', 'running')}); pass --resume to "
-                            "continue it or --out to start elsewhere")
-        if summary.get("status") in ("completed", "diverged", "no_learning"):
-            return summary
-    device = resolve_device(cfg.device)
+    with session(resolve_device(cfg.device)) as ctx:
+        return _run(cfg, out, resume, log, bundle, ctx)
+
+
+def _run(cfg: RunConfig, out: str | Path, resume: bool, log: Callable[[str], None],
+         bundle: DataBundle | None, ctx: Context) -> dict:
+    store, run, done = _open(cfg, out, resume, ctx)  # store and run: rank 0 only
+    if done is not None:
+        return done
+    device = ctx.device
+    if cfg.sync_bn:
+        check_sync_bn(device)
+    ctx.check_batch(cfg.batch_size)
     if bundle is None:
         bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.limit_train,
-                           cfg.limit_test, cfg.augment)
+                           cfg.limit_test, cfg.augment, cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = build_for(cfg, bundle)
     try:
-        return _train(cfg, store, run, model, bundle, device, log)
+        return _train(cfg, store, run, model, bundle, device, ctx.log(log), ctx)
     except KeyboardInterrupt:
         raise
     except UserError:
         raise
     except Exception as e:
-        summary = dict(run.summary or {}, status="failed", error=f"{type(e).__name__}: {e}")
-        run.path.mkdir(parents=True, exist_ok=True)
-        (run.path / "error.txt").write_text(traceback.format_exc())
-        run.write_json("summary.json", summary)
-        store.record(run)
+        if run is not None:
+            summary = dict(run.summary or {}, status="failed", error=f"{type(e).__name__}: {e}")
+            run.path.mkdir(parents=True, exist_ok=True)
+            (run.path / "error.txt").write_text(traceback.format_exc())
+            run.write_json("summary.json", summary)
+            store.record(run)
         raise
 
 
-def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: DataBundle,
-           device: torch.device, log: Callable[[str], None]) -> dict:
+def _open(cfg: RunConfig, out: str | Path, resume: bool, ctx: Context):
+    """(store, run, summary to return at once or None); rank 0 looks at the store alone and
+    tells the other processes what it found."""
+    store = run = verdict = None
+    if ctx.is_main:
+        store = Store(out)
+        run = store.run(cfg.run_id())
+        verdict = _existing(cfg, store, run, resume, ctx)
+    verdict = ctx.from_main(verdict)
+    if isinstance(verdict, str):
+        raise UserError(verdict)
+    return store, run, verdict
+
+
+def _existing(cfg: RunConfig, store: Store, run: RunDir, resume: bool,
+              ctx: Context) -> dict | str | None:
+    """None to train, a finished run's summary to return, or the message of a UserError."""
+    if not run.exists():
+        return None
+    summary = run.summary or {}
+    if not resume:
+        return (f"run {run.run_id!r} already exists in {str(store.root)!r} "
+                f"(status {summary.get('status', 'running')}); pass --resume to "
+                "continue it or --out to start elsewhere")
+    if summary.get("status") in ("completed", "diverged", "no_learning"):
+        return summary
+    world = (run.read_json("config.json").get("distributed") or {}).get("world_size", 1)
+    if world != ctx.env.world_size:
+        return (f"run {run.run_id!r} was trained by {world} process(es); resume it with "
+                f"{world} (the per-device batch, and so BN, depends on it), not "
+                f"{ctx.env.world_size}")
+    return None
+
+
+def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Module,
+           bundle: DataBundle, device: torch.device, log: Callable[[str], None],
+           ctx: Context) -> dict:
+    main = ctx.is_main  # only rank 0 writes (store and run are None elsewhere)
     fmt = memory_format_for(device, cfg.model)
     model = model.to(device=device, memory_format=fmt)
-    train_loader = make_loader(bundle, True, cfg.batch_size, device, cfg.augment, cfg.seed,
-                               cfg.workers, fmt)
-    test_loader = make_loader(bundle, False, cfg.eval_batch_size, device, False, cfg.seed,
-                              cfg.workers, fmt)
+    if cfg.sync_bn:
+        model = convert_sync_bn(model, device)
+    net = ctx.wrap(model, cfg.sync_bn)  # trains; `model` is what checkpoints hold
+    train_loader = ctx.train_loader(
+        make_loader(bundle, True, cfg.batch_size, device, cfg.augment, cfg.seed, cfg.workers,
+                    fmt), bundle, cfg.batch_size, cfg.seed, cfg.workers, fmt)
+    test_loader = make_loader(ctx.eval_bundle(bundle), False, cfg.eval_batch_size, device,
+                              False, cfg.seed, cfg.workers, fmt)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+                          lr=peak_lr(cfg), momentum=cfg.momentum, nesterov=cfg.nesterov)
     steps_per_epoch = len(train_loader)
     n_test = len(bundle.test)
 
     start_epoch, step, wall, metrics, flags = 0, 0, 0.0, [], {}
-    state = run.load_checkpoint(map_location=device) if run.exists() else None
+    state = run.load_checkpoint(map_location="cpu") if main and run.exists() else None
+    state = ctx.from_main(state)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -208,19 +272,26 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
-        metrics = [m for m in run.metrics() if m["epoch"] <= start_epoch]
-        log(f"resuming {run.run_id} at epoch {start_epoch}/{cfg.epochs}")
-    else:
+        metrics = [m for m in run.metrics() if m["epoch"] <= start_epoch] if main else []
+        log(f"resuming {cfg.run_id()} at epoch {start_epoch}/{cfg.epochs}")
+    elif main:
         run.path.mkdir(parents=True, exist_ok=True)
-        run.write_json("config.json", config_record(cfg, bundle, model, device, steps_per_epoch))
+        run.write_json("config.json", {
+            **config_record(cfg, bundle, model, device, steps_per_epoch),
+            "distributed": ctx.describe(cfg.batch_size, cfg.sync_bn)})
         run.write_rows("metrics.jsonl", [])
-    run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
-    store.record(run)
+    if main:
+        run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
+        store.record(run)
+    if ctx.banner(cfg.batch_size, cfg.sync_bn):
+        log(ctx.banner(cfg.batch_size, cfg.sync_bn))
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # probes (bnlab/probes.py): None when off; they never change the trajectory
-    prober = make_prober(cfg, model, opt, criterion, run, start_epoch) if cfg.probe_every else None
-    fast = prepare(model, device, cfg.compile)  # the model itself unless cfg.compile
+    # under data-parallel training rank 0 probes its own shard
+    prober = (make_prober(cfg, model, opt, criterion, run, start_epoch)
+              if cfg.probe_every and main else None)
+    fast = prepare(net, device, cfg.compile)  # `net` itself unless cfg.compile
     watch = FirstBad(device)
     chance = chance_threshold(bundle.num_classes, n_test)
     quarter = max(1, math.ceil(cfg.epochs / 4))
@@ -234,7 +305,7 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
         watch.reset()
         seen = 0
         for i, (x, y) in enumerate(train_loader.epoch(epoch)):
-            lr = cfg.lr * lr_factor(cfg, step, steps_per_epoch)
+            lr = peak_lr(cfg) * lr_factor(cfg, step, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
             if prober is not None:
@@ -246,41 +317,54 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            ctx.average_buffers(model)  # running statistics over all shards (distributed.py)
             detached = loss.detach()
             watch.update(detached, step)
             loss_sum += detached.double() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             step += 1
-            bad = watch.poll(i, final=i + 1 == steps_per_epoch)
+            if ctx.env.enabled:  # every process must stop at the same step
+                bad = None
+                if (i + 1) % watch.every == 0 or i + 1 == steps_per_epoch:
+                    ctx.max_(watch.flag)
+                    bad = int(watch.flag) if int(watch.flag) >= 0 else None
+            else:
+                bad = watch.poll(i, final=i + 1 == steps_per_epoch)
             if bad is not None:
                 flags["diverged_step"] = int(bad)
                 break
         if "diverged_step" in flags:
             status = "diverged"
             wall += time.perf_counter() - t0
-            log(f"{run.run_id}: loss became non-finite at step {flags['diverged_step']}; "
+            log(f"{cfg.run_id()}: loss became non-finite at step {flags['diverged_step']}; "
                 "stopping (status diverged)")
             break
         train_time = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(fast, test_loader, device, cfg.precision,
-                                       cfg.eval_batch_size if cfg.compile else None)
+        seen_t = torch.tensor(float(seen), dtype=torch.float64, device=device)
+        ctx.sum_(loss_sum, correct, seen_t)  # over the global batch
+        seen = int(seen_t)
+        ev = evaluate_topk(fast, test_loader, device, cfg.precision, ctx,
+                           cfg.eval_batch_size if cfg.compile else None)
+        test_loss, test_acc = ev["loss"], ev["acc"]
         epoch_time = time.perf_counter() - t0
         wall += epoch_time
         row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": float(loss_sum) / seen,
                "train_acc": int(correct) / seen, "test_loss": test_loss, "test_acc": test_acc,
-               "epoch_time": epoch_time, "train_images_per_s": seen / train_time}
+               "test_acc5": ev["acc5"], "epoch_time": epoch_time,
+               "train_images_per_s": seen / train_time}
         metrics.append(row)
         if epoch == quarter and test_acc <= chance:
             flags["no_learning_at_epoch"] = epoch
-        run.write_rows("metrics.jsonl", metrics)
-        if prober is not None:
-            prober.flush()
-        run.save_checkpoint(_checkpoint(cfg, model, opt, epoch, step, wall, flags, device))
-        if epoch < cfg.epochs:
-            run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
-            store.record(run)
-        log(f"{run.run_id} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+        if main:
+            run.write_rows("metrics.jsonl", metrics)
+            if prober is not None:
+                prober.flush()
+            run.save_checkpoint(_checkpoint(cfg, model, opt, epoch, step, wall, flags, device))
+            if epoch < cfg.epochs:
+                run.write_json("summary.json", _summary(cfg, "running", metrics, wall, flags))
+                store.record(run)
+        log(f"{cfg.run_id()} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
             f"{row['train_images_per_s']:.0f} img/s")
 
@@ -289,8 +373,10 @@ def _train(cfg: RunConfig, store: Store, run: RunDir, model: nn.Module, bundle: 
     if status == "completed" and "no_learning_at_epoch" in flags:
         status = "no_learning"
     summary = _summary(cfg, status, metrics, wall, flags)
-    run.write_json("summary.json", summary)
-    store.record(run)
+    if main:
+        run.write_json("summary.json", summary)
+        store.record(run)
+    ctx.barrier()  # no process leaves before rank 0 has written the result
     return summary
 
 

@@ -312,6 +312,8 @@ def test_configs_versions_and_hardware(written):
 
     assert torch.__version__ in html
     assert "Configuration keys that vary between runs" in html
+    # every run of the fixture trained in one process: the whole batch is the norm batch
+    assert "1 x 16 = 16 images, normalization batch 16" in html
 
 
 def test_spec_is_shown_as_toml_that_reads_back_the_same(study_dir):

@@ -26,8 +26,13 @@ def default_data_dir() -> Path:
 
 
 def load_data(name: str, data_dir: str | Path | None = None, download: bool = False,
-              limit_train: int = 0, limit_test: int = 0, augment: bool = True) -> DataBundle:
-    """Load a dataset and apply the fixed train/test subsets (`limit_*`, 0 = all)."""
+              limit_train: int = 0, limit_test: int = 0, augment: bool = True,
+              image_size: int = 0) -> DataBundle:
+    """Load a dataset and apply the fixed train/test subsets (`limit_*`, 0 = all).
+
+    `image_size` (0 = 224) is the crop side of streamed large-image data; in-memory data keeps
+    its own size.
+    """
     root = Path(data_dir) if data_dir else default_data_dir()
     if name in ("cifar10", "cifar100"):
         from bnlab.data.cifar import load_cifar
@@ -45,11 +50,15 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
         path = name.split(":", 1)[1]
         if not path:
             raise UserError("imagefolder needs a path: imagefolder:PATH")
-        bundle = load_imagefolder(path, augment)
+        bundle = load_imagefolder(path, augment, image_size)
     elif name == "synthetic":
         from bnlab.data.synthetic import make_synthetic
 
         bundle = make_synthetic()
+    elif name in ("imagenet", "imagenette"):
+        # the names built-in studies use; the data itself is the user's copy
+        raise UserError(f"dataset {name!r} is read from your copy: use imagefolder:PATH (in a "
+                        f"study: --data-map {name}=imagefolder:PATH)")
     else:
         raise unknown("dataset", name, DATASETS)
     bundle.train = _limit(bundle.train, limit_train)

@@ -170,7 +170,9 @@ def _decode_with(items, tf) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs))
 
 
-def load_imagefolder(spec: str, augment: bool = True) -> DataBundle:
+def load_imagefolder(spec: str, augment: bool = True, image_size: int = 0) -> DataBundle:
+    """Small images decoded into memory; larger ones streamed at `image_size` (0 = 224) px:
+    RandomResizedCrop + flip for training, resize to size x 256/224 + center crop for eval."""
     raw = Path(spec).expanduser()
     if not raw.exists():
         raise UserError(f"image folder {spec!r} does not exist")
@@ -200,6 +202,7 @@ def load_imagefolder(spec: str, augment: bool = True) -> DataBundle:
         mean, std = channel_stats(train.x)
         return DataBundle(name, classes, train.x.shape[1], size[0], mean, std, train, test)
     mean, std = _stream_stats(train_items, key_of(root.resolve(), _fingerprint(train_items)))
-    train_ds = StreamedImages(train_items, large_transforms(mean, std, True, augment))
-    test_ds = StreamedImages(test_items, large_transforms(mean, std, False, augment))
-    return DataBundle(name, classes, 3, LARGE_SIZE, mean, std, train_ds, test_ds)
+    side = image_size or LARGE_SIZE
+    train_ds = StreamedImages(train_items, large_transforms(mean, std, True, augment, side))
+    test_ds = StreamedImages(test_items, large_transforms(mean, std, False, augment, side))
+    return DataBundle(name, classes, 3, side, mean, std, train_ds, test_ds)

@@ -62,6 +62,7 @@ class Run:
     metrics: list[dict]
     probes: list[dict]
     arm: tuple[tuple[str, str], ...] = ()
+    distributed: dict[str, Any] | None = None  # config.json's batch split (bnlab.distributed)
 
     def value(self, key: str) -> Any:
         """The run's value of a config key: the study's value, else the stored config's."""
@@ -164,4 +165,5 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
                config=config, env=(stored or {}).get("env"), data=(stored or {}).get("data"),
                model=(stored or {}).get("model"), summary=summary,
                metrics=rd.metrics() if config is not None else [],
-               probes=rd.read_rows("probes.jsonl") if config is not None else [])
+               probes=rd.read_rows("probes.jsonl") if config is not None else [],
+               distributed=(stored or {}).get("distributed"))

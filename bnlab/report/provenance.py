@@ -53,6 +53,10 @@ def provenance(study: Study, arms: list[Arm]) -> list[Block]:
     overrides += [(f"--data-map {k}", fmt_value(v)) for k, v in study.data_map.items()]
     if overrides:
         out.append(KeyValues("Command-line overrides of the spec", overrides))
+    split = _batch_split(study)
+    if split:
+        out.append(KeyValues("Batch per device: BN normalizes over the normalization batch",
+                             split))
     data = _data_pairs(study)
     if data:
         out.append(KeyValues("Data", data))
@@ -159,3 +163,20 @@ def _model_sizes(arms: list[Arm]) -> list[tuple[str, str]]:
                 name += f" (first_k={c.get('first_k')})"
             out.setdefault(f"{name} on {a.dataset}", f"{params:,}")
     return list(out.items())
+
+
+def _batch_split(study: Study) -> list[tuple[str, str]]:
+    """One line per distinct split of the global batch across processes (config.json's
+    "distributed"), with its number of runs."""
+    splits: dict[str, int] = {}
+    for r in study.runs:
+        d = r.distributed
+        if not d:
+            continue
+        text = (f"{d['world_size']} x {d['per_device_batch']} = {d['global_batch']} images, "
+                f"normalization batch {d['norm_batch']}" + (" (SyncBN)" if d["sync_bn"] else ""))
+        splits[text] = splits.get(text, 0) + 1
+    n = len(study.runs)
+    return [(f"processes x per device = global ({k} of {n} runs)", text)
+            for text, k in splits.items()]
+
