@@ -370,6 +370,9 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     return counts
 
 
+PACK_DEVICES = {"cuda"}  # device types whose runs a study packs
+
+
 def _run_packed(store: Store, progress: Progress, todo: list) -> list:
     """Train the packable CUDA runs of `todo` in packs of up to 16; return the runs left.
 
@@ -382,10 +385,9 @@ def _run_packed(store: Store, progress: Progress, todo: list) -> list:
     from bnlab.packed import pack_groups, train_packed
     from bnlab.train import resolve_device
 
-    cuda = [r for r in todo if r.cfg.device != "cpu" and resolve_device(r.cfg.device).type
-            == "cuda"]
+    packable = [r for r in todo if resolve_device(r.cfg.device).type in PACK_DEVICES]
     done: set[str] = set()
-    for group in pack_groups([r.cfg for r in cuda], max_k=16):
+    for group in pack_groups([r.cfg for r in packable], max_k=16):
         if len(group) < 2:
             continue
         with ExitStack() as stack:

@@ -367,3 +367,27 @@ def test_two_runners_never_train_a_run_twice(tmp_path):
 def test_user_error_from_bad_spec_leaves_nothing(tmp_path):
     with pytest.raises(UserError):
         load_spec(str(tmp_path / "missing.toml"))
+
+
+def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
+    """The packing path of the runner (used for CUDA runs), exercised on the CPU: the runs that
+    differ only in seed train as packs, each with its own folder, and a rerun skips them."""
+    import bnlab.study as study
+
+    monkeypatch.setattr(study, "PACK_DEVICES", {"cpu", "cuda"})
+    spec = write(tmp_path, TINY)
+    rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    assert rc == 0, err
+    store = Store(tmp_path / "o")
+    rows = store.rows()
+    assert len(rows) == 4 and {r["status"] for r in rows} <= set(FINAL)
+    for r in rows:
+        metrics = store.run(r["run_id"]).metrics()
+        assert [m["epoch"] for m in metrics] == [1, 2]
+        assert all(m.get("packed") == 2 for m in metrics)
+    rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    assert rc == 0 and "4 already finished" in out + err
+    rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "p", "--no-pack")
+    assert rc == 0
+    lone = Store(tmp_path / "p")
+    assert all("packed" not in m for r in lone.rows() for m in lone.run(r["run_id"]).metrics())
