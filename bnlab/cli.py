@@ -274,7 +274,12 @@ def cmd_study(args) -> int:
                             specs.parse_data_map(args.data_map))
         specs.preflight(plan)
         out = args.out or str(study.DEFAULT_ROOT / sp.name)
-        counts = study.run_study(plan, out, jobs=args.jobs, pack=not args.no_pack)
+        if args.executor == "local":
+            counts = study.run_study(plan, out, jobs=args.jobs, pack=not args.no_pack)
+        else:
+            from bnlab import cluster
+
+            counts = cluster.run_study(plan, out, args.executor, cluster.options_from(args))
         print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
               + f" -> {out} (next: bnlab study report {out})")
         return 1 if counts.get("failed") else 0
@@ -378,6 +383,9 @@ def build_parser() -> Parser:
     sr.add_argument("--data-map", action="append", metavar="NAME=DATASET",
                     help="use DATASET wherever the spec says NAME, e.g. "
                     "cifar10=imagefolder:PATH (repeatable)")
+    from bnlab.cluster import add_flags as add_cluster_flags
+
+    add_cluster_flags(sr)
     for action, text in (("status", "counts by status and one line per run"),
                          ("report", "write report.html, report.md and figures")):
         sp = ssub.add_parser(action, help=text, formatter_class=Formatter)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import submitit  # noqa: F401 - imported at collection: its log handlers bind sys.stderr then
 
 from bnlab.cluster import RunTask, SlurmExecutor, SlurmOptions
 from bnlab.config import RunConfig
@@ -14,7 +15,7 @@ from bnlab.errors import UserError
 from bnlab.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-HELPER = "cluster_helpers:run_one"
+HELPER = "bnlab.study:run_one"
 
 
 def _cfgs() -> list[RunConfig]:
@@ -25,30 +26,55 @@ def _cfgs() -> list[RunConfig]:
 
 @pytest.fixture
 def job_path(monkeypatch):
-    # the job processes import bnlab from this tree and the helper from tests/
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{ROOT / 'tests'}")
+    # the job processes import bnlab from this tree
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
 
 
-def test_two_run_study_through_local_executor(tmp_path, job_path):
+SPEC = """
+name = "tiny-cluster"
+description = "two runs through the submitit executor"
+[base]
+dataset = "synthetic"
+model = "mlp3x100"
+limit_train = 64
+limit_test = 32
+batch_size = 32
+epochs = 1
+eval_batch_size = 32
+workers = 0
+device = "cpu"
+[grid]
+norm = ["bn", "none"]
+"""
+
+
+def test_two_run_study_through_submitit_local_executor(tmp_path, job_path):
+    from bnlab.cli import main
+    from bnlab.spec import expand, load_spec
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(SPEC)
     out = tmp_path / "study"
-    ex = SlurmExecutor(tmp_path / "jobs", SlurmOptions(time=10), cluster="local",
-                       run_one=HELPER)
-    cfgs = _cfgs()
-    jobs = ex.submit(cfgs, out)
-    assert len(jobs) == 2
-    results = ex.wait(jobs)
-    assert [r["run_id"] for r in results] == [c.run_id() for c in cfgs]
-    assert all(r["status"] in ("completed", "no_learning") for r in results), results
-    # results land in the study's store, one row per run
+    argv = ["study", "run", str(spec), "--out", str(out), "--executor", "node", "--parallel", "2"]
+    assert main(argv) == 0
+    cfgs = [r.cfg for r in expand(load_spec(str(spec)), [], [], {}).runs]
+    assert len(cfgs) == 2
+    # results land in the study's store, one row per run, next to study.json
     rows = {r["run_id"]: r for r in Store(out).rows()}
     assert set(rows) == {c.run_id() for c in cfgs}
+    assert all(rows[c.run_id()]["status"] in ("completed", "no_learning") for c in cfgs), rows
+    assert json.loads((out / "study.json").read_text())["name"] == "tiny-cluster"
     for c in cfgs:
         metrics = (out / c.run_id() / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[0])["epoch"] == 1
-    # submitting again finds nothing left to do
-    assert ex.submit(cfgs, out) == []
+    def jobs():  # one submitit job folder per run (named by job id)
+        return [p for p in (out / "slurm").iterdir() if p.name.isdigit()]
+
+    assert len(jobs()) == 2
+    # running it again submits nothing
+    assert main(argv) == 0
+    assert len(jobs()) == 2
 
 
 def test_unfinished_runs_are_resubmitted(tmp_path):
@@ -61,8 +87,7 @@ def test_unfinished_runs_are_resubmitted(tmp_path):
     half = store.run(cfgs[1].run_id())
     half.write_json("config.json", {"config": cfgs[1].to_dict()})
     half.write_json("summary.json", {"status": "running"})
-    ex = SlurmExecutor(tmp_path / "jobs", cluster="local", run_one=HELPER.replace(
-        "cluster_helpers", "bnlab.train").replace("run_one", "train_run"))
+    ex = SlurmExecutor(tmp_path / "jobs", cluster="local", run_one=HELPER)
     assert ex.pending(cfgs, out) == [cfgs[1]]
 
 

@@ -94,3 +94,20 @@ def test_fixup_torchvision_scales_and_zeroes(arch, blocks, m):
     with torch.no_grad():
         b = model.net.layer1[1]
         torch.testing.assert_close(b(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("name,per_device", [("imagenet", 8), ("imagenette", 1)])
+def test_builtin_scale_studies_expand(name, per_device):
+    from bnlab.spec import expand, load_spec, parse_data_map
+
+    plan = expand(load_spec(name), [], [],
+                  parse_data_map([f"{name}=imagefolder:/data/{name}"]))
+    cfgs = [r.cfg for r in plan.runs]
+    assert len(cfgs) == 15
+    assert {c.norm for c in cfgs} == {"bn", "group", "none"}
+    assert all(c.model == "resnet50" and c.lr_scaling == "linear" for c in cfgs)
+    # Wu & He's per-GPU batches 32 ... 2
+    assert sorted({c.batch_size // per_device for c in cfgs}) == [2, 4, 8, 16, 32]
+    assert all((c.init == "fixup") == (c.norm == "none") for c in cfgs)
+    assert all(c.norm_options == {"groups": 32} for c in cfgs if c.norm == "group")
+    assert all(c.dataset == f"imagefolder:/data/{name}" for c in cfgs)
