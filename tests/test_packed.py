@@ -90,7 +90,8 @@ def test_train_packed_matches_lone_runs(small, tmp_path):
         for ma, mb in zip(ra.metrics(), rb.metrics()):
             assert ma["step"] == mb["step"] and ma["lr"] == mb["lr"]
             for key in ("train_loss", "test_loss"):
-                assert abs(ma[key] - mb[key]) < 2e-3, (key, ma[key], mb[key])
+                assert abs(ma[key] - mb[key]) < 2e-3 * max(1.0, abs(mb[key])), (
+                    key, ma[key], mb[key])
             assert abs(ma["train_acc"] - mb["train_acc"]) <= 1 / 32 + 1e-9
             assert abs(ma["test_acc"] - mb["test_acc"]) <= 1 / 16 + 1e-9
         ca, cb = ra.load_checkpoint(), rb.load_checkpoint()
