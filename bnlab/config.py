@@ -72,6 +72,8 @@ class RunConfig:
     batch_size: int = _f(128, "GLOBAL training batch size: under data-parallel training each "
                          "of N processes gets batch_size / N", "images")
     epochs: int = _f(10, "training epochs", "epochs")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value before each step "
+                          "(0 = off); lets a no-BN ResNet take larger learning rates")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy", "probability")
     seed: int = _f(0, "seed of initialization, data order and augmentation")
     # execution
@@ -155,7 +157,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not v > 0:
             raise UserError(f"{name} must be > 0, got {v!r}")
     for name in ("limit_train", "limit_test", "weight_decay", "warmup_epochs", "momentum",
-                 "workers", "probe_every", "image_size"):
+                 "workers", "probe_every", "image_size", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
     for name in ("dropout", "label_smoothing"):

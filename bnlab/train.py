@@ -316,6 +316,8 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
                 loss = criterion(out.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             ctx.average_buffers(model)  # running statistics over all shards (distributed.py)
             detached = loss.detach()

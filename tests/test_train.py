@@ -139,3 +139,20 @@ def test_mlp_on_mnist_format(tmp_path):
                limit_train=0, limit_test=0, batch_size=60, epochs=1)
     summary = train_run(cfg, tmp_path / "out", log=lambda s: None)
     assert summary["epochs_done"] == 1
+
+
+def test_grad_clip_bounds_the_step_to_lr_times_clip(tmp_path):
+    """Plain SGD (no momentum, no decay) takes the step -lr * g * min(1, c / |g|): with a tiny
+    clip c the parameters move by exactly lr * c in global norm."""
+    from bnlab.data import load_data
+    from bnlab.train import build_for
+
+    cfg = tiny(epochs=1, limit_train=32, batch_size=32, lr=1.0, momentum=0.0,
+               weight_decay=0.0, grad_clip=1e-3)
+    torch.manual_seed(cfg.seed)
+    start = build_for(cfg, load_data("synthetic", limit_train=32, limit_test=64))
+    before = {k: v.clone() for k, v in start.named_parameters()}
+    train_run(cfg, tmp_path, log=lambda s: None)
+    after = Store(tmp_path).run(cfg.run_id()).load_checkpoint()["model"]
+    moved = torch.sqrt(sum(((after[k] - v) ** 2).sum() for k, v in before.items()))
+    assert float(moved) == pytest.approx(1e-3, rel=1e-4)
