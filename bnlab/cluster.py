@@ -228,14 +228,9 @@ def options_from(args) -> SlurmOptions:
 def run_study(plan, out: str | Path, executor: str, options: SlurmOptions,
               log: Callable[[str], None] = print) -> dict[str, int]:
     """Run a study's plan (bnlab/spec.py) with the SLURM or node executor; {status: count}."""
-    from bnlab.store import Store
+    from bnlab.study import open_study_store
 
-    store = Store(out)
-    old = store.read_meta("study.json")
-    if old is not None and old.get("name") != plan.spec.name:
-        raise UserError(f"{str(store.root)!r} holds the results of study {old.get('name')!r}, "
-                        f"not {plan.spec.name!r}: pass another --out")
-    store.write_meta("study.json", plan.study_json())
+    store = open_study_store(plan, out)
     ex = SlurmExecutor(store.root / "slurm", options,
                        cluster="slurm" if executor == "slurm" else "local")
     cfgs = [r.cfg for r in plan.runs]

@@ -329,6 +329,17 @@ def run_one_crashed(store: Store, cfg: RunConfig, exitcode: int | None, log) -> 
             f"worker process died with exit code {exitcode}"), log)
 
 
+def open_study_store(plan: Plan, out: str | Path) -> Store:
+    """The study's output root with its study.json written; refuses a root of another study."""
+    store = Store(out)
+    old = store.read_meta("study.json")
+    if old is not None and old.get("name") != plan.spec.name:
+        raise UserError(f"{str(store.root)!r} holds the results of study {old.get('name')!r}, "
+                        f"not {plan.spec.name!r}: pass another --out")
+    store.write_meta("study.json", plan.study_json())
+    return store
+
+
 def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
               pack: bool = True) -> dict:
     """Run every run of `plan` into `out`; return {status: count} over the plan's runs.
@@ -338,13 +349,7 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     """
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    store = Store(out)
-    old = store.read_meta("study.json")
-    if old is not None and old.get("name") != plan.spec.name:
-        raise UserError(f"{str(store.root)!r} holds the results of study {old.get('name')!r}, "
-                        f"not {plan.spec.name!r}: pass another --out")
-    store.write_meta("study.json", plan.study_json())
-
+    store = open_study_store(plan, out)
     progress = Progress(plan, store, tty=tty)
     finished = {r.run_id for r in plan.runs
                 if (store.run(r.run_id).summary or {}).get("status") in FINAL}

@@ -23,6 +23,16 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from a second one, and on a busy CPU the
+    thread pool mostly waits. Test files opt in with pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_cifar(root: Path, name: str = "cifar10", n_per_batch: int = 20, seed: int = 0):
     """Write CIFAR-10/100 pickles in torchvision's layout; returns (train x, train y, test x, y)."""
     rng = np.random.default_rng(seed)

@@ -9,14 +9,7 @@ from scipy import ndimage
 
 from bnlab.infer.corrupt import CORRUPTIONS, corrupt, gaussian_blur, noise_generator, parameter
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image(n=2, c=3, size=12, seed=0):

@@ -12,14 +12,7 @@ from bnlab.infer.diagnose import _batches, diagnose, precise_statistics, sanity
 from bnlab.infer.loading import Loaded
 from bnlab.train import build_for
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(seed=0, n=3, b=5):

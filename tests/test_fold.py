@@ -10,14 +10,7 @@ from bnlab.errors import UserError
 from bnlab.infer.fold import PARITY_LIMIT, fold_model, fold_params
 from bnlab.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_stats(model, seed=0):

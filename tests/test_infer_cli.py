@@ -18,13 +18,7 @@ CONTRACT_PAIR_KEYS = {"a", "b", "agreement", "right_to_wrong", "wrong_to_right",
                       "both_wrong", "kl_ab", "kl_ba", "js"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):

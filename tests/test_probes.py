@@ -14,14 +14,7 @@ from bnlab.probes import STEP_MULTIPLES, Prober, activation_stats, default_layer
 from bnlab.store import Store
 from bnlab.train import train_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, torch's thread pool mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONTRACT_METRICS = {"act_mean", "act_std", "act_p15", "act_p50", "act_p85", "grad_norm",
                     "weight_norm", "norm_weight_mean", "norm_bias_mean", "running_mean_mean",
