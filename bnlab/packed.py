@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.accel import FirstBad, mark_step, memory_format_for, pad_batch, prepare
+from bnlab.accel import (
+    FirstBad,
+    mark_step,
+    memory_format_for,
+    pad_batch,
+    prepare,
+    tune_cpu_allocator,
+)
 from bnlab.config import FIELDS, RunConfig
 from bnlab.data import DataBundle, Split, load_data
 from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
@@ -373,6 +380,8 @@ def _batches(members: list[_Member], train: Split, norm: Normalizer, epoch: int,
 def _train_pack(members: list[_Member], store: Store, bundle: DataBundle,
                 device: torch.device, log) -> None:
     c0 = members[0].cfg
+    if device.type == "cpu":
+        tune_cpu_allocator()
     fmt = memory_format_for(device, c0.model)
     train = Split(bundle.train.x.to(device), bundle.train.y.to(device))
     test = Split(bundle.test.x.to(device), bundle.test.y.to(device))

@@ -201,9 +201,11 @@ def passive_openmp() -> None:
 
     Runs of a study share the CPU with each other (--jobs) and often with other work; spinning
     threads then steal the time slices of the threads they wait for. Measured on a 2-core
-    machine under load: 420 -> 3 ms per step of the MLP, 7.9 -> 1.0 s per ResNet-20 step of
-    128 images. OpenMP reads the variable when torch is loaded, so this reaches the workers
-    spawned afterwards (and this process only if torch is not loaded yet).
+    machine under heavy load: 420 -> 3 ms per step of the MLP, 7.9 -> 1.0 s per ResNet-20 step
+    of 128 images. On an idle machine spinning is faster (a ResNet-20 step 15-20%), so
+    `bnlab study run` asks for this only with --jobs > 1 or a busy machine. OpenMP reads the
+    variable when torch is loaded, so this reaches the workers spawned afterwards (and this
+    process only if torch is not loaded yet).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab
-from bnlab.accel import FirstBad, mark_step, memory_format_for, pad_batch, prepare
+from bnlab.accel import (
+    FirstBad,
+    mark_step,
+    memory_format_for,
+    pad_batch,
+    prepare,
+    tune_cpu_allocator,
+)
 from bnlab.config import RunConfig
 from bnlab.data import DataBundle, load_data
 from bnlab.data.loader import make_loader
@@ -246,6 +253,8 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
            bundle: DataBundle, device: torch.device, log: Callable[[str], None],
            ctx: Context) -> dict:
     main = ctx.is_main  # only rank 0 writes (store and run are None elsewhere)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     fmt = memory_format_for(device, cfg.model)
     model = model.to(device=device, memory_format=fmt)
     if cfg.sync_bn:

@@ -107,3 +107,18 @@ def test_help_lists_every_option_with_default_and_unit(capsys):
 
 def test_runs_on_a_folder_that_is_not_a_store(capsys, tmp_path):
     one_line_error(capsys, ["runs", "--out", str(tmp_path)], "index.sqlite")
+
+
+def test_study_run_lets_openmp_sleep_only_on_a_shared_cpu(monkeypatch):
+    import os
+
+    from bnlab.cli import _cpu_shared
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert _cpu_shared(1) is False
+    assert _cpu_shared(2) is True
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores / 2, 0.0, 0.0))
+    assert _cpu_shared(1) is True
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores / 2 - 0.01, 9.0, 9.0))
+    assert _cpu_shared(1) is False
