@@ -75,6 +75,83 @@ def test_packed_steps_equal_lone_steps_float64(small, model, norm):
                 assert torch.equal(mine[name], ref), name
 
 
+@torch.no_grad()
+def _loop_sgd_step(params, bufs, wd_rows, mom_rows, lr_rows, nesterov):
+    """A per-parameter loop of the packed SGD formula (the second implementation)."""
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        d = p.grad if wd_rows[name] is None else p.grad + wd_rows[name] * p
+        bufs[name].mul_(mom_rows[name]).add_(d)
+        upd = d + mom_rows[name] * bufs[name] if nesterov else bufs[name]
+        p.sub_(lr_rows[name] * upd)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_flat_packed_sgd_equals_a_loop_over_parameters_bit_for_bit(small, nesterov):
+    """The flat optimizer against a loop over the parameters in float32, channels_last
+    weights, grads in other strides than their parameters, and a parameter without a grad."""
+    cfgs = [_base(seed=0, nesterov=nesterov, weight_decay=5e-4),
+            _base(seed=1, nesterov=nesterov, lr=0.02, weight_decay=1e-3, momentum=0.8),
+            _base(seed=2, nesterov=nesterov, decay_norm_and_bias=True, weight_decay=2e-4)]
+    models = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        models.append(build_for(c, small))
+    ndim = {n: p.ndim for n, p in models[0].named_parameters()}
+    a = pack_models(models).to(memory_format=torch.channels_last)
+    b = pack_models(models).to(memory_format=torch.channels_last)
+    opt = PackedSGD(a, cfgs, ndim)
+    k = len(cfgs)
+    params = dict(b.named_parameters())
+    bufs = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def rows(values, p):
+        t = torch.tensor(values, dtype=torch.float64).to(p.dtype)
+        return t[:, None].expand(k, p.shape[0] // k).reshape(-1).view(-1, *[1] * (p.ndim - 1))
+
+    wd_rows = {n: rows([c.weight_decay if ndim[n] > 1 or c.decay_norm_and_bias else 0.0
+                        for c in cfgs], p) for n, p in params.items()}
+    mom_rows = {n: rows([c.momentum for c in cfgs], p) for n, p in params.items()}
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        lr = torch.tensor([c.lr * (0.5 ** step) for c in cfgs], dtype=torch.float64)
+        for (name, pa), pb in zip(a.named_parameters(), params.values()):
+            if step == 2 and name.endswith("fc.bias"):
+                pa.grad = pb.grad = None
+                continue
+            grad = torch.randn(pa.shape, generator=g)  # contiguous, whatever pa's layout
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        opt.step(lr)
+        _loop_sgd_step(params, bufs, wd_rows, mom_rows,
+                       {n: rows(lr.tolist(), p) for n, p in params.items()}, nesterov)
+    for name, pb in params.items():
+        pa = dict(a.named_parameters())[name]
+        assert pa.stride() == pb.stride(), name
+        assert torch.equal(pa, pb), name
+        assert torch.equal(opt.bufs[name], bufs[name]), name
+
+
+def test_flat_packed_sgd_keeps_the_model_training(small):
+    """The parameters become views of the optimizer's flat tensor: the model still computes
+    with them, autograd still fills their grads, and updates reach the model."""
+    cfgs = [_base(seed=0), _base(seed=1)]
+    models = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        models.append(build_for(c, small))
+    packed = pack_models(models)
+    opt = PackedSGD(packed, cfgs, {n: p.ndim for n, p in models[0].named_parameters()})
+    before = {n: p.detach().clone() for n, p in packed.named_parameters()}
+    x = torch.randn(4, 6, 8, 8)
+    packed(x).square().mean().backward()
+    opt.step(torch.tensor([0.1, 0.1]))
+    for name, p in packed.named_parameters():
+        assert p.untyped_storage().data_ptr() == opt.flat.untyped_storage().data_ptr()
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert not torch.equal(p, before[name]), name
+
+
 def test_train_packed_matches_lone_runs(small, tmp_path):
     cfgs = [_base(seed=0), _base(seed=1, lr=0.02, weight_decay=5e-4),
             _base(seed=2, momentum=0.8, schedule="cosine")]

@@ -164,3 +164,21 @@ def test_tuned_allocator_serves_activations_from_the_heap():
         out[mode] = p.stdout.split()
     assert int(out["plain"][2]) >= 8 << 20
     assert out["tuned"] == ["True", "True", "0"]
+
+
+@pytest.mark.slow
+def test_compiled_pack_matches_eager_pack(tmp_path):
+    """A pack whose parameters are views of the flat optimizer tensor compiles, and trains as
+    the eager pack does."""
+    from bnlab.packed import train_packed
+
+    bundle = make_synthetic(n_train=256, n_test=128)
+    base = [RunConfig(dataset="synthetic", model="mlp3x100", epochs=2, batch_size=32,
+                      device="cpu", eval_batch_size=100, seed=s, lr=lr)
+            for s, lr in ((0, 0.1), (1, 0.05))]
+    eager = train_packed(base, tmp_path / "e", bundle=bundle, log=lambda s: None)
+    fast = train_packed([dataclasses.replace(c, compile=True) for c in base], tmp_path / "c",
+                        bundle=bundle, log=lambda s: None)
+    for a, b in zip(eager, fast):
+        assert a["run_id"] == b["run_id"] and b["status"] == "completed"
+        assert abs(a["test_loss"] - b["test_loss"]) < 1e-3
