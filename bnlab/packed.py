@@ -46,7 +46,7 @@ from bnlab.train import (
     chance_threshold,
     config_record,
     lr_factor,
-    param_groups,
+    make_sgd,
     resolve_device,
     train_run,
 )
@@ -363,8 +363,9 @@ def _format_of(p: torch.Tensor):
 
 
 def _single_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
-                           lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    """An optimizer of train_run's kind over `model` (whose device decides fused or not), to
+    read and write the momentum buffers in the single-run checkpoint format."""
+    return make_sgd(model, cfg, lr, next(model.parameters()).device)
 
 
 def _fail(store: Store, m: _Member, e: BaseException) -> None:
