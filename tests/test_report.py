@@ -400,3 +400,37 @@ def test_report_renders_in_headless_chromium(written, study_dir, tmp_path, doc):
     assert summary.count('<tr data-row="') == len(doc.tables[0].rows)
     for row in doc.tables[0].rows:
         assert f">{row[3]}<" in summary
+
+
+def test_every_stored_comparison_is_reported(study_dir, tmp_path):
+    """A study over several datasets stores its second comparison in analysis/<dataset>/; the
+    report shows each one, named by its dataset, with its own figures and findings."""
+    out = tmp_path / "out"
+    shutil.copytree(study_dir, out)
+    first = json.loads((out / "analysis" / "compare.json").read_text())
+    a, b = (m["run_id"] for m in first["models"])
+    Store(out).write_bytes("analysis/mnist/reliability.png", _png())
+    atomic_write_json(out / "analysis" / "mnist" / "compare.json", {
+        "models": [{"run_id": a, "label": "bn on mnist", "test_acc": 0.97, "nll": 0.1,
+                    "brier": 0.05, "ece": 0.004},
+                   {"run_id": b, "label": "none on mnist", "test_acc": 0.95, "nll": 0.2,
+                    "brier": 0.08, "ece": 0.009}],
+        "pairs": [{"a": a, "b": b, "agreement": 0.9612, "right_to_wrong": 30,
+                   "wrong_to_right": 11, "both_right": 940, "both_wrong": 19}],
+        "figures": ["reliability.png"]})
+    study = load_study(out)
+    assert [(c.folder, c.dataset) for c in study.comparisons] == [
+        ("analysis", "synthetic"), ("analysis/mnist", "mnist")]
+    doc = compose(study).document
+    mnist = [t for t in doc.tables if t.title.endswith("(mnist)")]
+    assert [t.anchor for t in mnist] == ["compare2-models", "compare2-pairs"]
+    assert mnist[0].rows[0][:3] == ["bn on mnist", a, "97.00"]
+    assert any(t.title.endswith("(synthetic)") for t in doc.tables)
+    items = next(x for x in doc.blocks if type(x).__name__ == "Bullets").items
+    pair = next(s for s in items if s.startswith("On mnist, bn on mnist and none on mnist"))
+    assert "96.12%" in pair and f"({mnist[1].label}, row 1)" in pair
+    assert any(s.startswith("On mnist, among the compared models, bn on mnist has the lowest")
+               for s in items)
+    files = write_report(out)
+    assert {"compare-reliability.png", "compare-mnist-reliability.png"} <= set(files)
+    assert "From analysis/mnist/reliability.png" in files["report.md"].read_text()

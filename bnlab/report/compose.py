@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from bnlab.report import figures as F
 from bnlab.report import tables as T
@@ -63,8 +63,13 @@ def compose(study: Study) -> Composed:
     probe = T.probe_table(probe_rows, num.table + 1)
     if probe:
         num.next_table()
-    compare_tables = T.compare_tables(study.compare, num.table + 1)
-    num.table += len(compare_tables)
+    compared = []  # (comparison, its tables): analysis/ first, then analysis/<dataset>/
+    for i, c in enumerate(study.comparisons):
+        tables = T.compare_tables(c.data, num.table + 1, c.folder,
+                                  c.dataset if len(study.comparisons) > 1 else None,
+                                  "compare" if i == 0 else f"compare{i + 1}")
+        num.table += len(tables)
+        compared.append((c, tables))
     runs = T.runs_table(study, arms, num.next_table())
 
     n_runs = len(study.runs)
@@ -87,7 +92,8 @@ def compose(study: Study) -> Composed:
                       f"α = {ALPHA:g}, without correction for multiple comparisons.",
                       small=True),
             Bullets(findings(arms, summary, selection, gap, gap_rows, probe, probe_rows,
-                             study.compare, compare_tables, runs)
+                             [(c.data, tables, c.dataset if len(compared) > 1 else None)
+                              for c, tables in compared], runs)
                     or ["No run has finished yet, so there is nothing to report."]))
     doc.add(Heading(2, "Training curves", "curves"))
     for ds in study.datasets:
@@ -106,13 +112,22 @@ def compose(study: Study) -> Composed:
             add_figures(F.grad_norms(ds, here))
             add_figures(F.ics(ds, here))
             add_figures(F.model_probe_metrics(ds, here))
-    if compare_tables or (study.compare or {}).get("figures"):
-        doc.add(Heading(2, "Prediction comparison", "compare"), *compare_tables)
-        for name, data in _compare_images(study):
-            images[f"compare-{name}"] = data
+    shown = [(c, tables) for c, tables in compared if tables or c.data.get("figures")]
+    if shown:
+        doc.add(Heading(2, "Prediction comparison", "compare"))
+    for i, (c, tables) in enumerate(shown):
+        if len(shown) > 1:
+            doc.add(Heading(3, f"On {c.dataset or c.folder}", f"compare-{i + 1}"))
+        doc.add(*tables)
+        for name, data in _compare_images(study.root / c.folder, c.data):
+            key = f"compare-{name}" if c.folder == "analysis" else \
+                f"compare-{c.folder.split('/', 1)[1]}-{name}"
+            images[key] = data
             caption = COMPARE_CAPTIONS.get(name, f"Prediction comparison: {name}.")
-            doc.add(Figure(num.next_figure(), f"compare-{name}",
-                           caption + " From analysis/" + name + ".", f"Comparison: {name}"))
+            on = f" ({c.dataset})" if len(shown) > 1 and c.dataset else ""
+            doc.add(Figure(num.next_figure(), key,
+                           caption[:-1] + on + f". From {c.folder}/{name}.",
+                           f"Comparison: {name}{on}"))
     doc.add(Heading(2, "All runs", "runs"), runs)
     doc.add(*provenance(study, arms))
     return Composed(doc, images)
@@ -131,14 +146,14 @@ def _intro(study: Study) -> str:
     return text
 
 
-def _compare_images(study: Study) -> list[tuple[str, bytes]]:
-    """The figure files compare.json lists that exist in OUT/analysis/ (plain names only)."""
+def _compare_images(folder: Path, compare: dict) -> list[tuple[str, bytes]]:
+    """The figure files a compare.json lists that exist in its folder (plain names only)."""
     out = []
-    for name in (study.compare or {}).get("figures") or []:
+    for name in compare.get("figures") or []:
         name = str(name)
         if PurePosixPath(name).name != name or not name.lower().endswith(IMAGE_SUFFIXES):
             continue
-        path = study.root / "analysis" / name
+        path = folder / name
         if path.is_file():
             out.append((name, path.read_bytes()))
     return out

@@ -69,8 +69,10 @@ def comparison_sentence(a: Arm, summary: Table) -> str | None:
 def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
              gap: Table | None = None, gap_rows: list[GapRow] = (),
              probe: Table | None = None, probe_rows: list[ProbeRow] = (),
-             compare: dict | None = None, compare_tables: list[Table] = (),
+             compared: list[tuple[dict, list[Table], str | None]] = (),
              runs: Table | None = None) -> list[str]:
+    """The report's sentences; `compared` holds each stored comparison as (compare.json,
+    its tables, its dataset)."""
     out = []
     counts = status_counts(arms)
     total = sum(counts.values())
@@ -114,7 +116,8 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
                            f"{summary.label} is biased upward.")
     out += _gap_sentences(gap, list(gap_rows))
     out += _probe_sentences(probe, list(probe_rows))
-    out += _compare_sentences(compare, list(compare_tables))
+    for compare, tables, dataset in compared:
+        out += _compare_sentences(compare, list(tables), dataset)
     return out
 
 
@@ -146,18 +149,21 @@ def _probe_sentences(probe: Table | None, rows: list[ProbeRow]) -> list[str]:
     return out
 
 
-def _compare_sentences(compare: dict | None, tables: list[Table]) -> list[str]:
+def _compare_sentences(compare: dict | None, tables: list[Table],
+                       dataset: str | None = None) -> list[str]:
     if not compare or not tables:
         return []
+    on = f"On {dataset}, " if dataset else ""
     out = []
     models = compare.get("models") or []
     labels = {m.get("run_id"): str(m.get("label", m.get("run_id"))) for m in models}
     with_ece = [(i, m) for i, m in enumerate(models, 1) if isinstance(m.get("ece"), int | float)]
     if len(with_ece) > 1:
         i, m = min(with_ece, key=lambda im: im[1]["ece"])
-        out.append(f"Among the compared models, {m.get('label')} has the lowest expected "
+        lead = f"{on}among" if on else "Among"
+        out.append(f"{lead} the compared models, {m.get('label')} has the lowest expected "
                    f"calibration error ({fmt.num(m['ece'], 3)}) {cite(tables[0], i)}.")
-    pair_table = next((t for t in tables[1:] if t.anchor == "compare-pairs"), None)
+    pair_table = next((t for t in tables[1:] if t.anchor.endswith("-pairs")), None)
     for i, p in enumerate(compare.get("pairs") or [], 1):
         if pair_table is None or not isinstance(p.get("agreement"), int | float):
             continue
@@ -166,6 +172,6 @@ def _compare_sentences(compare: dict | None, tables: list[Table]) -> list[str]:
         if isinstance(p.get("right_to_wrong"), int) and isinstance(p.get("wrong_to_right"), int):
             extra = (f"; {p['right_to_wrong']} test images are right for {a} and wrong for "
                      f"{b}, {p['wrong_to_right']} the reverse")
-        out.append(f"{a} and {b} predict the same class on {fmt.pct(p['agreement'])}% of the "
-                   f"test images{extra} {cite(pair_table, i)}.")
+        out.append(f"{on}{a} and {b} predict the same class on {fmt.pct(p['agreement'])}% of "
+                   f"the test images{extra} {cite(pair_table, i)}.")
     return out

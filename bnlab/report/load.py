@@ -80,6 +80,16 @@ class Run:
 
 
 @dataclass
+class Comparison:
+    """One stored prediction comparison: its folder under OUT (analysis or analysis/<dataset>),
+    the dataset its runs were trained on (None when unknown) and its compare.json."""
+
+    folder: str
+    dataset: str | None
+    data: dict[str, Any]
+
+
+@dataclass
 class Study:
     root: Path
     name: str
@@ -91,8 +101,13 @@ class Study:
     axes: list[str]
     analysis: dict[str, Any]
     runs: list[Run]
-    compare: dict[str, Any] | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
     store: Store | None = field(default=None, repr=False)
+
+    @property
+    def compare(self) -> dict[str, Any] | None:
+        """The first comparison's compare.json (OUT/analysis/), None without one."""
+        return self.comparisons[0].data if self.comparisons else None
 
     @property
     def arm_axes(self) -> list[str]:
@@ -132,15 +147,40 @@ def load_study(out_dir: str | Path) -> Study:
     arm_axes = [a for a in axes if a not in NOT_ARM_AXES]
     for r in runs:
         r.arm = tuple((a, canon(r.value(a))) for a in arm_axes)
-    compare = None
-    if (root / "analysis" / "compare.json").is_file():
-        compare = store.read_meta("analysis/compare.json")
+    comparisons = _comparisons(store, runs)
     return Study(root=root, name=str(meta.get("name", root.name)),
                  description=str(meta.get("description", "")), spec=spec,
                  sets=dict(meta.get("sets") or {}), only=dict(meta.get("only") or {}),
                  data_map=dict(meta.get("data_map") or {}), axes=axes,
                  analysis=dict(meta.get("analysis") or spec.get("analysis") or {}),
-                 runs=runs, compare=compare, store=store)
+                 runs=runs, comparisons=comparisons, store=store)
+
+
+def _comparisons(store: Store, runs: list[Run]) -> list[Comparison]:
+    """The prediction comparisons the runner stored: OUT/analysis/compare.json (the first
+    dataset compared), then OUT/analysis/<dataset>/compare.json for the others, by name."""
+    root = store.root / "analysis"
+    folders = ["analysis"] if (root / "compare.json").is_file() else []
+    if root.is_dir():
+        folders += [f"analysis/{d.name}" for d in sorted(root.iterdir())
+                    if d.is_dir() and (d / "compare.json").is_file()]
+    dataset_of = {r.run_id: r.dataset for r in runs}
+    out = []
+    for folder in folders:
+        try:
+            data = store.read_meta(f"{folder}/compare.json")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{str(store.root / folder / 'compare.json')!r} is not valid "
+                            "JSON") from None
+        if not isinstance(data, dict):
+            continue
+        if folder == "analysis":
+            first = next(iter(data.get("models") or []), {})
+            dataset = dataset_of.get(first.get("run_id") if isinstance(first, dict) else None)
+        else:
+            dataset = folder.split("/", 1)[1]
+        out.append(Comparison(folder=folder, dataset=dataset, data=data))
+    return out
 
 
 def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:

@@ -223,10 +223,14 @@ def probe_table(rows_in: list[ProbeRow], number: int) -> Table | None:
                  numeric=[False, False, False] + [True] * 7, anchor="probes")
 
 
-def compare_tables(compare: dict | None, first_number: int) -> list[Table]:
-    """Tables of OUT/analysis/compare.json: per model, per pair, per corruption."""
+def compare_tables(compare: dict | None, first_number: int, folder: str = "analysis",
+                   dataset: str | None = None, anchor: str = "compare") -> list[Table]:
+    """Tables of one stored comparison (OUT/<folder>/compare.json, on `dataset`): per model,
+    per pair, per corruption."""
     if not compare or not compare.get("models"):
         return []
+    source = f"From {folder}/compare.json"
+    on = f" ({dataset})" if dataset else ""
     models = compare["models"]
     labels = {m.get("run_id"): str(m.get("label", m.get("run_id"))) for m in models}
     n = first_number
@@ -234,11 +238,11 @@ def compare_tables(compare: dict | None, first_number: int) -> list[Table]:
     rows = [[str(m.get("label", "")), str(m.get("run_id", "")), fmt.pct(_n(m.get("test_acc"))),
              fmt.num(_n(m.get("nll"))), fmt.num(_n(m.get("brier"))),
              fmt.num(_n(m.get("ece")))] for m in models]
-    tables = [Table(n, "Predictions of the compared models on the test set", head, rows,
-                    ["From analysis/compare.json. NLL: mean negative log-likelihood (nats); "
+    tables = [Table(n, f"Predictions of the compared models on the test set{on}", head, rows,
+                    [f"{source}. NLL: mean negative log-likelihood (nats); "
                      "Brier: mean squared error of the probability vector; ECE: expected "
                      "calibration error."], numeric=[False, False, True, True, True, True],
-                    anchor="compare-models")]
+                    anchor=f"{anchor}-models")]
     pairs = compare.get("pairs") or []
     if pairs:
         n += 1
@@ -249,12 +253,12 @@ def compare_tables(compare: dict | None, first_number: int) -> list[Table]:
                  _i(p.get("wrong_to_right")), _i(p.get("both_right")), _i(p.get("both_wrong")),
                  fmt.num(_n(p.get("kl_ab"))), fmt.num(_n(p.get("kl_ba"))),
                  fmt.num(_n(p.get("js")))] for p in pairs]
-        tables.append(Table(n, "Agreement between pairs of models", head, rows,
+        tables.append(Table(n, f"Agreement between pairs of models{on}", head, rows,
                             ["Agreement: share of test images with the same predicted class. "
                              "Right → wrong: images A classifies correctly and B does not; "
                              "wrong → right the reverse. KL and JS: mean divergences of the "
                              "predicted distributions (nats)."],
-                            numeric=[False, False] + [True] * 8, anchor="compare-pairs"))
+                            numeric=[False, False] + [True] * 8, anchor=f"{anchor}-pairs"))
     corr = sorted({c for m in models for c in (m.get("corruption_acc") or {})})
     if corr:
         n += 1
@@ -267,10 +271,10 @@ def compare_tables(compare: dict | None, first_number: int) -> list[Table]:
                         if _n(v) is not None]
                 cells.append(fmt.pct(sum(vals) / len(vals)) if vals else fmt.DASH)
             rows.append([str(m.get("label", "")), *cells])
-        tables.append(Table(n, "Accuracy under corruptions (%)", head, rows,
+        tables.append(Table(n, f"Accuracy under corruptions (%){on}", head, rows,
                             ["Mean test accuracy over the recorded severities of each "
                              "corruption."], numeric=[False] + [True] * len(corr),
-                            anchor="compare-corruptions"))
+                            anchor=f"{anchor}-corruptions"))
     return tables
 
 
