@@ -7,7 +7,7 @@
 # tree. Prints every figure and writes them under $OUT (default .gpu/out). Each step has its
 # own time box, so the whole script ends within about 8 minutes even when a step hangs.
 # For a dry run of the same code paths on a CPU (tiny sizes):
-#   DEVICE=cpu STEPS=2 K=2 EPOCHS=1 LIMIT=256 COMPILE=false VARIANTS128=textbook,eager,packed \
+#   DEVICE=cpu STEPS=2 K=2 EPOCHS=2 LIMIT=256 COMPILE=false VARIANTS128=textbook,eager,packed \
 #   VARIANTS512=textbook PYTHONPATH=. bash benchmarks/gpu_check.sh ../shared/data/cifar10-jpg.tar.gz
 set -u
 DATA=${1:?usage: PYTHONPATH=. bash benchmarks/gpu_check.sh PATH/TO/cifar10-jpg.tar.gz}
