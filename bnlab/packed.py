@@ -36,7 +36,15 @@ from bnlab.data import DataBundle, Split, load_data
 from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
 from bnlab.errors import UserError
 from bnlab.models.cifar_resnet import DEPTHS
-from bnlab.models.packed import NotPackable, check_packable, empty_pack, pack_state, unpack_state
+from bnlab.models.packed import (
+    NotPackable,
+    check_packable,
+    empty_pack,
+    owned_entries,
+    pack_state,
+    unpack_state,
+    zero_fill,
+)
 from bnlab.store import RunDir, Store
 from bnlab.train import (
     _checkpoint,
@@ -51,11 +59,11 @@ from bnlab.train import (
     train_run,
 )
 
-PER_RUN = ("seed", "init", "init_options", "lr", "momentum", "weight_decay",
+PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
            "decay_norm_and_bias", "schedule", "warmup_epochs")
 # fields that may be anything as long as it is the same for every run of the pack
 SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment", "model",
-          "norm", "norm_options", "placement", "first_k", "batch_size", "epochs",
+          "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
           "compile")
 MODELS = (*DEPTHS, "mlp3x100")
@@ -82,21 +90,23 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
             return f"{name} differs between the runs ({', '.join(sorted(values))})"
     if first.model not in MODELS:
         return f"model {first.model!r} is not packable (packable: {', '.join(MODELS)})"
-    if first.norm not in NORMS:
-        return f"norm {first.norm!r} is not packable (packable: {', '.join(NORMS)})"
+    for c in cfgs:
+        if c.norm not in NORMS:
+            return f"norm {c.norm!r} is not packable (packable: {', '.join(NORMS)})"
     if first.model == "mlp3x100" and first.placement != "post_conv":
         return "mlp3x100 supports placement post_conv only"
     return _structure_reason(cfgs)
 
 
 def _structure_reason(cfgs: list[RunConfig]) -> str | None:
-    """Build each distinct init's model (RNG state kept) and look for layers without a packed
-    form (norm variants of other classes, Fixup/SkipInit scalars, ...)."""
+    """Build each distinct (norm, init)'s model (RNG state kept) and look for layers without a
+    packed form (norm variants of other classes, Fixup/SkipInit scalars, ...) and for networks
+    that cannot share a pack."""
     from bnlab.models import build_model
 
-    seen = set()
+    seen, models = set(), []
     for c in cfgs:
-        key = (c.init, repr(c.init_options))
+        key = (c.norm, c.init, repr(c.init_options))
         if key in seen:
             continue
         seen.add(key)
@@ -111,6 +121,12 @@ def _structure_reason(cfgs: list[RunConfig]) -> str | None:
                 return f"{e} (init {c.init!r}, norm {c.norm!r})"
             except UserError as e:
                 return str(e)
+        models.append(model)
+    if len(models) > 1:
+        try:
+            empty_pack(models)
+        except NotPackable as e:
+            return str(e)
     return None
 
 
@@ -126,12 +142,19 @@ def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]
         groups.setdefault(key, []).append(c)
     out = []
     for members in groups.values():
-        chunks = [members[i:i + max_k] for i in range(0, len(members), max_k)]
-        for chunk in chunks:
-            if len(chunk) > 1 and can_pack(chunk) is None:
-                out.append(chunk)
-            else:
-                out.extend([c] for c in chunk)
+        if len({c.norm for c in members}) > 1 and can_pack(members[:max_k]) is not None:
+            by_norm: dict[str, list[RunConfig]] = {}  # these norms cannot mix: pack apart
+            for c in members:
+                by_norm.setdefault(c.norm, []).append(c)
+            subgroups = list(by_norm.values())
+        else:
+            subgroups = [members]
+        for sub in subgroups:
+            for chunk in (sub[i:i + max_k] for i in range(0, len(sub), max_k)):
+                if len(chunk) > 1 and can_pack(chunk) is None:
+                    out.append(chunk)
+                else:
+                    out.extend([c] for c in chunk)
     return out
 
 
@@ -156,7 +179,10 @@ class PackedSGD:
     """
 
     def __init__(self, model: nn.Module, cfgs: list[RunConfig], single_ndim: dict[str, int],
-                 bufs: dict[str, torch.Tensor] | None = None):
+                 bufs: dict[str, torch.Tensor] | None = None,
+                 owned: dict[str, list[bool]] | None = None):
+        """`owned[name][k]` False: run k's network has no such parameter (a bias or norm
+        parameter held for the other runs of a mixed pack); its entries never change."""
         self.k, self.nesterov = len(cfgs), cfgs[0].nesterov
         self.params = dict(model.named_parameters())
         ref = next(iter(self.params.values()))
@@ -168,6 +194,7 @@ class PackedSGD:
         run = torch.empty(total, dtype=torch.int64)
         mom = torch.empty(total, dtype=torch.float64)
         wd = torch.zeros(total, dtype=torch.float64)
+        live = torch.ones(total, dtype=torch.bool)
         momentum = torch.tensor([c.momentum for c in cfgs], dtype=torch.float64)
         self.segments: dict[str, tuple[int, int]] = {}
         self.bufs: dict[str, torch.Tensor] = {}
@@ -196,11 +223,16 @@ class PackedSGD:
                 wd[offset:offset + n] = torch.tensor(
                     [c.weight_decay if c.decay_norm_and_bias else 0.0 for c in cfgs],
                     dtype=torch.float64)[owner]
+            if owned is not None and not all(owned[name]):
+                mine = torch.tensor(owned[name])[owner]
+                live[offset:offset + n] = mine
+                wd[offset:offset + n] *= mine
             self.segments[name] = (offset, n)
             offset += n
         self.run = run.to(device)
         self.mom = mom.to(device=device, dtype=dtype)
         self.wd = wd.to(device=device, dtype=dtype) if bool((wd != 0).any()) else None
+        self.live = None if bool(live.all()) else live.to(device)
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -222,6 +254,8 @@ class PackedSGD:
 
     def _update(self, part: slice, g: torch.Tensor, lr: torch.Tensor) -> None:
         p, buf, m = self.flat[part], self.buf[part], self.mom[part]
+        if self.live is not None:  # entries no run owns get no gradient (so never move)
+            g = torch.where(self.live[part], g, 0.0)
         d = g if self.wd is None else g + self.wd[part] * p
         buf.mul_(m).add_(d)
         upd = d + m * buf if self.nesterov else buf
@@ -389,18 +423,17 @@ class _Pack:
     def __init__(self, members: list[_Member], device: torch.device):
         self.members = members
         cfgs = [m.cfg for m in members]
-        template = members[0].template
-        self.single_state = template.state_dict()
-        self.single_params = dict(template.named_parameters())
+        templates = [m.template for m in members]
         fmt = memory_format_for(device, cfgs[0].model)
-        self.model = empty_pack(template, len(members)).to(device=device, memory_format=fmt)
+        self.model = empty_pack(templates).to(device=device, memory_format=fmt)
         self.model.load_state_dict(pack_state([m.model_state for m in members],
                                               self.model.state_dict()))
         params = dict(self.model.named_parameters())
-        bufs = pack_state([m.bufs for m in members], params)
+        bufs = pack_state([m.bufs for m in members], params, fill=zero_fill)
         bufs = {n: b.contiguous(memory_format=_format_of(params[n])) for n, b in bufs.items()}
-        self.opt = PackedSGD(self.model, cfgs, {n: p.ndim for n, p in
-                                                self.single_params.items()}, bufs)
+        ndim = {n: p.ndim for t in templates for n, p in t.named_parameters()}
+        self.opt = PackedSGD(self.model, cfgs, ndim, bufs,
+                             owned=owned_entries(templates, self.model))
         self.fast = prepare(self.model, device, cfgs[0].compile)
 
     def sync_members(self) -> None:
@@ -408,9 +441,10 @@ class _Pack:
         k = len(self.members)
         state = self.model.state_dict()
         for i, m in enumerate(self.members):
-            m.model_state = unpack_state(state, i, k, self.single_state)
-            bufs = unpack_state(self.opt.bufs, i, k, self.single_params)
-            m.bufs = {n: b.contiguous(memory_format=_format_of(self.single_params[n]))
+            own = dict(m.template.named_parameters())
+            m.model_state = unpack_state(state, i, k, m.template.state_dict())
+            bufs = unpack_state(self.opt.bufs, i, k, own)
+            m.bufs = {n: b.contiguous(memory_format=_format_of(own[n]))
                       for n, b in bufs.items()}
 
 

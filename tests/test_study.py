@@ -371,7 +371,8 @@ def test_user_error_from_bad_spec_leaves_nothing(tmp_path):
 
 def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
     """The packing path of the runner (used for CUDA runs), exercised on the CPU: the runs that
-    differ only in seed train as packs, each with its own folder, and a rerun skips them."""
+    differ only in seed and norm (bn, none) train as one pack, each with its own folder, and a
+    rerun skips them."""
     import bnlab.study as study
 
     monkeypatch.setattr(study, "PACK_DEVICES", {"cpu", "cuda"})
@@ -384,7 +385,7 @@ def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
     for r in rows:
         metrics = store.run(r["run_id"]).metrics()
         assert [m["epoch"] for m in metrics] == [1, 2]
-        assert all(m.get("packed") == 2 for m in metrics)
+        assert all(m.get("packed") == 4 for m in metrics)
     rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 0 and "4 already finished" in out + err
     rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "p", "--no-pack")

@@ -10,6 +10,13 @@ gradient of sum_k loss_k with respect to run k's weights is the gradient of loss
 
 Every packed tensor stores run k's entries in slice k of `tensor.reshape(K, -1)`, so
 `pack_state` / `unpack_state` convert between K single-run state dicts and the packed one.
+
+Runs with and without batch norm can share a pack: their networks differ only in that a norm
+layer of one is an identity in the other and that convolutions (and linear layers) without a
+following norm carry a bias. The pack holds the union: a bias on every such layer (fixed at zero
+for the runs that have none; `PackedSGD` leaves those entries alone) and, where only some runs
+normalize, a `PartialBatchNorm` that passes the other runs' channels through unchanged
+(`torch.where`, so their values and gradients are exactly those of an identity).
 """
 
 from __future__ import annotations
@@ -70,6 +77,31 @@ class PackedShortcutA(nn.Module):
         return x
 
 
+class _PartialBatchNorm:
+    """Batch norm over the channels of the runs that normalize; the other runs' channels
+    (mask False) pass through unchanged. The statistics of those channels are computed and
+    never used; their scale and shift stay at 1 and 0 (they receive no gradient)."""
+
+    def _setup(self, mask: torch.Tensor) -> None:
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return torch.where(self.mask.view(shape), super().forward(x), x)
+
+
+class PartialBatchNorm1d(_PartialBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class PartialBatchNorm2d(_PartialBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+PARTIAL = {nn.BatchNorm1d: PartialBatchNorm1d, nn.BatchNorm2d: PartialBatchNorm2d}
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
 def _packed_layer(m: nn.Module, k: int) -> nn.Module | None:
     """The packed replacement of one layer, None for a structural module kept as it is."""
     if isinstance(m, nn.Conv2d):
@@ -101,11 +133,44 @@ def check_packable(model: nn.Module) -> None:
         _packed_layer(m, 1)
 
 
-def empty_pack(model: nn.Module, k: int) -> nn.Module:
-    """The packed form of `model` for k runs (its parameters still to be loaded)."""
-    packed = copy.deepcopy(model)
+def _union_layer(layers: list[nn.Module], k: int) -> nn.Module | None:
+    """The packed layer for one position of K networks that may differ in norm (a batch norm
+    in some, an identity in others) and, for convolutions and linear layers, in having a bias."""
+    first = layers[0]
+    kinds = {type(m) for m in layers}
+    norms = [m for m in layers if type(m) in NORMS]
+    if norms and len(norms) < len(layers):
+        if kinds - {type(norms[0]), nn.Identity}:
+            raise NotPackable("a norm layer faces a layer other than an identity in another run")
+        bn = norms[0]
+        mask = torch.tensor([type(m) in NORMS for m in layers]).repeat_interleave(
+            bn.num_features)
+        layer = PARTIAL[type(bn)](k * bn.num_features, bn.eps, bn.momentum, bn.affine,
+                                  bn.track_running_stats)
+        layer._setup(mask)
+        return layer
+    if len(kinds) > 1:
+        names = ", ".join(sorted(t.__name__ for t in kinds))
+        raise NotPackable(f"the runs differ in layer types ({names})")
+    if isinstance(first, nn.Conv2d | nn.Linear) and any(m.bias is not None for m in layers):
+        if first.bias is None:
+            first = next(m for m in layers if m.bias is not None)
+    return _packed_layer(first, k)
+
+
+def empty_pack(models: nn.Module | list[nn.Module], k: int | None = None) -> nn.Module:
+    """The packed form for k runs of `model` (or of the K `models`, which may differ in norm
+    as the module docstring says); its parameters are still to be loaded."""
+    models = [models] * (k or 1) if isinstance(models, nn.Module) else list(models)
+    k = len(models)
+    base = next((m for m in models if any(type(x) in NORMS for x in m.modules())), models[0])
+    packed = copy.deepcopy(base)
+    others = [dict(m.named_modules()) for m in models]
     for name, m in list(packed.named_modules()):
-        new = _packed_layer(m, k)
+        layers = [o.get(name) for o in others]
+        if any(x is None for x in layers):
+            raise NotPackable(f"layer {name!r} is missing in one of the runs")
+        new = _union_layer(layers, k)
         if new is not None:
             ref = next(iter(m.parameters(recurse=False)), None)
             if ref is not None:
@@ -116,20 +181,41 @@ def empty_pack(model: nn.Module, k: int) -> nn.Module:
 
 def pack_models(models: list[nn.Module]) -> nn.Module:
     """One packed network holding the K given models' parameters and buffers."""
-    packed = empty_pack(models[0], len(models))
+    packed = empty_pack(models)
     packed.load_state_dict(pack_state([m.state_dict() for m in models], packed.state_dict()))
     return packed
 
 
-def pack_state(states: list[dict], like: dict) -> dict:
-    """Stack K single-run state dicts into the layout of the packed state dict `like`."""
+def identity_fill(key: str, ref: torch.Tensor) -> torch.Tensor:
+    """A run's entries for a state key its own network lacks: a norm layer it does not have
+    (scale and running variance 1, shift and running mean 0) or a bias it does not have (0)."""
+    one = key.endswith(("weight", "running_var"))  # every conv/linear weight exists in all runs
+    return torch.ones_like(ref) if one else torch.zeros_like(ref)
+
+
+def zero_fill(key: str, ref: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(ref)
+
+
+def pack_state(states: list[dict], like: dict, fill=identity_fill) -> dict:
+    """Stack K single-run state dicts into the layout of the packed state dict `like`; a key
+    missing from a run's dict (mixed norms) gets `fill(key, other run's tensor)`."""
     out = {}
     for key, ref in like.items():
+        have = [s[key] for s in states if key in s]
         if key.endswith("num_batches_tracked"):
-            out[key] = states[0][key].clone()  # one count: every packed run takes the same steps
+            out[key] = have[0].clone()  # one count: every packed run takes the same steps
         else:
-            out[key] = torch.stack([s[key] for s in states]).reshape(ref.shape)
+            parts = [s[key] if key in s else fill(key, have[0]) for s in states]
+            out[key] = torch.stack(parts).reshape(ref.shape)
     return out
+
+
+def owned_entries(models: list[nn.Module], packed: nn.Module) -> dict[str, list[bool]]:
+    """Per packed parameter, which runs have it in their own network (False: a bias or norm
+    parameter the pack holds only for the other runs, to be left unchanged)."""
+    names = [{n for n, _ in m.named_parameters()} for m in models]
+    return {n: [n in own for own in names] for n, _ in packed.named_parameters()}
 
 
 def unpack_state(packed: dict, k: int, n: int, like: dict) -> dict:
