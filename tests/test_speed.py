@@ -168,17 +168,17 @@ def test_tuned_allocator_serves_activations_from_the_heap():
 
 @pytest.mark.slow
 def test_compiled_pack_matches_eager_pack(tmp_path):
-    """A pack whose parameters are views of the flat optimizer tensor compiles, and trains as
-    the eager pack does."""
+    """A pack whose parameters are views of the flat optimizer tensor, with a run without BN
+    beside one with BN (PartialBatchNorm), compiles, and trains as the eager pack does."""
     from bnlab.packed import train_packed
 
     bundle = make_synthetic(n_train=256, n_test=128)
     base = [RunConfig(dataset="synthetic", model="mlp3x100", epochs=2, batch_size=32,
-                      device="cpu", eval_batch_size=100, seed=s, lr=lr)
-            for s, lr in ((0, 0.1), (1, 0.05))]
+                      device="cpu", eval_batch_size=100, seed=s, lr=lr, norm=norm)
+            for s, lr, norm in ((0, 0.1, "bn"), (1, 0.05, "none"))]
     eager = train_packed(base, tmp_path / "e", bundle=bundle, log=lambda s: None)
     fast = train_packed([dataclasses.replace(c, compile=True) for c in base], tmp_path / "c",
                         bundle=bundle, log=lambda s: None)
     for a, b in zip(eager, fast):
-        assert a["run_id"] == b["run_id"] and b["status"] == "completed"
+        assert a["run_id"] == b["run_id"] and b["status"] == a["status"] != "failed"
         assert abs(a["test_loss"] - b["test_loss"]) < 1e-3
