@@ -115,6 +115,39 @@ def test_memory_loader_normalizes_and_orders_by_seed_and_epoch():
     torch.testing.assert_close(xs.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("train,augment", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("chunk", [1, 3, 32])
+def test_memory_loader_chunks_give_the_batches_of_one_at_a_time(monkeypatch, train, augment,
+                                                                chunk):
+    """Batches prepared a chunk at a time equal batches prepared one by one from the same
+    epoch plan (the reference below), bit for bit, in the same layout; training drops the
+    partial last batch, evaluation keeps it."""
+    import bnlab.data.loader as L
+
+    b = load_data("synthetic", limit_train=1000, limit_test=530)
+    monkeypatch.setattr(L, "MAX_CHUNK_BATCHES", chunk)
+    split = b.train if train else b.test
+    loader = MemoryLoader(split, b, 128, torch.device("cpu"), train, augment, seed=3,
+                          memory_format=torch.channels_last)
+    got = list(loader.epoch(2))
+    n = len(split.y)
+    if train:
+        order, offsets, flips = L.epoch_plan(n, 3, 2, augment, b.flip)
+    else:
+        order = torch.arange(n)
+    steps = n // 128 if train else -(-n // 128)
+    assert len(got) == len(loader) == steps
+    for i, (x, y) in enumerate(got):
+        idx = order[i * 128:(i + 1) * 128]
+        ref = split.x[idx]
+        if augment:
+            ref = crop_flip(ref, offsets[idx], flips[idx])
+        ref = loader.norm(ref)
+        assert torch.equal(x, ref) and torch.equal(y, split.y[idx])
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert sum(len(y) for _, y in got) == (n // 128 * 128 if train else n)
+
+
 def test_limits_take_a_fixed_mixed_subset():
     b = load_data("synthetic", limit_train=100, limit_test=50)
     assert len(b.train) == 100 and len(b.test) == 50

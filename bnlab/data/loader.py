@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from bnlab.data.bundle import DataBundle, Split
 
 PAD = 4  # px of zero padding before the random crop (He et al. 2016)
+CHUNK_BYTES = 64 << 20  # float32 input prepared at once by MemoryLoader
+MAX_CHUNK_BATCHES = 32
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -83,24 +85,34 @@ class MemoryLoader:
             return max(1, n // self.batch_size)
         return (n + self.batch_size - 1) // self.batch_size
 
+    def chunk_batches(self) -> int:
+        """Batches prepared at once: as many as fit in CHUNK_BYTES of float32 input, at most
+        MAX_CHUNK_BATCHES. One gather, crop, flip and normalization then serves that many
+        steps, so a step launches no data kernels of its own (on a GPU each launch costs host
+        time the step waits for)."""
+        per_batch = self.batch_size * self.x[0].numel() * 4
+        return max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // max(1, per_batch)))
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.y)
+        n, bs = len(self.y), self.batch_size
         if self.train:
             order, offsets, flips = epoch_plan(n, self.seed, epoch, self.augment, self.flip)
             if self.augment:
                 offsets, flips = offsets.to(self.device), flips.to(self.device)
             order = order.to(self.device)
-        for b in range(len(self)):
-            lo = b * self.batch_size
-            hi = min(n, lo + self.batch_size)
+        steps, per = len(self), self.chunk_batches()
+        for c0 in range(0, steps, per):
+            lo, hi = c0 * bs, min(n, min(c0 + per, steps) * bs)  # training: full batches
             if self.train:
                 idx = order[lo:hi]
                 x = self.x[idx]
                 if self.augment:
                     x = crop_flip(x, offsets[idx], flips[idx])
-                yield self.norm(x), self.y[idx]
+                x, y = self.norm(x), self.y[idx]
             else:
-                yield self.norm(self.x[lo:hi]), self.y[lo:hi]
+                x, y = self.norm(self.x[lo:hi]), self.y[lo:hi]
+            for b in range(0, hi - lo, bs):  # views: rows of the chunk, layout kept
+                yield x[b:b + bs], y[b:b + bs]
 
 
 class StreamLoader:
