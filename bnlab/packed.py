@@ -32,7 +32,7 @@ from bnlab.accel import (
     tune_cpu_allocator,
 )
 from bnlab.config import FIELDS, RunConfig
-from bnlab.data import DataBundle, Split, load_data
+from bnlab.data import DataBundle, Split, load_data, loader
 from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
 from bnlab.errors import UserError
 from bnlab.models.cifar_resnet import DEPTHS
@@ -451,7 +451,9 @@ class _Pack:
 def _batches(members: list[_Member], train: Split, norm: Normalizer, epoch: int, spe: int,
              batch: int, augment: bool, flip: bool, device: torch.device):
     """Per step: the packed input (B, K*C, H, W) and labels (B, K); run k's slice is exactly
-    the batch its own MemoryLoader would give it."""
+    the batch its own MemoryLoader would give it. The gather, crop and flip run once per chunk
+    of steps (as in MemoryLoader); a step then only interleaves the runs' images and
+    normalizes them."""
     n = len(train.y)
     plans = [epoch_plan(n, m.cfg.seed, epoch, augment, flip) for m in members]
     order = torch.stack([p[0] for p in plans]).to(device)  # (K, n)
@@ -460,14 +462,19 @@ def _batches(members: list[_Member], train: Split, norm: Normalizer, epoch: int,
         flips = torch.stack([p[2] for p in plans]).to(device)  # (K, n)
     k = len(members)
     rows = torch.arange(k, device=device)[:, None]
-    for i in range(spe):
-        idx = order[:, i * batch:(i + 1) * batch]  # (K, B)
+    c, h, w = train.x.shape[1:]
+    per = max(1, min(loader.MAX_CHUNK_BATCHES, loader.CHUNK_BYTES // (k * batch * c * h * w)))
+    for c0 in range(0, spe, per):
+        s = min(per, spe - c0)
+        idx = order[:, c0 * batch:(c0 + s) * batch]  # (K, S*B)
         x = train.x[idx.reshape(-1)]
         if augment:
             x = crop_flip(x, offsets[rows, idx].reshape(-1, 2), flips[rows, idx].reshape(-1))
-        _, c, h, w = x.shape
-        x = x.reshape(k, batch, c, h, w).transpose(0, 1).reshape(batch, k * c, h, w)
-        yield norm(x), train.y[idx].T
+        x = x.reshape(k, s, batch, c, h, w)
+        ys = train.y[idx].reshape(k, s, batch)
+        for i in range(s):
+            xi = x[:, i].transpose(0, 1).reshape(batch, k * c, h, w)
+            yield norm(xi), ys[:, i].T
 
 
 def _train_pack(members: list[_Member], store: Store, bundle: DataBundle,

@@ -72,7 +72,11 @@ def test_evaluate_with_padding_matches_plain_evaluate():
 
 
 @pytest.mark.parametrize("augment", [True, False])
-def test_packed_batches_are_each_runs_own_batches(augment):
+@pytest.mark.parametrize("chunk", [1, 2, 32])
+def test_packed_batches_are_each_runs_own_batches(augment, chunk, monkeypatch):
+    import bnlab.data.loader as L
+
+    monkeypatch.setattr(L, "MAX_CHUNK_BATCHES", chunk)
     bundle = make_synthetic(n_train=40, n_test=8, size=8)
     dev = torch.device("cpu")
     cfgs = [RunConfig(dataset="synthetic", seed=s, batch_size=8) for s in (0, 5, 9)]
