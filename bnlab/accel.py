@@ -111,11 +111,12 @@ def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 class FirstBad:
     """Index of the first training step whose loss was not finite, kept on the device.
 
-    `update` costs two tiny device ops and no synchronization. `poll` returns the step once it
-    is known: on the CPU at once; on a GPU (or with lazy=True) from a copy issued `every` steps
-    earlier whose event has completed (so the answer may come up to 2*every steps late, never
-    with a stall), and exactly at the end of an epoch (`final=True`), where the metrics are
-    read anyway.
+    `update` costs one device copy and no synchronization: the losses of the last `every`
+    steps are kept in a small device buffer and checked together (a handful of kernels) when
+    the flag is read. `poll` returns the step once it is known: on the CPU at once; on a GPU
+    (or with lazy=True) from a copy issued `every` steps earlier whose event has completed (so
+    the answer may come up to 2*every steps late, never with a stall), and exactly at the end
+    of an epoch (`final=True`), where the metrics are read anyway.
     """
 
     def __init__(self, device: torch.device, shape: tuple[int, ...] = (),
@@ -123,12 +124,32 @@ class FirstBad:
         self.device = device
         self.lazy = device.type == "cuda" if lazy is None else lazy
         self.every = every or DIVERGENCE_CHECK_EVERY.get(device.type, 50)
-        self.flag = torch.full(shape, -1, dtype=torch.int64, device=device)
-        self._pending = None
+        self.reset(tuple(shape))
+
+    @property
+    def flag(self) -> torch.Tensor:
+        """The first bad step per run (-1: none yet), with every recorded loss checked."""
+        self._fold()
+        return self._flag
 
     def update(self, loss: torch.Tensor, step: int) -> None:
-        bad = (self.flag < 0) & ~torch.isfinite(loss.detach())
-        self.flag = torch.where(bad, torch.full_like(self.flag, step), self.flag)
+        if self._n and (step != self._first + self._n or self._n == len(self._rows)):
+            self._fold()
+        if self._n == 0:
+            self._first = step
+        self._rows[self._n].copy_(loss.detach())
+        self._n += 1
+
+    def _fold(self) -> None:
+        """Merge the buffered losses into the flag (steps _first, _first + 1, ...)."""
+        if self._n == 0:
+            return
+        rows = self._rows[:self._n]
+        at = torch.arange(self._n, device=self.device).view(-1, *[1] * (rows.ndim - 1))
+        first = torch.where(torch.isfinite(rows), self._n, at).amin(0)
+        new = torch.where(first < self._n, first + self._first, -1)
+        self._flag = torch.where(self._flag < 0, new, self._flag)
+        self._n = 0
 
     def poll(self, i: int, final: bool = False) -> torch.Tensor | None:
         """The flag's value (a CPU tensor) when it shows a bad step, else None."""
@@ -160,6 +181,8 @@ class FirstBad:
         return host, event
 
     def reset(self, shape: tuple[int, ...] | None = None) -> None:
-        self.flag = torch.full(self.flag.shape if shape is None else shape, -1,
-                               dtype=torch.int64, device=self.device)
+        shape = self._flag.shape if shape is None else shape
+        self._flag = torch.full(shape, -1, dtype=torch.int64, device=self.device)
+        self._rows = torch.empty((self.every, *shape), dtype=torch.float64, device=self.device)
+        self._n, self._first = 0, 0
         self._pending = None

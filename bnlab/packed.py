@@ -586,7 +586,7 @@ def _train_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe:
         pack.opt.step(lrs[i, keep] if k != len(members) else lrs[i])
         detached = losses.detach()
         watch.update(detached, step0 + i)
-        loss_sum += detached.double() * batch
+        loss_sum.add_(detached, alpha=batch)
         correct += (out.detach().argmax(2) == y).sum(0)
         seen += batch
         for j, m in zip(keep, pack.members):

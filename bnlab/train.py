@@ -342,7 +342,7 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
             ctx.average_buffers(model)  # running statistics over all shards (distributed.py)
             detached = loss.detach()
             watch.update(detached, step)
-            loss_sum += detached.double() * len(y)
+            loss_sum.add_(detached, alpha=len(y))  # one kernel, summed in float64
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             step += 1

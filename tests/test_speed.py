@@ -46,6 +46,20 @@ def test_lazy_first_bad_reports_late_but_never_misses():
     assert watch.poll(0) is None and int(watch.poll(1, final=True)) == 7
 
 
+def test_first_bad_buffers_losses_and_checks_them_when_read():
+    """Losses are kept on the device and checked when the flag is read: after a gap in the
+    steps, after more steps than the buffer holds, and for float64 losses beyond float32."""
+    watch = FirstBad(torch.device("cpu"), (2,), lazy=True, every=4)
+    for step in range(10):  # more than `every` updates, never polled
+        watch.update(torch.tensor([1.0, math.inf if step >= 6 else 2.0]), step)
+    watch.update(torch.tensor([math.nan, 1.0]), 20)  # a gap: steps 10..19 were not recorded
+    assert watch.flag.tolist() == [20, 6]
+    watch.reset()
+    watch.update(torch.tensor([1e300, 5.0], dtype=torch.float64), 0)
+    assert watch.flag.tolist() == [-1, -1]
+    assert watch.poll(0, final=True) is None
+
+
 def test_padded_eval_batch_leaves_real_rows_unchanged():
     torch.manual_seed(0)
     model = build_model("resnet20", 10).eval()
