@@ -380,7 +380,8 @@ def _registries() -> dict[str, dict]:
 
 def preflight(plan: Plan) -> None:
     """Refuse, before anything is trained, names that nothing knows: unmapped placeholder
-    datasets, models, norms and inits missing from their registries, an unavailable device.
+    datasets, image folders that do not exist, models, norms and inits missing from their
+    registries, an unavailable device.
 
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
@@ -393,6 +394,12 @@ def preflight(plan: Plan) -> None:
             raise UserError(f"dataset {ds!r} of study {plan.spec.name!r} is not a dataset "
                             f"name{suggest(ds, KNOWN_DATASETS)}: map it with --data-map "
                             f"{ds}=imagefolder:PATH (or one of {', '.join(KNOWN_DATASETS)})")
+    for ds in dict.fromkeys(r.cfg.dataset for r in plan.runs):
+        path = ds.removeprefix("imagefolder:")
+        if ds.startswith("imagefolder:") and not Path(path).expanduser().exists():
+            raise UserError(f"image folder {path!r} of study {plan.spec.name!r} does not "
+                            "exist: give --data-map NAME=imagefolder:PATH a folder in the "
+                            "ImageNet layout (train/, val/ or test/) or a .tar/.tar.gz of one")
     for kind, names in _registries().items():
         for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.runs):
             if value not in names:
