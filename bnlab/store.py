@@ -180,10 +180,23 @@ class Store:
             db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
+        """A connection in WAL mode. Switching a new index to WAL needs a lock that SQLite
+        does not wait for (it answers "database is locked" at once while another process
+        holds the file, e.g. two runners starting on one folder), so that step is retried
+        for up to a minute; the mode then stays in the file and later opens only read it."""
         db = sqlite3.connect(self.index_path, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA busy_timeout=60000")
-        return db
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")  # a file system without WAL keeps
+                return db  # its mode, as before
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    db.close()
+                    raise
+                time.sleep(0.02)
 
     def run(self, run_id: str) -> RunDir:
         return RunDir(self.root / run_id)
