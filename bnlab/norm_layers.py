@@ -69,6 +69,13 @@ class _BatchStatNorm(_BatchNorm):
         return F.batch_norm(xf, self.running_mean, self.running_var, w, b, False, 0.0,
                             self.eps).to(x.dtype)
 
+    def _train_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+        """(x in the compute dtype, scale, shift) for a training-mode forward, after checking
+        that every channel has more than one value."""
+        _values_per_channel(x)
+        return (x.to(_compute_dtype(x)), *self._affine(x))
+
 
 # -- bn_ref -------------------------------------------------------------------------------------
 class BatchNormFunction(torch.autograd.Function):
@@ -158,9 +165,7 @@ class KerasBatchNorm(_BatchStatNorm):
         self._check_input_dim(x)
         if not self.training:
             return self._eval(x)
-        _values_per_channel(x)
-        xf = x.to(_compute_dtype(x))
-        w, b = self._affine(x)
+        xf, w, b = self._train_inputs(x)
         y = F.batch_norm(xf, None, None, w, b, True, 0.0, self.eps)
         with torch.no_grad():
             dims = _dims(xf)
@@ -276,9 +281,8 @@ class BatchRenorm(_BatchStatNorm):
         self._check_input_dim(x)
         if not self.training:
             return self._eval(x)
-        _values_per_channel(x)
-        xf, dims, shape = x.to(_compute_dtype(x)), _dims(x), _shape(x)
-        w, b = self._affine(x)
+        xf, w, b = self._train_inputs(x)
+        dims, shape = _dims(x), _shape(x)
         mean = xf.mean(dims)
         std_b = torch.sqrt(xf.var(dims, unbiased=False) + self.eps)
         rmax, dmax = renorm_limits(int(self.num_batches_tracked), **self.schedule)
@@ -346,9 +350,7 @@ class CumulativeNorm(_BatchStatNorm):
         self._check_input_dim(x)
         if not self.training:
             return self._eval(x)
-        _values_per_channel(x)
-        xf = x.to(_compute_dtype(x))
-        w, b = self._affine(x)
+        xf, w, b = self._train_inputs(x)
         y, mean, var = cumulative_norm(xf, self.count, self.total, self.total_sq, w, b,
                                        self.eps)
         with torch.no_grad():
