@@ -84,11 +84,21 @@ def mark_step(model) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def prepare(model: nn.Module, device: torch.device, compile: bool, mode: str | None = None):
-    """The callable used for forward passes: `model` itself, or its compiled wrapper."""
+# the same modes without torch.compile's own CUDA graphs, for a step captured whole
+# (bnlab.step_graph): a capture cannot contain another
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def prepare(model: nn.Module, device: torch.device, compile: bool, mode: str | None = None,
+            whole_step_graph: bool = False):
+    """The callable used for forward passes: `model` itself, or its compiled wrapper.
+    whole_step_graph: the caller captures the whole step in one CUDA graph, so the compiled
+    model must not use CUDA graphs of its own."""
     if not compile:
         return model
     mode = mode or COMPILE_MODES.get(device.type, "default")
+    if whole_step_graph:
+        mode = WITHOUT_CUDA_GRAPHS.get(mode, mode)
     fast = compile_model(model, device, mode)
     fast._bnlab_cuda_graphs = device.type == "cuda" and mode == "reduce-overhead"
     return fast

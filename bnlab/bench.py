@@ -47,6 +47,7 @@ class BenchArgs:
     device: str = "auto"
     workers: int = 4
     compile_mode: str = ""  # "" = bnlab's default for the device
+    cuda_graph: bool = True  # RunConfig.cuda_graph of bnlab's variants
 
 
 def _load(a: BenchArgs, n_train: int):
@@ -180,7 +181,8 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
                      batch_size=a.batch_size, epochs=2, device=device.type,
                      precision=a.precision, limit_train=n_train,
                      eval_batch_size=a.batch_size,
-                     compile=variant.endswith("compiled"), schedule="constant")
+                     compile=variant.endswith("compiled"), schedule="constant",
+                     cuda_graph=a.cuda_graph)
     cfgs = [dataclasses.replace(base, seed=s) for s in range(k)]
     marks: dict[str, float] = {}
 
@@ -206,6 +208,7 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
     return {"images_per_s": ips, "model_images_per_s": ips * k, "k": k, "steps": steps,
             "seconds": steps * a.batch_size / ips, "precision": a.precision,
             "compile_mode": (a.compile_mode or None) if variant.endswith("compiled") else None,
+            "cuda_graph": a.cuda_graph and device.type == "cuda",
             "test_acc_after_2_epochs": summaries[0]["test_acc"],
             "cpu_ms_per_image": round(1000 * (marks["2/2"] - marks["1/2"]) / (
                 steps * a.batch_size * k), 3), **_peaks(device)}

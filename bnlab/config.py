@@ -90,6 +90,8 @@ class RunConfig:
                            "(needs probe_every > 0 and the tensorboard package)")
     compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
                        "steps are slower while it compiles")
+    cuda_graph: bool = _f(True, "on a GPU, capture the whole training step (forward, backward, "
+                          "update) in one CUDA graph after 3 ordinary steps and replay it")
 
     # -- derived -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +100,7 @@ class RunConfig:
     def run_id(self) -> str:
         """Stable id: readable prefix + hash of every field that changes the result."""
         ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
-                   "compile"}
+                   "compile", "cuda_graph"}
         canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab import step_graph
 from bnlab.accel import (
     FirstBad,
     mark_step,
@@ -65,7 +66,7 @@ PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_dec
 SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment", "model",
           "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
-          "compile")
+          "compile", "cuda_graph")
 MODELS = (*DEPTHS, "mlp3x100")
 NORMS = ("bn", "none")
 FINISHED = ("completed", "diverged", "no_learning")
@@ -420,7 +421,8 @@ def _finish(store: Store, m: _Member, status: str) -> None:
 class _Pack:
     """The live packed model and optimizer of the members still training."""
 
-    def __init__(self, members: list[_Member], device: torch.device):
+    def __init__(self, members: list[_Member], device: torch.device,
+                 log: Callable[[str], None] | None = None):
         self.members = members
         cfgs = [m.cfg for m in members]
         templates = [m.template for m in members]
@@ -434,7 +436,26 @@ class _Pack:
         ndim = {n: p.ndim for t in templates for n, p in t.named_parameters()}
         self.opt = PackedSGD(self.model, cfgs, ndim, bufs,
                              owned=owned_entries(templates, self.model))
-        self.fast = prepare(self.model, device, cfgs[0].compile)
+        c = cfgs[0]
+        graphed = c.cuda_graph and step_graph.supported(device)
+        self.fast = prepare(self.model, device, c.compile, whole_step_graph=graphed)
+        self.batch, self.precision, self.smoothing = c.batch_size, c.precision, c.label_smoothing
+        self.device, self.graphed = device, graphed
+        self.step = step_graph.StepGraph(self._step, device, log=log) if graphed else self._step
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of every member: (each run's loss (K,), each run's correct predictions)."""
+        k = len(self.members)
+        self.opt.zero_grad()
+        with autocast(self.device, self.precision, cache=not self.graphed):
+            out = self.fast(x)
+        out = out.float().reshape(self.batch, k, -1)
+        losses = F.cross_entropy(out.permute(0, 2, 1), y, reduction="none",
+                                 label_smoothing=self.smoothing).mean(0)  # (K,): each run's loss
+        losses.sum().backward()
+        self.opt.step(lr)
+        return losses.detach(), (out.detach().argmax(2) == y).sum(0)
 
     def sync_members(self) -> None:
         """Copy each member's current weights and momentum buffers out of the pack."""
@@ -497,7 +518,7 @@ def _train_pack(members: list[_Member], store: Store, bundle: DataBundle,
         store.record(m.run)
     chance = chance_threshold(bundle.num_classes, len(test.y))
     quarter = max(1, math.ceil(c0.epochs / 4))
-    pack = _Pack(members, device)
+    pack = _Pack(members, device, log)
     for epoch in range(members[0].epoch + 1, c0.epochs + 1):
         t0 = time.perf_counter()
         pack, seen, loss_sum, correct = _train_epoch(pack, train, bundle, epoch, spe, fmt,
@@ -556,7 +577,7 @@ def _train_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe:
     diverged) and the others are repacked without it and go on."""
     members = list(pack.members)
     cfgs = [m.cfg for m in members]
-    batch, smoothing = cfgs[0].batch_size, cfgs[0].label_smoothing
+    batch = cfgs[0].batch_size
     norm = Normalizer(tuple(bundle.mean) * len(members), tuple(bundle.std) * len(members),
                       device, fmt)
     step0 = members[0].step
@@ -576,18 +597,10 @@ def _train_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe:
                 memory_format=fmt)
             y = y[:, keep]
         mark_step(pack.fast)
-        with autocast(device, cfgs[0].precision):
-            out = pack.fast(x)
-        out = out.float().reshape(batch, k, -1)
-        losses = F.cross_entropy(out.permute(0, 2, 1), y, reduction="none",
-                                 label_smoothing=smoothing).mean(0)  # (K,): each run's loss
-        pack.opt.zero_grad()
-        losses.sum().backward()
-        pack.opt.step(lrs[i, keep] if k != len(members) else lrs[i])
-        detached = losses.detach()
+        detached, hits = pack.step(x, y, lrs[i, keep] if k != len(members) else lrs[i])
         watch.update(detached, step0 + i)
         loss_sum.add_(detached, alpha=batch)
-        correct += (out.detach().argmax(2) == y).sum(0)
+        correct += hits
         seen += batch
         for j, m in zip(keep, pack.members):
             m.step, m.last_lr = step0 + i + 1, lr_host[i][j]
@@ -607,7 +620,7 @@ def _train_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe:
             pack.members = []
             return pack, seen, [], []
         pack.sync_members()
-        pack = _Pack([pack.members[j] for j in stay], device)
+        pack = _Pack([pack.members[j] for j in stay], device, log)
         keep = [keep[j] for j in stay]
         loss_sum, correct = loss_sum[stay], correct[stay]
         watch = FirstBad(device, (len(stay),))

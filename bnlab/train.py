@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlab
+from bnlab import step_graph
 from bnlab.accel import (
     FirstBad,
     mark_step,
@@ -101,9 +102,11 @@ def peak_lr(cfg: RunConfig) -> float:
     return cfg.lr * cfg.batch_size / 256 if cfg.lr_scaling == "linear" else cfg.lr
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast (or nothing for fp32); cache=False inside a CUDA graph capture, whose
+    weights' bf16 copies must be made by the graph itself every step."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -311,11 +314,33 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
     # under data-parallel training rank 0 probes its own shard
     prober = (make_prober(cfg, model, opt, criterion, run, start_epoch)
               if cfg.probe_every and main else None)
-    fast = prepare(net, device, cfg.compile)  # `net` itself unless cfg.compile
+    graphed = (cfg.cuda_graph and step_graph.supported(device) and prober is None
+               and not ctx.env.enabled and not (cfg.compile and cfg.dropout > 0))
+    # `net` itself unless cfg.compile
+    fast = prepare(net, device, cfg.compile, whole_step_graph=graphed)
+    lr_now = torch.full((), peak_lr(cfg), dtype=torch.float32, device=device) if graphed else None
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward and update on one batch: (loss, correct predictions)."""
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, cfg.precision, cache=not graphed):
+            out = fast(x)
+            loss = criterion(out.float(), y)
+        loss.backward()
+        if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return loss.detach(), (out.detach().argmax(1) == y).sum()
+
+    step_fn = step_graph.StepGraph(train_step, device, log=log) if graphed else train_step
+    if graphed:  # the graph reads the learning rate from a device tensor (set below)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
     watch = FirstBad(device)
     chance = chance_threshold(bundle.num_classes, n_test)
     quarter = max(1, math.ceil(cfg.epochs / 4))
     status = "completed"
+    lr = peak_lr(cfg)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -325,25 +350,21 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
         watch.reset()
         seen = 0
         for i, (x, y) in enumerate(train_loader.epoch(epoch)):
-            lr = peak_lr(cfg) * lr_factor(cfg, step, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            new_lr = peak_lr(cfg) * lr_factor(cfg, step, steps_per_epoch)
+            if lr_now is None:
+                for g in opt.param_groups:
+                    g["lr"] = new_lr
+            elif new_lr != lr:  # one fill when the schedule moves, none otherwise
+                lr_now.fill_(new_lr)
+            lr = new_lr
             if prober is not None:
                 prober.start(step, epoch, x, y)
             mark_step(fast)
-            with autocast(device, cfg.precision):
-                out = fast(x)
-                loss = criterion(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            detached, hits = step_fn(x, y)
             ctx.average_buffers(model)  # running statistics over all shards (distributed.py)
-            detached = loss.detach()
             watch.update(detached, step)
             loss_sum.add_(detached, alpha=len(y))  # one kernel, summed in float64
-            correct += (out.detach().argmax(1) == y).sum()
+            correct += hits
             seen += len(y)
             step += 1
             if ctx.env.enabled:  # every process must stop at the same step
@@ -403,8 +424,12 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
 
 
 def _checkpoint(cfg, model, opt, epoch, step, wall, flags, device) -> dict:
+    optimizer = opt.state_dict()
+    for g in optimizer["param_groups"]:  # a graphed step's device-tensor lr is stored as a number
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
     return {
-        "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer,
         "epoch": epoch, "step": step, "wall_time": wall, "flags": flags,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
