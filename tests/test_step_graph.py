@@ -113,3 +113,32 @@ def test_a_graphed_mixed_pack_follows_the_pack_without_graph(tmp_path, monkeypat
     assert not any("capture" in line and "failed" in line for line in lines), lines
     _assert_same_runs(with_graph, without, 1e-3)
 
+
+
+def test_cuda_graph_is_an_execution_option_outside_the_run_id():
+    assert RunConfig(cuda_graph=False).run_id() == RunConfig().run_id()
+    assert RunConfig().cuda_graph is True
+
+
+def test_a_graphed_step_compiles_the_model_without_its_own_cuda_graphs(monkeypatch):
+    from bnlab import accel
+
+    modes = []
+    monkeypatch.setattr(accel, "compile_model", lambda m, d, mode: modes.append(mode) or m)
+    model, cuda = torch.nn.Linear(2, 2), torch.device("cuda")
+    accel.prepare(model, cuda, True)
+    accel.prepare(model, cuda, True, whole_step_graph=True)
+    accel.prepare(model, cuda, True, mode="max-autotune", whole_step_graph=True)
+    accel.prepare(model, torch.device("cpu"), True, whole_step_graph=True)
+    assert modes == ["reduce-overhead", "default", "max-autotune-no-cudagraphs", "default"]
+    assert accel.prepare(model, cuda, False, whole_step_graph=True) is model
+
+
+def test_bench_passes_no_cuda_graph_to_the_runs(monkeypatch):
+    from bnlab import bench, cli
+
+    seen = []
+    monkeypatch.setattr(bench, "run_all", lambda a, *rest, **kw: seen.append(a) or [])
+    assert cli.main(["bench", "--variants", "eager", "--no-cuda-graph"]) == 0
+    assert cli.main(["bench", "--variants", "eager"]) == 0
+    assert [a.cuda_graph for a in seen] == [False, True]
