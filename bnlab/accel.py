@@ -6,8 +6,10 @@ Why each piece exists:
   fastest in NHWC; on this project's reference CPU it also keeps bf16 convolutions on their fast
   kernels (docs/speed.md has the measurements).
 - torch.compile fuses the BN/ReLU/residual element-wise work that dominates a CIFAR ResNet step
-  once the convolutions are fast; on a GPU, CUDA graphs (mode "reduce-overhead") also remove the
-  per-kernel launch cost, which is most of the step time of a ResNet-20 at batch 128.
+  once the convolutions are fast. On a GPU the launch cost of each kernel, most of the step
+  time of a ResNet-20 at batch 128, is removed by capturing the whole step in one CUDA graph
+  (bnlab.step_graph); with that off, by torch.compile's own CUDA graphs around the model (mode
+  "reduce-overhead").
   Shapes are kept static (the training loader drops the last partial batch and evaluation pads
   its last batch), so each of train and eval compiles exactly once.
 - On the CPU, glibc's malloc hands every block of more than 128 KiB (a few MB for

@@ -431,7 +431,7 @@ def build_parser() -> Parser:
     b.add_argument("--workers", type=int, default=4, help="DataLoader workers of the "
                    "textbook loop [processes]")
     b.add_argument("--compile-mode", default="", help="torch.compile mode (default: "
-                   "reduce-overhead on CUDA, default on CPU)")
+                   "reduce-overhead on CUDA, default on CPU and for a step graphed whole)")
     b.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="bnlab's variants capture each training step in one CUDA graph on a "
                    "GPU (run option cuda_graph); --no-cuda-graph measures them without")
