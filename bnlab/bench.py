@@ -48,6 +48,7 @@ class BenchArgs:
     workers: int = 4
     compile_mode: str = ""  # "" = bnlab's default for the device
     cuda_graph: bool = True  # RunConfig.cuda_graph of bnlab's variants
+    cpu_kernels: bool = True  # RunConfig.cpu_kernels of bnlab's variants
 
 
 def _load(a: BenchArgs, n_train: int):
@@ -122,8 +123,10 @@ def _textbook_dataset(a: BenchArgs, bundle, n_train: int):
 def run_textbook(a: BenchArgs) -> dict:
     import torch.nn.functional as F
 
+    from bnlab import cpu_kernels
     from bnlab.models import build_model
 
+    cpu_kernels.set_enabled(False)  # the textbook loop runs torch's own ops only
     device = _device(a)
     warm = min(a.steps, 5)
     n_train = (a.steps + warm) * a.batch_size
@@ -163,6 +166,7 @@ def run_textbook(a: BenchArgs) -> dict:
 
 # -- bnlab's own path --------------------------------------------------------------------------
 def run_bnlab(a: BenchArgs, variant: str) -> dict:
+    from bnlab import cpu_kernels
     from bnlab.config import RunConfig
     from bnlab.packed import train_packed
     from bnlab.train import train_run
@@ -182,7 +186,7 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
                      precision=a.precision, limit_train=n_train,
                      eval_batch_size=a.batch_size,
                      compile=variant.endswith("compiled"), schedule="constant",
-                     cuda_graph=a.cuda_graph)
+                     cuda_graph=a.cuda_graph, cpu_kernels=a.cpu_kernels)
     cfgs = [dataclasses.replace(base, seed=s) for s in range(k)]
     marks: dict[str, float] = {}
 
@@ -209,6 +213,7 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
             "seconds": steps * a.batch_size / ips, "precision": a.precision,
             "compile_mode": (a.compile_mode or None) if variant.endswith("compiled") else None,
             "cuda_graph": a.cuda_graph and device.type == "cuda",
+            "cpu_kernels": cpu_kernels.describe() if device.type == "cpu" else None,
             "test_acc_after_2_epochs": summaries[0]["test_acc"],
             "cpu_ms_per_image": round(1000 * (marks["2/2"] - marks["1/2"]) / (
                 steps * a.batch_size * k), 3), **_peaks(device)}

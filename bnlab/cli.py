@@ -252,7 +252,7 @@ def cmd_bench(args) -> int:
     a = BenchArgs(data=args.data, data_dir=args.data_dir, model=args.model,
                   batch_size=args.batch_size, steps=args.steps, k=args.k, device=args.device,
                   workers=args.workers, compile_mode=args.compile_mode,
-                  cuda_graph=args.cuda_graph)
+                  cuda_graph=args.cuda_graph, cpu_kernels=args.cpu_kernels)
     rows = run_all(a, variants, precisions, args.timeout, print, args.out)
     return 0 if all("error" not in r for r in rows) else 1
 
@@ -435,6 +435,10 @@ def build_parser() -> Parser:
     b.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="bnlab's variants capture each training step in one CUDA graph on a "
                    "GPU (run option cuda_graph); --no-cuda-graph measures them without")
+    b.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="bnlab's variants fuse BatchNorm, ReLU and residual adds into one C++ "
+                   "kernel on the CPU (run option cpu_kernels); --no-cpu-kernels measures "
+                   "them with torch's ops")
     b.add_argument("--timeout", type=float, default=1800, help="per variant [s]")
     b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines here")
     b.set_defaults(func=cmd_bench)

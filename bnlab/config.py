@@ -92,6 +92,9 @@ class RunConfig:
                        "steps are slower while it compiles")
     cuda_graph: bool = _f(True, "on a GPU, capture the whole training step (forward, backward, "
                           "update) in one CUDA graph after 3 ordinary steps and replay it")
+    cpu_kernels: bool = _f(True, "on the CPU, run each BatchNorm with its ReLU and residual add "
+                           "as one fused C++ kernel (built on first use; torch's ops where it "
+                           "cannot be)")
 
     # -- derived -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +103,7 @@ class RunConfig:
     def run_id(self) -> str:
         """Stable id: readable prefix + hash of every field that changes the result."""
         ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
-                   "compile", "cuda_graph"}
+                   "compile", "cuda_graph", "cpu_kernels"}
         canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)

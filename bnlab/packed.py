@@ -33,6 +33,7 @@ from bnlab.accel import (
     tune_cpu_allocator,
 )
 from bnlab.config import FIELDS, RunConfig
+from bnlab.cpu_kernels import use_cpu_kernels
 from bnlab.data import DataBundle, Split, load_data, loader
 from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
 from bnlab.errors import UserError
@@ -66,7 +67,7 @@ PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_dec
 SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment", "model",
           "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
-          "compile", "cuda_graph")
+          "compile", "cuda_graph", "cpu_kernels")
 MODELS = (*DEPTHS, "mlp3x100")
 NORMS = ("bn", "none")
 FINISHED = ("completed", "diverged", "no_learning")
@@ -503,6 +504,7 @@ def _train_pack(members: list[_Member], store: Store, bundle: DataBundle,
     c0 = members[0].cfg
     if device.type == "cpu":
         tune_cpu_allocator()
+    use_cpu_kernels(c0.cpu_kernels and device.type == "cpu", log)
     fmt = memory_format_for(device, c0.model)
     train = Split(bundle.train.x.to(device), bundle.train.y.to(device))
     test = Split(bundle.test.x.to(device), bundle.test.y.to(device))

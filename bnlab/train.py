@@ -32,6 +32,8 @@ from bnlab.accel import (
     tune_cpu_allocator,
 )
 from bnlab.config import RunConfig
+from bnlab.cpu_kernels import describe as cpu_kernels_state
+from bnlab.cpu_kernels import use_cpu_kernels
 from bnlab.data import DataBundle, load_data
 from bnlab.data.loader import make_loader
 from bnlab.distributed import Context, check_sync_bn, convert_sync_bn, session
@@ -156,6 +158,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
         "device": str(device),
+        "cpu_kernels": cpu_kernels_state() if device.type == "cpu" else None,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
     }
@@ -270,6 +273,7 @@ def _train(cfg: RunConfig, store: Store | None, run: RunDir | None, model: nn.Mo
     main = ctx.is_main  # only rank 0 writes (store and run are None elsewhere)
     if device.type == "cpu":
         tune_cpu_allocator()
+    use_cpu_kernels(cfg.cpu_kernels and device.type == "cpu", log)
     fmt = memory_format_for(device, cfg.model)
     model = model.to(device=device, memory_format=fmt)
     if cfg.sync_bn:

@@ -23,6 +23,16 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """A test that runs a study in-process (which sets torch's thread count for its runs) leaves
+    the count as it found it for the tests after it."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models gain nothing from a second one, and on a busy CPU the

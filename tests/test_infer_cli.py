@@ -29,6 +29,7 @@ def _cfg(**kw):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs")
     paths = {}
@@ -36,7 +37,8 @@ def runs(tmp_path_factory):
         cfg = _cfg(norm=norm)
         train_run(cfg, out, log=lambda m: None)
         paths[norm] = out / cfg.run_id()
-    return out, paths
+    yield out, paths
+    torch.set_num_threads(threads)
 
 
 def test_compare_writes_contract_json_and_figures(runs, tmp_path, capsys):

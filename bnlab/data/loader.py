@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from bnlab import cpu_kernels
 from bnlab.data.bundle import DataBundle, Split
 
 PAD = 4  # px of zero padding before the random crop (He et al. 2016)
@@ -93,6 +94,12 @@ class MemoryLoader:
         per_batch = self.batch_size * self.x[0].numel() * 4
         return max(1, min(MAX_CHUNK_BATCHES, CHUNK_BYTES // max(1, per_batch)))
 
+    def _fused(self) -> bool:
+        """Batches made by the fused CPU kernel: CPU, uint8 images, channels_last output."""
+        return (cpu_kernels.active() and self.device.type == "cpu"
+                and self.x.dtype == torch.uint8 and self.x.dim() == 4
+                and self.x.is_contiguous() and self.norm.memory_format == torch.channels_last)
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, bs = len(self.y), self.batch_size
         if self.train:
@@ -101,9 +108,17 @@ class MemoryLoader:
                 offsets, flips = offsets.to(self.device), flips.to(self.device)
             order = order.to(self.device)
         steps, per = len(self), self.chunk_batches()
+        fused = self._fused()
         for c0 in range(0, steps, per):
             lo, hi = c0 * bs, min(n, min(c0 + per, steps) * bs)  # training: full batches
-            if self.train:
+            if fused:  # the same values from one C++ pass (bnlab.cpu_kernels)
+                idx = order[lo:hi] if self.train else torch.arange(lo, hi)
+                aug = self.train and self.augment
+                x = cpu_kernels.crop_flip_normalize(
+                    self.x, idx, offsets[idx] if aug else None, flips[idx] if aug else None,
+                    self.norm.scale, self.norm.shift, PAD if aug else 0)
+                y = self.y[idx]
+            elif self.train:
                 idx = order[lo:hi]
                 x = self.x[idx]
                 if self.augment:

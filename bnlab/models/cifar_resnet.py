@@ -11,11 +11,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.cpu_kernels import bn_act
 from bnlab.errors import UserError, unknown
 from bnlab.norm import has_bias_substitute, make_norm
 
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+
+
+class _SubsamplePad(torch.autograd.Function):
+    """x[:, :, ::s, ::s] with (lo, hi) zero channels around it, in x's memory format.
+
+    The same values as slicing then F.pad, but both passes keep channels_last: F.pad's backward
+    builds the input's gradient in NCHW, which then costs a transposing copy where it meets the
+    channels_last gradients of the other branch."""
+
+    @staticmethod
+    def forward(ctx, x, stride, lo, hi):
+        fmt = (torch.channels_last if x.dim() == 4 and x.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format)
+        sub = x[:, :, ::stride, ::stride]
+        n, c, h, w = sub.shape
+        out = torch.empty((n, lo + c + hi, h, w), dtype=x.dtype, device=x.device,
+                          memory_format=fmt)
+        out[:, :lo].zero_()
+        out[:, lo + c:].zero_()
+        out[:, lo:lo + c].copy_(sub)
+        ctx.geometry = (x.shape, fmt, stride, lo, c)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        shape, fmt, stride, lo, c = ctx.geometry
+        gx = torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=fmt).zero_()
+        gx[:, :, ::stride, ::stride].copy_(g[:, lo:lo + c])
+        return gx, None, None, None
 
 
 class ShortcutA(nn.Module):
@@ -26,6 +57,10 @@ class ShortcutA(nn.Module):
         self.stride, self.pad = stride, cout - cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ((self.stride > 1 or self.pad) and not isinstance(x, torch.fx.Proxy)
+                and x.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            return _SubsamplePad.apply(x, self.stride, self.pad // 2, self.pad - self.pad // 2)
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.pad:
@@ -85,6 +120,11 @@ class BasicBlock(nn.Module):
         return _maybe_add(self.bias2b, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "post_conv" and self.scale is None and self.bias1a is None:
+            # relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x)), with each norm, its ReLU and
+            # the residual add fused into one CPU kernel where that applies (bnlab.cpu_kernels)
+            out = bn_act(self.n1, self.conv1(x))
+            return bn_act(self.n2, self.conv2(out), residual=self.shortcut(x))
         out = self.branch(x) + self.shortcut(x)
         return out if self.placement == "post_act" else F.relu(out)
 
@@ -124,7 +164,7 @@ class CifarResNet(nn.Module):
         if self.placement == "post_act":
             x = self.n1(F.relu(self.conv1(x)))
         else:
-            x = F.relu(self.n1(self.conv1(x)))
+            x = bn_act(self.n1, self.conv1(x))
         x = self.blocks(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(self.dropout(x))

@@ -1,0 +1,214 @@
+"""Fused CPU kernels: training-mode BatchNorm + optional residual add + ReLU in one pass.
+
+On the CPU, once the convolutions run on oneDNN's fast kernels, a ResNet step spends a third of
+its time in element-wise work around them: BN statistics and normalization, ReLU, the residual
+add, and their backward passes, each a separate sweep over the activations (and in bf16 each
+converting to float and back). `bn_act(bn, x, residual)` computes relu(bn(x) + residual) as one
+reduction sweep and one write sweep forward, and one of each backward (bnlab/csrc/bn_act.cpp,
+AVX-512 where the CPU has it): docs/speed.md has the measurements.
+
+The kernels are C++, compiled once per machine, torch version and source on first use
+(`prepare()`, a few seconds, through torch.utils.cpp_extension: it needs a C++ compiler and
+ninja) into the bnlab cache (`$BNLAB_CACHE/ext`). Where they cannot be built, or are switched
+off (`set_enabled(False)`, run option `cpu_kernels=false`), `bn_act` runs the same computation
+with torch's own ops; both give the same result up to float rounding (tests/test_cpu_kernels.py
+compares them with a float64 reference).
+
+The fused path is taken only where it is the same computation: a plain `nn.BatchNorm2d` in
+training mode with affine parameters and running statistics, a float32 or bfloat16 CPU tensor in
+channels_last layout, no forward hook on the norm (forward pre-hooks are called, as probes
+use them), and not while torch.compile or a tracer is recording the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bn_act.cpp", "augment.cpp")]
+# -ffp-contract=off: a * b + c written in scalar code rounds twice, as the torch ops it replaces
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+NAME = "bnlab_cpu_kernels"
+_state: dict = {"ops": None, "error": None, "enabled": True, "built": False}
+
+
+def _cpu_signature() -> str:
+    """The CPU features the build targets (-march=native): its flags line, else the platform."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    """Where this machine's build lives: keyed by source, flags, CPU, torch and Python."""
+    from bnlab.data.cache import cache_root
+
+    key = hashlib.sha256("\x00".join([
+        *(s.read_text() for s in SOURCES), " ".join(CFLAGS), _cpu_signature(), torch.__version__,
+        sys.version, platform.machine()]).encode()).hexdigest()[:16]
+    return cache_root() / "ext" / f"cpu_kernels-{key}"
+
+
+def prepare(log: Callable[[str], None] | None = None) -> bool:
+    """Build (first time on this machine) or load the kernels; True when they are in use.
+
+    Idempotent and process-wide. A failed build is reported once through `log` and leaves the
+    torch-op path in place; it is not retried in this process."""
+    if _state["ops"] is not None or _state["error"] is not None:
+        return _state["ops"] is not None
+    if os.environ.get("BNLAB_CPU_KERNELS", "1") == "0":
+        _state["error"] = "switched off by BNLAB_CPU_KERNELS=0"
+        return False
+    t0 = time.perf_counter()
+    try:
+        path = build_dir()
+        so = path / f"{NAME}.so"
+        if so.exists():
+            torch.ops.load_library(str(so))
+        else:
+            import logging
+
+            # torch logs its CUDA-home guess at WARNING on CPU-only machines: not ours to show
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            from torch.utils import cpp_extension
+
+            if not cpp_extension.is_ninja_available():
+                raise RuntimeError("ninja is not installed")
+            path.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES],
+                               extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(path), is_python_module=False,
+                               verbose=False)
+            _state["built"] = True
+        _state["ops"] = torch.ops.bnlab_cpu
+    except Exception as e:  # a compiler, ninja or header problem: fall back, say why once
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _state["error"] = f"{type(e).__name__}: {first}"[:300]
+        if log:
+            log(f"fused CPU kernels unavailable ({_state['error']}); using torch's ops")
+        return False
+    if log and _state["built"]:
+        log(f"fused CPU kernels built in {time.perf_counter() - t0:.1f} s ({path})")
+    return True
+
+
+def use_cpu_kernels(on: bool, log: Callable[[str], None] | None = None) -> str:
+    """What a run calls first: switch the fused path on (building it if needed) or off; returns
+    `describe()` for the run's record."""
+    set_enabled(on)
+    if on:
+        prepare(log)
+    return describe()
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch the fused path on or off for this process (the run option `cpu_kernels`)."""
+    _state["enabled"] = bool(flag)
+
+
+def active() -> bool:
+    """True when `bn_act` can take the fused path (built, loaded and switched on)."""
+    return _state["enabled"] and _state["ops"] is not None
+
+
+def describe() -> str:
+    """One word for run records and bench rows: fused | off | unavailable (reason)."""
+    if not _state["enabled"]:
+        return "off"
+    if _state["ops"] is not None:
+        return "fused"
+    return f"unavailable ({_state['error']})" if _state["error"] else "not loaded"
+
+
+class BnActFunction(torch.autograd.Function):
+    """relu?(batch_norm(x) [+ residual]) with batch statistics; updates the running ones."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
+        y, mask, mean, invstd = _state["ops"].bn_act_forward(
+            x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)
+        ctx.save_for_backward(x, mask, mean, invstd, weight)
+        ctx.residual = residual is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, mask, mean, invstd, weight = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        gx, gw, gb, gr = _state["ops"].bn_act_backward(gy, mask, x, mean, invstd, weight,
+                                                       ctx.residual)
+        return gx, gw, gb, (gr if ctx.residual else None), None, None, None, None, None
+
+
+def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    return (active() and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+            and bn.track_running_stats and x.device.type == "cpu" and x.dim() == 4
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and x.numel() > x.shape[1]  # torch refuses one value per channel: keep its error
+            and bn.weight.dtype == torch.float32 and bn.running_mean.dtype == torch.float32
+            and not bn._forward_hooks and not bn._forward_pre_hooks_with_kwargs
+            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                      and residual.device == x.device)))
+
+
+def bn_act(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+           relu: bool = True) -> torch.Tensor:
+    """relu(bn(x) + residual) (residual and relu optional): fused on the CPU where it applies,
+    else exactly `bn(x)`, `+ residual`, `F.relu` with torch's ops."""
+    if isinstance(x, torch.fx.Proxy) or not _fusable(bn, x, residual):  # FX traces torch's ops
+        y = bn(x)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
+    for hook in bn._forward_pre_hooks.values():  # what nn.Module.__call__ would run first
+        result = hook(bn, (x,))
+        if result is not None:
+            x = result[0] if isinstance(result, tuple) else result
+            if not _fusable(bn, x, residual):
+                return _unfused(bn, x, residual, relu)
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum
+    if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+        momentum = 1.0 / float(bn.num_batches_tracked)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return BnActFunction.apply(x, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var,
+                               float(momentum), float(bn.eps), relu)
+
+
+def _unfused(bn, x, residual, relu):
+    y = bn.forward(x)  # the pre-hooks have run already
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def crop_flip_normalize(src: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor | None,
+                        flips: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+                        pad: int) -> torch.Tensor:
+    """src[idx] (uint8 N, C, H, W) zero-padded by `pad`, cropped at `offsets` (n, 2), flipped
+    where `flips`, then `* scale + shift` per channel: float32, channels_last. The same values
+    as bnlab.data.loader's crop_flip and Normalizer; needs `active()`."""
+    return _state["ops"].crop_flip_normalize(
+        src, idx.contiguous(), None if offsets is None else offsets.contiguous(),
+        None if flips is None else flips.contiguous(), scale.reshape(-1).contiguous(),
+        shift.reshape(-1).contiguous(), pad)
