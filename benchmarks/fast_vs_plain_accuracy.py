@@ -4,8 +4,9 @@
         --data imagefolder:../shared/data/cifar10-jpg.tar.gz --limit-train 5000 --epochs 5
 
 Trains the same recipe for each seed along these paths:
-  plain   fp32, eager, one run at a time (the reference arithmetic)
-  bf16    bf16 autocast (BN statistics in fp32)
+  plain   fp32, eager, one run at a time, torch's own ops (the reference arithmetic)
+  fused   as plain, with bnlab's fused CPU kernels (run option cpu_kernels, the default)
+  bf16    bf16 autocast (BN statistics in fp32), fused CPU kernels
   packed  the seeds trained together as one packed network (fp32)
   compiled  torch.compile (with --compile; slow to compile on a CPU)
 and prints, per path, the mean and sample standard deviation of the final test accuracy, the
@@ -48,15 +49,18 @@ def main() -> int:
     a = p.parse_args()
     base = validate(RunConfig(dataset=a.data, model=a.model, epochs=a.epochs, lr=a.lr,
                               batch_size=a.batch_size, limit_train=a.limit_train,
-                              limit_test=a.limit_test, device=a.device))
+                              limit_test=a.limit_test, device=a.device, cpu_kernels=False))
     bundle = load_data(base.dataset, None, False, base.limit_train, base.limit_test)
     out = Path(a.out or tempfile.mkdtemp(prefix="bnlab-acc-"))
     seeds = range(a.seeds)
     paths = {
         "plain": lambda c: [train_run(x, out / "plain", True, _quiet, bundle) for x in c],
-        "bf16": lambda c: [train_run(dataclasses.replace(x, precision="bf16"), out / "bf16",
-                                     True, _quiet, bundle) for x in c],
-        "packed": lambda c: train_packed(c, out / "packed", True, _quiet, bundle),
+        "fused": lambda c: [train_run(dataclasses.replace(x, cpu_kernels=True), out / "fused",
+                                      True, _quiet, bundle) for x in c],
+        "bf16": lambda c: [train_run(dataclasses.replace(x, precision="bf16", cpu_kernels=True),
+                                     out / "bf16", True, _quiet, bundle) for x in c],
+        "packed": lambda c: train_packed([dataclasses.replace(x, cpu_kernels=True) for x in c],
+                                         out / "packed", True, _quiet, bundle),
     }
     if a.compile:
         paths["compiled"] = lambda c: [train_run(dataclasses.replace(x, compile=True),

@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="bnlab's fused CPU kernels (run option cpu_kernels)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default=None, help="JSON lines of every measurement")
@@ -43,7 +45,7 @@ def main() -> int:
 
         steps = len(load_data(a.data).train) // a.batch_size if a.data != "synthetic" else 390
     args = BenchArgs(data=a.data, batch_size=a.batch_size, steps=steps, k=a.k,
-                     workers=a.workers, device=a.device)
+                     workers=a.workers, device=a.device, cpu_kernels=a.cpu_kernels)
     rows = []
     for r in range(a.repeats):
         print(f"-- repeat {r + 1}/{a.repeats}", flush=True)

@@ -6,7 +6,9 @@ Why each piece exists:
   fastest in NHWC; on this project's reference CPU it also keeps bf16 convolutions on their fast
   kernels (docs/speed.md has the measurements).
 - torch.compile fuses the BN/ReLU/residual element-wise work that dominates a CIFAR ResNet step
-  once the convolutions are fast. On a GPU the launch cost of each kernel, most of the step
+  once the convolutions are fast. On the CPU, bnlab's own fused kernels (bnlab.cpu_kernels) do
+  that work in eager mode in fewer passes than inductor's, so eager is the faster CPU path.
+  On a GPU the launch cost of each kernel, most of the step
   time of a ResNet-20 at batch 128, is removed by capturing the whole step in one CUDA graph
   (bnlab.step_graph); with that off, by torch.compile's own CUDA graphs around the model (mode
   "reduce-overhead").

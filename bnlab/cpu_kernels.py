@@ -76,10 +76,10 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
     t0 = time.perf_counter()
     try:
         path = build_dir()
-        so = path / f"{NAME}.so"
-        if so.exists():
-            torch.ops.load_library(str(so))
-        else:
+        ready = path / "ready"
+        if ready.exists():  # written after a complete build; names the library it made
+            torch.ops.load_library(str(path / ready.read_text().strip()))
+        else:  # build, or wait for another process's build (cpp_extension locks the folder)
             import logging
 
             # torch logs its CUDA-home guess at WARNING on CPU-only machines: not ours to show
@@ -93,6 +93,11 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
                                extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(path), is_python_module=False,
                                verbose=False)
+            # torch names a rebuild in the same folder NAME_v1.so, ...: record the newest
+            built = max(path.glob(f"{NAME}*.so"), key=lambda p: p.stat().st_mtime)
+            tmp = path / "ready.tmp"
+            tmp.write_text(built.name)
+            tmp.replace(ready)
             _state["built"] = True
         _state["ops"] = torch.ops.bnlab_cpu
     except Exception as e:  # a compiler, ninja or header problem: fall back, say why once
