@@ -63,6 +63,21 @@ def build_dir() -> Path:
     return cache_root() / "ext" / f"cpu_kernels-{key}"
 
 
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the pip package's binary sits in the environment's bin
+    folder, which is not on PATH when the environment's python is called without activating
+    it."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except (ImportError, AttributeError):
+            pass
+
+
 def prepare(log: Callable[[str], None] | None = None) -> bool:
     """Build (first time on this machine) or load the kernels; True when they are in use.
 
@@ -86,6 +101,7 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             from torch.utils import cpp_extension
 
+            _ninja_on_path()
             if not cpp_extension.is_ninja_available():
                 raise RuntimeError("ninja is not installed")
             path.mkdir(parents=True, exist_ok=True)

@@ -302,3 +302,9 @@ def test_bench_passes_no_cpu_kernels_to_the_runs(monkeypatch):
     assert cli.main(["bench", "--no-cpu-kernels", "--variants", "eager"]) == 0
     assert cli.main(["bench", "--variants", "eager"]) == 0
     assert [a.cpu_kernels for a in seen] == [False, True]
+
+
+def test_the_environments_ninja_is_found_without_activating_it(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_kernels._ninja_on_path()
+    assert shutil.which("ninja") is not None  # the `ninja` dependency's binary
