@@ -83,3 +83,17 @@ def test_every_model_name_builds():
     for name in MODELS:
         kw = {"in_channels": 1, "image_size": 28} if name.startswith("mlp") else {}
         assert count_parameters(build_model(name, 10, **kw)) > 0
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_downsampling_shortcut_gives_slice_and_pad_values_in_the_inputs_layout(fmt):
+    from bnlab.models.cifar_resnet import ShortcutA
+
+    x = torch.randn(4, 16, 9, 8).contiguous(memory_format=fmt).requires_grad_()
+    y = ShortcutA(16, 32, 2)(x)
+    want = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    g = torch.randn_like(want)
+    (gx,), (g_want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(want, x, g)
+    assert type(y.grad_fn).__name__ == "_SubsamplePadBackward"
+    assert torch.equal(y, want) and torch.equal(gx, g_want)
+    assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
