@@ -16,8 +16,8 @@ compares them with a float64 reference).
 
 The fused path is taken only where it is the same computation: a plain `nn.BatchNorm2d` in
 training mode with affine parameters and running statistics, a float32 or bfloat16 CPU tensor in
-channels_last layout, no forward hook on the norm (forward pre-hooks are called, as probes
-use them), and not while torch.compile or a tracer is recording the model.
+channels_last layout, no forward or backward hook on the norm (forward pre-hooks are called, as
+probes use them), and not while torch.compile or a tracer is recording the model.
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> b
             and x.numel() > x.shape[1]  # torch refuses one value per channel: keep its error
             and bn.weight.dtype == torch.float32 and bn.running_mean.dtype == torch.float32
             and not bn._forward_hooks and not bn._forward_pre_hooks_with_kwargs
+            and not bn._backward_hooks and not bn._backward_pre_hooks
             and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
+            and not _module._global_backward_hooks and not _module._global_backward_pre_hooks
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype

@@ -166,9 +166,10 @@ def test_where_the_fused_path_does_not_apply_torch_runs():
     bn.eval()
     assert torch.equal(bn_act(bn, xc), F.relu(bn(xc)))  # eval: running statistics, torch's op
     bn.train()
-    h = bn.register_forward_hook(lambda m, i, o: None)  # a hook on the output: torch's op
-    assert type(bn_act(bn, xc).grad_fn).__name__ != "BnActFunctionBackward"
-    h.remove()
+    for register in (bn.register_forward_hook, bn.register_full_backward_hook):
+        h = register(lambda *a: None)  # hooks that need the module's own call: torch's op
+        assert type(bn_act(bn, xc).grad_fn).__name__ != "BnActFunctionBackward"
+        h.remove()
     cpu_kernels.set_enabled(False)
     assert type(bn_act(bn, xc).grad_fn).__name__ != "BnActFunctionBackward"
     with pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -2,6 +2,7 @@
 probed run that follows the unprobed trajectory bit for bit."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -161,3 +162,25 @@ def test_resumed_run_has_the_same_probes(tmp_path):
     whole = Store(tmp_path / "whole").run(cfg.run_id())
     assert cut.read_rows("probes.jsonl") == whole.read_rows("probes.jsonl")
     assert {r["step"] for r in whole.read_rows("probes.jsonl")} == {0, 3, 6, 9}
+
+
+def test_probes_leave_a_resnet_trajectory_unchanged_with_the_fused_cpu_kernels(tmp_path):
+    """Probes read each norm's input through a forward pre-hook, which the fused CPU path
+    (bnlab.cpu_kernels) calls itself: probed and unprobed steps run the same kernels."""
+    def run(probe_every):
+        cfg = from_mapping(dict(dataset="synthetic", model="resnet20", norm="bn",
+                                limit_train=32, limit_test=16, batch_size=8, epochs=1,
+                                lr=0.05, probe_every=probe_every, device="cpu"))
+        out = tmp_path / f"r{probe_every}"
+        train_run(cfg, out, log=lambda m: None)
+        return Store(out).run(cfg.run_id())
+
+    off, on = run(0), run(2)
+    assert json.loads((off.path / "config.json").read_text())["env"]["cpu_kernels"] == "fused"
+    keys = ("train_loss", "test_loss", "test_acc")
+    assert [[m[k] for k in keys] for m in off.metrics()] == \
+        [[m[k] for k in keys] for m in on.metrics()]
+    sa, sb = off.load_checkpoint()["model"], on.load_checkpoint()["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(r["metric"] == "act_p50" and r["layer"] == "blocks.0.n1"
+               for r in on.read_rows("probes.jsonl"))
