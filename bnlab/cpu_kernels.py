@@ -10,7 +10,8 @@ AVX-512 where the CPU has it): docs/speed.md has the measurements.
 The kernels are C++, compiled once per machine, torch version and source on first use
 (`prepare()`, a few seconds, through torch.utils.cpp_extension: it needs a C++ compiler and
 ninja) into the bnlab cache (`$BNLAB_CACHE/ext`). Where they cannot be built, or are switched
-off (`set_enabled(False)`, run option `cpu_kernels=false`), `bn_act` runs the same computation
+off (`set_enabled(False)`, run option `cpu_kernels=false`, or `BNLAB_CPU_KERNELS=0` in the
+environment for every run of a process), `bn_act` runs the same computation
 with torch's own ops; both give the same result up to float rounding (tests/test_cpu_kernels.py
 compares them with a float64 reference).
 
@@ -111,7 +112,7 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
                                verbose=False)
             # torch names a rebuild in the same folder NAME_v1.so, ...: record the newest
             built = max(path.glob(f"{NAME}*.so"), key=lambda p: p.stat().st_mtime)
-            tmp = path / "ready.tmp"
+            tmp = path / f"ready.{os.getpid()}.tmp"  # processes that built together each write
             tmp.write_text(built.name)
             tmp.replace(ready)
             _state["built"] = True
