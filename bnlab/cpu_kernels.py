@@ -199,16 +199,13 @@ def bn_act(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
     """relu(bn(x) + residual) (residual and relu optional): fused on the CPU where it applies,
     else exactly `bn(x)`, `+ residual`, `F.relu` with torch's ops."""
     if isinstance(x, torch.fx.Proxy) or not _fusable(bn, x, residual):  # FX traces torch's ops
-        y = bn(x)
-        if residual is not None:
-            y = y + residual
-        return F.relu(y) if relu else y
+        return _torch_ops(bn, x, residual, relu)
     for hook in bn._forward_pre_hooks.values():  # what nn.Module.__call__ would run first
         result = hook(bn, (x,))
         if result is not None:
             x = result[0] if isinstance(result, tuple) else result
             if not _fusable(bn, x, residual):
-                return _unfused(bn, x, residual, relu)
+                return _torch_ops(bn.forward, x, residual, relu)  # hooks have run
     bn.num_batches_tracked.add_(1)
     momentum = bn.momentum
     if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
@@ -219,8 +216,8 @@ def bn_act(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
                                float(momentum), float(bn.eps), relu)
 
 
-def _unfused(bn, x, residual, relu):
-    y = bn.forward(x)  # the pre-hooks have run already
+def _torch_ops(norm, x, residual, relu):
+    y = norm(x)
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y

@@ -309,3 +309,17 @@ def test_the_environments_ninja_is_found_without_activating_it(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     cpu_kernels._ninja_on_path()
     assert shutil.which("ninja") is not None  # the `ninja` dependency's binary
+
+
+def test_off_the_cpu_a_resnet_runs_the_torch_ops_it_always_ran():
+    model = build_model("resnet20", 10).to(device="meta", memory_format=CL)
+    out = model(torch.empty(2, 3, 32, 32, device="meta").contiguous(memory_format=CL))
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    names = {type(f).__name__ for f in seen}
+    assert "NativeBatchNormBackward0" in names and "ConstantPadNdBackward0" in names
+    assert not names & {"BnActFunctionBackward", "_SubsamplePadBackward"}

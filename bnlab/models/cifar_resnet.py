@@ -19,6 +19,12 @@ PLACEMENTS = ("post_conv", "post_act", "first_k")
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 
 
+def _on_cpu(x: torch.Tensor) -> bool:
+    """Where bnlab.cpu_kernels may apply; elsewhere (GPUs, FX tracing) the layers run exactly
+    the torch ops they always ran."""
+    return not isinstance(x, torch.fx.Proxy) and x.device.type == "cpu"
+
+
 class _SubsamplePad(torch.autograd.Function):
     """x[:, :, ::s, ::s] with (lo, hi) zero channels around it, in x's memory format.
 
@@ -58,8 +64,8 @@ class ShortcutA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # CPU only: the GPU path stays the one measured in docs/speed.md
-        if ((self.stride > 1 or self.pad) and not isinstance(x, torch.fx.Proxy)
-                and x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled()
+        if ((self.stride > 1 or self.pad) and _on_cpu(x)
+                and x.requires_grad and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             return _SubsamplePad.apply(x, self.stride, self.pad // 2, self.pad - self.pad // 2)
         if self.stride > 1:
@@ -121,7 +127,8 @@ class BasicBlock(nn.Module):
         return _maybe_add(self.bias2b, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.placement == "post_conv" and self.scale is None and self.bias1a is None:
+        if (self.placement == "post_conv" and self.scale is None and self.bias1a is None
+                and _on_cpu(x)):
             # relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x)), with each norm, its ReLU and
             # the residual add fused into one CPU kernel where that applies (bnlab.cpu_kernels)
             out = bn_act(self.n1, self.conv1(x))
@@ -164,8 +171,10 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.placement == "post_act":
             x = self.n1(F.relu(self.conv1(x)))
-        else:
+        elif _on_cpu(x):
             x = bn_act(self.n1, self.conv1(x))
+        else:
+            x = F.relu(self.n1(self.conv1(x)))
         x = self.blocks(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(self.dropout(x))
