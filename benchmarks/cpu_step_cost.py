@@ -20,7 +20,7 @@ from bnlab.data import load_data  # noqa: E402
 from bnlab.data.imagefolder import extract_archive  # noqa: E402
 from bnlab.data.loader import make_loader  # noqa: E402
 from bnlab.models import build_model  # noqa: E402
-from bnlab.models.packed import pack_models  # noqa: E402
+from bnlab.models.grouped import pack_models  # noqa: E402
 
 BATCH = 128
 

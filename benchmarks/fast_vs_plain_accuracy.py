@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bnlab.config import RunConfig, validate  # noqa: E402
 from bnlab.data import load_data  # noqa: E402
-from bnlab.packed import train_packed  # noqa: E402
 from bnlab.train import train_run  # noqa: E402
+from bnlab.train.packed import train_packed  # noqa: E402
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Cost of the training probes as a fraction of the time of one training step.
 
-Runs the training step of bnlab/train.py (forward, cross-entropy, backward, SGD step) on
+Runs the training step of bnlab/train/loop.py (forward, cross-entropy, backward, SGD step) on
 fixed random batches and times it in three settings, interleaved round by round so that load
 from other processes hits all alike:
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from bnlab.config import from_mapping
 from bnlab.models import build_model
-from bnlab.probes import make_prober
+from bnlab.train.probes import make_prober
 
 
 def main() -> None:

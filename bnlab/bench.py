@@ -31,6 +31,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import datasets
+from torchvision import transforms as T
+
+from bnlab.config import RunConfig
+from bnlab.data import load_data
+from bnlab.data.imagefolder import extract_archive, find_root
+from bnlab.data.synthetic import make_synthetic
+from bnlab.fast import accel, cpu_kernels
+from bnlab.models import build_model
+from bnlab.runtime import environment, resolve_device
+from bnlab.store import Store, atomic_write_bytes
+from bnlab.train import train_run
+from bnlab.train.packed import train_packed
 
 VARIANTS = ("textbook", "eager", "compiled", "packed", "packed-compiled")
 
@@ -55,17 +70,11 @@ def _load(a: BenchArgs, n_train: int):
     """The bundle every variant trains on: the real data (subset to n_train images) or a
     synthetic set of the same shape as CIFAR-10."""
     if a.data == "synthetic":
-        from bnlab.data.synthetic import make_synthetic
-
         return make_synthetic(n_train=n_train, n_test=a.batch_size)
-    from bnlab.data import load_data
-
     return load_data(a.data, a.data_dir or None, False, n_train, a.batch_size, True)
 
 
 def _device(a: BenchArgs) -> torch.device:
-    from bnlab.train import resolve_device
-
     return resolve_device(a.device)
 
 
@@ -96,21 +105,14 @@ class _PilImages(torch.utils.data.Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         img = Image.fromarray(self.x[i].squeeze(-1) if self.x.shape[-1] == 1 else self.x[i])
         return self.transform(img), self.y[i]
 
 
 def _textbook_dataset(a: BenchArgs, bundle, n_train: int):
-    from torchvision import datasets
-    from torchvision import transforms as T
-
     tf = T.Compose([T.RandomCrop(bundle.image_size, padding=4), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(bundle.mean, bundle.std)])
     if a.data.startswith("imagefolder:"):
-        from bnlab.data.imagefolder import extract_archive, find_root
-
         path = Path(a.data.split(":", 1)[1]).expanduser()
         root = extract_archive(path) if path.is_file() else find_root(path, path)
         ds = datasets.ImageFolder(str(root / "train"), transform=tf)
@@ -121,11 +123,6 @@ def _textbook_dataset(a: BenchArgs, bundle, n_train: int):
 
 
 def run_textbook(a: BenchArgs) -> dict:
-    import torch.nn.functional as F
-
-    from bnlab import cpu_kernels
-    from bnlab.models import build_model
-
     cpu_kernels.set_enabled(False)  # the textbook loop runs torch's own ops only
     device = _device(a)
     warm = min(a.steps, 5)
@@ -166,10 +163,6 @@ def run_textbook(a: BenchArgs) -> dict:
 
 # -- bnlab's own path --------------------------------------------------------------------------
 def run_bnlab(a: BenchArgs, variant: str) -> dict:
-    from bnlab.config import RunConfig
-    from bnlab.packed import train_packed
-    from bnlab.train import train_run
-
     device = _device(a)
     packed = variant.startswith("packed")
     k = a.k if packed else 1
@@ -177,8 +170,6 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
     bundle = _load(a, n_train)
     n_train = len(bundle.train)
     if a.compile_mode:
-        from bnlab import accel
-
         accel.COMPILE_MODES[device.type] = a.compile_mode
     base = RunConfig(dataset=a.data, data_dir=a.data_dir, model=a.model,
                      batch_size=a.batch_size, epochs=2, device=device.type,
@@ -199,8 +190,6 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
             summaries = train_packed(cfgs, out, resume=False, log=log, bundle=bundle)
         else:
             summaries = [train_run(cfgs[0], out, log=log, bundle=bundle)]
-        from bnlab.store import Store
-
         bad = [s for s in summaries if s["status"] not in ("completed", "no_learning")]
         if bad:
             raise RuntimeError(f"benchmark run ended {bad[0]['status']}: "
@@ -221,8 +210,6 @@ def run_bnlab(a: BenchArgs, variant: str) -> dict:
 def _kernels_used(variant: str) -> str:
     """Which of bnlab's fused CPU kernels a variant ran: a compiled model runs inductor's own
     kernels for its norms, so only the batch making is fused there."""
-    from bnlab import cpu_kernels
-
     state = cpu_kernels.describe()
     return "data only (compiled model)" if state == "fused" and "compiled" in variant else state
 
@@ -233,8 +220,6 @@ def run_one(a: BenchArgs, variant: str) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = run_textbook(a) if variant == "textbook" else run_bnlab(a, variant)
-    from bnlab.train import environment
-
     env = environment(device)
     return {"variant": variant, "model": a.model, "data": a.data, "batch_size": a.batch_size,
             **result, "device": env["device"], "device_name": env["device_name"],
@@ -273,8 +258,6 @@ def run_all(a: BenchArgs, variants: list[str], precisions: list[str], timeout: f
         rows.append(row)
         emit(json.dumps(row, sort_keys=True))
         if out_file:
-            from bnlab.store import atomic_write_bytes
-
             text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
             atomic_write_bytes(Path(out_file), text.encode())
     return rows

@@ -1,4 +1,10 @@
-"""The `bnlab` command: argument parsing only; the work is done by the modules it calls."""
+"""The `bnlab` command: argument parsing only; the work is done by the modules it calls.
+
+Each command imports the modules it calls when it runs (the `# lazy` imports below): torch takes
+about 2 s to load, which `bnlab --help` and a mistyped flag should not pay, and `study run`
+must set OMP_WAIT_POLICY before torch is loaded at all. Everything imported at the top of this
+file is torch-free.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,13 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
-from bnlab.config import FIELDS
-from bnlab.errors import UserError, suggest
+import bnlab
+from bnlab.config import FIELDS, load
+from bnlab.console import format_table
+from bnlab.errors import UserError, suggest, unknown
+from bnlab.study.options import EXECUTORS, SlurmOptions
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,9 +88,8 @@ def run_overrides(args: argparse.Namespace) -> dict:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from bnlab.config import load
-    from bnlab.distributed import detect, launch
-    from bnlab.train import train_run
+    from bnlab.train import train_run  # lazy
+    from bnlab.train.distributed import detect, launch  # lazy
 
     cfg = load(args.config, run_overrides(args))
     if args.nproc:
@@ -109,7 +118,7 @@ def _train_argv(args) -> list[str]:
 
 
 def cmd_runs(args) -> int:
-    from bnlab.store import open_store
+    from bnlab.store import open_store  # lazy
 
     rows = open_store(args.out, must_exist=True).rows()
     if not rows:
@@ -124,15 +133,8 @@ def cmd_runs(args) -> int:
     return 0
 
 
-def format_table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def cmd_datasets(args) -> int:
-    from bnlab.data import DATASETS
+    from bnlab.data import DATASETS  # lazy
 
     for name, text in DATASETS.items():
         print(f"{name:18s} {text}")
@@ -140,7 +142,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from bnlab.models import MODELS
+    from bnlab.models import MODELS  # lazy
 
     for name, text in MODELS.items():
         print(f"{name:10s} {text}")
@@ -148,9 +150,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_norms(args) -> int:
-    from bnlab.norm import (
-        FORMULAS,
-        OPTIONS,
+    from bnlab.norm import FORMULAS, OPTIONS  # lazy
+    from bnlab.norm.table import (  # lazy
         TABLE_SHAPE,
         TABLE_STEPS,
         format_stats_table,
@@ -170,10 +171,8 @@ def cmd_norms(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pathlib import Path
-
-    from bnlab.infer.compare import compare_runs, format_compare
-    from bnlab.store import RunDir
+    from bnlab.infer.compare import compare_runs, format_compare  # lazy
+    from bnlab.store import RunDir  # lazy
 
     runs = [RunDir(Path(r).parent if Path(r).is_file() else Path(r)) for r in args.runs]
     for r, arg in zip(runs, args.runs):
@@ -189,8 +188,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from bnlab.infer.diagnose import diagnose, format_diagnose
-    from bnlab.infer.loading import load_model
+    from bnlab.infer.diagnose import diagnose, format_diagnose  # lazy
+    from bnlab.infer.loading import load_model  # lazy
 
     loaded = load_model(args.checkpoint, args.data_dir, args.device)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -204,7 +203,7 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_fold(args) -> int:
-    from bnlab.infer.foldcli import fold_command
+    from bnlab.infer.fold_report import fold_command  # lazy
 
     return fold_command(args.checkpoint, args.onnx, args.data_dir, args.device, args.repeats)
 
@@ -233,8 +232,7 @@ def _count(minimum: int):
 
 
 def cmd_bench(args) -> int:
-    from bnlab.bench import VARIANTS, BenchArgs, run_all
-    from bnlab.errors import unknown
+    from bnlab.bench import VARIANTS, BenchArgs, run_all  # lazy
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -273,14 +271,17 @@ def _cpu_shared(jobs: int) -> bool:
 
 def cmd_study(args) -> int:
     if args.study_command == "run" and _cpu_shared(args.jobs):  # before torch loads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bnlab.study.passive_openmp
-    from bnlab import spec as specs
-    from bnlab import study
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.executors.passive_openmp
+    from bnlab.study import spec as specs  # lazy
+    from bnlab.study import status  # lazy
 
     if args.study_command == "list":
-        print(study.list_text())
+        print(status.list_text())
         return 0
     if args.study_command == "run":
+        from bnlab.report.analysis import compare_selected  # lazy
+        from bnlab.study.runner import run_study  # lazy
+
         sp = specs.load_spec(args.spec)
         sets = specs.parse_assignments(args.set, "--set")
         if args.device:
@@ -288,28 +289,50 @@ def cmd_study(args) -> int:
         plan = specs.expand(sp, sets, specs.parse_assignments(args.only, "--only"),
                             specs.parse_data_map(args.data_map))
         specs.preflight(plan)
-        out = args.out or str(study.DEFAULT_ROOT / sp.name)
-        if args.executor == "local":
-            counts = study.run_study(plan, out, jobs=args.jobs, pack=not args.no_pack)
-        else:
-            from bnlab import cluster
-
-            counts = cluster.run_study(plan, out, args.executor, cluster.options_from(args))
+        out = args.out or str(specs.DEFAULT_ROOT / sp.name)
+        counts = run_study(plan, out, jobs=args.jobs, pack=not args.no_pack,
+                           executor=args.executor, options=_slurm_options(args))
+        compare_selected(out)
         print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
               + f" -> {out} (next: bnlab study report {out})")
         return 1 if counts.get("failed") else 0
-    out = study.resolve_out(args.target, args.out)
+    out = status.resolve_out(args.target, args.out)
     if args.study_command == "status":
-        print(study.status_text(out))
+        print(status.status_text(out))
         return 0
-    try:
-        from bnlab.report import write_report
-    except ImportError as e:
-        raise UserError(f"the report module is not available in this installation ({e})") \
-            from None
+    from bnlab.report import write_report  # lazy
+
     for name, path in write_report(out).items():
         print(f"{name}: {path}")
     return 0
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """The executor options of `bnlab study run`."""
+    g = p.add_argument_group("cluster execution (--executor slurm or node)")
+    g.add_argument("--executor", choices=tuple(EXECUTORS), default="local",
+                   help="; ".join(f"{k}: {v}" for k, v in EXECUTORS.items()))
+    d = SlurmOptions()
+    g.add_argument("--partition", default=d.partition, help="SLURM partition")
+    g.add_argument("--account", default=d.account, help="SLURM account")
+    g.add_argument("--gpus-per-run", type=int, default=d.gpus_per_run, metavar="N",
+                   help="GPUs of one run (N > 1: data-parallel, one task per GPU on one node)")
+    g.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu, metavar="N",
+                   help="CPU cores per GPU (DataLoader workers)")
+    g.add_argument("--time", type=int, default=d.time, metavar="MINUTES",
+                   help="time limit of one job; a run cut off is requeued and resumes")
+    g.add_argument("--mem", type=int, default=d.mem_gb, metavar="GB",
+                   help="memory per node (0 = the partition's default)")
+    g.add_argument("--parallel", type=int, default=d.parallel, metavar="N",
+                   help="runs at a time (0: no limit on SLURM, 1 with --executor node)")
+
+
+def _slurm_options(args) -> SlurmOptions | None:
+    if args.executor == "local":
+        return None
+    return SlurmOptions(partition=args.partition, gpus_per_run=args.gpus_per_run,
+                        cpus_per_gpu=args.cpus_per_gpu, time=args.time, mem_gb=args.mem,
+                        parallel=args.parallel, account=args.account).validate()
 
 
 def build_parser() -> Parser:
@@ -398,8 +421,6 @@ def build_parser() -> Parser:
     sr.add_argument("--data-map", action="append", metavar="NAME=DATASET",
                     help="use DATASET wherever the spec says NAME, e.g. "
                     "cifar10=imagefolder:PATH (repeatable)")
-    from bnlab.cluster import add_flags as add_cluster_flags
-
     add_cluster_flags(sr)
     for action, text in (("status", "counts by status and one line per run"),
                          ("report", "write report.html, report.md and figures")):
@@ -454,8 +475,6 @@ def build_parser() -> Parser:
 
 
 def _version() -> str:
-    import bnlab
-
     return bnlab.__version__
 
 

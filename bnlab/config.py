@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class RunConfig:
     placement: str = _f("post_conv", "where norms sit in a ResNet block", choices=PLACEMENTS)
     first_k: int = _f(1, "with placement=first_k: residual blocks that keep their norms",
                       "blocks")
-    init: str = _f("kaiming", "weight initialization (see bnlab.init)")
+    init: str = _f("kaiming", "weight initialization (see bnlab.models.init)")
     init_options: dict = _f({}, "extra options for the initialization, e.g. {mode='fan_out'}")
     dropout: float = _f(0.0, "dropout probability before the classifier", "probability")
     # optimization
@@ -224,3 +225,13 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 def from_json_dict(d: dict[str, Any]) -> RunConfig:
     """Rebuild a stored config (config.json's `config` table); unknown keys are refused."""
     return from_mapping({k: v for k, v in d.items()}, where="stored config")
+
+
+def cache_root() -> Path:
+    """Where bnlab keeps what it can rebuild (decoded datasets, built kernels): $BNLAB_CACHE,
+    else $XDG_CACHE_HOME/bnlab, else ~/.cache/bnlab; created on first use."""
+    root = os.environ.get("BNLAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bnlab")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -37,6 +37,17 @@ import torch
 from bnlab.errors import UserError
 
 STATUSES = ("running", "completed", "diverged", "no_learning", "failed")
+FINISHED = ("completed", "diverged", "no_learning")  # outcomes that are results, never redone
+
+
+def final_status(flags: dict) -> str:
+    """The status a run that trained to its end (or stopped at a non-finite loss) gets from the
+    flags its loop kept: diverged, no_learning (at chance after its first quarter), completed."""
+    if "diverged_step" in flags:
+        return "diverged"
+    if "no_learning_at_epoch" in flags:
+        return "no_learning"
+    return "completed"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -81,6 +92,9 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_bytes(self.path / name, text.encode())
 
     def read_json(self, name: str) -> Any | None:
         p = self.path / name

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-import bnlab.train as train_mod
+import bnlab.train.loop as train_mod
 from bnlab.data.loader import make_loader
 from bnlab.data.synthetic import make_synthetic
-from bnlab.distributed import Context, detect
 from bnlab.models import build_model
+from bnlab.train.distributed import Context, detect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_common import BN_CFG, GHOST_CFG, GROUP_CFG, SHARD_BATCH, bundle_for  # noqa: E402

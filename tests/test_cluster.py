@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import submitit  # noqa: F401 - imported at collection: its log handlers bind sys.stderr then
 
-from bnlab.cluster import RunTask, SlurmExecutor, SlurmOptions
 from bnlab.config import RunConfig
 from bnlab.errors import UserError
 from bnlab.store import Store
+from bnlab.study.executors import RunTask, SlurmExecutor
+from bnlab.study.options import SlurmOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-HELPER = "bnlab.study:run_one"
+HELPER = "bnlab.study.worker:run_one"
 
 
 def _cfgs() -> list[RunConfig]:
@@ -51,7 +52,7 @@ norm = ["bn", "none"]
 
 def test_two_run_study_through_submitit_local_executor(tmp_path, job_path):
     from bnlab.cli import main
-    from bnlab.spec import expand, load_spec
+    from bnlab.study.spec import expand, load_spec
 
     spec = tmp_path / "tiny.toml"
     spec.write_text(SPEC)

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (bnlab/csrc): against float64 references, torch's own ops and the
+"""The fused CPU kernels (bnlab/fast/csrc): against float64 references, torch's own ops and the
 loader's torch path; their fallbacks; and the run option that switches them."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab import cpu_kernels
 from bnlab.config import RunConfig
-from bnlab.cpu_kernels import BnActFunction, bn_act
 from bnlab.data.loader import PAD, Normalizer, crop_flip, epoch_plan
+from bnlab.fast import cpu_kernels
+from bnlab.fast.cpu_kernels import BnActFunction, bn_act
 from bnlab.models import build_model
 
 CL = torch.channels_last

@@ -10,7 +10,7 @@ from bnlab.config import from_mapping
 from bnlab.data.synthetic import make_synthetic
 from bnlab.infer.diagnose import _batches, diagnose, precise_statistics, sanity
 from bnlab.infer.loading import Loaded
-from bnlab.train import build_for
+from bnlab.models import build_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from ddp_common import BN_AS_GHOST_CFG, BN_CFG, GHOST_CFG, GROUP_CFG, SHARD_BATCH, bundle_for
 
-import bnlab.train as train_mod
+import bnlab.train.loop as train_mod
 from bnlab.data.loader import make_loader
 from bnlab.data.synthetic import make_synthetic
-from bnlab.distributed import DistEnv, detect, launch_command
 from bnlab.errors import UserError
 from bnlab.models import build_model
+from bnlab.train.distributed import DistEnv, detect, launch_command
 
 ROOT = Path(__file__).resolve().parent.parent
 # float32 sums in another order (two half-batch means averaged by DDP vs one mean) over 6 SGD

@@ -61,7 +61,7 @@ def test_nproc_argv_round_trip():
 
 
 def test_batch_not_divisible_by_processes_is_refused():
-    from bnlab.distributed import Context, DistEnv
+    from bnlab.train.distributed import Context, DistEnv
 
     ctx = Context(DistEnv(0, 3, 0, launched=True), torch.device("cpu"))
     with pytest.raises(UserError, match="not divisible by the 3 processes"):
@@ -98,7 +98,7 @@ def test_fixup_torchvision_scales_and_zeroes(arch, blocks, m):
 
 @pytest.mark.parametrize("name,per_device", [("imagenet", 8), ("imagenette", 1)])
 def test_builtin_scale_studies_expand(name, per_device):
-    from bnlab.spec import expand, load_spec, parse_data_map
+    from bnlab.study.spec import expand, load_spec, parse_data_map
 
     plan = expand(load_spec(name), [], [],
                   parse_data_map([f"{name}=imagefolder:/data/{name}"]))

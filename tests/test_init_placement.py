@@ -1,4 +1,4 @@
-"""Norm placement in the CIFAR ResNets and the initialization schemes of bnlab.init."""
+"""Norm placement in the CIFAR ResNets and the initialization schemes of bnlab.models.init."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from torch import nn
 from bnlab.config import RunConfig
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError
-from bnlab.init import fixup_scale, residual_blocks
-from bnlab.models import build_model
+from bnlab.models import build_for, build_model
 from bnlab.models.cifar_resnet import CifarResNet, ShortcutA
+from bnlab.models.init import fixup_scale, residual_blocks
 from bnlab.norm import NORMS, is_norm_layer
-from bnlab.train import build_for, param_groups
+from bnlab.train.optim import param_groups
 
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 INITS = ("kaiming", "xavier", "fixup", "zero_residual", "skipinit")

@@ -11,17 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab import norm_layers as L
 from bnlab.errors import UserError
 from bnlab.norm import (
     NORMS,
-    forward_stats,
     has_bias_substitute,
     is_norm_layer,
     make_norm,
-    table_input,
     zero_scale_refusal,
 )
+from bnlab.norm import layers as L
+from bnlab.norm.table import forward_stats, table_input
 
 
 def _shape(x):

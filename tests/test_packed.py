@@ -18,16 +18,18 @@ import torch.nn.functional as F
 from bnlab.config import RunConfig
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError
-from bnlab.models.packed import (
+from bnlab.models import build_for
+from bnlab.models.grouped import (
     NotPackable,
     check_packable,
     owned_entries,
     pack_models,
     unpack_state,
 )
-from bnlab.packed import PackedSGD, can_pack, pack_groups, train_packed
 from bnlab.store import Store
-from bnlab.train import build_for, param_groups, train_run
+from bnlab.train import train_run
+from bnlab.train.optim import PackedSGD, param_groups
+from bnlab.train.packed import can_pack, pack_groups, train_packed
 
 QUIET = {"log": lambda s: None}
 

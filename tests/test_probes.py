@@ -11,9 +11,9 @@ from torch import nn
 
 from bnlab.config import from_mapping
 from bnlab.models import build_model
-from bnlab.probes import STEP_MULTIPLES, Prober, activation_stats, default_layers
 from bnlab.store import Store
 from bnlab.train import train_run
+from bnlab.train.probes import STEP_MULTIPLES, Prober, activation_stats, default_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,7 +166,7 @@ def test_resumed_run_has_the_same_probes(tmp_path):
 
 def test_probes_leave_a_resnet_trajectory_unchanged_with_the_fused_cpu_kernels(tmp_path):
     """Probes read each norm's input through a forward pre-hook, which the fused CPU path
-    (bnlab.cpu_kernels) calls itself: probed and unprobed steps run the same kernels."""
+    (bnlab.fast.cpu_kernels) calls itself: probed and unprobed steps run the same kernels."""
     def run(probe_every):
         cfg = from_mapping(dict(dataset="synthetic", model="resnet20", norm="bn",
                                 limit_train=32, limit_test=16, batch_size=8, epochs=1,

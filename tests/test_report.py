@@ -48,7 +48,7 @@ def p50_slope(values: dict) -> float:
 
 
 def _probe_rows(values: dict) -> list[dict]:
-    """Rows named as bnlab.probes names them for mlp3x100: activations at each sigmoid input
+    """Rows named as bnlab.train.probes names them for mlp3x100: activations at each sigmoid input
     ("hidden.<i>.sigmoid", recorded before the enclosing block's output "hidden.<i>"), weight
     gradients and ICS per linear layer, model-wide values on layer ""."""
     rows = []

@@ -9,16 +9,17 @@ import math
 import pytest
 import torch
 
-from bnlab.accel import FirstBad, pad_batch
 from bnlab.bench import BenchArgs, run_one
 from bnlab.cli import main
 from bnlab.config import RunConfig
 from bnlab.data.loader import MemoryLoader, Normalizer
 from bnlab.data.synthetic import make_synthetic
+from bnlab.fast.accel import FirstBad, pad_batch
 from bnlab.models import build_model
-from bnlab.packed import _batches, _Member
 from bnlab.store import Store
-from bnlab.train import evaluate, train_run
+from bnlab.train import train_run
+from bnlab.train.evaluate import evaluate
+from bnlab.train.packed import _batches, _Member
 
 
 def test_first_bad_keeps_the_first_non_finite_step_per_run():
@@ -144,7 +145,7 @@ def test_compiled_run_matches_eager_run(tmp_path):
 MALLOC_PROBE = """
 import ctypes, sys
 import torch
-from bnlab import accel
+from bnlab.fast import accel
 
 class Info(ctypes.Structure):  # struct mallinfo2 (glibc >= 2.33)
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -188,7 +189,7 @@ def test_tuned_allocator_serves_activations_from_the_heap():
 def test_compiled_pack_matches_eager_pack(tmp_path):
     """A pack whose parameters are views of the flat optimizer tensor, with a run without BN
     beside one with BN (PartialBatchNorm), compiles, and trains as the eager pack does."""
-    from bnlab.packed import train_packed
+    from bnlab.train.packed import train_packed
 
     bundle = make_synthetic(n_train=256, n_test=128)
     base = [RunConfig(dataset="synthetic", model="mlp3x100", epochs=2, batch_size=32,

@@ -1,4 +1,4 @@
-"""Whole-step CUDA graphs (bnlab.step_graph): a graphed run follows the run without the graph.
+"""Whole-step CUDA graphs (bnlab.fast.step_graph): a graphed run follows the run without the graph.
 
 The comparisons need a CUDA GPU and are skipped without one; benchmarks/gpu_check.sh runs this
 file first on the GPU machine.
@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab import step_graph
 from bnlab.config import RunConfig
 from bnlab.data.synthetic import make_synthetic
-from bnlab.packed import train_packed
+from bnlab.fast import step_graph
 from bnlab.store import Store
-from bnlab.train import _checkpoint, train_run
+from bnlab.train import train_run
+from bnlab.train.packed import train_packed
+from bnlab.train.record import checkpoint_state
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +36,7 @@ def test_checkpoint_stores_a_device_tensor_lr_as_a_number():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for g in opt.param_groups:
         g["lr"] = lr
-    state = _checkpoint(RunConfig(), model, opt, 1, 10, 1.0, {}, torch.device("cpu"))
+    state = checkpoint_state(RunConfig(), model, opt, 1, 10, 1.0, {}, torch.device("cpu"))
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(0.05)]
     assert all(type(g["lr"]) is float for g in state["optimizer"]["param_groups"])
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps it
@@ -121,7 +122,7 @@ def test_cuda_graph_is_an_execution_option_outside_the_run_id():
 
 
 def test_a_graphed_step_compiles_the_model_without_its_own_cuda_graphs(monkeypatch):
-    from bnlab import accel
+    from bnlab.fast import accel
 
     modes = []
     monkeypatch.setattr(accel, "compile_model", lambda m, d, mode: modes.append(mode) or m)

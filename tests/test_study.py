@@ -19,9 +19,11 @@ import torch
 from bnlab import cli
 from bnlab.config import RunConfig
 from bnlab.errors import UserError
-from bnlab.spec import builtin_names, expand, load_spec, parse_spec
+from bnlab.store import FINISHED as FINAL
 from bnlab.store import Store
-from bnlab.study import FINAL, run_one, status_rows
+from bnlab.study.spec import builtin_names, expand, load_spec, parse_spec
+from bnlab.study.status import status_rows
+from bnlab.study.worker import run_one
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"epoch_time", "train_images_per_s"}  # the only fields of metrics.jsonl that vary
@@ -110,7 +112,7 @@ def test_set_only_and_data_map():
 
 @pytest.mark.parametrize("name", builtin_names())
 def test_builtin_specs_parse_and_expand(name):
-    from bnlab.spec import _registries
+    from bnlab.study.spec import _registries
 
     spec = load_spec(name)
     assert spec.name == name and spec.description
@@ -403,9 +405,9 @@ def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
     """The packing path of the runner (used for CUDA runs), exercised on the CPU: the runs that
     differ only in seed and norm (bn, none) train as one pack, each with its own folder, and a
     rerun skips them."""
-    import bnlab.study as study
+    import bnlab.study.runner as runner
 
-    monkeypatch.setattr(study, "PACK_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(runner, "PACK_DEVICES", {"cpu", "cuda"})
     spec = write(tmp_path, TINY)
     rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 0, err

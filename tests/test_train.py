@@ -6,7 +6,9 @@ import torch
 
 from bnlab.config import RunConfig, validate
 from bnlab.store import Store
-from bnlab.train import chance_threshold, lr_factor, train_run
+from bnlab.train import train_run
+from bnlab.train.evaluate import chance_threshold
+from bnlab.train.optim import lr_factor
 
 DETERMINISTIC = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "step")
 
@@ -116,7 +118,7 @@ def test_lr_schedules():
 
 def test_weight_decay_skips_norm_and_bias_by_default():
     from bnlab.models import build_model
-    from bnlab.train import param_groups
+    from bnlab.train.optim import param_groups
 
     model = build_model("resnet20", 10)
     groups = param_groups(model, 1e-4, False)
@@ -145,7 +147,7 @@ def test_grad_clip_bounds_the_step_to_lr_times_clip(tmp_path):
     """Plain SGD (no momentum, no decay) takes the step -lr * g * min(1, c / |g|): with a tiny
     clip c the parameters move by exactly lr * c in global norm."""
     from bnlab.data import load_data
-    from bnlab.train import build_for
+    from bnlab.models import build_for
 
     cfg = tiny(epochs=1, limit_train=32, batch_size=32, lr=1.0, momentum=0.0,
                weight_decay=0.0, grad_clip=1e-3)

@@ -8,6 +8,10 @@ from pathlib import Path
 import torch
 
 from bnlab.data.bundle import DataBundle, Split, fixed_subset
+from bnlab.data.cifar import load_cifar
+from bnlab.data.imagefolder import load_imagefolder
+from bnlab.data.mnist import load_mnist
+from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError, unknown
 
 DATASETS = {
@@ -35,25 +39,17 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
     """
     root = Path(data_dir) if data_dir else default_data_dir()
     if name in ("cifar10", "cifar100"):
-        from bnlab.data.cifar import load_cifar
-
         bundle = load_cifar(name, root, download)
     elif name in ("mnist", "fashion-mnist"):
-        from bnlab.data.mnist import load_mnist
-
         if not download and not root.is_dir():
             raise UserError(f"data dir {str(root)!r} does not exist (needed for {name})")
         bundle = load_mnist(name, root, download)
     elif name.startswith("imagefolder:"):
-        from bnlab.data.imagefolder import load_imagefolder
-
         path = name.split(":", 1)[1]
         if not path:
             raise UserError("imagefolder needs a path: imagefolder:PATH")
         bundle = load_imagefolder(path, augment, image_size)
     elif name == "synthetic":
-        from bnlab.data.synthetic import make_synthetic
-
         bundle = make_synthetic()
     elif name in ("imagenet", "imagenette"):
         # the names built-in studies use; the data itself is the user's copy

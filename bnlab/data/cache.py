@@ -1,4 +1,4 @@
-"""The decode-once cache: where it lives, and atomic writes into it."""
+"""The decode-once cache: keys, and atomic writes into it (its folder: bnlab.config.cache_root)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-
-def cache_root() -> Path:
-    root = os.environ.get("BNLAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bnlab")
-    p = Path(root)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def key_of(*parts) -> str:

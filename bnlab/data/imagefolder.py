@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
+from bnlab.config import cache_root
 from bnlab.data.bundle import DataBundle, Split, channel_stats
-from bnlab.data.cache import cache_root, key_of, load_arrays, save_arrays
+from bnlab.data.cache import key_of, load_arrays, save_arrays
 from bnlab.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -139,8 +141,6 @@ class StreamedImages(Dataset):
 
 
 def large_transforms(mean, std, train: bool, augment: bool, size: int = LARGE_SIZE):
-    from torchvision import transforms as T
-
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if train and augment:
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
@@ -154,8 +154,6 @@ def _stream_stats(items, root_key: str) -> tuple[tuple[float, ...], tuple[float,
         return tuple(d["mean"]), tuple(d["std"])
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(items), generator=g)[:STATS_SAMPLE].tolist()
-    from torchvision import transforms as T
-
     tf = T.Compose([T.Resize(int(round(LARGE_SIZE * 256 / 224))), T.CenterCrop(LARGE_SIZE)])
     mean, std = channel_stats(_decode_with([items[i] for i in pick], tf))
     path.parent.mkdir(parents=True, exist_ok=True)

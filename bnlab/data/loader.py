@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bnlab import cpu_kernels
 from bnlab.data.bundle import DataBundle, Split
+from bnlab.fast import cpu_kernels
 
 PAD = 4  # px of zero padding before the random crop (He et al. 2016)
 CHUNK_BYTES = 64 << 20  # float32 input prepared at once by MemoryLoader
@@ -111,7 +111,7 @@ class MemoryLoader:
         fused = self._fused()
         for c0 in range(0, steps, per):
             lo, hi = c0 * bs, min(n, min(c0 + per, steps) * bs)  # training: full batches
-            if fused:  # the same values from one C++ pass (bnlab.cpu_kernels)
+            if fused:  # the same values from one C++ pass (bnlab.fast.cpu_kernels)
                 idx = order[lo:hi] if self.train else torch.arange(lo, hi)
                 aug = self.train and self.augment
                 x = cpu_kernels.crop_flip_normalize(

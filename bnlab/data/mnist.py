@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 from bnlab.data.bundle import DataBundle, Split, channel_stats
 from bnlab.errors import UserError
@@ -58,8 +59,6 @@ def _find(root: Path, name: str, stem: str) -> Path:
 def load_mnist(name: str, data_dir: Path, download: bool) -> DataBundle:
     root = Path(data_dir)
     if download:
-        import torchvision
-
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
         try:
             _find(root, name, FILES["train"][0])

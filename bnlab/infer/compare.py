@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import textwrap
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.infer import metrics as M
 from bnlab.infer.corrupt import CORRUPTIONS, SEVERITIES, corrupt, noise_generator
@@ -134,21 +138,15 @@ def _save(fig, path: Path) -> None:
 
 
 def _wrap(label: str, width: int = 28) -> str:
-    import textwrap
-
     return "\n".join(textwrap.wrap(label.replace(",", ", "), width)) or label
 
 
 def write_figures(result: dict, out_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = result["models"]
     written = []
     n = len(models)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    fig = Figure(figsize=(3.2 * n, 3.2))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, m in zip(axes[0], models):
         r = m["reliability"]
         w = 1.0 / len(r["count"])
@@ -162,10 +160,10 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
     axes[0][0].legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     _save(fig, out_dir / "reliability.png")
-    plt.close(fig)
     written.append("reliability.png")
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.subplots()
     for m in models:
         h = m["confidence_hist"]
         total = max(1, sum(h["count"]))
@@ -174,13 +172,12 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
            xlim=(0, 1))
     ax.legend(fontsize=7)
     _save(fig, out_dir / "confidence.png")
-    plt.close(fig)
     written.append("confidence.png")
 
     if all("corruption_acc" in m for m in models):
         names = list(models[0]["corruption_acc"])
-        fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.0), squeeze=False,
-                                 sharey=True)
+        fig = Figure(figsize=(3.0 * len(names), 3.0))
+        axes = fig.subplots(1, len(names), squeeze=False, sharey=True)
         for ax, name in zip(axes[0], names):
             for m in models:
                 ys = [m["test_acc"], *m["corruption_acc"][name]]
@@ -192,16 +189,8 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
                    bbox_to_anchor=(0.5, -0.02 - 0.06 * ((len(models) - 1) // 3)))
         fig.tight_layout(rect=(0, 0.08 + 0.06 * ((len(models) - 1) // 3), 1, 1))
         _save(fig, out_dir / "corruptions.png")
-        plt.close(fig)
         written.append("corruptions.png")
     return written
-
-
-def format_table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_compare(result: dict) -> str:

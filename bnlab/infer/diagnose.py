@@ -25,6 +25,7 @@ import copy
 import torch
 from torch import nn
 
+from bnlab.console import format_table
 from bnlab.infer.loading import EVAL_BATCH, Loaded, norm_layers, test_loader, train_loader
 from bnlab.infer.metrics import accuracy
 
@@ -237,8 +238,6 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
 
 
 def format_diagnose(res: dict) -> str:
-    from bnlab.infer.compare import format_table
-
     lines = [f"checkpoint {res['checkpoint']}  ({res['model']}, norm {res['norm']}, "
              f"{res['n_test']} test images)",
              f"eval-mode accuracy"

@@ -68,7 +68,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
 @torch.no_grad()
 def onnx_parity(path: str | Path, model: nn.Module, loader) -> dict:
     """Max |logit difference| of onnxruntime (CPU) vs the PyTorch model over a loader."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: the onnx extra
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
+import time
 
 import torch
 import torch.fx
@@ -211,9 +213,6 @@ def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int = 20,
               warmup: int = 3) -> tuple[dict, dict]:
     """Wall time of a(x) and b(x): calls alternate a, b, a, b, ... after `warmup` of each, so
     that load from other processes on a shared machine hits both alike. Median, quartiles."""
-    import statistics
-    import time
-
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         a(x)

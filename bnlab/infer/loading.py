@@ -12,6 +12,8 @@ from bnlab.config import RunConfig, from_json_dict
 from bnlab.data import DataBundle, load_data
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
+from bnlab.models import build_for
+from bnlab.runtime import resolve_device
 from bnlab.store import RunDir, load_checkpoint_file
 
 
@@ -71,8 +73,6 @@ def load_model(path: str | Path, data_dir: str | None = None, device: str = "cpu
     A checkpoint whose weights do not fit the architecture its config describes (another
     model, another class count) is a UserError naming the file.
     """
-    from bnlab.train import build_for, resolve_device
-
     p = checkpoint_path(path)
     state = load_checkpoint_file(p)
     cfg = config_of(p, state)

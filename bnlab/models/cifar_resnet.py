@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.cpu_kernels import bn_act
 from bnlab.errors import UserError, unknown
+from bnlab.fast.cpu_kernels import bn_act
 from bnlab.norm import has_bias_substitute, make_norm
 
 PLACEMENTS = ("post_conv", "post_act", "first_k")
@@ -20,7 +20,7 @@ DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resne
 
 
 def _on_cpu(x: torch.Tensor) -> bool:
-    """Where bnlab.cpu_kernels may apply; elsewhere (GPUs, FX tracing) the layers run exactly
+    """Where bnlab.fast.cpu_kernels may apply; elsewhere (GPUs, FX tracing) the layers run exactly
     the torch ops they always ran."""
     return not isinstance(x, torch.fx.Proxy) and x.device.type == "cpu"
 
@@ -130,7 +130,7 @@ class BasicBlock(nn.Module):
         if (self.placement == "post_conv" and self.scale is None and self.bias1a is None
                 and _on_cpu(x)):
             # relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x)), with each norm, its ReLU and
-            # the residual add fused into one CPU kernel where that applies (bnlab.cpu_kernels)
+            # the residual add fused into one CPU kernel where that applies (bnlab.fast.cpu_kernels)
             out = bn_act(self.n1, self.conv1(x))
             return bn_act(self.n2, self.conv2(out), residual=self.shortcut(x))
         out = self.branch(x) + self.shortcut(x)

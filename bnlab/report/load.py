@@ -62,7 +62,7 @@ class Run:
     metrics: list[dict]
     probes: list[dict]
     arm: tuple[tuple[str, str], ...] = ()
-    distributed: dict[str, Any] | None = None  # config.json's batch split (bnlab.distributed)
+    distributed: dict[str, Any] | None = None  # config.json's batch split (bnlab.train.distributed)
 
     def value(self, key: str) -> Any:
         """The run's value of a config key: the study's value, else the stored config's."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bnlab.report import fmt
-from bnlab.report.arms import Arm
+from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.document import Table
 from bnlab.report.load import Run, Study, fmt_value, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer
@@ -144,7 +144,7 @@ def gap_table(study: Study, arms: list[Arm], number: int) -> tuple[Table | None,
         if not a.selected:
             continue
         runs = [r for r in a.runs if r.final_train_acc is not None and r.status in
-                ("completed", "no_learning") and r.final_test_acc is not None]
+                INCLUDED and r.final_test_acc is not None]
         out.append(GapRow(a, summarize([r.final_train_acc for r in runs]),
                           summarize([r.final_test_acc for r in runs]), summarize(a.gaps)))
     head = ["Dataset", "Arm", "n", "Train acc. (%)", "Test acc. (%)", "Gap (points)",

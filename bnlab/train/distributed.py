@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 
 from bnlab.data.bundle import DataBundle, Split
 from bnlab.data.loader import epoch_generator
@@ -252,8 +254,6 @@ class DistributedStream:
         self.workers, self.seed, self.memory_format, self.env = workers, seed, memory_format, env
 
     def _sampler(self, epoch: int):
-        from torch.utils.data.distributed import DistributedSampler
-
         s = DistributedSampler(self.dataset, num_replicas=self.env.world_size,
                                rank=self.env.rank, shuffle=True, seed=self.seed, drop_last=True)
         s.set_epoch(epoch)
@@ -318,7 +318,5 @@ def launch(nproc: int, argv: list[str], cfg=None) -> int:
         raise UserError("--nproc starts torchrun itself; inside torchrun leave it out")
     if cfg is not None and cfg.sync_bn and (cfg.device == "cpu" or not torch.cuda.is_available()):
         check_sync_bn(torch.device("cpu"))
-    import subprocess
-
     return subprocess.run(launch_command(nproc, argv)).returncode
 

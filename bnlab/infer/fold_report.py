@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bnlab.console import format_table
+from bnlab.infer.export import export_onnx, onnx_available, onnx_parity
 from bnlab.infer.fold import fold_model, parity, speed
 from bnlab.infer.loading import load_model, test_loader
 
@@ -38,8 +40,6 @@ def fold_report(loaded, repeats: int = 20) -> dict:
 
 
 def format_fold(res: dict) -> str:
-    from bnlab.infer.compare import format_table
-
     p = res["parity"]
     lines = [f"checkpoint {res['checkpoint']}  ({res['model']}, norm {res['norm']})",
              f"folded {len(res['folded'])} norm layers into the conv/linear layer before them; "
@@ -74,8 +74,6 @@ def fold_command(checkpoint, onnx=None, data_dir=None, device="cpu", repeats=20)
     res = fold_report(loaded, repeats)
     folded = res.pop("_folded")
     if onnx:
-        from bnlab.infer.export import export_onnx, onnx_available, onnx_parity
-
         if onnx_available() is None:
             path = export_onnx(folded, _example(loaded, 2), onnx)
             res["onnx"] = onnx_parity(path, folded.cpu(), test_loader(loaded))

@@ -1,4 +1,4 @@
-"""Packed runs: K runs of one study trained at once as one grouped network (bnlab.models.packed).
+"""Packed runs: K runs of one study trained at once as one grouped network (bnlab.models.grouped).
 
 Each run keeps everything a run trained alone has: its own initialization (built from its own
 seed exactly as `train_run` builds it), its own data order and augmentation (its own
@@ -13,18 +13,19 @@ What may differ between the runs of a pack: PER_RUN below. Everything else must 
 
 from __future__ import annotations
 
-import math
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from bnlab import step_graph
-from bnlab.accel import (
+from bnlab.config import FIELDS, RunConfig
+from bnlab.data import DataBundle, Split, load_data, loader
+from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
+from bnlab.errors import UserError
+from bnlab.fast import step_graph
+from bnlab.fast.accel import (
     FirstBad,
     mark_step,
     memory_format_for,
@@ -32,13 +33,10 @@ from bnlab.accel import (
     prepare,
     tune_cpu_allocator,
 )
-from bnlab.config import FIELDS, RunConfig
-from bnlab.cpu_kernels import use_cpu_kernels
-from bnlab.data import DataBundle, Split, load_data, loader
-from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
-from bnlab.errors import UserError
+from bnlab.fast.cpu_kernels import use_cpu_kernels
+from bnlab.models import build_for, build_model
 from bnlab.models.cifar_resnet import DEPTHS
-from bnlab.models.packed import (
+from bnlab.models.grouped import (
     NotPackable,
     check_packable,
     empty_pack,
@@ -47,19 +45,12 @@ from bnlab.models.packed import (
     unpack_state,
     zero_fill,
 )
-from bnlab.store import RunDir, Store
-from bnlab.train import (
-    _checkpoint,
-    _summary,
-    autocast,
-    build_for,
-    chance_threshold,
-    config_record,
-    lr_factor,
-    make_sgd,
-    resolve_device,
-    train_run,
-)
+from bnlab.runtime import autocast, resolve_device
+from bnlab.store import Store
+from bnlab.train.evaluate import chance_threshold
+from bnlab.train.loop import EpochResult, train_run
+from bnlab.train.optim import PackedSGD, lr_rows, single_optimizer
+from bnlab.train.record import RunRecord, checkpoint_state, config_record
 
 PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
            "decay_norm_and_bias", "schedule", "warmup_epochs")
@@ -70,7 +61,6 @@ SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augme
           "compile", "cuda_graph", "cpu_kernels")
 MODELS = (*DEPTHS, "mlp3x100")
 NORMS = ("bn", "none")
-FINISHED = ("completed", "diverged", "no_learning")
 
 
 def can_pack(cfgs: list[RunConfig]) -> str | None:
@@ -104,8 +94,6 @@ def _structure_reason(cfgs: list[RunConfig]) -> str | None:
     """Build each distinct (norm, init)'s model (RNG state kept) and look for layers without a
     packed form (norm variants of other classes, Fixup/SkipInit scalars, ...) and for networks
     that cannot share a pack."""
-    from bnlab.models import build_model
-
     seen, models = set(), []
     for c in cfgs:
         key = (c.norm, c.init, repr(c.init_options))
@@ -160,143 +148,20 @@ def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]
     return out
 
 
-class PackedSGD:
-    """torch.optim.SGD (dampening 0) on packed parameters, with per-run hyperparameters:
-
-        d = grad + wd_k * p;   buf = momentum_k * buf + d;   p = p - lr_k * (d + momentum_k *
-        buf if nesterov else buf)
-
-    where `_k` is the value of the run owning the entry. A zero buffer makes the first step
-    `buf = d`, as torch's buffer creation does. Weight decay follows `train.param_groups`: on
-    parameters of more than one dimension in the single model, or on all with
-    decay_norm_and_bias.
-
-    All parameters (and momentum buffers) live in one flat tensor, each parameter a view of
-    its own segment with its own strides (channels_last included), and the per-run
-    coefficients are spread over that tensor once. A step is then a handful of element-wise
-    operations over the whole pack whatever the number of parameters and runs (a loop over
-    the parameters would launch ~8 kernels per parameter per step, which dominated the step
-    of small packs on a GPU). The arithmetic is the formula above, entry by entry, so the
-    result is the one a per-parameter loop gives, bit for bit.
-    """
-
-    def __init__(self, model: nn.Module, cfgs: list[RunConfig], single_ndim: dict[str, int],
-                 bufs: dict[str, torch.Tensor] | None = None,
-                 owned: dict[str, list[bool]] | None = None):
-        """`owned[name][k]` False: run k's network has no such parameter (a bias or norm
-        parameter held for the other runs of a mixed pack); its entries never change."""
-        self.k, self.nesterov = len(cfgs), cfgs[0].nesterov
-        self.params = dict(model.named_parameters())
-        ref = next(iter(self.params.values()))
-        dtype, device = ref.dtype, ref.device
-        sizes = {n: p.numel() for n, p in self.params.items()}
-        total = sum(sizes.values())
-        self.flat = torch.empty(total, dtype=dtype, device=device)
-        self.buf = torch.zeros(total, dtype=dtype, device=device)
-        run = torch.empty(total, dtype=torch.int64)
-        mom = torch.empty(total, dtype=torch.float64)
-        wd = torch.zeros(total, dtype=torch.float64)
-        live = torch.ones(total, dtype=torch.bool)
-        momentum = torch.tensor([c.momentum for c in cfgs], dtype=torch.float64)
-        self.segments: dict[str, tuple[int, int]] = {}
-        self.bufs: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, p in self.params.items():
-            n = sizes[name]
-            if p.dtype != dtype or p.device != device:
-                raise ValueError(f"packed parameter {name} is {p.dtype} on {p.device}, the "
-                                 f"others {dtype} on {device}")
-            if not _runs_outermost(p, self.k):
-                raise ValueError(f"packed parameter {name} ({tuple(p.shape)}, strides "
-                                 f"{p.stride()}) does not keep each run's entries together")
-            view = torch.as_strided(self.flat, p.shape, p.stride(), offset)
-            view.copy_(p.detach())
-            p.data = view
-            self.bufs[name] = torch.as_strided(self.buf, p.shape, p.stride(), offset)
-            if bufs is not None:
-                self.bufs[name].copy_(bufs[name])
-            owner = torch.arange(self.k).repeat_interleave(n // self.k)
-            run[offset:offset + n] = owner
-            mom[offset:offset + n] = momentum[owner]
-            if single_ndim[name] > 1:
-                wd[offset:offset + n] = torch.tensor([c.weight_decay for c in cfgs],
-                                                     dtype=torch.float64)[owner]
-            else:
-                wd[offset:offset + n] = torch.tensor(
-                    [c.weight_decay if c.decay_norm_and_bias else 0.0 for c in cfgs],
-                    dtype=torch.float64)[owner]
-            if owned is not None and not all(owned[name]):
-                mine = torch.tensor(owned[name])[owner]
-                live[offset:offset + n] = mine
-                wd[offset:offset + n] *= mine
-            self.segments[name] = (offset, n)
-            offset += n
-        self.run = run.to(device)
-        self.mom = mom.to(device=device, dtype=dtype)
-        self.wd = wd.to(device=device, dtype=dtype) if bool((wd != 0).any()) else None
-        self.live = None if bool(live.all()) else live.to(device)
-
-    def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, lr: torch.Tensor) -> None:
-        """One update with learning rates `lr` (K,) on the parameters' device."""
-        lr = lr.to(self.flat.dtype)
-        grads = [(name, p.grad) for name, p in self.params.items()]
-        if all(g is not None for _, g in grads):
-            g = torch.cat([_storage_order(g, self.params[name]) for name, g in grads])
-            self._update(slice(None), g, lr)
-            return
-        for name, g in grads:  # some parameters took no part: leave them (and their buffers)
-            if g is not None:
-                o, n = self.segments[name]
-                self._update(slice(o, o + n), _storage_order(g, self.params[name]), lr)
-
-    def _update(self, part: slice, g: torch.Tensor, lr: torch.Tensor) -> None:
-        p, buf, m = self.flat[part], self.buf[part], self.mom[part]
-        if self.live is not None:  # entries no run owns get no gradient (so never move)
-            g = torch.where(self.live[part], g, 0.0)
-        d = g if self.wd is None else g + self.wd[part] * p
-        buf.mul_(m).add_(d)
-        upd = d + m * buf if self.nesterov else buf
-        p.sub_(lr[self.run[part]] * upd)
-
-
-def _runs_outermost(p: torch.Tensor, k: int) -> bool:
-    """p is dense and its first dimension (which holds the K runs in blocks) is outermost in
-    memory, so run k's entries are block k of p's storage."""
-    dense = p.is_contiguous() or (p.ndim == 4 and p.is_contiguous(
-        memory_format=torch.channels_last))
-    return dense and p.shape[0] % k == 0 and (p.ndim == 0 or p.stride(0) * p.shape[0]
-                                               == p.numel())
-
-
-def _storage_order(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """g's entries flattened in the memory order of p's (and so of p's flat segment)."""
-    if g.stride() != p.stride():
-        g = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g)
-    return g.as_strided((g.numel(),), (1,), g.storage_offset())
-
-
-def lr_rows(cfgs: list[RunConfig], first_step: int, steps: int, spe: int) -> list[list[float]]:
-    """Learning rate of each run at steps first_step, first_step+1, ... as train_run sets it."""
-    return [[c.lr * lr_factor(c, first_step + i, spe) for c in cfgs] for i in range(steps)]
-
-
 class _Member:
-    """One run of a pack: its config, folder, progress and the state it entered the pack with."""
+    """One run of a pack: its record (progress and folder) and the state it entered the pack
+    with. `store=None` keeps the record in memory only."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir):
-        self.cfg, self.run = cfg, run
-        self.epoch, self.step, self.wall = 0, 0, 0.0
-        self.metrics: list[dict] = []
-        self.flags: dict = {}
+    def __init__(self, cfg: RunConfig, store: Store | None):
+        self.rec = RunRecord(store, cfg)
         self.model_state = self.bufs = self.template = None
         self.rng_cpu = self.rng_cuda = None
         self.status = "running"
         self.last_lr = cfg.lr
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.rec.cfg
 
 
 def train_packed(cfgs: list[RunConfig], out: str | Path = "runs", resume: bool = True,
@@ -314,16 +179,14 @@ def train_packed(cfgs: list[RunConfig], out: str | Path = "runs", resume: bool =
     store = Store(out)
     members, done = [], {}
     for cfg in cfgs:
-        run = store.run(cfg.run_id())
-        summary = run.summary or {}
-        if run.exists() and not resume:
-            raise UserError(f"run {run.run_id!r} already exists in {str(store.root)!r} "
-                            f"(status {summary.get('status', 'running')}); pass --resume to "
-                            "continue it or --out to start elsewhere")
-        if run.exists() and summary.get("status") in FINISHED:
-            done[cfg.run_id()] = summary
+        m = _Member(cfg, store)
+        verdict = m.rec.verdict(resume)
+        if isinstance(verdict, str):
+            raise UserError(verdict)
+        if verdict is not None:
+            done[cfg.run_id()] = verdict
         else:
-            members.append(_Member(cfg, run))
+            members.append(m)
     if members:
         c = members[0].cfg
         if bundle is None:
@@ -340,18 +203,19 @@ def train_packed(cfgs: list[RunConfig], out: str | Path = "runs", resume: bool =
         _enter(m, bundle, device, log)
     by_epoch: dict[int, list[_Member]] = {}
     for m in members:
-        by_epoch.setdefault(m.epoch, []).append(m)
+        by_epoch.setdefault(m.rec.epoch, []).append(m)
     for group in by_epoch.values():
         try:
-            _train_pack(group, store, bundle, device, log)
+            _train_pack(group, bundle, device, log)
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as e:  # noqa: BLE001 - recorded in each run's folder, as train_run does
             for m in group:
                 if m.status == "running":
-                    _fail(store, m, e)
+                    m.status = "failed"
+                    m.rec.fail(e)
         for m in group:
-            done[m.cfg.run_id()] = m.run.summary
+            done[m.cfg.run_id()] = m.rec.run.summary
     return [done[c.run_id()] for c in cfgs]
 
 
@@ -364,11 +228,11 @@ def _enter(m: _Member, bundle: DataBundle, device: torch.device, log) -> None:
     try:
         check_packable(model)  # builds layers, so it draws from the RNG: after the capture
     except NotPackable as e:
-        raise UserError(f"run {m.run.run_id!r} cannot be packed: {e}") from None
+        raise UserError(f"run {m.rec.run_id!r} cannot be packed: {e}") from None
     fmt = memory_format_for(device, m.cfg.model)
     model = model.to(device=device, memory_format=fmt)
     m.template = model
-    state = m.run.load_checkpoint(map_location=device) if m.run.exists() else None
+    state = m.rec.load_checkpoint(map_location=device)
     names = [n for n, _ in model.named_parameters()]
     if state is None:
         m.model_state = model.state_dict()
@@ -376,7 +240,7 @@ def _enter(m: _Member, bundle: DataBundle, device: torch.device, log) -> None:
         return
     model.load_state_dict(state["model"])
     m.model_state = model.state_dict()
-    opt = _single_optimizer(model, m.cfg, m.cfg.lr)
+    opt = single_optimizer(model, m.cfg, m.cfg.lr)
     opt.load_state_dict(state["optimizer"])
     params = dict(model.named_parameters())
     m.bufs = {}
@@ -384,39 +248,16 @@ def _enter(m: _Member, bundle: DataBundle, device: torch.device, log) -> None:
         buf = opt.state.get(params[n], {}).get("momentum_buffer")
         m.bufs[n] = (torch.zeros_like(params[n]) if buf is None else
                      buf.to(device).contiguous(memory_format=_format_of(params[n])))
-    m.epoch, m.step, m.wall = state["epoch"], state["step"], state["wall_time"]
-    m.flags = dict(state.get("flags", {}))
+    m.rec.resume_from(state)
     m.rng_cpu = state["rng_cpu"]
     m.rng_cuda = state.get("rng_cuda")
-    m.metrics = [r for r in m.run.metrics() if r["epoch"] <= m.epoch]
-    log(f"resuming {m.run.run_id} at epoch {m.epoch}/{m.cfg.epochs} (packed)")
+    log(f"resuming {m.rec.run_id} at epoch {m.rec.epoch}/{m.cfg.epochs} (packed)")
 
 
 def _format_of(p: torch.Tensor):
     if p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def _single_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.SGD:
-    """An optimizer of train_run's kind over `model` (whose device decides fused or not), to
-    read and write the momentum buffers in the single-run checkpoint format."""
-    return make_sgd(model, cfg, lr, next(model.parameters()).device)
-
-
-def _fail(store: Store, m: _Member, e: BaseException) -> None:
-    m.status = "failed"
-    m.run.path.mkdir(parents=True, exist_ok=True)
-    (m.run.path / "error.txt").write_text("".join(traceback.format_exception(e)))
-    m.run.write_json("summary.json", dict(m.run.summary or {}, status="failed",
-                                          error=f"{type(e).__name__}: {e}"))
-    store.record(m.run)
-
-
-def _finish(store: Store, m: _Member, status: str) -> None:
-    m.status = status
-    m.run.write_json("summary.json", _summary(m.cfg, status, m.metrics, m.wall, m.flags))
-    store.record(m.run)
 
 
 class _Pack:
@@ -499,8 +340,10 @@ def _batches(members: list[_Member], train: Split, norm: Normalizer, epoch: int,
             yield norm(xi), ys[:, i].T
 
 
-def _train_pack(members: list[_Member], store: Store, bundle: DataBundle,
-                device: torch.device, log) -> None:
+def _train_pack(members: list[_Member], bundle: DataBundle, device: torch.device,
+                log: Callable[[str], None]) -> None:
+    """The epochs of one pack (members that resume from the same epoch): the lone loop's
+    skeleton (bnlab.train.loop._train) with K runs per step and one record per run."""
     c0 = members[0].cfg
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -510,79 +353,68 @@ def _train_pack(members: list[_Member], store: Store, bundle: DataBundle,
     test = Split(bundle.test.x.to(device), bundle.test.y.to(device))
     spe = max(1, len(train.y) // c0.batch_size)
     for m in members:
-        if not m.run.exists():
-            m.run.path.mkdir(parents=True, exist_ok=True)
+        def config(m=m) -> dict:
             rec = config_record(m.cfg, bundle, m.template, device, spe)
             rec["env"]["packed"] = len(members)
-            m.run.write_json("config.json", rec)
-            m.run.write_rows("metrics.jsonl", [])
-        m.run.write_json("summary.json", _summary(m.cfg, "running", m.metrics, m.wall, m.flags))
-        store.record(m.run)
+            return rec
+        m.rec.begin(config)
     chance = chance_threshold(bundle.num_classes, len(test.y))
-    quarter = max(1, math.ceil(c0.epochs / 4))
     pack = _Pack(members, device, log)
-    for epoch in range(members[0].epoch + 1, c0.epochs + 1):
+    for epoch in range(members[0].rec.epoch + 1, c0.epochs + 1):
         t0 = time.perf_counter()
-        pack, seen, loss_sum, correct = _train_epoch(pack, train, bundle, epoch, spe, fmt,
-                                                     device, store, log, t0)
+        pack, results = train_pack_epoch(pack, train, bundle, epoch, spe, fmt, log)
         if not pack.members:
             return
-        train_time = time.perf_counter() - t0
         test_loss, test_acc = _evaluate(pack, test, bundle, device, fmt)
         epoch_time = time.perf_counter() - t0
         pack.sync_members()
         k = len(pack.members)
-        for i, m in enumerate(pack.members):
-            m.wall += epoch_time
-            m.epoch = epoch
-            row = {"epoch": epoch, "step": m.step, "lr": m.last_lr,
-                   "train_loss": loss_sum[i] / seen, "train_acc": correct[i] / seen,
-                   "test_loss": test_loss[i], "test_acc": test_acc[i], "epoch_time": epoch_time,
-                   "train_images_per_s": seen / train_time, "packed": k}
-            m.metrics.append(row)
-            if epoch == quarter and row["test_acc"] <= chance:
-                m.flags["no_learning_at_epoch"] = epoch
-            log(f"{m.run.run_id} epoch {epoch}/{m.cfg.epochs}  train loss "
+        for m, res, loss, acc in zip(pack.members, results, test_loss, test_acc):
+            row = {"epoch": epoch, "step": res.step, "lr": res.lr,
+                   "train_loss": res.train_loss, "train_acc": res.train_acc,
+                   "test_loss": loss, "test_acc": acc, "epoch_time": epoch_time,
+                   "train_images_per_s": res.images / res.seconds, "packed": k}
+            m.rec.add_epoch(row, chance)
+            log(f"{m.rec.run_id} epoch {epoch}/{m.cfg.epochs}  train loss "
                 f"{row['train_loss']:.4f} acc {row['train_acc']:.4f}  test loss "
                 f"{row['test_loss']:.4f} acc {row['test_acc']:.4f}  "
                 f"{row['train_images_per_s']:.0f} img/s (packed x{k})")
-            m.run.write_rows("metrics.jsonl", m.metrics)
-            m.run.save_checkpoint(_member_checkpoint(m, device))
-            if epoch < m.cfg.epochs:
-                m.run.write_json("summary.json", _summary(m.cfg, "running", m.metrics, m.wall,
-                                                          m.flags))
-                store.record(m.run)
+            m.rec.save(_member_checkpoint(m, device))
     for m in pack.members:
-        _finish(store, m, "no_learning" if "no_learning_at_epoch" in m.flags else "completed")
+        m.status = m.rec.finish()["status"]
 
 
 def _member_checkpoint(m: _Member, device: torch.device) -> dict:
     """The checkpoint train_run would have written for this run at this point."""
     model = m.template
     model.load_state_dict(m.model_state)
-    opt = _single_optimizer(model, m.cfg, m.last_lr)
+    opt = single_optimizer(model, m.cfg, m.last_lr)
     if m.cfg.momentum != 0:
         name_of = {id(p): n for n, p in model.named_parameters()}
         for group in opt.param_groups:
             for p in group["params"]:
                 opt.state[p] = {"momentum_buffer": m.bufs[name_of[id(p)]]}
-    state = _checkpoint(m.cfg, model, opt, m.epoch, m.step, m.wall, m.flags, device)
+    r = m.rec
+    state = checkpoint_state(m.cfg, model, opt, r.epoch, r.step, r.wall, r.flags, device)
     # training draws nothing from the global RNGs (dropout is not packable), so a lone run
     # would still hold the states it had right after building its model
     state["rng_cpu"], state["rng_cuda"] = m.rng_cpu, m.rng_cuda
     return state
 
 
-def _train_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe: int, fmt,
-                 device: torch.device, store: Store, log, t0: float):
-    """One epoch of every member; a member whose loss turns non-finite stops (status
-    diverged) and the others are repacked without it and go on."""
+def train_pack_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe: int, fmt,
+                     log: Callable[[str], None]) -> tuple[_Pack, list[EpochResult]]:
+    """One epoch of every member (train_one_epoch for K runs at once): the pack that is left
+    and one EpochResult per member still in it. A member whose loss turns non-finite stops
+    (status diverged) and the others are repacked without it and go on."""
+    t0 = time.perf_counter()
+    device = pack.device
     members = list(pack.members)
     cfgs = [m.cfg for m in members]
     batch = cfgs[0].batch_size
     norm = Normalizer(tuple(bundle.mean) * len(members), tuple(bundle.std) * len(members),
                       device, fmt)
-    step0 = members[0].step
+    step0 = members[0].rec.step
     lr_host = lr_rows(cfgs, step0, spe, spe)
     lrs = torch.tensor(lr_host, dtype=torch.float64, device=device)
     keep = list(range(len(members)))  # positions (in `members`) still in the pack
@@ -605,28 +437,27 @@ def _train_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, spe:
         correct += hits
         seen += batch
         for j, m in zip(keep, pack.members):
-            m.step, m.last_lr = step0 + i + 1, lr_host[i][j]
+            m.last_lr = lr_host[i][j]
         bad = watch.poll(i, final=i + 1 == spe)
         if bad is None:
             continue
         gone = [j for j, b in enumerate(bad.tolist()) if b >= 0]
         for j in gone:
             m = pack.members[j]
-            m.flags["diverged_step"] = int(bad[j])
-            m.wall += time.perf_counter() - t0
-            log(f"{m.run.run_id}: loss became non-finite at step {m.flags['diverged_step']}; "
-                "stopping (status diverged)")
-            _finish(store, m, "diverged")
+            m.rec.diverged(int(bad[j]), time.perf_counter() - t0, log)
+            m.status = m.rec.finish()["status"]
         stay = [j for j in range(k) if j not in gone]
         if not stay:
             pack.members = []
-            return pack, seen, [], []
+            return pack, []
         pack.sync_members()
         pack = _Pack([pack.members[j] for j in stay], device, log)
         keep = [keep[j] for j in stay]
         loss_sum, correct = loss_sum[stay], correct[stay]
         watch = FirstBad(device, (len(stay),))
-    return pack, seen, loss_sum.tolist(), correct.tolist()
+    seconds = time.perf_counter() - t0
+    return pack, [EpochResult(loss / seen, acc / seen, seen, seconds, step0 + spe, m.last_lr)
+                  for m, loss, acc in zip(pack.members, loss_sum.tolist(), correct.tolist())]
 
 
 @torch.no_grad()

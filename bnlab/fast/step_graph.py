@@ -13,7 +13,7 @@ step on the real batch: a graphed run follows the trajectory of the same loop ru
 graph (the same kernels in the same order; tests/test_step_graph.py and
 benchmarks/graph_check.py compare the two on a GPU).
 
-What `fn` must respect (the training loops in train.py and packed.py do):
+What `fn` must respect (the training loops in bnlab/train/loop.py and packed.py do):
 - tensors in, tensors out, the same shapes every call; anything that changes between steps
   (the learning rate) is an input tensor, never a Python number baked into a kernel;
 - no host synchronization (.item(), .cpu(), data-dependent Python branches);

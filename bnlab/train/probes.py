@@ -39,8 +39,13 @@ import contextlib
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock as TvBasic
+from torchvision.models.resnet import Bottleneck
 
 from bnlab.errors import UserError
+from bnlab.models import build_model
+from bnlab.models.cifar_resnet import BasicBlock
+from bnlab.models.mlp import Hidden
 from bnlab.norm import is_norm_layer
 
 ICS_LAYERS = 8  # weight layers with an ICS measurement, evenly spread over depth
@@ -64,8 +69,6 @@ def activation_stats(t: torch.Tensor) -> dict[str, float]:
 
 def _norm_positions(cfg) -> set[str]:
     """Module names where the BN variant of cfg's model has a norm layer (built on 'meta')."""
-    from bnlab.models import build_model
-
     placement = "post_conv" if cfg.placement == "first_k" else cfg.placement
     try:
         with torch.device("meta"):
@@ -76,12 +79,6 @@ def _norm_positions(cfg) -> set[str]:
 
 
 def _is_block(m: nn.Module) -> bool:
-    from torchvision.models.resnet import BasicBlock as TvBasic
-    from torchvision.models.resnet import Bottleneck
-
-    from bnlab.models.cifar_resnet import BasicBlock
-    from bnlab.models.mlp import Hidden
-
     return isinstance(m, BasicBlock | TvBasic | Bottleneck | Hidden)
 
 
@@ -125,6 +122,7 @@ class Prober:
         self.writer = None
         if tensorboard_dir is not None:
             try:
+                # optional: the tensorboard extra
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("tensorboard output needs the tensorboard package "

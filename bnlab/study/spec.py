@@ -26,12 +26,17 @@ from typing import Any
 
 from bnlab.config import FIELDS, RunConfig, _coerce, validate
 from bnlab.errors import UserError, suggest, unknown
+from bnlab.models import MODELS
+from bnlab.models.init import INITS
+from bnlab.norm import FORMULAS
+from bnlab.runtime import resolve_device
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
 ANALYSIS_KEYS = ("select_best", "compare", "baseline")
 ESTIMATE_KEYS = ("cpu_minutes", "gpu_minutes")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_ROOT = Path("studies-out")  # a study's folder by default: DEFAULT_ROOT / its name
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -367,15 +372,8 @@ KNOWN_DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
 
 
 def _registries() -> dict[str, dict]:
-    """Name registries of the factories (absent ones are skipped, never guessed)."""
-    import bnlab.init
-    import bnlab.models
-    import bnlab.norm
-
-    regs = {"model": getattr(bnlab.models, "MODELS", None),
-            "norm": getattr(bnlab.norm, "FORMULAS", None),
-            "init": getattr(bnlab.init, "INITS", None)}
-    return {k: v for k, v in regs.items() if isinstance(v, dict)}
+    """The name registries of the model, norm and init factories."""
+    return {"model": MODELS, "norm": FORMULAS, "init": INITS}
 
 
 def preflight(plan: Plan) -> None:
@@ -386,8 +384,6 @@ def preflight(plan: Plan) -> None:
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
     """
-    from bnlab.train import resolve_device
-
     for r in plan.runs:
         ds = r.cfg.dataset
         if ds not in KNOWN_DATASETS and not ds.startswith("imagefolder:"):

@@ -12,6 +12,8 @@ import torchvision
 from torch import nn
 
 from bnlab.errors import UserError, unknown
+from bnlab.models.cifar_resnet import BasicBlock
+from bnlab.models.imagenet import fixup_torchvision
 from bnlab.norm import zero_scale_, zero_scale_refusal
 
 INITS = {
@@ -42,8 +44,6 @@ def fixup_scale(num_blocks: int, layers_per_branch: int = BRANCH_LAYERS) -> floa
 
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
-    from bnlab.models.cifar_resnet import BasicBlock
-
     return [m for m in model.modules() if isinstance(m, BasicBlock)]
 
 
@@ -129,8 +129,6 @@ def _init_layers(model: nn.Module, fill) -> None:
 @torch.no_grad()
 def _fixup(model: nn.Module) -> None:
     if not residual_blocks(model):  # torchvision's blocks: m = 2 (BasicBlock) or 3 (Bottleneck)
-        from bnlab.models.imagenet import fixup_torchvision
-
         fixup_torchvision(model)
         return
     blocks = residual_blocks(model)

@@ -4,7 +4,7 @@ On the CPU, once the convolutions run on oneDNN's fast kernels, a ResNet step sp
 its time in element-wise work around them: BN statistics and normalization, ReLU, the residual
 add, and their backward passes, each a separate sweep over the activations (and in bf16 each
 converting to float and back). `bn_act(bn, x, residual)` computes relu(bn(x) + residual) as one
-reduction sweep and one write sweep forward, and one of each backward (bnlab/csrc/bn_act.cpp,
+reduction sweep and one write sweep forward, and one of each backward (bnlab/fast/csrc/bn_act.cpp,
 AVX-512 where the CPU has it): docs/speed.md has the measurements.
 
 The kernels are C++, compiled once per machine, torch version and source on first use
@@ -24,8 +24,10 @@ probes use them), and not while torch.compile or a tracer is recording the model
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
+
+from bnlab.config import cache_root
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bn_act.cpp", "augment.cpp")]
 # -ffp-contract=off: a * b + c written in scalar code rounds twice, as the torch ops it replaces
@@ -56,8 +60,6 @@ def _cpu_signature() -> str:
 
 def build_dir() -> Path:
     """Where this machine's build lives: keyed by source, flags, CPU, torch and Python."""
-    from bnlab.data.cache import cache_root
-
     key = hashlib.sha256("\x00".join([
         *(s.read_text() for s in SOURCES), " ".join(CFLAGS), _cpu_signature(), torch.__version__,
         sys.version, platform.machine()]).encode()).hexdigest()[:16]
@@ -68,11 +70,9 @@ def _ninja_on_path() -> None:
     """torch runs `ninja` from PATH; the pip package's binary sits in the environment's bin
     folder, which is not on PATH when the environment's python is called without activating
     it."""
-    import shutil
-
     if shutil.which("ninja") is None:
         try:
-            import ninja
+            import ninja  # optional: a system ninja on PATH does as well
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except (ImportError, AttributeError):
@@ -96,10 +96,9 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
         if ready.exists():  # written after a complete build; names the library it made
             torch.ops.load_library(str(path / ready.read_text().strip()))
         else:  # build, or wait for another process's build (cpp_extension locks the folder)
-            import logging
-
             # torch logs its CUDA-home guess at WARNING on CPU-only machines: not ours to show
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            # imported only to build: importing it logs that CUDA guess on every CPU machine
             from torch.utils import cpp_extension
 
             _ninja_on_path()

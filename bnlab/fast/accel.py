@@ -6,11 +6,11 @@ Why each piece exists:
   fastest in NHWC; on this project's reference CPU it also keeps bf16 convolutions on their fast
   kernels (docs/speed.md has the measurements).
 - torch.compile fuses the BN/ReLU/residual element-wise work that dominates a CIFAR ResNet step
-  once the convolutions are fast. On the CPU, bnlab's own fused kernels (bnlab.cpu_kernels) do
+  once the convolutions are fast. On the CPU, bnlab's own fused kernels (bnlab.fast.cpu_kernels) do
   that work in eager mode in fewer passes than inductor's, so eager is the faster CPU path.
   On a GPU the launch cost of each kernel, most of the step
   time of a ResNet-20 at batch 128, is removed by capturing the whole step in one CUDA graph
-  (bnlab.step_graph); with that off, by torch.compile's own CUDA graphs around the model (mode
+  (bnlab.fast.step_graph); with that off, by torch.compile's own CUDA graphs around the model (mode
   "reduce-overhead").
   Shapes are kept static (the training loader drops the last partial batch and evaluation pads
   its last batch), so each of train and eval compiles exactly once.
@@ -89,7 +89,7 @@ def mark_step(model) -> None:
 
 
 # the same modes without torch.compile's own CUDA graphs, for a step captured whole
-# (bnlab.step_graph): a capture cannot contain another
+# (bnlab.fast.step_graph): a capture cannot contain another
 WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 

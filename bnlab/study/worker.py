@@ -1,0 +1,56 @@
+"""The unit of work of every executor: one run of a study, under its lock.
+
+`run_one` skips a finished run, resumes an interrupted one from its checkpoint, or trains it
+from scratch, and turns any failure into a stored `failed` summary instead of an exception.
+Because every file a run writes is replaced atomically and the lock dies with its process, a
+runner killed at any moment (SIGKILL included) and started again ends with exactly the results
+of an uninterrupted study, and two runners on the same folder share the runs instead of
+training any twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from bnlab.config import RunConfig
+from bnlab.store import FINISHED, Store
+from bnlab.train import train_run
+from bnlab.train.record import record_failure
+
+
+def run_one(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
+            wait: bool = True, retry_failed: bool = True) -> dict:
+    """Train, resume or skip one run under its lock; return its summary, never raise.
+
+    With wait=False a run locked by another process is left to it: the result is then
+    {"run_id": ..., "status": "busy"}. A stored `failed` run is trained again only when
+    `retry_failed`.
+    """
+    store = Store(out)
+    run = store.run(cfg.run_id())
+    with store.lock(run.run_id, wait=wait) as held:
+        if not held:
+            return {"run_id": run.run_id, "status": "busy"}
+        summary = run.summary or {}
+        status = summary.get("status")
+        if status in FINISHED or (status == "failed" and not retry_failed):
+            return summary
+        store.record_attempt(run.run_id, int(summary.get("epochs_done") or 0))
+        log(f"{run.run_id}: {'resuming' if summary else 'starting'}")
+        try:
+            return train_run(cfg, store.root, resume=True, log=log)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a run's failure must not stop the study
+            return record_failure(store, cfg, e, log)
+
+
+def run_one_crashed(store: Store, cfg: RunConfig, exitcode: int | None, log) -> dict:
+    """Record a run whose worker process died, unless the run had finished anyway."""
+    with store.lock(cfg.run_id(), wait=True):
+        summary = store.run(cfg.run_id()).summary or {}
+        if summary.get("status") in (*FINISHED, "failed"):
+            return summary
+        return record_failure(store, cfg, RuntimeError(
+            f"worker process died with exit code {exitcode}"), log)

@@ -1,0 +1,14 @@
+"""One run, trained: `train_run(cfg, out)`.
+
+loop.py         the training loop of one run (`train_run`, `train_one_epoch`)
+record.py       the run folder as a loop keeps it: begin, epochs, checkpoint, finish, failure
+optim.py        parameter groups, SGD, the learning-rate schedule, SGD over a pack of runs
+evaluate.py     evaluation in eval mode, and the accuracy of guessing
+packed.py       K runs trained at once as one grouped network (`train_packed`)
+distributed.py  data-parallel training under torchrun
+probes.py       what happens inside the network, sampled during training
+"""
+
+from bnlab.train.loop import train_run
+
+__all__ = ["train_run"]

@@ -1,0 +1,253 @@
+"""One training run, top to bottom: data, model, optimizer, the epoch loop, evaluation, storage.
+
+`train_run(cfg, out)` is the whole story; `train_one_epoch` is one pass over the training data.
+A run's folder is created only once its data and model have been built (so a bad config leaves
+nothing behind); after every epoch its metrics, summary and checkpoint are replaced atomically
+(bnlab.train.record), so a killed run resumes from its last epoch and ends with the same numbers
+as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab.config import RunConfig
+from bnlab.data import DataBundle, load_data
+from bnlab.data.loader import make_loader
+from bnlab.errors import UserError
+from bnlab.fast import step_graph
+from bnlab.fast.accel import FirstBad, mark_step, memory_format_for, prepare, tune_cpu_allocator
+from bnlab.fast.cpu_kernels import use_cpu_kernels
+from bnlab.models import build_for
+from bnlab.runtime import autocast, resolve_device
+from bnlab.store import Store
+from bnlab.train.distributed import Context, check_sync_bn, convert_sync_bn, session
+from bnlab.train.evaluate import chance_threshold, evaluate_topk
+from bnlab.train.optim import lr_factor, make_sgd, peak_lr
+from bnlab.train.probes import Prober, make_prober
+from bnlab.train.record import RunRecord, checkpoint_state, config_record
+
+
+def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
+              log: Callable[[str], None] = print, bundle: DataBundle | None = None) -> dict:
+    """Train one run into `out/<run_id>/` and return its summary.
+
+    resume=False refuses to touch an existing run folder; resume=True continues it from its
+    last checkpoint (or returns its summary at once when it already finished).
+    Under torchrun (WORLD_SIZE > 1) every process calls this; see bnlab.train.distributed.
+    """
+    with session(resolve_device(cfg.device)) as ctx:
+        rec, done = _open(cfg, out, resume, ctx)
+        if done is not None:
+            return done
+        if cfg.sync_bn:
+            check_sync_bn(ctx.device)
+        ctx.check_batch(cfg.batch_size)
+        if bundle is None:
+            bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
+                               cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size)
+        torch.manual_seed(cfg.seed)
+        model = build_for(cfg, bundle)
+        try:
+            return _train(rec, model, bundle, ctx, ctx.log(log))
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as e:
+            rec.fail(e)  # only rank 0's record writes
+            raise
+
+
+def _open(cfg: RunConfig, out: str | Path, resume: bool,
+          ctx: Context) -> tuple[RunRecord, dict | None]:
+    """The run's record, and its summary when it has finished already; rank 0 looks at the
+    store alone and tells the other processes what it found."""
+    rec = RunRecord(Store(out) if ctx.is_main else None, cfg)
+    verdict = ctx.from_main(rec.verdict(resume, ctx.env.world_size) if ctx.is_main else None)
+    if isinstance(verdict, str):
+        raise UserError(verdict)
+    return rec, verdict
+
+
+@dataclass
+class Training:
+    """What every epoch of a run uses, made once by `_setup`."""
+
+    cfg: RunConfig
+    model: nn.Module  # what checkpoints hold
+    fast: Callable  # what trains: `model`, its DDP wrapper, or their compiled form
+    step_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    opt: torch.optim.Optimizer
+    train_loader: object
+    test_loader: object
+    device: torch.device
+    ctx: Context
+    prober: Prober | None
+    lr_now: torch.Tensor | None  # the graphed step reads its learning rate from here
+    lr: float  # the learning rate set last
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+@dataclass
+class EpochResult:
+    """One epoch's training side: sums over the global batch, or the step that diverged."""
+
+    train_loss: float = float("nan")
+    train_acc: float = float("nan")
+    images: int = 0
+    seconds: float = 0.0
+    step: int = 0  # optimizer steps done after this epoch
+    lr: float = 0.0  # learning rate of the epoch's last step
+    diverged_step: int | None = None
+
+
+def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
+           log: Callable[[str], None]) -> Training:
+    """Device, layout, loaders and optimizer; the checkpoint loaded (resume) or the run
+    folder begun; probes and the step function."""
+    cfg, device = rec.cfg, ctx.device
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    use_cpu_kernels(cfg.cpu_kernels and device.type == "cpu", log)
+    fmt = memory_format_for(device, cfg.model)
+    model = model.to(device=device, memory_format=fmt)
+    if cfg.sync_bn:
+        model = convert_sync_bn(model, device)
+    net = ctx.wrap(model, cfg.sync_bn)
+    train_loader = ctx.train_loader(
+        make_loader(bundle, True, cfg.batch_size, device, cfg.augment, cfg.seed, cfg.workers,
+                    fmt), bundle, cfg.batch_size, cfg.seed, cfg.workers, fmt)
+    test_loader = make_loader(ctx.eval_bundle(bundle), False, cfg.eval_batch_size, device,
+                              False, cfg.seed, cfg.workers, fmt)
+    opt = make_sgd(model, cfg, peak_lr(cfg), device)
+
+    state = ctx.from_main(rec.load_checkpoint(map_location="cpu") if ctx.is_main else None)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rec.resume_from(state)
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        log(f"resuming {cfg.run_id()} at epoch {rec.epoch}/{cfg.epochs}")
+    rec.begin(lambda: {**config_record(cfg, bundle, model, device, len(train_loader)),
+                       "distributed": ctx.describe(cfg.batch_size, cfg.sync_bn)})
+    if ctx.banner(cfg.batch_size, cfg.sync_bn):
+        log(ctx.banner(cfg.batch_size, cfg.sync_bn))
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # probes (bnlab/train/probes.py): None when off; they never change the trajectory;
+    # under data-parallel training rank 0 probes its own shard
+    prober = (make_prober(cfg, model, opt, criterion, rec.run, rec.epoch)
+              if cfg.probe_every and ctx.is_main else None)
+    graphed = (cfg.cuda_graph and step_graph.supported(device) and prober is None
+               and not ctx.env.enabled and not (cfg.compile and cfg.dropout > 0))
+    fast = prepare(net, device, cfg.compile, whole_step_graph=graphed)
+    lr_now = torch.full((), peak_lr(cfg), dtype=torch.float32, device=device) if graphed else None
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward and update on one batch: (loss, correct predictions)."""
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, cfg.precision, cache=not graphed):
+            out = fast(x)
+            loss = criterion(out.float(), y)
+        loss.backward()
+        if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return loss.detach(), (out.detach().argmax(1) == y).sum()
+
+    step_fn = step_graph.StepGraph(train_step, device, log=log) if graphed else train_step
+    if graphed:  # the graph reads the learning rate from a device tensor
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+    return Training(cfg, model, fast, step_fn, opt, train_loader, test_loader, device, ctx,
+                    prober, lr_now, peak_lr(cfg))
+
+
+def train_one_epoch(t: Training, epoch: int, step: int) -> EpochResult:
+    """One pass over the training batches of `epoch`, starting at optimizer step `step`.
+
+    The learning rate follows the schedule step by step; a non-finite loss stops the epoch
+    (the step is in the result). Loss and accuracy are sums over the global batch."""
+    cfg, device, ctx = t.cfg, t.device, t.ctx
+    t0 = time.perf_counter()
+    t.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    watch = FirstBad(device)
+    seen = 0
+    spe = t.steps_per_epoch
+    for i, (x, y) in enumerate(t.train_loader.epoch(epoch)):
+        new_lr = peak_lr(cfg) * lr_factor(cfg, step, spe)
+        if t.lr_now is None:
+            for g in t.opt.param_groups:
+                g["lr"] = new_lr
+        elif new_lr != t.lr:  # one fill when the schedule moves, none otherwise
+            t.lr_now.fill_(new_lr)
+        t.lr = new_lr
+        if t.prober is not None:
+            t.prober.start(step, epoch, x, y)
+        mark_step(t.fast)
+        detached, hits = t.step_fn(x, y)
+        ctx.average_buffers(t.model)  # running statistics over all shards (distributed.py)
+        watch.update(detached, step)
+        loss_sum.add_(detached, alpha=len(y))  # one kernel, summed in float64
+        correct += hits
+        seen += len(y)
+        step += 1
+        if ctx.env.enabled:  # every process must stop at the same step
+            bad = None
+            if (i + 1) % watch.every == 0 or i + 1 == spe:
+                ctx.max_(watch.flag)
+                bad = int(watch.flag) if int(watch.flag) >= 0 else None
+        else:
+            bad = watch.poll(i, final=i + 1 == spe)
+        if bad is not None:
+            return EpochResult(seconds=time.perf_counter() - t0, step=step, lr=t.lr,
+                               diverged_step=int(bad))
+    seconds = time.perf_counter() - t0
+    seen_t = torch.tensor(float(seen), dtype=torch.float64, device=device)
+    ctx.sum_(loss_sum, correct, seen_t)  # over the global batch
+    seen = int(seen_t)
+    return EpochResult(float(loss_sum) / seen, int(correct) / seen, seen, seconds, step, t.lr)
+
+
+def _train(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
+           log: Callable[[str], None]) -> dict:
+    t = _setup(rec, model, bundle, ctx, log)
+    cfg = rec.cfg
+    chance = chance_threshold(bundle.num_classes, len(bundle.test))
+    for epoch in range(rec.epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        res = train_one_epoch(t, epoch, rec.step)
+        if res.diverged_step is not None:
+            rec.diverged(res.diverged_step, time.perf_counter() - t0, log)
+            break
+        ev = evaluate_topk(t.fast, t.test_loader, t.device, cfg.precision, ctx,
+                           cfg.eval_batch_size if cfg.compile else None)
+        row = {"epoch": epoch, "step": res.step, "lr": res.lr, "train_loss": res.train_loss,
+               "train_acc": res.train_acc, "test_loss": ev["loss"], "test_acc": ev["acc"],
+               "test_acc5": ev["acc5"], "epoch_time": time.perf_counter() - t0,
+               "train_images_per_s": res.images / res.seconds}
+        rec.add_epoch(row, chance)
+        if t.prober is not None:
+            t.prober.flush()
+        rec.save(checkpoint_state(cfg, t.model, t.opt, epoch, rec.step, rec.wall, rec.flags,
+                                  t.device))
+        log(f"{cfg.run_id()} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc "
+            f"{row['test_acc']:.4f}  {row['train_images_per_s']:.0f} img/s")
+    if t.prober is not None:
+        t.prober.close()
+    summary = rec.finish()
+    ctx.barrier()  # no process leaves before rank 0 has written the result
+    return summary

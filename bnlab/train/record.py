@@ -1,0 +1,210 @@
+"""A run's folder as its training loop keeps it: the one copy that both loops (a lone run,
+bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runner use.
+
+    verdict()     before training: train it (new or resumed), return its finished summary, or
+                  refuse (it exists and resume was not asked for, or another world size)
+    resume_from() take epoch, step, wall time, flags and metrics from a loaded checkpoint
+    begin()       config.json and an empty metrics.jsonl for a new run; a `running` summary
+    add_epoch()   one epoch's metrics row, in memory (and the early-stall flag)
+    save()        metrics.jsonl, checkpoint.pt and the `running` summary, each atomically
+    diverged()    the step whose loss was not finite
+    finish()      the final summary (status from bnlab.store.final_status)
+    fail()        error.txt and a `failed` summary
+
+A record made with `store=None` (the processes other than rank 0 of a data-parallel run) keeps
+the same progress in memory and writes nothing. Every file goes through bnlab.store, so each
+write replaces the previous complete file.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bnlab.config import RunConfig
+from bnlab.errors import UserError
+from bnlab.models import count_parameters
+from bnlab.runtime import environment
+from bnlab.store import FINISHED, RunDir, Store, final_status
+
+
+def config_record(cfg: RunConfig, bundle, model: nn.Module, device: torch.device,
+                  steps_per_epoch: int) -> dict:
+    """The content of a run's config.json."""
+    return {
+        "config": cfg.to_dict(), "env": environment(device),
+        "data": {"name": bundle.name, "classes": bundle.classes, "n_train": len(bundle.train),
+                 "n_test": len(bundle.test), "image_size": bundle.image_size,
+                 "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed},
+        "model": {"parameters": count_parameters(model), "steps_per_epoch": steps_per_epoch}}
+
+
+def checkpoint_state(cfg: RunConfig, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
+                     step: int, wall: float, flags: dict, device: torch.device) -> dict:
+    """What checkpoint.pt holds: model, optimizer, progress and the RNG states."""
+    optimizer = opt.state_dict()
+    for g in optimizer["param_groups"]:  # a graphed step's device-tensor lr is stored as a number
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"] = float(g["lr"])
+    return {
+        "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer,
+        "epoch": epoch, "step": step, "wall_time": wall, "flags": flags,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def summary_of(cfg: RunConfig, status: str, metrics: list[dict], wall: float,
+               flags: dict) -> dict:
+    """summary.json: the status and the last epoch's numbers."""
+    last = metrics[-1] if metrics else {}
+    return {
+        "run_id": cfg.run_id(), "status": status, "epochs_done": len(metrics),
+        "epochs": cfg.epochs, "test_acc": last.get("test_acc"),
+        "test_loss": last.get("test_loss"), "train_acc": last.get("train_acc"),
+        "train_loss": last.get("train_loss"), "wall_time": wall, **flags,
+    }
+
+
+def error_message(e: BaseException) -> str:
+    """One line for a summary: a UserError's own message, else the exception's type and text."""
+    text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split()) or type(e).__name__
+
+
+class RunRecord:
+    """One run's progress and folder (see the module docstring)."""
+
+    def __init__(self, store: Store | None, cfg: RunConfig):
+        self.store, self.cfg = store, cfg
+        self.run: RunDir | None = store.run(cfg.run_id()) if store is not None else None
+        self.epoch, self.step, self.wall = 0, 0, 0.0
+        self.metrics: list[dict] = []
+        self.flags: dict = {}
+
+    @property
+    def run_id(self) -> str:
+        return self.cfg.run_id()
+
+    @property
+    def writes(self) -> bool:
+        return self.run is not None
+
+    # -- before training -----------------------------------------------------------------------
+    def verdict(self, resume: bool, world_size: int = 1) -> dict | str | None:
+        """None to train, a finished run's summary to return as it is, or the message of the
+        UserError that refuses to touch the run."""
+        run = self.run
+        if not run.exists():
+            return None
+        summary = run.summary or {}
+        if not resume:
+            return (f"run {run.run_id!r} already exists in {str(self.store.root)!r} "
+                    f"(status {summary.get('status', 'running')}); pass --resume to "
+                    "continue it or --out to start elsewhere")
+        if summary.get("status") in FINISHED:
+            return summary
+        world = (run.read_json("config.json").get("distributed") or {}).get("world_size", 1)
+        if world != world_size:
+            return (f"run {run.run_id!r} was trained by {world} process(es); resume it with "
+                    f"{world} (the per-device batch, and so BN, depends on it), not "
+                    f"{world_size}")
+        return None
+
+    def load_checkpoint(self, map_location="cpu") -> dict | None:
+        """The run's last checkpoint, or None for a new run (or on a non-writing process)."""
+        if self.run is None or not self.run.exists():
+            return None
+        return self.run.load_checkpoint(map_location=map_location)
+
+    def resume_from(self, state: dict) -> None:
+        """Progress from a checkpoint; metrics rows of the epochs it holds (a row written after
+        the checkpoint by a run killed in between is dropped and made again)."""
+        self.epoch, self.step, self.wall = state["epoch"], state["step"], state["wall_time"]
+        self.flags = dict(state.get("flags", {}))
+        if self.run is not None:
+            self.metrics = [m for m in self.run.metrics() if m["epoch"] <= self.epoch]
+
+    def begin(self, config: dict | Callable[[], dict]) -> None:
+        """config.json (a dict, or a function making it) and empty metrics for a run that starts
+        from scratch (no checkpoint yet); then a `running` summary and the index row."""
+        if self.run is None:
+            return
+        if not self.run.checkpoint_path.is_file():
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            self.run.write_json("config.json", config() if callable(config) else config)
+            self.run.write_rows("metrics.jsonl", [])
+        self._write_summary("running")
+
+    # -- during training -----------------------------------------------------------------------
+    def add_epoch(self, row: dict, chance: float) -> None:
+        """Keep one finished epoch's row ({"epoch", "step", "epoch_time", "test_acc", ...});
+        a run at or below `chance` after its first quarter is flagged."""
+        self.metrics.append(row)
+        self.epoch, self.step = row["epoch"], row["step"]
+        self.wall += row["epoch_time"]
+        quarter = max(1, math.ceil(self.cfg.epochs / 4))
+        if row["epoch"] == quarter and row["test_acc"] <= chance:
+            self.flags["no_learning_at_epoch"] = row["epoch"]
+
+    def save(self, checkpoint: dict) -> None:
+        """metrics.jsonl, the checkpoint and (before the last epoch) a `running` summary."""
+        if self.run is None:
+            return
+        self.run.write_rows("metrics.jsonl", self.metrics)
+        self.run.save_checkpoint(checkpoint)
+        if self.epoch < self.cfg.epochs:
+            self._write_summary("running")
+
+    def diverged(self, step: int, elapsed: float, log: Callable[[str], None]) -> None:
+        """The loss became non-finite at `step`; `elapsed` seconds of the unfinished epoch."""
+        self.flags["diverged_step"] = int(step)
+        self.wall += elapsed
+        log(f"{self.run_id}: loss became non-finite at step {int(step)}; stopping (status "
+            "diverged)")
+
+    # -- the end -------------------------------------------------------------------------------
+    def summary(self, status: str) -> dict:
+        return summary_of(self.cfg, status, self.metrics, self.wall, self.flags)
+
+    def finish(self) -> dict:
+        """Write and return the final summary."""
+        return self._write_summary(final_status(self.flags))
+
+    def fail(self, e: BaseException) -> dict:
+        """error.txt (the traceback) and a `failed` summary that keeps what the run had done;
+        a run that failed before its folder existed keeps at least its config."""
+        if self.run is None:
+            return {"run_id": self.run_id, "status": "failed", "error": error_message(e)}
+        run = self.run
+        if not run.exists():
+            run.write_json("config.json", {"config": self.cfg.to_dict(), "env": None})
+        run.write_text("error.txt", "".join(traceback.format_exception(e)))
+        summary = {**self.summary("failed"), **(run.summary or {}), "status": "failed",
+                   "error": error_message(e)}
+        run.write_json("summary.json", summary)
+        self.store.record(run)
+        return summary
+
+    def _write_summary(self, status: str) -> dict:
+        summary = self.summary(status)
+        if self.run is not None:
+            self.run.write_json("summary.json", summary)
+            self.store.record(self.run)
+        return summary
+
+
+def record_failure(store: Store, cfg: RunConfig, e: BaseException,
+                   log: Callable[[str], None]) -> dict:
+    """A study's record of a run that raised: the run's own `failed` summary when training
+    recorded one, else a new one (its config kept even when the folder did not exist)."""
+    rec = RunRecord(store, cfg)
+    summary = rec.run.summary or {}
+    if summary.get("status") != "failed":
+        summary = rec.fail(e)
+    log(f"{rec.run_id}: failed: {error_message(e)}")
+    return summary
