@@ -43,6 +43,10 @@ class RunConfig:
     limit_train: int = _f(0, "use only the first N training images, chosen by a fixed "
                           "shuffle (0 = all)", "images")
     limit_test: int = _f(0, "use only the first N test images (0 = all)", "images")
+    val_fraction: float = _f(0.0, "hold out this fraction of each class's training images "
+                             "(after limit_train; a fixed split, the same for every run and "
+                             "seed) as a validation set evaluated every epoch; studies select "
+                             "tuned values on it (0 = none)", "fraction")
     image_size: int = _f(0, "side of the crops of streamed (large-image) data; 0 = 224 "
                          "(smaller sizes make CPU runs of ImageNet-style data affordable)", "px")
     augment: bool = _f(True, "pad-4 random crop + horizontal flip for small images; "
@@ -102,10 +106,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def run_id(self) -> str:
-        """Stable id: readable prefix + hash of every field that changes the result."""
-        ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
-                   "compile", "cuda_graph", "cpu_kernels"}
-        canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        """Stable id: readable prefix + hash of every field that changes the result (fields
+        of OPTIONAL_IN_ID only when they differ from their default, which is the behaviour
+        runs had before the field existed: their ids stay valid)."""
+        canon = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_ID
+                 and not (k in OPTIONAL_IN_ID and v == FIELDS[k].default)}
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
         return f"{self.model}-{self.norm}-{ds}-s{self.seed}-{digest}"
@@ -122,6 +127,11 @@ def dataset_tag(dataset: str) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# options that do not change what a run computes (where and how fast it runs)
+NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
+             "compile", "cuda_graph", "cpu_kernels"}
+# options added later whose default is the earlier behaviour: in the id only when set
+OPTIONAL_IN_ID = {"val_fraction"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -166,6 +176,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "workers", "probe_every", "image_size", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    if not 0.0 <= cfg.val_fraction <= 0.5:
+        raise UserError(f"val_fraction must be in [0, 0.5], got {cfg.val_fraction!r}")
     for name in ("dropout", "label_smoothing"):
         v = getattr(cfg, name)
         if not 0.0 <= v < 1.0:

@@ -40,14 +40,14 @@ STATUSES = ("running", "completed", "diverged", "no_learning", "failed")
 FINISHED = ("completed", "diverged", "no_learning")  # outcomes that are results, never redone
 
 
-def final_status(flags: dict) -> str:
-    """The status a run that trained to its end (or stopped at a non-finite loss) gets from the
-    flags its loop kept: diverged, no_learning (at chance after its first quarter), completed."""
+def final_status(flags: dict, at_chance: bool) -> str:
+    """The status of a run that trained to its end or stopped at a non-finite loss: diverged
+    (a `diverged_step` flag), no_learning (its last test accuracy at chance: `at_chance`), else
+    completed. It describes how the run ended; an early stall that the run recovered from is
+    kept as the flag `at_chance_until_epoch`, not as a status."""
     if "diverged_step" in flags:
         return "diverged"
-    if "no_learning_at_epoch" in flags:
-        return "no_learning"
-    return "completed"
+    return "no_learning" if at_chance else "completed"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -159,3 +159,46 @@ def test_limits_take_a_fixed_mixed_subset():
 def test_split_subset_type():
     s = Split(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4))
     assert len(s.subset(torch.tensor([1, 3]))) == 2
+
+
+# -- the validation split ------------------------------------------------------------------------
+def test_validation_split_is_stratified_fixed_and_disjoint():
+    from bnlab.data.bundle import hold_out, stratified_hold_out
+
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    keep, held = stratified_hold_out(y, 0.1)
+    assert sorted(torch.bincount(y[held]).tolist()) == [2, 3, 5]  # round(0.1 * n) per class
+    assert len(keep) + len(held) == 100 and not set(keep.tolist()) & set(held.tolist())
+    assert torch.equal(held, stratified_hold_out(y, 0.1)[1])  # the same split every time
+    from bnlab.data.synthetic import make_synthetic
+
+    b = make_synthetic(n_train=200, n_test=50)  # 20 images of each of 10 classes
+    v = hold_out(b, 0.25)
+    assert len(v.val) == 50 and len(v.train) == 150 and v.test is b.test
+    rows = {tuple(r.flatten()[:64].tolist()) for r in v.val.x}
+    assert not rows & {tuple(r.flatten()[:64].tolist()) for r in v.train.x}
+    assert torch.bincount(v.val.y).tolist() == [5] * 10
+    limited = load_data("synthetic", limit_train=300)  # held out after limit_train
+    assert torch.equal(load_data("synthetic", limit_train=300, val_fraction=0.25).val.x,
+                       hold_out(limited, 0.25).val.x)
+    assert hold_out(b, 0.0) is b
+
+
+def test_streamed_validation_images_use_the_evaluation_transform(tmp_path):
+    """A streamed training set keeps its augmenting transform; the images held out from it are
+    read with the test set's transform (never augmented)."""
+    from PIL import Image
+
+    from bnlab.data.bundle import labels_of
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(10 if split == "train" else 2):
+                Image.new("RGB", (80, 80), (40 * i, 9, 9)).save(tmp_path / split / c / f"{i}.jpg")
+    b = load_data(f"imagefolder:{tmp_path}", image_size=64, val_fraction=0.2)
+    assert len(b.train) == 16 and len(b.val) == 4 and labels_of(b.val).tolist() == [0, 0, 1, 1]
+    assert b.val.transform is b.test.transform and b.train.dataset.transform is not \
+        b.test.transform
+    x, _ = b.val[0]
+    assert tuple(x.shape) == (3, 64, 64)

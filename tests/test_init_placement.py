@@ -22,7 +22,7 @@ from bnlab.train.optim import param_groups
 
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 INITS = ("kaiming", "xavier", "fixup", "zero_residual", "skipinit")
-NO_ZERO_SCALE = {"none", "frozen", "bn_posscale", "bn_l2"}
+NO_ZERO_SCALE = {"none", "frozen", "bn_posscale", "bn_l2", "bn_l2_sum"}
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +205,8 @@ def test_refusals_are_one_line_user_errors():
         (dict(norm="none", init="zero_residual"), "no scale"),
         (dict(norm="frozen", init="zero_residual"), "fixed"),
         (dict(norm="bn_posscale", init="zero_residual"), "> 0"),
-        (dict(norm="bn_l2", init="zero_residual"), "0/0"),
+        (dict(norm="bn_l2", init="zero_residual"), "> 0"),
+        (dict(norm="bn_l2_sum", init="zero_residual"), "> 0"),
         (dict(norm="bn", init="zero_residual", norm_options={"affine": False}), "affine"),
         (dict(norm="bn", init="zero_residual", placement="first_k"), "first_k"),
         (dict(norm="bn", init="fixup"), "norm 'bn'"),

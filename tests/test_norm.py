@@ -135,26 +135,43 @@ def test_posscale_is_softplus_and_starts_as_bn():
     assert rel_err(m(x).double(), xhat * scale.view(1, -1, 1, 1)) < 1e-5
 
 
-def test_bn_l2_formula_and_eval_denominator():
+@pytest.mark.parametrize("name,reduce", [("bn_l2", "mean"), ("bn_l2_sum", "sum")])
+def test_bn_l2_formula_and_eval_denominator(name, reduce):
+    """z = softplus(rho) xhat + beta, y = z / sqrt(R(z^2) + eps) with R the batch mean (bn_l2)
+    or sum (bn_l2_sum, the literal formula), against a float64 reference; the scale stays > 0;
+    eval divides by the running average of the training denominators."""
     torch.manual_seed(0)
-    m = make_norm("bn_l2", 3)
+    m = make_norm(name, 3)
     with torch.no_grad():
-        m.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        m.rho.copy_(torch.tensor([0.5413, -3.0, 2.0]))  # softplus: 1.0, 0.0486, 2.127
         m.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    assert (m.scale > 0).all()
     x = torch.randn(6, 3, 4, 4) * 2 + 3
     xhat, _, _ = _f64_bn(x)
-    z = xhat * m.weight.double().view(1, -1, 1, 1) + m.bias.double().view(1, -1, 1, 1)
-    denom = torch.sqrt((z * z).sum((0, 2, 3), keepdim=True) + 1e-5)
-    assert rel_err(m(x).double(), z / denom) < 1e-5
-    assert torch.allclose((m(x).double() ** 2).sum((0, 2, 3)), torch.ones(3, dtype=torch.float64),
-                          atol=1e-4)
-    # eval divides by the running average of the training denominators
-    expect = 0.9 * (0.9 * 1 + 0.1 * denom.flatten()) + 0.1 * denom.flatten()
+    a = torch.log1p(torch.exp(m.rho.detach().double()))
+    z = xhat * a.view(1, -1, 1, 1) + m.bias.detach().double().view(1, -1, 1, 1)
+    r = (z * z).mean((0, 2, 3), keepdim=True) if reduce == "mean" else \
+        (z * z).sum((0, 2, 3), keepdim=True)
+    denom = torch.sqrt(r + 1e-5)
+    y = m(x).double()
+    assert rel_err(y, z / denom) < 1e-5
+    m_values = 6 * 4 * 4
+    rms = (y ** 2).mean((0, 2, 3)).sqrt()
+    expect = torch.ones(3, dtype=torch.float64) * (1.0 if reduce == "mean" else m_values ** -0.5)
+    assert torch.allclose(rms, expect, rtol=1e-3)  # unit RMS, or 1/sqrt(m) for the sum
+    expect = 0.9 * 1 + 0.1 * denom.flatten()
     assert torch.allclose(m.running_denom.double(), expect, rtol=1e-5)
     m.eval()
-    y = m(x)
-    zeval = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0, 1e-5)
-    assert torch.allclose(y, zeval / m.running_denom.view(1, -1, 1, 1), atol=1e-6)
+    zeval = F.batch_norm(x, m.running_mean, m.running_var, m.scale, m.bias, False, 0, 1e-5)
+    assert torch.allclose(m(x), zeval / m.running_denom.view(1, -1, 1, 1), atol=1e-6)
+
+
+def test_bn_l2_forms_differ_by_sqrt_m_only():
+    torch.manual_seed(1)
+    x = torch.randn(8, 4, 5, 5)
+    mean, total = make_norm("bn_l2", 4), make_norm("bn_l2_sum", 4)
+    ratio = (mean(x) / total(x)).double()
+    assert torch.allclose(ratio, torch.full_like(ratio, (8 * 5 * 5) ** 0.5), rtol=1e-4)
 
 
 def test_batch_renorm_warmup_is_bn_then_clips():

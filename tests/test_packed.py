@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bnlab.config import RunConfig
+from bnlab.data.bundle import hold_out
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError
 from bnlab.models import build_for
@@ -210,6 +211,19 @@ def test_train_packed_matches_lone_runs(small, tmp_path, norms):
             assert ca["model"][name].shape == ref.shape
         assert ra.config == rb.config
     assert {r["run_id"] for r in sp.rows()} == {c.run_id() for c in cfgs}
+
+
+def test_packed_runs_evaluate_the_validation_split_as_lone_runs_do(small, tmp_path):
+    cfgs = [_base(seed=s, val_fraction=0.25, epochs=1) for s in (0, 1)]
+    train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
+    for c in cfgs:
+        lone = train_run(c, tmp_path / "s", bundle=small, **QUIET)
+        packed = Store(tmp_path / "p").run(c.run_id()).summary
+        assert abs(packed["val_acc"] - lone["val_acc"]) <= 1 / 8 + 1e-9
+        assert abs(packed["val_loss"] - lone["val_loss"]) < 2e-3 * max(1.0, lone["val_loss"])
+        config = Store(tmp_path / "p").run(c.run_id()).read_json("config.json")
+        held = len(hold_out(small, 0.25).val)  # round(n_c / 4) of each class: 10 of 32
+        assert config["data"]["n_val"] == held == 10 and config["data"]["n_train"] == 22
 
 
 @pytest.mark.parametrize("mixed", [False, True])

@@ -236,6 +236,21 @@ def test_selection_table_marks_best_stable_lr(study_dir, doc):
     assert any("biased upward" in n for n in sel.notes)
 
 
+def test_a_tuned_value_at_the_edge_of_its_grid_is_flagged(study_dir, doc, written):
+    """lr 0.5 is selected from {0.5, 1e6}: the lowest value tried, so the arm may be
+    under-tuned and the report says to extend the grid downward, in the selection table, the
+    findings and both rendered formats."""
+    sel = doc.tables[1]
+    chosen = [row for row, m in zip(sel.rows, sel.marked) if m]
+    assert chosen[0][-1] == "selected (at the grid's edge)"
+    items = next(b for b in doc.blocks if type(b).__name__ == "Bullets").items
+    flagged = [s for s in items if "possibly under-tuned" in s]
+    assert len(flagged) == 1 and "lr = 0.5 is the lowest value tried (0.5 to 1e+06)" in \
+        flagged[0] and "extend the grid downward" in flagged[0]
+    assert "possibly under-tuned" in written["report.md"].read_text()
+    assert "possibly under-tuned" in written["report.html"].read_text()
+
+
 def test_gap_and_probe_tables(study_dir, doc):
     stored = _stored(study_dir)
     gap = next(t for t in doc.tables if t.anchor == "gap")

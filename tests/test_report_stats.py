@@ -244,3 +244,73 @@ def test_percentile_layer_is_the_deepest_leaf():
             for x in ["layer1.0", "layer1.0.bn1", "layer3.2.bn2", "layer3.2"]]
     assert percentile_layer(rows) == "layer3.2.bn2"
     assert percentile_layer([{"step": 0, "layer": "", "metric": "act_p50", "value": 0}]) is None
+
+
+# -- selection on the validation split, grid edges, tuned arms, slow starts ---------------------
+def _tuned_runs(lr, seed, test, val, status="completed"):
+    key = (("norm", canon("none")), ("lr", canon(lr)))
+    r = Run(run_id=f"n{lr}-{seed}", values={"norm": "none", "lr": lr, "seed": seed},
+            dataset="cifar10", seed=seed, status=status,
+            config={"norm": "none", "lr": lr, "seed": seed, "epochs": 8}, env=None, data=None,
+            model=None, summary={"status": status, "test_acc": test, "val_acc": val},
+            metrics=[], probes=[], arm=key)
+    return key, r
+
+
+def _tuned_arms(scores, on):
+    """Arms of norm=none over lr, scores {lr: [(test, val), ...]}, selected on `on`."""
+    from bnlab.report.arms import _select
+
+    arms = []
+    for lr, pairs in scores.items():
+        runs = [_tuned_runs(lr, s, t, v) for s, (t, v) in enumerate(pairs)]
+        arms.append(Arm("cifar10", runs[0][0], [r for _, r in runs], ["lr"]))
+    _select(arms, ["lr"], on)
+    return {a.value("lr"): a for a in arms}
+
+
+def test_selection_follows_the_validation_split_not_the_test_set():
+    scores = {0.01: [(0.80, 0.70), (0.82, 0.71)], 0.02: [(0.75, 0.78), (0.74, 0.77)],
+              0.05: [(0.70, 0.60), (0.71, 0.61)]}
+    by_val = _tuned_arms(scores, "val")
+    assert [lr for lr, a in by_val.items() if a.selected] == [0.02]
+    assert by_val[0.02].edges == []  # the middle of the grid
+    assert by_val[0.02].val_stats.mean == pytest.approx(0.775)
+    by_test = _tuned_arms(scores, "test")
+    assert [lr for lr, a in by_test.items() if a.selected] == [0.01]
+
+
+def test_a_selected_value_at_the_grid_edge_is_flagged_with_the_way_to_extend():
+    arms = _tuned_arms({0.01: [(0.6, 0.6)], 0.02: [(0.7, 0.7)], 0.05: [(0.8, 0.8)]}, "val")
+    best = arms[0.05]
+    assert best.selected and [(e.axis, e.side, e.low, e.high) for e in best.edges] == [
+        ("lr", "highest", 0.01, 0.05)]
+    assert best.edges[0].extend == "upward"
+    low = _tuned_arms({0.01: [(0.8, 0.8)], 0.02: [(0.7, 0.7)]}, "val")[0.01]
+    assert low.edges[0].side == "lowest" and low.edges[0].extend == "downward"
+    best.row, best.selection_row = 2, 3
+    bn = Arm("cifar10", (("norm", canon("bn")),), [_run("b0", "bn", 0, 0.9)], [])
+    bn.row = 1
+    out = findings([bn, *arms.values()], TABLE, Table(2, "selection", [], []), on_val=True)
+    edge = [s for s in out if "possibly under-tuned" in s]
+    assert edge == ["On cifar10, for norm=none, the selected lr = 0.05 is the highest value "
+                    "tried (0.01 to 0.05): the arm is possibly under-tuned; extend the grid "
+                    "upward (Table 2, row 3)."]
+    assert any("was tuned for norm=none only; norm=bn ran a single value" in s for s in out)
+    assert any("not biased by the choice" in s for s in out)
+
+
+def test_a_slow_start_is_reported_but_the_run_counts_as_completed():
+    def run(k, status="completed"):
+        r = _run(f"s{k}", "none", k, 0.6, status)
+        r.summary["at_chance_until_epoch"] = k
+        r.config["epochs"] = 8  # quarter: 2 epochs
+        return r
+
+    assert run(3).slow_start == 3 and run(2).slow_start == 2
+    assert run(1).slow_start is None  # a stall shorter than the first quarter
+    assert run(8, "no_learning").slow_start is None  # never learned: that is the status
+    a = Arm("cifar10", (("norm", canon("none")),), [run(3), run(1)], [])
+    a.row = 1
+    out = findings([a], TABLE)
+    assert any("1 had a slow start (at chance until epoch 3, then learned)" in s for s in out)

@@ -19,6 +19,7 @@ import torch
 from bnlab import cli
 from bnlab.config import RunConfig
 from bnlab.errors import UserError
+from bnlab.norm import NORMS
 from bnlab.store import FINISHED as FINAL
 from bnlab.store import Store
 from bnlab.study.spec import builtin_names, expand, load_spec, parse_spec
@@ -76,7 +77,7 @@ def test_expansion_counts_cases_and_stable_ids():
         "grid": {"norm": ["bn", "none"], "seed": [0, 1, 2]},
         "cases": [{"where": {"norm": "none"}, "grid": {"lr": [0.01, 0.02]}},
                   {"where": {"norm": "none", "lr": 0.02}, "set": {"epochs": 5}}],
-        "analysis": {"select_best": ["lr"], "baseline": {"norm": "bn"}}})
+        "analysis": {"select_best": ["lr"], "select_on": "test", "baseline": {"norm": "bn"}}})
     plan = expand(spec)
     assert len(plan.runs) == 3 + 3 * 2
     bn = [r.cfg for r in plan.runs if r.cfg.norm == "bn"]
@@ -120,7 +121,8 @@ def test_builtin_specs_parse_and_expand(name):
     plan = expand(spec)
     assert len(plan.runs) >= 2
     # names not yet registered here must be ones the norm/init libraries are to provide
-    planned = {"norm": {"bn", "bn_ref", "bn_posscale", "bn_l2", "batch_renorm", "cumulative",
+    planned = {"norm": {"bn", "bn_ref", "bn_posscale", "bn_l2", "bn_l2_sum", "batch_renorm",
+                        "cumulative",
                         "ghost", "frozen", "group", "layer", "instance", "none"},
                "init": {"kaiming", "xavier", "fixup", "zero_residual"}}
     for kind, names in _registries().items():
@@ -133,8 +135,9 @@ def test_builtin_sizes():
     sizes = {n: len(expand(load_spec(n)).runs) for n in builtin_names()}
     assert sizes["quick"] == 4
     assert sizes["bn-paper-mnist"] >= 2
-    assert sizes["seed"] == 3 * (3 + 3 * 3)  # datasets x (bn + none x 3 lrs) x 3 seeds
-    assert sizes["variants"] % 12 == 0
+    # datasets x (bn + none at BN's lr + none x 4 tuned lrs + fixup) x 3 seeds
+    assert sizes["seed"] == 3 * (1 + 1 + 4 + 1) * 3
+    assert sizes["variants"] == (len(NORMS) - 1 + 4) * 3  # the no-norm arm over 4 lrs
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -151,6 +154,9 @@ def test_builtin_sizes():
     ("[grid]\nseed = [0]\n[analysis]\nselect_bset = ['lr']\n", "unknown key 'select_bset'"),
     ("[grid]\nseed = [0]\n[estimate]\ncpu_minutes = -1\n", "minutes >= 0"),
     ("[grid]\nseed = [0]\n[analysis]\nbaseline = {norm = 'group'}\n", "matches no run"),
+    ("[grid]\nlr = [0.1, 0.2]\n[analysis]\nselect_best = ['lr']\n",
+     "selects lr on a validation split, but run"),
+    ("[grid]\nlr = [0.1]\n[analysis]\nselect_on = 'train'\n", "select_on must be one of"),
     ("[base]\nepochs = 2\nwarmup_epochs = 1\n[grid]\nwarmup_epochs = [1, 3]\n",
      "warmup_epochs must be <= epochs"),
     ("name = 'bad name'\n[grid]\nseed = [0]\n", "name must be"),
@@ -199,7 +205,8 @@ def test_run_skip_status_and_study_json(tmp_path, capsys):
                         "runs", "analysis"}
     assert doc["name"] == "tiny" and doc["axes"] == ["norm", "seed"]
     assert doc["spec"]["grid"] == {"norm": ["bn", "none"], "seed": [0, 1]}
-    assert doc["analysis"] == {"select_best": [], "compare": False, "baseline": {}}
+    assert doc["analysis"] == {"select_best": [], "select_on": "val", "compare": False,
+                               "baseline": {}}
     assert [r["values"] for r in doc["runs"]] == [
         {"norm": n, "seed": s, "dataset": "synthetic"} for n in ("bn", "none") for s in (0, 1)]
     store = Store(out)

@@ -94,7 +94,29 @@ def test_no_learning_is_recorded_but_the_run_finishes(tmp_path):
     cfg = tiny(lr=1e-9, epochs=4, momentum=0.0)
     summary = train_run(cfg, tmp_path, log=lambda s: None)
     assert summary["status"] == "no_learning"
-    assert summary["epochs_done"] == 4 and summary["no_learning_at_epoch"] == 1
+    assert summary["epochs_done"] == 4 and summary["at_chance_until_epoch"] == 4
+
+
+def test_status_describes_the_end_and_a_slow_start_is_a_flag(tmp_path):
+    """A run at chance after its first quarter that learns later ends `completed`, with the
+    stall kept as a flag; one that falls back to chance at the end is `no_learning`."""
+    from bnlab.train.record import RunRecord
+
+    chance = 0.2
+    def run(accs):
+        rec = RunRecord(Store(tmp_path / str(accs)), tiny(epochs=len(accs)))
+        for e, acc in enumerate(accs, 1):
+            rec.add_epoch({"epoch": e, "step": 10 * e, "epoch_time": 1.0, "test_acc": acc},
+                          chance)
+        return rec.finish(chance)
+
+    slow = run([0.1, 0.15, 0.6, 0.7])
+    assert slow["status"] == "completed" and slow["at_chance_until_epoch"] == 2
+    assert slow["test_acc"] == 0.7 and slow["wall_time"] == 4.0
+    late = run([0.5, 0.1, 0.1, 0.15])
+    assert late["status"] == "no_learning" and "at_chance_until_epoch" not in late
+    assert run([0.5, 0.6, 0.7, 0.9])["status"] == "completed"
+    assert run([0.1, 0.1, 0.1, 0.2])["status"] == "no_learning"  # at the threshold: chance
 
 
 def test_learns_above_chance_on_synthetic(tmp_path):
@@ -158,3 +180,26 @@ def test_grad_clip_bounds_the_step_to_lr_times_clip(tmp_path):
     after = Store(tmp_path).run(cfg.run_id()).load_checkpoint()["model"]
     moved = torch.sqrt(sum(((after[k] - v) ** 2).sum() for k, v in before.items()))
     assert float(moved) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_validation_split_is_evaluated_every_epoch_and_kept_out_of_training(tmp_path):
+    cfg = tiny(val_fraction=0.25, epochs=2)
+    summary = train_run(cfg, tmp_path, log=lambda s: None)
+    rows = Store(tmp_path).run(cfg.run_id()).metrics()
+    assert [("val_acc" in r and "val_loss" in r) for r in rows] == [True, True]
+    assert summary["val_acc"] == rows[-1]["val_acc"]
+    config = Store(tmp_path).run(cfg.run_id()).read_json("config.json")
+    from bnlab.data import load_data
+    held = load_data("synthetic", limit_train=128, val_fraction=0.25).val
+    assert config["data"]["n_val"] == len(held) and 28 <= len(held) <= 36
+    assert config["data"]["n_train"] + config["data"]["n_val"] == 128
+    # the default keeps the run ids of runs made before the option existed
+    import dataclasses
+    import hashlib
+    import json
+
+    from bnlab.config import NOT_IN_ID
+    old = {k: v for k, v in tiny().to_dict().items() if k not in NOT_IN_ID | {"val_fraction"}}
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
+    assert tiny().run_id().endswith(digest)
+    assert dataclasses.replace(tiny(), val_fraction=0.1).run_id() != tiny().run_id()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bnlab.data.bundle import DataBundle, Split, fixed_subset
+from bnlab.data.bundle import DataBundle, Split, fixed_subset, hold_out
 from bnlab.data.cifar import load_cifar
 from bnlab.data.imagefolder import load_imagefolder
 from bnlab.data.mnist import load_mnist
@@ -31,8 +31,9 @@ def default_data_dir() -> Path:
 
 def load_data(name: str, data_dir: str | Path | None = None, download: bool = False,
               limit_train: int = 0, limit_test: int = 0, augment: bool = True,
-              image_size: int = 0) -> DataBundle:
-    """Load a dataset and apply the fixed train/test subsets (`limit_*`, 0 = all).
+              image_size: int = 0, val_fraction: float = 0.0) -> DataBundle:
+    """Load a dataset, apply the fixed train/test subsets (`limit_*`, 0 = all), then hold out
+    `val_fraction` of each class of the training subset as the validation set (bundle.val).
 
     `image_size` (0 = 224) is the crop side of streamed large-image data; in-memory data keeps
     its own size.
@@ -59,7 +60,7 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
         raise unknown("dataset", name, DATASETS)
     bundle.train = _limit(bundle.train, limit_train)
     bundle.test = _limit(bundle.test, limit_test)
-    return bundle
+    return hold_out(bundle, val_fraction)
 
 
 def _limit(split, limit: int):

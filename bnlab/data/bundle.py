@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+from bnlab.errors import UserError
 
 
 @dataclass
@@ -33,6 +36,7 @@ class DataBundle:
     train: Split | Dataset
     test: Split | Dataset
     flip: bool = True  # whether a horizontal flip keeps an image's label (not for digits)
+    val: Split | Dataset | None = None  # held out from the training images (hold_out)
 
     @property
     def num_classes(self) -> int:
@@ -71,3 +75,59 @@ def fixed_subset(n_total: int, limit: int) -> torch.Tensor | None:
         return None
     g = torch.Generator().manual_seed(0)
     return torch.randperm(n_total, generator=g)[:limit].sort().values
+
+
+def labels_of(split) -> torch.Tensor:
+    """The int64 labels of a Split, a StreamedImages-like dataset (`items` of (path, label)),
+    or a Subset of either, without reading any image."""
+    if isinstance(split, Split):
+        return split.y
+    if isinstance(split, Subset):
+        return labels_of(split.dataset)[torch.as_tensor(split.indices, dtype=torch.int64)]
+    items = getattr(split, "items", None)
+    if items is None:
+        raise TypeError(f"cannot read the labels of a {type(split).__name__}")
+    return torch.tensor([label for _, label in items], dtype=torch.int64)
+
+
+def stratified_hold_out(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """(kept, held out) indices: round(fraction * n_c) images of each class c held out, chosen
+    by a fixed shuffle (seed 0), so every run and seed holds out the same images. Both sorted."""
+    g = torch.Generator().manual_seed(0)
+    held = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = int(round(fraction * len(idx)))
+        held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    out = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.int64)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[out] = False
+    return mask.nonzero().flatten(), out
+
+
+def _items_and_transform(split):
+    """(items, the dataset holding them) of a StreamedImages-like dataset or a Subset of one."""
+    if isinstance(split, Subset):
+        items, base = _items_and_transform(split.dataset)
+        return [items[i] for i in split.indices], base
+    return list(split.items), split
+
+
+def hold_out(bundle: DataBundle, fraction: float) -> DataBundle:
+    """`bundle` with `fraction` of each class of its training images moved to `val`. In-memory
+    data: a Split of them. Streamed data: the same files read with the test set's (evaluation)
+    transform, so validation images are never augmented."""
+    if not fraction:
+        return bundle
+    keep, held = stratified_hold_out(labels_of(bundle.train), fraction)
+    if len(held) == 0 or len(keep) == 0:
+        raise UserError(f"val_fraction {fraction} leaves no validation or no training images "
+                        f"of the {len(labels_of(bundle.train))} training images")
+    if isinstance(bundle.train, Split):
+        return dataclasses.replace(bundle, train=bundle.train.subset(keep),
+                                   val=bundle.train.subset(held))
+    items, _ = _items_and_transform(bundle.train)
+    _, test_base = _items_and_transform(bundle.test)
+    val = type(test_base)([items[i] for i in held.tolist()], test_base.transform)
+    return dataclasses.replace(bundle, train=Subset(bundle.train, keep.tolist()), val=val)

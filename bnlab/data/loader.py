@@ -158,8 +158,11 @@ class StreamLoader:
 
 def make_loader(bundle: DataBundle, train: bool, batch_size: int, device: torch.device,
                 augment: bool, seed: int, workers: int = 4,
-                memory_format=torch.contiguous_format):
-    split = bundle.train if train else bundle.test
+                memory_format=torch.contiguous_format, split=None):
+    """Batches of the training set (train=True: shuffled, augmented, last partial batch
+    dropped) or, in order, of the test set or `split` (e.g. bundle.val)."""
+    if split is None:
+        split = bundle.train if train else bundle.test
     if isinstance(split, Split):
         return MemoryLoader(split, bundle, batch_size, device, train, augment, seed,
                             memory_format)

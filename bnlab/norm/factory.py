@@ -22,7 +22,10 @@ FORMULAS: dict[str, str] = {
           "convention=keras: momentum 0.99 kept, eps 1e-3)",
     "bn_ref": "y = gamma * xhat + beta  (from the formulas, hand-written backward)",
     "bn_posscale": "y = softplus(rho) * xhat + beta  (scale kept > 0)",
-    "bn_l2": "z = gamma * xhat + beta;  y = z / sqrt(sum_batch z^2 + eps)",
+    "bn_l2": "z = softplus(rho) * xhat + beta;  y = z / sqrt(mean_batch z^2 + eps)  (the "
+             "founding text's formula with the sum made a mean: trains)",
+    "bn_l2_sum": "z = softplus(rho) * xhat + beta;  y = z / sqrt(sum_batch z^2 + eps)  (the "
+                 "founding text's formula as written: output std 1/sqrt(m))",
     "batch_renorm": "y = gamma * (xhat * r + d) + beta,  r, d clipped to rmax, dmax  "
                     "(Ioffe 2017)",
     "cumulative": "y = gamma * (x - mu_t) / sqrt(v_t + eps) + beta,  mu_t, v_t over all "
@@ -43,6 +46,7 @@ OPTIONS: dict[str, dict] = {
     "bn_ref": {"momentum": 0.1, "eps": 1e-5, "affine": True},
     "bn_posscale": {"momentum": 0.1, "eps": 1e-5},
     "bn_l2": {"momentum": 0.1, "eps": 1e-5},
+    "bn_l2_sum": {"momentum": 0.1, "eps": 1e-5},
     "batch_renorm": {"momentum": 0.1, "eps": 1e-5, "affine": True, "rmax": 3.0, "dmax": 5.0,
                      "warmup_steps": 5000, "rmax_ramp_steps": 35000,
                      "dmax_ramp_steps": 20000},
@@ -58,8 +62,8 @@ NORMS = tuple(FORMULAS)
 
 # Norms that subtract a per-channel mean: a per-channel constant added before them (a conv
 # bias) is removed exactly, so they never get a bias substitute, even with affine=False.
-_CANCELS_CHANNEL_SHIFT = {"bn", "bn_ref", "bn_posscale", "bn_l2", "batch_renorm", "ghost",
-                          "instance"}
+_CANCELS_CHANNEL_SHIFT = {"bn", "bn_ref", "bn_posscale", "bn_l2", "bn_l2_sum", "batch_renorm",
+                          "ghost", "instance"}
 
 
 def _options(name: str, options: dict) -> dict:
@@ -111,8 +115,8 @@ def make_norm(name: str, num_features: int, dim: int = 2, **options) -> nn.Modul
         return L.ReferenceBatchNorm(c, o["eps"], o["momentum"], o["affine"], True)
     if name == "bn_posscale":
         return L.PositiveScaleBatchNorm(c, o["momentum"], o["eps"])
-    if name == "bn_l2":
-        return L.L2BatchNorm(c, o["momentum"], o["eps"])
+    if name in ("bn_l2", "bn_l2_sum"):
+        return L.L2BatchNorm(c, o["momentum"], o["eps"], "sum" if name == "bn_l2_sum" else "mean")
     if name == "batch_renorm":
         return L.BatchRenorm(c, **o)
     if name == "cumulative":
@@ -152,11 +156,8 @@ def zero_scale_refusal(name: str, options: dict | None = None) -> str | None:
         return "norm 'none' has no scale to set to 0"
     if name == "frozen":
         return "norm 'frozen' has a fixed (not learnable) scale, so a 0 would never recover"
-    if name == "bn_posscale":
-        return "norm 'bn_posscale' keeps its scale > 0 by construction"
-    if name == "bn_l2":
-        return ("norm 'bn_l2' divides its output by its own batch L2 norm, which is 0/0 when "
-                "the scale is 0")
+    if name in ("bn_posscale", "bn_l2", "bn_l2_sum"):
+        return f"norm {name!r} keeps its scale > 0 by construction"
     if not (options or {}).get("affine", True):
         return f"norm {name!r} with affine=false has no scale"
     return None

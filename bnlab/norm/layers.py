@@ -9,9 +9,9 @@ Every layer computes its statistics in float32 (or float64 for float64 inputs), 
 autocast the statistics and running buffers stay fp32; the output has the input's dtype.
 Layers whose eval mode is exactly `gamma * (x - running_mean) / sqrt(running_var + eps) + beta`
 subclass torch's `_BatchNorm`, so BN-folding and probing code that looks for BatchNorm modules
-treats them correctly; the others (bn_posscale, bn_l2, frozen) are plain modules. Beware that
-nn.SyncBatchNorm.convert_sync_batchnorm converts every _BatchNorm, so multi-GPU code must only
-convert the `bn` layers (or keep these norms per-GPU).
+treats them correctly; the others (bn_posscale, bn_l2, bn_l2_sum, frozen) are plain modules.
+Beware that nn.SyncBatchNorm.convert_sync_batchnorm converts every _BatchNorm, so multi-GPU code
+must only convert the `bn` layers (or keep these norms per-GPU).
 """
 
 from __future__ import annotations
@@ -207,35 +207,52 @@ class PositiveScaleBatchNorm(nn.Module):
                             self.training, self.momentum, self.eps).to(x.dtype)
 
 
-# -- bn_l2 ---------------------------------------------------------------------------------------
+# -- bn_l2 and bn_l2_sum -------------------------------------------------------------------------
 class L2BatchNorm(nn.Module):
-    """BN, affine, then division by the batch L2 norm of each channel.
+    """The founding text's BN: normalize, affine with a positive scale, then divide each channel
+    by its batch L2 norm.
 
-    train: z = gamma * (x - mean_B) / sqrt(var_B + eps) + beta  (BN, running stats as in BN)
-           y = z / sqrt(sum_i z_i^2 + eps)   (sum over the m values of the channel in the batch)
-    The denominator depends on the batch size m (it grows like sqrt(m)), so inference cannot
-    recompute it from one image: a running average of the training denominators,
-    running_denom <- (1 - momentum) running_denom + momentum sqrt(sum_i z_i^2 + eps),
+    train: z = a * (x - mean_B) / sqrt(var_B + eps) + beta,  a = softplus(rho) > 0
+           y = z / sqrt(R(z^2) + eps),  over the m values of the channel in the batch:
+             reduce="mean" (`bn_l2`):     R = (1/m) sum_i   (y has unit root-mean-square)
+             reduce="sum"  (`bn_l2_sum`): R = sum_i         (the literal formula: y has root-
+                                          mean-square 1/sqrt(m), so the output shrinks with the
+                                          batch and the network is starved of signal)
+    The two differ by the factor sqrt(m) alone. The denominator depends on the batch, so
+    inference cannot recompute it from one image: a running average of the training
+    denominators, running_denom <- (1 - momentum) running_denom + momentum sqrt(R(z^2) + eps),
     replaces it in eval mode, where z uses the running mean and variance. running_denom starts
-    at 1. The eps under the root keeps y finite when a channel's z is all zero.
+    at 1; `a` starts at 1 (rho = log(e - 1)) as in bn_posscale. The eps under the root keeps y
+    finite when a channel's z is all zero. mean_B, var_B and the running statistics are BN's
+    (torch convention, unbiased running variance).
     """
 
-    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5,
+                 reduce: str = "mean"):
         super().__init__()
-        self.num_features, self.momentum, self.eps = num_features, momentum, eps
-        self.weight = nn.Parameter(torch.ones(num_features))
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+        self.num_features, self.momentum, self.eps, self.reduce = (num_features, momentum, eps,
+                                                                   reduce)
+        self.rho = nn.Parameter(torch.full((num_features,), math.log(math.e - 1.0)))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("running_denom", torch.ones(num_features))
 
+    @property
+    def scale(self) -> torch.Tensor:
+        return F.softplus(self.rho)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf, shape = x.to(_compute_dtype(x)), _shape(x)
-        z = F.batch_norm(xf, self.running_mean, self.running_var, self.weight, self.bias,
+        z = F.batch_norm(xf, self.running_mean, self.running_var, self.scale, self.bias,
                          self.training, self.momentum, self.eps)
         if not self.training:
             return (z / self.running_denom.view(shape)).to(x.dtype)
-        denom = torch.sqrt((z * z).sum(_dims(z)) + self.eps)
+        sq = z * z
+        r = sq.mean(_dims(z)) if self.reduce == "mean" else sq.sum(_dims(z))
+        denom = torch.sqrt(r + self.eps)
         with torch.no_grad():
             self.running_denom.lerp_(denom.detach().to(self.running_denom.dtype), self.momentum)
         return (z / denom.view(shape)).to(x.dtype)

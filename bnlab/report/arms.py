@@ -7,9 +7,12 @@ diverged run's last accuracy is from before its loss became non-finite, and a fa
 crash, not an outcome of the method.
 
 select_best: arms that differ only in the select_best axes form a group; the arm with the highest
-mean final test accuracy is selected, among the arms of the group with no diverged or failed run
-(among all arms of the group if every one has such a run). Selecting on the test set biases the
-selected arm's accuracy upward; the report says so.
+mean final accuracy on the selection split is selected, among the arms of the group with no
+diverged or failed run (among all arms of the group if every one has such a run). The selection
+split is the held-out validation split (analysis.select_on = "val", the default of specs), so the
+selected arm's test accuracy is not biased by the choice; with select_on = "test" it is, and the
+report says so. A numeric value selected at the lowest or highest end of the values tried is an
+`edge`: the arm may be under-tuned, and the report says which way to extend the grid.
 
 Baseline: an arm is a baseline arm when its values match analysis.baseline (default norm=bn).
 Every other selected arm is compared with the selected baseline arm of its dataset that has the
@@ -38,6 +41,21 @@ def same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class Edge:
+    """A selected value at an end of the values tried: `side` is 'lowest' or 'highest'."""
+
+    axis: str
+    value: float
+    side: str
+    low: float
+    high: float
+
+    @property
+    def extend(self) -> str:
+        return "downward" if self.side == "lowest" else "upward"
+
+
 @dataclass(eq=False)
 class Arm:
     dataset: str
@@ -45,6 +63,7 @@ class Arm:
     runs: list[Run]
     select_axes: list[str]
     stats: Summary = field(init=False)
+    val_stats: Summary = field(init=False)  # final validation accuracy (runs with val_fraction)
     accs: list[float] = field(init=False)
     counts: Counter = field(init=False)
     selected: bool = True
@@ -56,11 +75,15 @@ class Arm:
     label_axes: tuple[str, ...] | None = None  # axes named in labels (None: all; label_axes())
     row: int | None = None  # row in the summary table
     selection_row: int | None = None
+    edges: list[Edge] = field(default_factory=list)  # selected values at an end of the grid
+    tried: dict[str, list] = field(default_factory=dict)  # select axis -> values of the group
 
     def __post_init__(self):
         self.accs = [r.final_test_acc for r in self.runs
                      if r.status in INCLUDED and r.final_test_acc is not None]
         self.stats = summarize(self.accs)
+        self.val_stats = summarize([r.final_val_acc for r in self.runs
+                                    if r.status in INCLUDED and r.final_val_acc is not None])
         self.counts = Counter(r.status for r in self.runs)
 
     def value(self, axis: str):
@@ -124,7 +147,7 @@ def build_arms(study: Study) -> list[Arm]:
     base = study.baseline
     for a in arms:
         a.is_baseline = all(same(a.value(k), v) for k, v in base.items())
-    _select(arms, study.select_best)
+    _select(arms, study.select_best, study.select_on)
     _match_baselines(arms, base)
     order = {ds: i for i, ds in enumerate(study.datasets)}
     return sorted(arms, key=lambda a: (order[a.dataset], not a.is_baseline))
@@ -145,21 +168,40 @@ def label_axes(arms: list[Arm], axes: list[str], keep: list[str]) -> tuple[str, 
     return tuple(named)
 
 
-def _select(arms: list[Arm], select_axes: list[str]) -> None:
+def _select(arms: list[Arm], select_axes: list[str], on: str = "test") -> None:
     if not select_axes:
         return
     groups: dict[tuple, list[Arm]] = {}
     for a in arms:
         groups.setdefault((a.dataset, a.group), []).append(a)
     for members in groups.values():
-        with_result = [a for a in members if a.stats.n > 0]
+        score = (lambda a: a.val_stats) if on == "val" else (lambda a: a.stats)
+        with_result = [a for a in members if score(a).n > 0]
         stable = [a for a in with_result if a.unstable == 0]
         pool = stable or with_result
-        best = max(pool, key=lambda a: a.stats.mean) if pool else members[0]
+        best = max(pool, key=lambda a: score(a).mean) if pool else members[0]
         for a in members:
             a.selected = a is best
             a.group_size = len(members)
             a.no_result_in_group = not pool
+            a.tried = {ax: [m.value(ax) for m in members] for ax in select_axes}
+        if pool and len(members) > 1:
+            best.edges = _edges(best, select_axes)
+
+
+def _edges(best: Arm, select_axes: list[str]) -> list[Edge]:
+    """The numeric select axes whose selected value is the lowest or highest tried."""
+    out = []
+    for ax in select_axes:
+        values = [v for v in best.tried[ax]
+                  if isinstance(v, int | float) and not isinstance(v, bool)]
+        v = best.value(ax)
+        if len(set(values)) < 2 or v not in values:
+            continue
+        lo, hi = min(values), max(values)
+        if v == lo or v == hi:
+            out.append(Edge(ax, v, "lowest" if v == lo else "highest", lo, hi))
+    return out
 
 
 def _match_baselines(arms: list[Arm], base: dict) -> None:

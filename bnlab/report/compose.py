@@ -93,7 +93,8 @@ def compose(study: Study) -> Composed:
                       small=True),
             Bullets(findings(arms, summary, selection, gap, gap_rows, probe, probe_rows,
                              [(c.data, tables, c.dataset if len(compared) > 1 else None)
-                              for c, tables in compared], runs)
+                              for c, tables in compared], runs,
+                             on_val=study.select_on == "val")
                     or ["No run has finished yet, so there is nothing to report."]))
     doc.add(Heading(2, "Training curves", "curves"))
     for ds in study.datasets:
@@ -141,8 +142,10 @@ def _intro(study: Study) -> str:
             f"Each arm is one combination of the varied values except the seed; the baseline "
             f"arm is {base}.")
     if study.select_best:
+        split = ("validation accuracy (images held out from the training set)"
+                 if study.select_on == "val" else "test accuracy")
         text += (f" Within each arm, {', '.join(study.select_best)} was chosen from several "
-                 "values by mean final test accuracy.")
+                 f"values by mean final {split}.")
     return text
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bnlab.report import fmt
 from bnlab.report.arms import Arm, status_counts
 from bnlab.report.document import Table
+from bnlab.report.load import fmt_value
 from bnlab.report.stats import ALPHA
 from bnlab.report.tables import GapRow, ProbeRow, arm_label
 
@@ -29,10 +30,14 @@ def cite(table: Table | None, *rows: int | None) -> str:
 def _statuses(a: Arm) -> str | None:
     parts = []
     for status, verb in (("diverged", "diverged"), ("failed", "failed"),
-                         ("no_learning", "did not learn (accuracy at chance)")):
+                         ("no_learning", "did not learn (final accuracy at chance)")):
         k = a.count(status)
         if k:
             parts.append(f"{k} {verb}")
+    slow = [r.slow_start for r in a.runs if r.slow_start is not None]
+    if slow:
+        parts.append(f"{len(slow)} had a slow start (at chance until epoch "
+                     f"{', '.join(str(k) for k in slow)}, then learned)")
     if not parts:
         return None
     total = len(a.runs)
@@ -70,9 +75,9 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
              gap: Table | None = None, gap_rows: list[GapRow] = (),
              probe: Table | None = None, probe_rows: list[ProbeRow] = (),
              compared: list[tuple[dict, list[Table], str | None]] = (),
-             runs: Table | None = None) -> list[str]:
+             runs: Table | None = None, on_val: bool = False) -> list[str]:
     """The report's sentences; `compared` holds each stored comparison as (compare.json,
-    its tables, its dataset)."""
+    its tables, its dataset); `on_val`: tuned values were selected on the validation split."""
     out = []
     counts = status_counts(arms)
     total = sum(counts.values())
@@ -103,22 +108,58 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
         where = cite(summary, a.row) if a.selected else cite(selection, a.selection_row)
         out.append(text[0].upper() + text[1:] + f" {where}.")
     if selection is not None:
-        for a in arms:
-            if a.selected and a.group_size > 1 and a.selection_row is not None:
-                if a.no_result_in_group:
-                    out.append(f"On {a.dataset}, no value of {a.group_label} produced a "
-                               f"finished run {cite(selection, a.selection_row)}.")
-                    continue
-                out.append(f"On {a.dataset}, for {a.group_label}, {a.selection_label} gave the "
-                           f"highest mean final test accuracy among {a.group_size} values "
-                           f"({fmt.pct(a.stats.mean)}%) {cite(selection, a.selection_row)}; "
-                           "this choice uses the test set, so that arm's accuracy in "
-                           f"{summary.label} is biased upward.")
+        out += _selection_sentences(arms, summary, selection, on_val)
     out += _gap_sentences(gap, list(gap_rows))
     out += _probe_sentences(probe, list(probe_rows))
     for compare, tables, dataset in compared:
         out += _compare_sentences(compare, list(tables), dataset)
     return out
+
+
+def _selection_sentences(arms: list[Arm], summary: Table, selection: Table,
+                         on_val: bool) -> list[str]:
+    """Which value each tuned arm chose and on what split, edges of the grid, and which arms
+    were not tuned at all."""
+    out = []
+    split = "validation" if on_val else "test"
+    for a in arms:
+        if not (a.selected and a.group_size > 1 and a.selection_row is not None):
+            continue
+        where = cite(selection, a.selection_row)
+        if a.no_result_in_group:
+            out.append(f"On {a.dataset}, no value of {a.group_label} produced a finished run "
+                       f"{where}.")
+            continue
+        chosen = a.val_stats if on_val else a.stats
+        text = (f"On {a.dataset}, for {a.group_label}, {a.selection_label} gave the highest "
+                f"mean final {split} accuracy among {a.group_size} values "
+                f"({fmt.pct(chosen.mean)}%) {where}; ")
+        if on_val:
+            text += (f"its test accuracy, {fmt.pct(a.stats.mean)}%, is not biased by the "
+                     "choice (the validation images are held out from the training set).")
+        else:
+            text += (f"this choice uses the test set, so that arm's accuracy in {summary.label} "
+                     "is biased upward.")
+        out.append(text)
+        for e in a.edges:
+            out.append(f"On {a.dataset}, for {a.group_label}, the selected {e.axis} = "
+                       f"{fmt_value(e.value)} is the {e.side} value tried ({fmt_value(e.low)} to "
+                       f"{fmt_value(e.high)}): the arm is possibly under-tuned; extend the grid "
+                       f"{e.extend} {where}.")
+    shown = [a for a in arms if a.selected]
+    for ds in dict.fromkeys(a.dataset for a in shown):
+        tuned = [a for a in shown if a.dataset == ds and a.group_size > 1]
+        fixed = [a for a in shown if a.dataset == ds and a.group_size == 1]
+        if tuned and fixed:
+            axes = ", ".join(dict.fromkeys(ax for a in tuned for ax in a.select_axes))
+            out.append(f"On {ds}, {axes} was tuned for {_listing([a.group_label for a in tuned])}"
+                       f" only; {_listing([a.label for a in fixed])} ran a single value "
+                       f"{cite(summary, *(a.row for a in fixed))}.")
+    return out
+
+
+def _listing(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
 
 
 def _gap_sentences(gap: Table | None, rows: list[GapRow]) -> list[str]:

@@ -4,7 +4,8 @@ Nothing here computes a statistic; it only gathers what the runner and the analy
 decides for every run which arm it belongs to:
 
     dataset  the study's dataset name for the run (values["dataset"], else the config's)
-    arm      the run's values of every varying axis except `seed` and `dataset`
+    arm      the run's values of every varying axis except NOT_ARM_AXES (`seed`, `dataset`, and
+             options such as `probe_every` that leave a run's result unchanged)
     status   summary.json's status; "missing" when the run folder has no config.json yet
 """
 
@@ -16,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import dataset_tag
+from bnlab.config import NOT_IN_ID, dataset_tag
 from bnlab.errors import UserError
 from bnlab.store import Store
 
-NOT_ARM_AXES = ("seed", "dataset")
+# axes that never make an arm: repetitions (seed), the dataset (arms are per dataset), and
+# options that do not change what a run computes (where and how fast it runs, and the probes,
+# which leave the trajectory unchanged)
+NOT_ARM_AXES = ("seed", "dataset", "probe_every", *sorted(NOT_IN_ID))
 DEFAULT_BASELINE = {"norm": "bn"}
 STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "missing")
 
@@ -78,6 +82,19 @@ class Run:
     def final_train_acc(self) -> float | None:
         return number(self.summary.get("train_acc"))
 
+    @property
+    def final_val_acc(self) -> float | None:
+        return number(self.summary.get("val_acc"))
+
+    @property
+    def slow_start(self) -> int | None:
+        """For a run that ended above chance (completed): the last epoch of its initial stall
+        at chance when that stall lasted at least the first quarter of training, else None."""
+        k, epochs = self.summary.get("at_chance_until_epoch"), (self.config or {}).get("epochs")
+        if self.status != "completed" or not isinstance(k, int) or not isinstance(epochs, int):
+            return None
+        return k if k >= max(1, math.ceil(epochs / 4)) else None
+
 
 @dataclass
 class Comparison:
@@ -116,6 +133,12 @@ class Study:
     @property
     def select_best(self) -> list[str]:
         return [a for a in self.analysis.get("select_best", []) if a in self.arm_axes]
+
+    @property
+    def select_on(self) -> str:
+        """'val' (the held-out validation split) or 'test'. Studies written before the
+        validation split existed selected on the test set."""
+        return str(self.analysis.get("select_on", "test"))
 
     @property
     def baseline(self) -> dict[str, Any]:

@@ -57,9 +57,9 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
     notes = [
         "Test acc.: the test accuracy after the last epoch (not the best epoch), mean ± sample "
         "standard deviation (divisor n − 1) over seeds. n: runs included in the mean.",
-        "Included are completed and no-learning runs (no learning: test accuracy at or below "
-        "chance + 3 binomial standard errors after the first quarter of training; such runs "
-        "finished training). Diverged runs (non-finite loss) and failed runs (errors) are "
+        "Included are completed and no-learning runs (no learning: final test accuracy at or "
+        "below chance + 3 binomial standard errors; such runs finished training). Diverged runs "
+        "(non-finite loss) and failed runs (errors) are "
         "excluded from the mean, standard deviation, CI and test, and counted in their own "
         "columns." + (" Pending: runs not started or not finished." if pending else ""),
         "95% CI: mean ± t(0.975, n − 1) · s / √n. Δ: arm mean − baseline mean; its CI uses the "
@@ -84,9 +84,15 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
                      "other axes (full values of every arm in the appendix).")
     if any(a.group_size > 1 for a in shown):
         axes = ", ".join(study.select_best)
-        notes.append(f"{SELECTED_MARK} {axes} chosen among several values by the highest mean "
-                     "final test accuracy (see the selection table). The selection uses the "
-                     "test set, which biases the selected arm's accuracy upward.")
+        if study.select_on == "val":
+            notes.append(f"{SELECTED_MARK} {axes} chosen among several values by the highest "
+                         "mean final validation accuracy (images held out from the training "
+                         "set; see the selection table); the test accuracy shown is that of the "
+                         "chosen value, not biased by the choice.")
+        else:
+            notes.append(f"{SELECTED_MARK} {axes} chosen among several values by the highest "
+                         "mean final test accuracy (see the selection table). The selection "
+                         "uses the test set, which biases the selected arm's accuracy upward.")
     return Table(number, "Final test accuracy per dataset and arm", head, rows, notes,
                  numeric=[False, False] + [True] * (len(head) - 2), anchor="summary")
 
@@ -95,8 +101,9 @@ def selection_table(study: Study, arms: list[Arm], number: int) -> Table | None:
     if not study.select_best or all(a.group_size == 1 for a in arms):
         return None
     axes = study.select_best
-    head = ["Dataset", "Group", *axes, "n", "Test acc. (%)", "No learning", "Diverged",
-            "Failed", "Selected"]
+    on_val = study.select_on == "val"
+    head = ["Dataset", "Group", *axes, "n", *(["Val acc. (%)"] if on_val else []),
+            "Test acc. (%)", "No learning", "Diverged", "Failed", "Selected"]
     rows, marked = [], []
     groups: dict[tuple, list[Arm]] = {}
     for a in arms:
@@ -109,18 +116,29 @@ def selection_table(study: Study, arms: list[Arm], number: int) -> Table | None:
             i += 1
             a.selection_row = i
             vals = [fmt_value(a.value(ax)) for ax in axes]
+            mark = "selected" if a.selected else ""
+            if a.edges:
+                mark += " (at the grid's edge)"
             rows.append([a.dataset, a.group_label, *vals, str(a.stats.n),
+                         *([fmt.mean_std(a.val_stats)] if on_val else []),
                          fmt.mean_std(a.stats), str(a.count("no_learning")),
-                         str(a.count("diverged")), str(a.count("failed")),
-                         "selected" if a.selected else ""])
+                         str(a.count("diverged")), str(a.count("failed")), mark])
             marked.append(a.selected)
+    split = "validation" if on_val else "test"
     notes = [
-        f"Every value of {', '.join(axes)} tried per group, with the mean ± std of its final test "
-        "accuracy over seeds (diverged and failed runs excluded).",
-        "Selected: the value with the highest mean among values none of whose runs diverged or "
-        "failed (among all values when each has such a run). The choice is made on the test "
-        "set, so the selected arm's accuracy in the summary table is biased upward; an unbiased "
-        "estimate needs a held-out validation split.",
+        f"Every value of {', '.join(axes)} tried per group, with the mean ± std over seeds of "
+        f"its final {'validation and test' if on_val else 'test'} accuracy (diverged and "
+        "failed runs excluded).",
+        f"Selected: the value with the highest mean final {split} accuracy among values none "
+        "of whose runs diverged or failed (among all values when each has such a run).",
+        ("The validation images are held out from the training images (val_fraction, the same "
+         "images for every run), so the selected value's test accuracy is not biased by the "
+         "choice." if on_val else
+         "The choice is made on the test set, so the selected arm's accuracy in the summary "
+         "table is biased upward; an unbiased estimate needs a held-out validation split "
+         "(val_fraction, with analysis.select_on = \"val\")."),
+        "At the grid's edge: the selected value is the lowest or highest tried, so a better "
+        "value may lie outside the grid (the arm is possibly under-tuned).",
     ]
     return Table(number, f"Selection of {', '.join(axes)} per group", head, rows, notes,
                  numeric=[False, False] + [True] * (len(head) - 3) + [False], marked=marked,
@@ -304,7 +322,12 @@ def _note(r: Run) -> str:
         return "not started"
     if "diverged_step" in s:
         return f"loss non-finite at step {s['diverged_step']}"
-    if "no_learning_at_epoch" in s:
+    stall = r.slow_start
+    if stall is not None:
+        return f"slow start: at chance until epoch {stall}"
+    if r.status == "no_learning":
+        return "at chance at the end"
+    if "no_learning_at_epoch" in s:  # the stall flag of earlier versions
         return f"at chance after epoch {s['no_learning_at_epoch']}"
     if s.get("error"):
         return str(s["error"])[:200]

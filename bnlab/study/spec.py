@@ -33,7 +33,8 @@ from bnlab.runtime import resolve_device
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
-ANALYSIS_KEYS = ("select_best", "compare", "baseline")
+ANALYSIS_KEYS = ("select_best", "select_on", "compare", "baseline")
+SELECT_ON = ("val", "test")  # the split select_best chooses on
 ESTIMATE_KEYS = ("cpu_minutes", "gpu_minutes")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_ROOT = Path("studies-out")  # a study's folder by default: DEFAULT_ROOT / its name
@@ -198,8 +199,12 @@ def _parse_analysis(table: dict, label: str) -> dict[str, Any]:
     compare = table.get("compare", False)
     if not isinstance(compare, bool):
         raise UserError(f"{where} compare must be true or false, got {compare!r}")
+    select_on = table.get("select_on", "val")
+    if select_on not in SELECT_ON:
+        raise UserError(f"{where} select_on must be one of {', '.join(SELECT_ON)}, got "
+                        f"{select_on!r}")
     return {"select_best": [field_name(s, f"{where} select_best") for s in select],
-            "compare": compare,
+            "select_on": select_on, "compare": compare,
             "baseline": _values(table.get("baseline", {}), f"{where} baseline")}
 
 
@@ -344,6 +349,14 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
         shown = " ".join(f"{k}={v!r}" for k, vals in only_d.items() for v in vals)
         raise UserError(f"no run of study {spec.name!r} matches --only {shown}")
 
+    analysis = spec.analysis
+    if analysis["select_best"] and analysis["select_on"] == "val":
+        bad = next((r for r in runs if not r.cfg.val_fraction), None)
+        if bad is not None:
+            raise UserError(f"study {spec.name!r} selects {', '.join(analysis['select_best'])} "
+                            f"on a validation split, but run {bad.run_id} has val_fraction 0: "
+                            "set val_fraction (e.g. [base] val_fraction = 0.1), or select on "
+                            "the test set with [analysis] select_on = \"test\"")
     axes = _varying(spec, runs, list(sets_d))
     for r in runs:
         r.values = {k: (r.dataset if k == "dataset" else getattr(r.cfg, k)) for k in axes}

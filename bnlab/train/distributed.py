@@ -204,17 +204,21 @@ class Context:
                                  workers, seed, memory_format, self.env)
 
     def eval_bundle(self, bundle: DataBundle) -> DataBundle:
-        """The bundle with this process's contiguous 1/N of the test set."""
+        """The bundle with this process's contiguous 1/N of the test set (and of the
+        validation set)."""
         if not self.env.enabled:
             return bundle
-        n, world, rank = len(bundle.test), self.env.world_size, self.env.rank
-        lo, hi = n * rank // world, n * (rank + 1) // world
-        index = torch.arange(lo, hi)
-        if isinstance(bundle.test, Split):
-            part = bundle.test.subset(index)
-        else:
-            part = torch.utils.data.Subset(bundle.test, index.tolist())
-        return dataclasses.replace(bundle, test=part)
+        world, rank = self.env.world_size, self.env.rank
+
+        def part(split):
+            n = len(split)
+            index = torch.arange(n * rank // world, n * (rank + 1) // world)
+            if isinstance(split, Split):
+                return split.subset(index)
+            return torch.utils.data.Subset(split, index.tolist())
+
+        val = None if bundle.val is None else part(bundle.val)
+        return dataclasses.replace(bundle, test=part(bundle.test), val=val)
 
 
 def check_sync_bn(device: torch.device) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from bnlab.config import RunConfig
 from bnlab.data import DataBundle, load_data
+from bnlab.data.bundle import hold_out
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
 from bnlab.fast import step_graph
@@ -51,7 +52,10 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
         ctx.check_batch(cfg.batch_size)
         if bundle is None:
             bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
-                               cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size)
+                               cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size,
+                               cfg.val_fraction)
+        elif bundle.val is None:  # a bundle made by the caller: hold out as load_data does
+            bundle = hold_out(bundle, cfg.val_fraction)
         torch.manual_seed(cfg.seed)
         model = build_for(cfg, bundle)
         try:
@@ -85,6 +89,7 @@ class Training:
     opt: torch.optim.Optimizer
     train_loader: object
     test_loader: object
+    val_loader: object | None  # the held-out validation images, when val_fraction > 0
     device: torch.device
     ctx: Context
     prober: Prober | None
@@ -125,8 +130,12 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
     train_loader = ctx.train_loader(
         make_loader(bundle, True, cfg.batch_size, device, cfg.augment, cfg.seed, cfg.workers,
                     fmt), bundle, cfg.batch_size, cfg.seed, cfg.workers, fmt)
-    test_loader = make_loader(ctx.eval_bundle(bundle), False, cfg.eval_batch_size, device,
-                              False, cfg.seed, cfg.workers, fmt)
+    shard = ctx.eval_bundle(bundle)
+    test_loader = make_loader(shard, False, cfg.eval_batch_size, device, False, cfg.seed,
+                              cfg.workers, fmt)
+    val_loader = None if shard.val is None else make_loader(
+        shard, False, cfg.eval_batch_size, device, False, cfg.seed, cfg.workers, fmt,
+        split=shard.val)
     opt = make_sgd(model, cfg, peak_lr(cfg), device)
 
     state = ctx.from_main(rec.load_checkpoint(map_location="cpu") if ctx.is_main else None)
@@ -169,8 +178,8 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
     if graphed:  # the graph reads the learning rate from a device tensor
         for g in opt.param_groups:
             g["lr"] = lr_now
-    return Training(cfg, model, fast, step_fn, opt, train_loader, test_loader, device, ctx,
-                    prober, lr_now, peak_lr(cfg))
+    return Training(cfg, model, fast, step_fn, opt, train_loader, test_loader, val_loader,
+                    device, ctx, prober, lr_now, peak_lr(cfg))
 
 
 def train_one_epoch(t: Training, epoch: int, step: int) -> EpochResult:
@@ -232,12 +241,16 @@ def _train(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         if res.diverged_step is not None:
             rec.diverged(res.diverged_step, time.perf_counter() - t0, log)
             break
-        ev = evaluate_topk(t.fast, t.test_loader, t.device, cfg.precision, ctx,
-                           cfg.eval_batch_size if cfg.compile else None)
+        pad = cfg.eval_batch_size if cfg.compile else None
+        ev = evaluate_topk(t.fast, t.test_loader, t.device, cfg.precision, ctx, pad)
         row = {"epoch": epoch, "step": res.step, "lr": res.lr, "train_loss": res.train_loss,
                "train_acc": res.train_acc, "test_loss": ev["loss"], "test_acc": ev["acc"],
-               "test_acc5": ev["acc5"], "epoch_time": time.perf_counter() - t0,
-               "train_images_per_s": res.images / res.seconds}
+               "test_acc5": ev["acc5"]}
+        if t.val_loader is not None:
+            val = evaluate_topk(t.fast, t.val_loader, t.device, cfg.precision, ctx, pad)
+            row |= {"val_loss": val["loss"], "val_acc": val["acc"]}
+        row |= {"epoch_time": time.perf_counter() - t0,
+                "train_images_per_s": res.images / res.seconds}
         rec.add_epoch(row, chance)
         if t.prober is not None:
             t.prober.flush()
@@ -248,6 +261,6 @@ def _train(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
             f"{row['test_acc']:.4f}  {row['train_images_per_s']:.0f} img/s")
     if t.prober is not None:
         t.prober.close()
-    summary = rec.finish()
+    summary = rec.finish(chance)
     ctx.barrier()  # no process leaves before rank 0 has written the result
     return summary

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from bnlab.config import FIELDS, RunConfig
 from bnlab.data import DataBundle, Split, load_data, loader
+from bnlab.data.bundle import hold_out
 from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
 from bnlab.errors import UserError
 from bnlab.fast import step_graph
@@ -55,8 +56,8 @@ from bnlab.train.record import RunRecord, checkpoint_state, config_record
 PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
            "decay_norm_and_bias", "schedule", "warmup_epochs")
 # fields that may be anything as long as it is the same for every run of the pack
-SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment", "model",
-          "norm_options", "placement", "first_k", "batch_size", "epochs",
+SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "val_fraction",
+          "augment", "model", "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
           "compile", "cuda_graph", "cpu_kernels")
 MODELS = (*DEPTHS, "mlp3x100")
@@ -191,7 +192,9 @@ def train_packed(cfgs: list[RunConfig], out: str | Path = "runs", resume: bool =
         c = members[0].cfg
         if bundle is None:
             bundle = load_data(c.dataset, c.data_dir or None, c.download, c.limit_train,
-                               c.limit_test, c.augment)
+                               c.limit_test, c.augment, val_fraction=c.val_fraction)
+        elif bundle.val is None:  # a bundle made by the caller: hold out as load_data does
+            bundle = hold_out(bundle, c.val_fraction)
         if bundle.streamed:
             log("packed training needs in-memory data; training the runs one after another")
             for m in members:
@@ -351,6 +354,7 @@ def _train_pack(members: list[_Member], bundle: DataBundle, device: torch.device
     fmt = memory_format_for(device, c0.model)
     train = Split(bundle.train.x.to(device), bundle.train.y.to(device))
     test = Split(bundle.test.x.to(device), bundle.test.y.to(device))
+    val = None if bundle.val is None else Split(bundle.val.x.to(device), bundle.val.y.to(device))
     spe = max(1, len(train.y) // c0.batch_size)
     for m in members:
         def config(m=m) -> dict:
@@ -366,14 +370,19 @@ def _train_pack(members: list[_Member], bundle: DataBundle, device: torch.device
         if not pack.members:
             return
         test_loss, test_acc = _evaluate(pack, test, bundle, device, fmt)
+        k = len(pack.members)
+        val_loss, val_acc = (_evaluate(pack, val, bundle, device, fmt) if val is not None
+                             else ([None] * k, [None] * k))
         epoch_time = time.perf_counter() - t0
         pack.sync_members()
-        k = len(pack.members)
-        for m, res, loss, acc in zip(pack.members, results, test_loss, test_acc):
+        for i, (m, res) in enumerate(zip(pack.members, results)):
             row = {"epoch": epoch, "step": res.step, "lr": res.lr,
                    "train_loss": res.train_loss, "train_acc": res.train_acc,
-                   "test_loss": loss, "test_acc": acc, "epoch_time": epoch_time,
-                   "train_images_per_s": res.images / res.seconds, "packed": k}
+                   "test_loss": test_loss[i], "test_acc": test_acc[i]}
+            if val is not None:
+                row |= {"val_loss": val_loss[i], "val_acc": val_acc[i]}
+            row |= {"epoch_time": epoch_time, "train_images_per_s": res.images / res.seconds,
+                    "packed": k}
             m.rec.add_epoch(row, chance)
             log(f"{m.rec.run_id} epoch {epoch}/{m.cfg.epochs}  train loss "
                 f"{row['train_loss']:.4f} acc {row['train_acc']:.4f}  test loss "
@@ -381,7 +390,7 @@ def _train_pack(members: list[_Member], bundle: DataBundle, device: torch.device
                 f"{row['train_images_per_s']:.0f} img/s (packed x{k})")
             m.rec.save(_member_checkpoint(m, device))
     for m in pack.members:
-        m.status = m.rec.finish()["status"]
+        m.status = m.rec.finish(chance)["status"]
 
 
 def _member_checkpoint(m: _Member, device: torch.device) -> dict:

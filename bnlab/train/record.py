@@ -5,7 +5,7 @@ bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runn
                   refuse (it exists and resume was not asked for, or another world size)
     resume_from() take epoch, step, wall time, flags and metrics from a loaded checkpoint
     begin()       config.json and an empty metrics.jsonl for a new run; a `running` summary
-    add_epoch()   one epoch's metrics row, in memory (and the early-stall flag)
+    add_epoch()   one epoch's metrics row, in memory (and the flag of an early stall)
     save()        metrics.jsonl, checkpoint.pt and the `running` summary, each atomically
     diverged()    the step whose loss was not finite
     finish()      the final summary (status from bnlab.store.final_status)
@@ -18,7 +18,6 @@ write replaces the previous complete file.
 
 from __future__ import annotations
 
-import math
 import traceback
 from collections.abc import Callable
 
@@ -39,6 +38,7 @@ def config_record(cfg: RunConfig, bundle, model: nn.Module, device: torch.device
         "config": cfg.to_dict(), "env": environment(device),
         "data": {"name": bundle.name, "classes": bundle.classes, "n_train": len(bundle.train),
                  "n_test": len(bundle.test), "image_size": bundle.image_size,
+                 "n_val": 0 if bundle.val is None else len(bundle.val),
                  "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed},
         "model": {"parameters": count_parameters(model), "steps_per_epoch": steps_per_epoch}}
 
@@ -67,6 +67,8 @@ def summary_of(cfg: RunConfig, status: str, metrics: list[dict], wall: float,
         "epochs": cfg.epochs, "test_acc": last.get("test_acc"),
         "test_loss": last.get("test_loss"), "train_acc": last.get("train_acc"),
         "train_loss": last.get("train_loss"), "wall_time": wall, **flags,
+        **({"val_acc": last["val_acc"], "val_loss": last.get("val_loss")}
+           if "val_acc" in last else {}),
     }
 
 
@@ -142,14 +144,16 @@ class RunRecord:
 
     # -- during training -----------------------------------------------------------------------
     def add_epoch(self, row: dict, chance: float) -> None:
-        """Keep one finished epoch's row ({"epoch", "step", "epoch_time", "test_acc", ...});
-        a run at or below `chance` after its first quarter is flagged."""
+        """Keep one finished epoch's row ({"epoch", "step", "epoch_time", "test_acc", ...}).
+        While every epoch so far has been at or below `chance`, the flag
+        `at_chance_until_epoch` follows the epochs: it stays as the record of a slow start
+        once the run learns."""
         self.metrics.append(row)
         self.epoch, self.step = row["epoch"], row["step"]
         self.wall += row["epoch_time"]
-        quarter = max(1, math.ceil(self.cfg.epochs / 4))
-        if row["epoch"] == quarter and row["test_acc"] <= chance:
-            self.flags["no_learning_at_epoch"] = row["epoch"]
+        stalled = all(m["test_acc"] <= chance for m in self.metrics)
+        if stalled:
+            self.flags["at_chance_until_epoch"] = row["epoch"]
 
     def save(self, checkpoint: dict) -> None:
         """metrics.jsonl, the checkpoint and (before the last epoch) a `running` summary."""
@@ -171,9 +175,12 @@ class RunRecord:
     def summary(self, status: str) -> dict:
         return summary_of(self.cfg, status, self.metrics, self.wall, self.flags)
 
-    def finish(self) -> dict:
-        """Write and return the final summary."""
-        return self._write_summary(final_status(self.flags))
+    def finish(self, chance: float | None = None) -> dict:
+        """Write and return the final summary; `chance` decides whether the last test accuracy
+        is at chance (status no_learning; not asked of a run that diverged)."""
+        last = self.metrics[-1]["test_acc"] if self.metrics else None
+        at_chance = chance is not None and last is not None and last <= chance
+        return self._write_summary(final_status(self.flags, at_chance))
 
     def fail(self, e: BaseException) -> dict:
         """error.txt (the traceback) and a `failed` summary that keeps what the run had done;
