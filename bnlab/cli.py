@@ -302,7 +302,8 @@ def cmd_study(args) -> int:
         return 0
     from bnlab.report import write_report  # lazy
 
-    for name, path in write_report(out).items():
+    refs = getattr(args, "references", None)
+    for name, path in write_report(out, refs).items():
         print(f"{name}: {path}")
     return 0
 
@@ -429,6 +430,10 @@ def build_parser() -> Parser:
                         help="the study's output folder, or its spec (then --out or "
                         "studies-out/<name>)")
         sp.add_argument("--out", metavar="DIR", default=None, help="output folder of the study")
+        if action == "report":
+            sp.add_argument("--references", metavar="FILE", default=None,
+                            help="TOML file of published numbers to show beside the study's "
+                            "(default: the file shipped with a built-in study of that name)")
     ssub.add_parser("list", help="built-in studies with their size and estimated time")
     st.set_defaults(func=cmd_study)
 

@@ -449,3 +449,34 @@ def test_every_stored_comparison_is_reported(study_dir, tmp_path):
     files = write_report(out)
     assert {"compare-reliability.png", "compare-mnist-reliability.png"} <= set(files)
     assert "From analysis/mnist/reliability.png" in files["report.md"].read_text()
+
+
+def test_published_references_sit_beside_the_measured_arms(study_dir, tmp_path):
+    """A reference file adds a Published column to the summary with each source cited; an
+    entry that matches no arm is named in the notes; a broken file is one line naming it."""
+    from bnlab.report.compose import compose
+    from bnlab.report.references import builtin_path, load_references
+
+    ref = tmp_path / "refs.toml"
+    ref.write_text('[[reference]]\nwhere = { norm = "bn", dropout = 0.5 }\nmetric = "test_acc"\n'
+                   'value = 0.9125\nsource = "A paper"\nlocation = "Table 6"\n'
+                   'setting = "lossless data"\n\n'
+                   '[[reference]]\nwhere = { norm = "group" }\nmetric = "test_acc"\n'
+                   'value = 0.5\nsource = "Another"\nlocation = "Fig. 1"\n')
+    table = compose(load_study(study_dir), load_references(ref)).document.tables[0]
+    assert table.head[-1] == "Published (%)"
+    cells = {row[1]: row[-1] for row in table.rows}
+    assert cells["norm=bn, dropout=0.5, lr=1"] == "91.25 [1]"
+    assert cells["norm=bn, dropout=0, lr=1"] == "–"
+    assert "[1] A paper, Table 6 (lossless data)." in table.notes
+    assert any("matched no arm" in n and "Another, Fig. 1" in n for n in table.notes)
+    assert compose(load_study(study_dir)).document.tables[0].head[-1] != "Published (%)"
+    for text, words in (("[[reference]]\nwhere = {norm = 'bn'}\n", "lacks 'metric'"),
+                        ("x = 1\n", r"must hold \[\[reference\]\] tables only"),
+                        ("[[reference]]\nwhere = {norm = 'bn'}\nmetric = 'test_acc'\n"
+                         "value = 91.25\nsource = 's'\nlocation = 'l'\n", "a fraction")):
+        ref.write_text(text)
+        with pytest.raises(UserError, match=words):
+            load_references(ref)
+    for name in ("seed", "imagenet"):  # the shipped files load
+        assert load_references(builtin_path(name))

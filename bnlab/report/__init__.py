@@ -15,14 +15,18 @@ from bnlab.report.compose import compose
 from bnlab.report.html import render_html
 from bnlab.report.load import load_study
 from bnlab.report.markdown import render_markdown
+from bnlab.report.references import builtin_path, load_references
 
 REPORT_DIR = "report"
 
 
-def write_report(out_dir: str | Path) -> dict[str, Path]:
-    """Write OUT/report/{report.html, report.md, *.png}; return the written files by name."""
+def write_report(out_dir: str | Path, references: str | Path | None = None) -> dict[str, Path]:
+    """Write OUT/report/{report.html, report.md, *.png}; return the written files by name.
+    `references`: a TOML file of published numbers (references.py); by default the one shipped
+    for a built-in study of the same name, if any."""
     study = load_study(out_dir)
-    composed = compose(study)
+    path = references if references is not None else builtin_path(study.name)
+    composed = compose(study, load_references(path) if path is not None else [])
     store = study.store
     written: dict[str, Path] = {}
     # Figures first: a reader who opens report.html while it is being replaced finds its images.

@@ -26,19 +26,10 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from bnlab.report.load import STATUS_ORDER, Run, Study, fmt_value
+from bnlab.report.load import STATUS_ORDER, Run, Study, fmt_value, same
 from bnlab.report.stats import Summary, Welch, summarize, welch
 
 INCLUDED = ("completed", "no_learning")
-
-
-def same(a, b) -> bool:
-    """Equality of config values across TOML and JSON (1 == 1.0, but True != 1)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return float(a) == float(b)
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 @dataclass(frozen=True)

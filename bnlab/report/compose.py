@@ -17,6 +17,7 @@ from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
 from bnlab.report.load import Study, fmt_value
 from bnlab.report.provenance import provenance
+from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA
 
 COMPARE_CAPTIONS = {
@@ -49,10 +50,10 @@ class _Numbers:
         return self.figure
 
 
-def compose(study: Study) -> Composed:
+def compose(study: Study, references: list[Reference] = ()) -> Composed:
     arms = build_arms(study)
     num = _Numbers()
-    summary = T.summary_table(study, arms, num.next_table())
+    summary = T.summary_table(study, arms, num.next_table(), list(references))
     selection = T.selection_table(study, arms, num.table + 1)
     if selection:
         num.next_table()

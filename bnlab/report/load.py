@@ -34,6 +34,15 @@ def canon(v: Any) -> str:
     return json.dumps(v, sort_keys=True)
 
 
+def same(a, b) -> bool:
+    """Equality of config values across TOML and JSON (1 == 1.0, but True != 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def fmt_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

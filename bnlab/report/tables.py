@@ -13,6 +13,7 @@ from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.document import Table
 from bnlab.report.load import Run, Study, fmt_value, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer
+from bnlab.report.references import Reference, matches
 from bnlab.report.stats import ALPHA, Summary, summarize
 
 SELECTED_MARK = "†"
@@ -23,13 +24,16 @@ def arm_label(a: Arm) -> str:
     return a.label + (f" {SELECTED_MARK}" if a.group_size > 1 else "")
 
 
-def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
+def summary_table(study: Study, arms: list[Arm], number: int,
+                  references: list[Reference] = ()) -> Table:
     shown = [a for a in arms if a.selected]
+    cited = _published(shown, list(references))
     pending = any(a.pending for a in shown)
     head = ["Dataset", "Arm", "n", "Test acc. (%)", "95% CI (%)",
             "Δ vs baseline (points) [95% CI]", "p (Welch)", "Completed", "No learning",
             "Diverged", "Failed"]
     head += ["Pending"] if pending else []
+    head += ["Published (%)"] if cited.column else []
     rows = []
     reasons: dict[str, str] = {}
     for i, a in enumerate(shown, 1):
@@ -52,7 +56,8 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
                fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, p,
                str(a.count("completed")), str(a.count("no_learning")),
                str(a.count("diverged")), str(a.count("failed"))]
-        rows.append(row + ([str(a.pending)] if pending else []))
+        rows.append(row + ([str(a.pending)] if pending else [])
+                    + ([cited.column.get(id(a), fmt.DASH)] if cited.column else []))
     base = ", ".join(f"{k}={fmt_value(v)}" for k, v in study.baseline.items())
     notes = [
         "Test acc.: the test accuracy after the last epoch (not the best epoch), mean ± sample "
@@ -77,6 +82,7 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
                      "with the baseline arm of its dataset that shares its remaining values.")
     for reason, mark in reasons.items():
         notes.append(f"{mark} No Welch test: {reason}.")
+    notes += cited.notes
     hidden = [ax for ax in study.arm_axes
               if shown and shown[0].label_axes is not None and ax not in shown[0].label_axes]
     if hidden:
@@ -95,6 +101,36 @@ def summary_table(study: Study, arms: list[Arm], number: int) -> Table:
                          "uses the test set, which biases the selected arm's accuracy upward.")
     return Table(number, "Final test accuracy per dataset and arm", head, rows, notes,
                  numeric=[False, False] + [True] * (len(head) - 2), anchor="summary")
+
+
+@dataclass
+class _Cited:
+    column: dict[int, str]  # id(arm) -> cell
+    notes: list[str]
+
+
+def _published(shown: list[Arm], references: list[Reference]) -> _Cited:
+    """The Published column (a reference's value with its source's mark) and the notes naming
+    each source; references that match no arm are named too."""
+    column: dict[int, str] = {}
+    notes: list[str] = []
+    used: dict[str, int] = {}
+    for ref in references:
+        hits = [a for a in shown if matches(ref, a.dataset, a.value)]
+        if not hits:
+            notes.append(f"A published number matched no arm of this study: "
+                         f"{fmt.pct(ref.value)}% ({ref.citation}; for "
+                         f"{', '.join(f'{k}={fmt_value(v)}' for k, v in ref.where.items())}).")
+            continue
+        mark = used.setdefault(ref.citation, len(used) + 1)
+        for a in hits:
+            cell = f"{fmt.pct(ref.value)} [{mark}]"
+            column[id(a)] = f"{column[id(a)]}; {cell}" if id(a) in column else cell
+    head = ["Published: the final test accuracy a paper reports for the same arm (1 − its test "
+            "error), beside this study's measurement; the settings may differ (the note of "
+            "each source says how)."] if used else []
+    head += [f"[{mark}] {citation}." for citation, mark in used.items()]
+    return _Cited(column, head + notes)
 
 
 def selection_table(study: Study, arms: list[Arm], number: int) -> Table | None:
