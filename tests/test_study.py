@@ -3,6 +3,7 @@ isolation, SIGKILL equivalence and two-runner locking (all on the synthetic data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -117,7 +118,7 @@ def test_builtin_specs_parse_and_expand(name):
 
     spec = load_spec(name)
     assert spec.name == name and spec.description
-    assert {"cpu_minutes", "gpu_minutes"} <= set(spec.estimate)
+    assert not {"cpu_minutes", "gpu_minutes"} & set(spec.estimate)  # from measurements
     plan = expand(spec)
     assert len(plan.runs) >= 2
     # names not yet registered here must be ones the norm/init libraries are to provide
@@ -431,3 +432,43 @@ def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
     assert rc == 0
     lone = Store(tmp_path / "p")
     assert all("packed" not in m for r in lone.rows() for m in lone.run(r["run_id"]).metrics())
+
+
+def test_estimates_come_from_measured_throughput():
+    """Minutes = images (training + a third of each evaluation image) / measured images/s;
+    packs take the packed rate on a GPU; unknown sizes, batches and models say unmeasured."""
+    from bnlab.study import estimate as E
+
+    spec = parse_spec({"name": "e", "base": {"dataset": "cifar10", "limit_train": 5000,
+                                             "limit_test": 2000, "epochs": 4},
+                       "grid": {"norm": ["bn", "none"], "seed": [0, 1]}})
+    cfgs = [r.cfg for r in expand(spec).runs]
+    per_run = 4 * (5000 + 2000 / 3)
+    cpu = E.estimate(cfgs, "cpu")
+    assert cpu.minutes == pytest.approx(4 * per_run / 1050 / 60) and not cpu.scaled
+    gpu = E.estimate(cfgs, "gpu")  # one pack of 4: the packed rate
+    assert gpu.minutes == pytest.approx(4 * per_run / 92_000 / 60)
+    deep = [dataclasses.replace(c, model="resnet56", val_fraction=0.1) for c in cfgs]
+    est = E.estimate(deep, "cpu")
+    per_run = 4 * (4500 + (2000 + 500) / 3)
+    assert est.scaled and est.minutes == pytest.approx(4 * per_run * 54 / 18 / 1050 / 60)
+    assert E.estimate([dataclasses.replace(cfgs[0], batch_size=2)], "cpu").minutes is None
+    folder = dataclasses.replace(cfgs[0], dataset="imagenet", limit_train=0, limit_test=0)
+    assert "unknown" in E.estimate([folder], "cpu").missing
+    big = E.estimate([folder], "cpu", {"imagenet": (9469, 3925, 224)})
+    assert big.scaled and big.minutes == pytest.approx(
+        4 * (9469 + 3925 / 3) * 49 / 1050 / 60)  # 224 px: 49 times the area of 32 px
+    assert "unmeasured" in E.estimate([dataclasses.replace(cfgs[0], model="mlp3x100",
+                                                           batch_size=60)], "gpu").missing
+    listing = cli_text(["study", "list"])
+    assert "unmeasured" in listing and "Estimated from measured throughput" in listing
+
+
+def cli_text(argv) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(argv) == 0
+    return buf.getvalue()

@@ -35,7 +35,7 @@ SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimat
 CASE_KEYS = ("where", "set", "grid")
 ANALYSIS_KEYS = ("select_best", "select_on", "compare", "baseline")
 SELECT_ON = ("val", "test")  # the split select_best chooses on
-ESTIMATE_KEYS = ("cpu_minutes", "gpu_minutes")
+ESTIMATE_KEYS = ("cpu_minutes", "gpu_minutes", "sizes")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_ROOT = Path("studies-out")  # a study's folder by default: DEFAULT_ROOT / its name
 
@@ -72,7 +72,7 @@ class Spec:
     grid: dict[str, list]
     cases: list[Case]
     analysis: dict[str, Any]
-    estimate: dict[str, float]
+    estimate: dict[str, Any]  # sizes: {dataset: (train, test)}; minutes given by the spec
 
 
 def load_spec(text: str) -> Spec:
@@ -180,14 +180,33 @@ def parse_spec(data: dict, source: str = "built-in", default_name: str = "study"
                           grid=_axes(c.get("grid", {}), f"{where} grid")))
 
     analysis = _parse_analysis(_table(data.get("analysis", {}), f"{label} [analysis]"), label)
-    est = _table(data.get("estimate", {}), f"{label} [estimate]")
-    _keys(est, ESTIMATE_KEYS, f"{label} [estimate]")
-    for k, v in est.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-            raise UserError(f"{label} [estimate] {k} must be a number of minutes >= 0, "
-                            f"got {v!r}")
     return Spec(name, description, source, data, base, grid, cases, analysis,
-                {k: float(v) for k, v in est.items()})
+                _parse_estimate(_table(data.get("estimate", {}), f"{label} [estimate]"), label))
+
+
+def _parse_estimate(est: dict, label: str) -> dict[str, Any]:
+    """[estimate]: `sizes = { name = [train images, test images] }` for datasets whose size
+    bnlab cannot know (a placeholder mapped to a folder); `cpu_minutes` / `gpu_minutes` given
+    by hand replace the estimate from measured throughput (bnlab.study.estimate)."""
+    where = f"{label} [estimate]"
+    _keys(est, ESTIMATE_KEYS, where)
+    out: dict[str, Any] = {}
+    for k, v in est.items():
+        if k == "sizes":
+            sizes = _table(v, f"{where} sizes")
+            for name, pair in sizes.items():
+                if not (isinstance(pair, list) and len(pair) in (2, 3) and all(
+                        isinstance(n, int) and not isinstance(n, bool) and n > 0
+                        for n in pair)):
+                    raise UserError(f"{where} sizes.{name} must be [training images, test "
+                                    f"images] or [..., side in px] (positive integers), got "
+                                    f"{pair!r}")
+            out["sizes"] = {name: tuple(pair) for name, pair in sizes.items()}
+        elif isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise UserError(f"{where} {k} must be a number of minutes >= 0, got {v!r}")
+        else:
+            out[k] = float(v)
+    return out
 
 
 def _parse_analysis(table: dict, label: str) -> dict[str, Any]:

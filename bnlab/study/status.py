@@ -11,6 +11,7 @@ from pathlib import Path
 from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.store import Store
+from bnlab.study.estimate import DEVICES, estimate
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -77,16 +78,37 @@ def status_text(out: str | Path) -> str:
         ["run_id", *axes, "status", "epochs", "test_acc", "wall_s", "attempts"], table)
 
 
-def list_text() -> str:
-    """`bnlab study list`: every built-in study with its size and estimated time."""
-    def minutes(m: float | None) -> str:
-        if m is None:
-            return "-"
-        return f"{m:.0f} min" if m < 120 else f"{m / 60:.1f} h"
+def fmt_minutes(m: float | None) -> str:
+    if m is None:
+        return "unmeasured"
+    if m < 1:
+        return f"{m * 60:.0f} s"
+    if m >= 48 * 60:
+        return f"{m / 1440:,.0f} d"
+    return f"{m:.0f} min" if m < 120 else f"{m / 60:.1f} h"
 
+
+def study_estimate(spec, device: str) -> str:
+    """The spec's own minutes for `device` if it gives them, else the estimate from measured
+    throughput."""
+    given = spec.estimate.get(f"{device}_minutes")
+    if given is not None:
+        return fmt_minutes(given) + " (spec)"
+    est = estimate([r.cfg for r in expand(spec).runs], device, spec.estimate.get("sizes"))
+    return fmt_minutes(est.minutes) + (" (scaled)" if est.scaled else "")
+
+
+def list_text() -> str:
+    """`bnlab study list`: every built-in study with its size and estimated time on each device
+    class bnlab was measured on."""
     rows = []
     for name in builtin_names():
         sp = load_spec(name)
-        rows.append([name, str(len(expand(sp).runs)), minutes(sp.estimate.get("cpu_minutes")),
-                     minutes(sp.estimate.get("gpu_minutes")), sp.description])
-    return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows)
+        rows.append([name, str(len(expand(sp).runs)), study_estimate(sp, "cpu"),
+                     study_estimate(sp, "gpu"), sp.description])
+    notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
+             f"{DEVICES['cpu']}, GPU = {DEVICES['gpu']} with GPU runs packed as the runner packs "
+             "them; (scaled): from the measurement of a smaller model of the family by its "
+             "layers; unmeasured: no measurement of that model on that device."]
+    return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
+        "\n\n" + "\n".join(notes)

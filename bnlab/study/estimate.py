@@ -1,0 +1,154 @@
+"""How long a study takes, from measured throughput: per run, images to process over measured
+images per second, on each device class bnlab has been measured on.
+
+A run processes, per epoch, its training images and its evaluation images (test and
+validation), an evaluation image counted as EVAL_COST of a training image (a forward pass
+without backward). Its seconds are those images over the throughput measured for its model
+family on the device class; on a GPU the runs a study would pack (bnlab.train.packed) take the
+packed rate, counted in model-images per second. A model family without a measurement on a
+device class gets no estimate there ("unmeasured"), never a guess. CIFAR ResNets other than
+ResNet-20 are scaled from ResNet-20's measurement by their number of weight layers, ResNet-50
+from ResNet-18's by their multiply-adds, and images of another side than the measured one by
+their area; such estimates are marked as scaled. The estimate is of training and evaluation:
+decoding a dataset the first time, building the CPU kernels, start-up and the analysis after
+the runs are extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bnlab.config import RunConfig
+from bnlab.models.cifar_resnet import DEPTHS
+from bnlab.train.packed import pack_groups
+
+EVAL_COST = 1 / 3  # a forward pass of an evaluation image, in training images
+DEVICES = {"cpu": "a 2-core x86 CPU (AVX-512)", "gpu": "one NVIDIA H200"}
+
+# the standard datasets: (training images, test images, side in px)
+SIZES = {"cifar10": (50_000, 10_000, 32), "cifar100": (50_000, 10_000, 32),
+         "mnist": (60_000, 10_000, 28), "fashion-mnist": (60_000, 10_000, 28),
+         "synthetic": (1024, 512, 32)}
+LARGE_SIDE = 224  # streamed images are cropped to image_size, default 224 px
+MEASURED_SIDE = {"cifar-resnet": 32, "mlp": 28, "imagenet-resnet": 224}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Measured images per second of one run (or model-images per second of a pack)."""
+
+    images_per_s: float
+    batch: int  # the batch it was measured at: per-step costs make other batches another rate
+    source: str
+
+
+# (model family, device class) -> lone-run rate; each number is a measurement, its source named
+LONE = {
+    ("cifar-resnet", "cpu"): Rate(
+        1050, 128, "ResNet-20, batch 128, fp32 with the fused CPU kernels: 4 runs of 5,000 "
+        "images x 4 epochs (+ 2,000 test images an epoch) in 20-23 s each (README main job)"),
+    ("cifar-resnet", "gpu"): Rate(
+        55_800, 128, "ResNet-20, batch 128, bf16, one CUDA graph per step (docs/speed.md, "
+        "bnlab bench, training steps)"),
+    ("mlp", "cpu"): Rate(
+        28_600, 60, "mlp3x100 on MNIST, batch 60, probes every 500 steps: 2 runs of 50 epochs "
+        "in 3.5 minutes (bn-paper-mnist)"),
+    ("imagenet-resnet", "cpu"): Rate(
+        5.5, 32, "ResNet-18 at 224 px, batch 32, on a loaded 2-core CPU (1,000 Imagenette "
+        "images)"),
+}
+# probed runs on a GPU run without the whole-step graph (a probe step is not capturable)
+NO_GRAPH = {
+    ("cifar-resnet", "gpu"): Rate(
+        10_910, 128, "ResNet-20, batch 128, bf16, eager without the CUDA graph (docs/speed.md); "
+        "the probe steps themselves are not counted"),
+}
+PACKED = {
+    ("cifar-resnet", "gpu"): Rate(
+        92_000, 128, "6 ResNet-20 runs in one pack, bf16, 30 epochs of CIFAR-10, training and "
+        "per-epoch evaluation: 104 s (docs/speed.md)"),
+}
+
+
+def family(model: str) -> tuple[str, float]:
+    """(model family, cost relative to the family's measured model)."""
+    if model in DEPTHS:
+        return "cifar-resnet", (DEPTHS[model] - 2) / (DEPTHS["resnet20"] - 2)
+    if model.startswith("mlp"):
+        return "mlp", 1.0
+    if model == "resnet18":
+        return "imagenet-resnet", 1.0
+    if model == "resnet50":
+        return "imagenet-resnet", 4.1 / 1.8  # GFLOPs per 224 px image, ResNet-50 / ResNet-18
+    return model, 1.0
+
+
+def dataset_size(cfg: RunConfig, sizes: dict[str, tuple]) -> tuple[int, int, int] | None:
+    """(training images, test images, side in px the model sees) of a run's dataset."""
+    known = sizes.get(cfg.dataset) or SIZES.get(cfg.dataset)
+    if known is None:
+        return None
+    n_train, n_test = known[:2]
+    side = known[2] if len(known) > 2 else LARGE_SIDE
+    if side > 64:  # streamed: cropped to image_size
+        side = cfg.image_size or LARGE_SIDE
+    return n_train, n_test, side
+
+
+def images(cfg: RunConfig, sizes: dict[str, tuple]) -> float | None:
+    """Training-image equivalents of a whole run, or None for a dataset of unknown size."""
+    known = dataset_size(cfg, sizes)
+    if known is None:
+        return None
+    n_train, n_test, _ = known
+    if cfg.limit_train:
+        n_train = min(n_train, cfg.limit_train)
+    if cfg.limit_test:
+        n_test = min(n_test, cfg.limit_test)
+    n_val = round(n_train * cfg.val_fraction)
+    return cfg.epochs * (n_train - n_val + EVAL_COST * (n_test + n_val))
+
+
+@dataclass
+class Estimate:
+    minutes: float | None  # None: some run has no measurement or no dataset size
+    missing: str = ""  # why, when minutes is None
+    sources: tuple[str, ...] = ()
+    scaled: bool = False  # some rate was scaled from another model's measurement
+
+
+def estimate(cfgs: Iterable[RunConfig], device: str,
+             sizes: dict[str, tuple[int, int]] | None = None) -> Estimate:
+    """Minutes to train `cfgs` one after another on `device` ('cpu' or 'gpu'); on a GPU the
+    packable runs as the study runner packs them."""
+    cfgs = list(cfgs)
+    sizes = sizes or {}
+    groups = pack_groups(cfgs, max_k=16) if device == "gpu" else [[c] for c in cfgs]
+    seconds, sources, scaled = 0.0, [], False
+    for group in groups:
+        fam, cost = family(group[0].model)
+        table = LONE
+        if len(group) > 1 and (fam, device) in PACKED:
+            table = PACKED
+        elif group[0].probe_every and (fam, device) in NO_GRAPH:
+            table = NO_GRAPH
+        rate = table.get((fam, device))  # a pack without a packed rate: its runs one by one
+        if rate is None:
+            return Estimate(None, f"{group[0].model} unmeasured on {DEVICES[device]}")
+        off = [c.batch_size for c in group if not rate.batch / 2 <= c.batch_size <= rate.batch * 2]
+        if off:
+            return Estimate(None, f"{group[0].model} at batch {off[0]} unmeasured on "
+                                  f"{DEVICES[device]} (measured at {rate.batch})")
+        total = 0.0
+        for c in group:
+            n, known = images(c, sizes), dataset_size(c, sizes)
+            if n is None or known is None:
+                return Estimate(None, f"size of dataset {c.dataset!r} unknown")
+            area = (known[2] / MEASURED_SIDE.get(fam, known[2])) ** 2
+            total += n * area
+            scaled = scaled or area != 1.0
+        seconds += total * cost / rate.images_per_s
+        sources.append(rate.source)
+        scaled = scaled or cost != 1.0
+    return Estimate(seconds / 60, sources=tuple(dict.fromkeys(sources)), scaled=scaled)
