@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 LR_SCALINGS = ("none", "linear")
+PROBE_STEP_SIZES = "0.005,0.05,0.5"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class RunConfig:
     sync_bn: bool = _f(False, "data-parallel on GPUs: BatchNorm statistics over the global "
                        "batch (SyncBatchNorm) instead of each device's share")
     probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
+    probe_step_sizes: str = _f(PROBE_STEP_SIZES, "absolute step sizes along -gradient of the "
+                               "smoothness probes, comma-separated; keep them the same for "
+                               "every arm of a study", "per step")
     tensorboard: bool = _f(False, "also write probes as TensorBoard scalars and histograms "
                            "(needs probe_every > 0 and the tensorboard package)")
     compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
@@ -105,6 +110,10 @@ class RunConfig:
         """Stable id: readable prefix + hash of every field that changes the result."""
         ignored = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
                    "compile", "cuda_graph", "cpu_kernels"}
+        if self.probe_every == 0 or self.probe_step_sizes == PROBE_STEP_SIZES:
+            # changes nothing without probes; at its default, runs stored before the option
+            # existed keep their ids
+            ignored.add("probe_step_sizes")
         canon = {k: v for k, v in self.to_dict().items() if k not in ignored}
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
@@ -132,6 +141,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise UserError(f"{name} must be a table like {{momentum = 0.1}}, got {value!r}")
         return dict(value)
     kind = type(default)
+    if name == "probe_step_sizes" and isinstance(value, list | tuple):  # a TOML array
+        value = ",".join(str(v) for v in value)
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -180,9 +191,22 @@ def validate(cfg: RunConfig) -> RunConfig:
                             f"accepted: {', '.join(choices)}")
     if cfg.tensorboard and not cfg.probe_every:
         raise UserError("tensorboard needs probes: set probe_every > 0 (e.g. --probe-every 50)")
+    step_sizes(cfg.probe_step_sizes)
     if cfg.first_k < 0:
         raise UserError(f"first_k must be >= 0, got {cfg.first_k}")
     return cfg
+
+
+def step_sizes(text: str) -> tuple[float, ...]:
+    """The step sizes of probe_step_sizes ("0.005,0.05,0.5"): finite numbers > 0, at least one."""
+    try:
+        out = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        out = ()
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise UserError(f"probe_step_sizes must be comma-separated numbers > 0 like "
+                        f"{PROBE_STEP_SIZES!r}, got {text!r}")
+    return out
 
 
 def from_mapping(values: dict[str, Any], base: RunConfig | None = None,
