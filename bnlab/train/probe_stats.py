@@ -65,17 +65,18 @@ def activation_stats(t: torch.Tensor, gen: torch.Generator | None = None) -> dic
     return out
 
 
-def channels(t: torch.Tensor) -> torch.Tensor:
-    """(C, N*H*W) view of an (N, C, ...) activation: one row per unit."""
-    return t.detach().float().transpose(0, 1).reshape(t.shape[1], -1)
+def unit_values(t: torch.Tensor, units: list[int]) -> torch.Tensor:
+    """(len(units), N*H*W): the values of each unit of an (N, C, ...) activation, one row each."""
+    picked = t.detach()[:, units].float()
+    return picked.transpose(0, 1).reshape(len(units), -1)
 
 
 def unit_stats(t: torch.Tensor, units: list[int],
                gen: torch.Generator) -> dict[int, dict[str, float]]:
     """unit -> {"unit_p15", "unit_p50", "unit_p85"} of each unit's values (t is (N, C, ...))."""
-    rows = channels(t)
-    return {u: {f"unit_{n}": q for n, q in zip(PERCENTILE_NAMES, quantiles(rows[u], gen))}
-            for u in units}
+    rows = unit_values(t, units)
+    return {u: {f"unit_{n}": q for n, q in zip(PERCENTILE_NAMES, quantiles(row, gen))}
+            for u, row in zip(units, rows)}
 
 
 def choose_units(seed: int, layer: str, n_units: int, k: int = UNITS_PER_LAYER) -> list[int]:
