@@ -279,7 +279,7 @@ def test_probes_are_refused_on_more_than_one_process(tmp_path, monkeypatch, caps
             "--out", str(tmp_path)]
     assert main(argv + ["--nproc", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "probe_every needs a single process" in err
+    assert err.count("\n") == 1 and "probe_every 5 needs a single process, got 2" in err
     cfg = from_mapping(dict(dataset="synthetic", limit_train=32, limit_test=16, batch_size=8,
                             epochs=1, probe_every=5, device="cpu"))
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for rank 0 of 2

@@ -228,8 +228,8 @@ def check_probes(probe_every: int, world_size: int) -> None:
     on rank 0 alone (a SyncBatchNorm there waits for the other ranks forever), and its
     gradients would be one shard's while the update uses the all-reduced ones."""
     if probe_every and world_size > 1:
-        raise UserError(f"probe_every needs a single process (got {world_size} processes); "
-                        "set probe_every 0 or train without --nproc/torchrun")
+        raise UserError(f"probe_every {probe_every} needs a single process, got {world_size} "
+                        "processes; set probe_every 0 or train without --nproc/torchrun")
 
 
 def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
