@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 LR_SCALINGS = ("none", "linear")
+PROBE_STEP_SIZES = "0.005,0.05,0.5"
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class RunConfig:
     sync_bn: bool = _f(False, "data-parallel on GPUs: BatchNorm statistics over the global "
                        "batch (SyncBatchNorm) instead of each device's share")
     probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
+    probe_step_sizes: str = _f(PROBE_STEP_SIZES, "absolute step sizes along -gradient of the "
+                               "smoothness probes, comma-separated; keep them the same for "
+                               "every arm of a study", "per step")
     tensorboard: bool = _f(False, "also write probes as TensorBoard scalars and histograms "
                            "(needs probe_every > 0 and the tensorboard package)")
     compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
@@ -111,6 +116,8 @@ class RunConfig:
         runs had before the field existed: their ids stay valid)."""
         canon = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_ID
                  and not (k in OPTIONAL_IN_ID and v == FIELDS[k].default)}
+        if self.probe_every == 0:  # the step sizes of probes change nothing without probes
+            canon.pop("probe_step_sizes", None)
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
         return f"{self.model}-{self.norm}-{ds}-s{self.seed}-{digest}"
@@ -131,7 +138,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
              "compile", "cuda_graph", "cpu_kernels"}
 # options added later whose default is the earlier behaviour: in the id only when set
-OPTIONAL_IN_ID = {"val_fraction"}
+OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -142,6 +149,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise UserError(f"{name} must be a table like {{momentum = 0.1}}, got {value!r}")
         return dict(value)
     kind = type(default)
+    if name == "probe_step_sizes" and isinstance(value, list | tuple):  # a TOML array
+        value = ",".join(str(v) for v in value)
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -192,9 +201,22 @@ def validate(cfg: RunConfig) -> RunConfig:
                             f"accepted: {', '.join(choices)}")
     if cfg.tensorboard and not cfg.probe_every:
         raise UserError("tensorboard needs probes: set probe_every > 0 (e.g. --probe-every 50)")
+    step_sizes(cfg.probe_step_sizes)
     if cfg.first_k < 0:
         raise UserError(f"first_k must be >= 0, got {cfg.first_k}")
     return cfg
+
+
+def step_sizes(text: str) -> tuple[float, ...]:
+    """The step sizes of probe_step_sizes ("0.005,0.05,0.5"): finite numbers > 0, at least one."""
+    try:
+        out = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        out = ()
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise UserError(f"probe_step_sizes must be comma-separated numbers > 0 like "
+                        f"{PROBE_STEP_SIZES!r}, got {text!r}")
+    return out
 
 
 def from_mapping(values: dict[str, Any], base: RunConfig | None = None,

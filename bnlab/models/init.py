@@ -7,6 +7,8 @@ Norm layers keep their own initialization (scale 1, shift 0) unless the scheme s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torchvision
 from torch import nn
@@ -23,6 +25,8 @@ INITS = {
               "biases 0",
     "orthogonal": "Saxe et al. 2014: each weight reshaped to (out, in*k*k) is gain * a random "
                   "(semi-)orthogonal matrix, biases 0",
+    "normal": "conv/linear weights ~ N(0, std^2) (option std), biases 0: the \"small random "
+              "Gaussian values\" of Ioffe & Szegedy 2015, Sec. 4.1",
     "fixup": "Zhang et al. 2019: kaiming, then the convs of each residual branch but the last "
              "times L^(-1/(2m-2)) (L blocks, m convs per branch: 2, or 3 in ResNet-50's "
              "bottlenecks), the branch's last conv and the classifier 0, scalar biases 0 and a "
@@ -33,7 +37,7 @@ INITS = {
                 "every residual branch",
 }
 OPTIONS = {"kaiming": {"mode": "fan_in"}, "xavier": {"gain": 1.0},
-           "orthogonal": {"gain": 1.0}, "fixup": {"mode": "fan_in"},
+           "orthogonal": {"gain": 1.0}, "normal": {"std": 0.01}, "fixup": {"mode": "fan_in"},
            "zero_residual": {"mode": "fan_in"}, "skipinit": {"mode": "fan_in"}}
 BRANCH_LAYERS = 2  # m: weight layers per residual branch of the CIFAR BasicBlock
 
@@ -100,6 +104,12 @@ def init_weights(model: nn.Module, name: str = "kaiming", **options) -> nn.Modul
         return model
     if name == "orthogonal":
         _init_layers(model, lambda w: nn.init.orthogonal_(w, gain=float(o["gain"])))
+        return model
+    if name == "normal":
+        std = o["std"]
+        if isinstance(std, bool) or not isinstance(std, int | float) or not 0 < std < math.inf:
+            raise UserError(f"init option std must be a number > 0, got {std!r}")
+        _init_layers(model, lambda w: nn.init.normal_(w, 0.0, float(std)))
         return model
     if o["mode"] not in ("fan_in", "fan_out"):
         raise UserError(f"init option mode must be fan_in or fan_out, got {o['mode']!r}")

@@ -110,6 +110,7 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
             doc.add(probe)
         for ds in study.datasets:
             here = [a for a in arms if a.dataset == ds]
+            add_figures(F.unit_percentiles(ds, probe_rows))
             add_figures(F.percentiles(ds, probe_rows))
             add_figures(F.grad_norms(ds, here))
             add_figures(F.ics(ds, here))

@@ -21,7 +21,15 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.load import Run, number
-from bnlab.report.probedata import PERCENTILES, layers_with, model_metrics, series
+from bnlab.report.probedata import (
+    PERCENTILES,
+    UNIT_PERCENTILES,
+    comparable_model_metrics,
+    layers_with,
+    model_metrics,
+    series,
+    units_of,
+)
 from bnlab.report.tables import ProbeRow, arm_label
 
 STYLE = {
@@ -217,32 +225,91 @@ def _first_seed_run(a: Arm) -> Run | None:
     return min(runs, key=lambda r: str(r.seed).zfill(12)) if runs else None
 
 
+SHADES = {"p15": "0.55", "p50": "0.1", "p85": "0.55"}
+LINESTYLES = {"p15": "--", "p50": "-", "p85": ":"}
+
+
+def _plot_percentiles(ax, run: Run, layer: str, metrics: tuple[str, ...],
+                      unit: int | None = None) -> None:
+    for m in metrics:
+        name = m.split("_", 1)[1]
+        xs, ys = series(run.probes, layer, m, unit)
+        ax.plot(xs, ys, color=SHADES[name], linestyle=LINESTYLES[name], label=name)
+
+
+def unit_percentile_figure(dataset: str, rows: list[ProbeRow]) -> tuple[Figure, str] | None:
+    """The per-unit figure and its caption (None without unit rows): one row of panels per
+    unit, one column per arm (its lowest-seed run with probes), y shared along a row; each
+    panel holds p15, p50, p85 in that order."""
+    shown = []
+    for p in (p for p in rows if p.arm.dataset == dataset):
+        run = _first_seed_run(p.arm)
+        if run is not None and units_of(run.probes, p.layer):
+            shown.append((p, run, units_of(run.probes, p.layer)))
+    if not shown:
+        return None
+    n_rows = max(len(units) for _, _, units in shown)
+    fig = Figure(figsize=(WIDTH, 1.9 * n_rows + 0.5), layout="constrained")
+    grid = fig.subplots(n_rows, len(shown), sharex=True, sharey="row", squeeze=False)
+    for col, (p, run, units) in enumerate(shown):
+        for row in range(n_rows):
+            ax = grid[row][col]
+            if row >= len(units):
+                ax.set_visible(False)
+                continue
+            _plot_percentiles(ax, run, p.layer, UNIT_PERCENTILES, units[row])
+            ax.set_title(f"{arm_label(p.arm)}: unit {units[row]}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("input")
+            if row == len(units) - 1:
+                ax.set_xlabel("training step")
+    _legend_below(fig, grid[0][0])
+    layers = sorted({p.layer for p, _, _ in shown})
+    seeds = "; ".join(f"{p.arm.label}: seed {run.seed}, units {', '.join(map(str, units))}"
+                      for p, run, units in shown)
+    return fig, (
+        f"{dataset}: 15th, 50th and 85th percentiles of the input of single units of layer "
+        f"{', '.join(layers)} over training (a unit: one feature of a fully connected layer, "
+        "one channel of a convolution), as in Ioffe & Szegedy 2015, Fig. 1(b, c); one run per "
+        f"arm ({seeds}). Units are chosen from the run's seed, so runs of one seed follow the "
+        "same unit indices. The next figure pools all units of the layer.")
+
+
+@styled
+def unit_percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
+    """Ioffe & Szegedy 2015 Fig. 1(b, c): p15/p50/p85 of single units' inputs over steps."""
+    made = unit_percentile_figure(dataset, rows)
+    if made is None:
+        return []
+    fig, caption = made
+    return [FigureData(f"unit-percentiles-{slug(dataset)}.png", _render(fig), caption,
+                       f"Per-unit input percentiles on {dataset}")]
+
+
 @styled
 def percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
-    """Ioffe & Szegedy 2015 Fig. 1(b, c): p15/p50/p85 of one layer's input over steps."""
+    """p15/p50/p85 of one layer's input pooled over all its units, over steps."""
     rows = [p for p in rows if p.arm.dataset == dataset]
     if not rows:
         return []
     fig, axes = _panels(len(rows))
-    shades = {"act_p15": "0.55", "act_p50": "0.1", "act_p85": "0.55"}
-    styles = {"act_p15": "--", "act_p50": "-", "act_p85": ":"}
     seeds = []
     for ax, p in zip(axes, rows):
         run = _first_seed_run(p.arm)
         seeds.append(f"{p.arm.label}: seed {run.seed}")
-        for m in PERCENTILES:
-            xs, ys = series(run.probes, p.layer, m)
-            ax.plot(xs, ys, color=shades[m], linestyle=styles[m], label=m.removeprefix("act_"))
+        _plot_percentiles(ax, run, p.layer, PERCENTILES)
         ax.set(title=arm_label(p.arm), xlabel="training step")
     for ax in axes[::PANELS_PER_ROW]:
         ax.set_ylabel(f"input of {rows[0].layer}")
     _legend_below(fig, axes[0])
     return [FigureData(
         f"percentiles-{slug(dataset)}.png", _render(fig),
-        f"{dataset}: 15th, 50th and 85th percentiles of the input of layer {rows[0].layer} over "
-        "training, one run per arm (" + "; ".join(seeds) + "), as in Ioffe & Szegedy 2015, "
-        "Fig. 1(b, c). Table of first/last values and drift: see the probe table.",
-        f"Activation percentiles on {dataset}")]
+        f"{dataset}: 15th, 50th and 85th percentiles of the input of layer {rows[0].layer}, "
+        "pooled over all its units (all elements of the activation), over training, one run "
+        "per arm (" + "; ".join(seeds) + "). Pooling mixes the units' own shifts; the "
+        "per-unit view is the previous figure. Table of first/last values and drift: see the "
+        "probe table.",
+        f"Pooled activation percentiles on {dataset}")]
 
 
 @styled
@@ -306,20 +373,44 @@ def ics(dataset: str, arms: list[Arm]) -> list[FigureData]:
     return [FigureData(
         f"ics-{slug(dataset)}.png", _render(fig),
         f"{dataset}: internal covariate shift in the sense of Santurkar et al. 2018: G is a "
-        "layer's gradient before and G′ after the earlier layers take their update step; "
+        "layer's gradient before and G′ after the parameters used before it in the forward "
+        "pass take their update step; "
         "averaged over the measured layers. Lines: mean over seeds; bands: minimum to "
         "maximum.", f"Internal covariate shift on {dataset}")]
 
 
+def _step_sizes(arms: list[Arm]) -> set:
+    """The probe_step_sizes of the arms' probed runs (None for runs that did not store it)."""
+    return {r.value("probe_step_sizes") for a in arms for r in a.runs if r.probes}
+
+
 @styled
 def model_probe_metrics(dataset: str, arms: list[Arm]) -> list[FigureData]:
-    """Whole-model probe metrics (layer ""), e.g. ICS and smoothness measures."""
+    """Whole-model probe metrics (layer ""), e.g. gradient norms and smoothness measures; arms
+    are compared only on metrics on the same scale in every arm: never on the smoothness
+    measured at lr-relative step sizes, and on the absolute ones only when every probed run
+    used the same step sizes."""
     shown = [a for a in arms if a.selected and a.dataset == dataset
              and any(r.probes for r in a.runs)]
-    metrics = list(dict.fromkeys(m for a in shown for r in a.runs
-                                 for m in model_metrics(r.probes)))
+    steps = _step_sizes(shown)
+    same_steps = len(steps) == 1 and None not in steps
+    metrics = [m for m in dict.fromkeys(m for a in shown for r in a.runs
+                                        for m in comparable_model_metrics(r.probes))
+               if same_steps or not m.endswith("_abs")]
     if not metrics:
         return []
+    left_out = sorted({m for a in shown for r in a.runs for m in model_metrics(r.probes)}
+                      - set(metrics))
+    note = ""
+    if any(m.endswith("_abs") for m in metrics):
+        sizes = str(next(iter(steps))).replace(",", ", ")
+        note += f" *_abs: along −g at the step sizes {sizes} shared by every arm."
+    if left_out:
+        why = ("step sizes relative to each run's own learning rate, or absolute step sizes "
+               "that differ between the arms" if not same_steps else
+               "step sizes relative to each run's own learning rate")
+        note += (f" Not compared between arms ({why}): {', '.join(left_out)} "
+                 "(in probes.jsonl).")
     cols = min(3, len(metrics))
     out = []
     for start in range(0, len(metrics), cols):
@@ -337,6 +428,6 @@ def model_probe_metrics(dataset: str, arms: list[Arm]) -> list[FigureData]:
         out.append(FigureData(
             f"probes-{slug(dataset)}-{start // cols + 1}.png", _render(fig),
             f"{dataset}: whole-model probe metrics ({names}) over training. Lines: mean over "
-            "the seeds that recorded probes; bands: minimum to maximum.",
+            "the seeds that recorded probes; bands: minimum to maximum." + note,
             f"Probe metrics {names} on {dataset}"))
     return out

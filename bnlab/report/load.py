@@ -24,7 +24,7 @@ from bnlab.store import Store
 # axes that never make an arm: repetitions (seed), the dataset (arms are per dataset), and
 # options that do not change what a run computes (where and how fast it runs, and the probes,
 # which leave the trajectory unchanged)
-NOT_ARM_AXES = ("seed", "dataset", "probe_every", *sorted(NOT_IN_ID))
+NOT_ARM_AXES = ("seed", "dataset", "probe_every", "probe_step_sizes", *sorted(NOT_IN_ID))
 DEFAULT_BASELINE = {"norm": "bn"}
 STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "missing")
 

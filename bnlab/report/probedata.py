@@ -1,9 +1,17 @@
-"""Series out of probes.jsonl rows (long format: step, epoch, layer, metric, value).
+"""Series out of probes.jsonl rows (long format: step, epoch, layer, metric, value, and unit on
+the per-unit rows; bnlab.train.probes defines every metric).
 
 The percentile view follows Ioffe & Szegedy 2015, Fig. 1(b, c): the 15th, 50th and 85th
-percentiles of one layer's input over training steps. The layer shown is the deepest leaf layer
-with act_p50 rows (for mlp3x100 the input of the last sigmoid, "hidden.2.sigmoid", as in the
-paper; block outputs, which contain other probed layers, are passed over).
+percentiles of the input of one sigmoid unit over training steps (unit_p15/p50/p85 of a few
+units per layer), with the percentiles pooled over all units of the layer (act_p15/p50/p85) as
+a second view. The layer shown is the deepest leaf layer with act_p50 rows (for mlp3x100 the
+input of the last sigmoid, "hidden.2.sigmoid", as in the paper; block outputs, which contain
+other probed layers, are passed over).
+
+Smoothness along -g is recorded at step sizes relative to each run's learning rate (suffix _lr;
+before the suffixes existed, without one) and at absolute step sizes shared by every arm
+(suffix _abs). Only the absolute ones are on the same scale in every arm, so only they are
+compared between arms.
 """
 
 from __future__ import annotations
@@ -13,12 +21,17 @@ from dataclasses import dataclass
 from bnlab.report.load import Run, number
 
 PERCENTILES = ("act_p15", "act_p50", "act_p85")
+UNIT_PERCENTILES = ("unit_p15", "unit_p50", "unit_p85")
+SMOOTHNESS = ("loss_variation", "grad_predictiveness", "beta_smoothness")
 
 
-def series(rows: list[dict], layer: str, metric: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one layer's metric, sorted by step; non-finite values dropped."""
+def series(rows: list[dict], layer: str, metric: str,
+           unit: int | None = None) -> tuple[list[int], list[float]]:
+    """(steps, values) of one layer's metric (of one unit when `unit` is given), sorted by
+    step; non-finite values dropped."""
     pts = sorted((int(r["step"]), number(r.get("value"))) for r in rows
-                 if r.get("layer") == layer and r.get("metric") == metric)
+                 if r.get("layer") == layer and r.get("metric") == metric
+                 and r.get("unit") == unit)
     pts = [(s, v) for s, v in pts if v is not None]
     return [s for s, _ in pts], [v for _, v in pts]
 
@@ -36,10 +49,26 @@ def percentile_layer(rows: list[dict]) -> str | None:
     return (leaves or layers)[-1] if layers else None
 
 
+def units_of(rows: list[dict], layer: str) -> list[int]:
+    """The units with unit_p50 rows in `layer`, sorted."""
+    return sorted({int(r["unit"]) for r in rows if r.get("layer") == layer
+                   and r.get("metric") == "unit_p50" and isinstance(r.get("unit"), int)})
+
+
+def lr_relative(metric: str) -> bool:
+    """A smoothness metric measured at step sizes relative to the run's own learning rate."""
+    return metric in SMOOTHNESS or any(metric == f"{m}_lr" for m in SMOOTHNESS)
+
+
 def model_metrics(rows: list[dict]) -> list[str]:
     """Whole-model metrics (layer "") present in the rows, in order of first appearance."""
     return list(dict.fromkeys(r["metric"] for r in rows if r.get("layer", "") == ""
                               and r.get("metric")))
+
+
+def comparable_model_metrics(rows: list[dict]) -> list[str]:
+    """The whole-model metrics on the same scale in every arm (all but the lr-relative ones)."""
+    return [m for m in model_metrics(rows) if not lr_relative(m)]
 
 
 @dataclass

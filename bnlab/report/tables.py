@@ -267,9 +267,10 @@ def probe_table(rows_in: list[ProbeRow], number: int) -> Table | None:
         rows.append([p.arm.dataset, arm_label(p.arm), p.layer, str(len(p.drifts)), steps,
                      *cells, fmt.mean_std(p.abs_change, 1.0, 3),
                      fmt.mean_std(p.p50_range, 1.0, 3)])
-    notes = ["Percentiles of the layer's input activations as recorded by the probes "
-             "(Ioffe & Szegedy 2015, Fig. 1(b, c)); first/last: values at the first and last "
-             "recorded step, averaged over the n seeds that recorded probes.",
+    notes = ["Percentiles of the layer's input activations pooled over all its units, as "
+             "recorded by the probes (Ioffe & Szegedy 2015, Fig. 1(b, c) follows single units: "
+             "see the per-unit figure); first/last: values at the first and last recorded "
+             "step, averaged over the n seeds that recorded probes.",
              "|Δ p50|: absolute change of the median from the first to the last recorded step; "
              "p50 range: max − min of the median over all recorded steps; both mean ± std over "
              "seeds. Larger values mean the input distribution of the layer moved more."]

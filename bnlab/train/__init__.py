@@ -7,6 +7,7 @@ evaluate.py     evaluation in eval mode, and the accuracy of guessing
 packed.py       K runs trained at once as one grouped network (`train_packed`)
 distributed.py  data-parallel training under torchrun
 probes.py       what happens inside the network, sampled during training
+probe_stats.py  the probes' activation statistics: pooled and per-unit percentiles
 """
 
 from bnlab.train.loop import train_run

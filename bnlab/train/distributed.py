@@ -227,6 +227,15 @@ def check_sync_bn(device: torch.device) -> None:
                         f"but this run is on {device.type!r}; drop --sync-bn on the CPU")
 
 
+def check_probes(probe_every: int, world_size: int) -> None:
+    """Probes are refused on more than one process: the prober's extra forward passes would run
+    on rank 0 alone (a SyncBatchNorm there waits for the other ranks forever), and its
+    gradients would be one shard's while the update uses the all-reduced ones."""
+    if probe_every and world_size > 1:
+        raise UserError(f"probe_every {probe_every} needs a single process, got {world_size} "
+                        "processes; set probe_every 0 or train without --nproc/torchrun")
+
+
 def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
     """BatchNorm layers -> SyncBatchNorm (statistics over the global batch); GPU only."""
     check_sync_bn(device)
@@ -322,5 +331,7 @@ def launch(nproc: int, argv: list[str], cfg=None) -> int:
         raise UserError("--nproc starts torchrun itself; inside torchrun leave it out")
     if cfg is not None and cfg.sync_bn and (cfg.device == "cpu" or not torch.cuda.is_available()):
         check_sync_bn(torch.device("cpu"))
+    if cfg is not None:
+        check_probes(cfg.probe_every, nproc)
     return subprocess.run(launch_command(nproc, argv)).returncode
 

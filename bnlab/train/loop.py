@@ -28,7 +28,14 @@ from bnlab.fast.cpu_kernels import use_cpu_kernels
 from bnlab.models import build_for
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
-from bnlab.train.distributed import Context, check_sync_bn, convert_sync_bn, session
+from bnlab.train.distributed import (
+    Context,
+    check_probes,
+    check_sync_bn,
+    convert_sync_bn,
+    detect,
+    session,
+)
 from bnlab.train.evaluate import chance_threshold, evaluate_topk
 from bnlab.train.optim import lr_factor, make_sgd, peak_lr
 from bnlab.train.probes import Prober, make_prober
@@ -43,6 +50,7 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
     last checkpoint (or returns its summary at once when it already finished).
     Under torchrun (WORLD_SIZE > 1) every process calls this; see bnlab.train.distributed.
     """
+    check_probes(cfg.probe_every, detect().world_size)  # before joining the process group
     with session(resolve_device(cfg.device)) as ctx:
         rec, done = _open(cfg, out, resume, ctx)
         if done is not None:
@@ -153,10 +161,9 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         log(ctx.banner(cfg.batch_size, cfg.sync_bn))
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # probes (bnlab/train/probes.py): None when off; they never change the trajectory;
-    # under data-parallel training rank 0 probes its own shard
-    prober = (make_prober(cfg, model, opt, criterion, rec.run, rec.epoch)
-              if cfg.probe_every and ctx.is_main else None)
+    # probes (bnlab/train/probes.py): None when off; they never change the trajectory
+    prober = make_prober(cfg, model, opt, criterion, rec.run, rec.epoch) \
+        if cfg.probe_every else None
     graphed = (cfg.cuda_graph and step_graph.supported(device) and prober is None
                and not ctx.env.enabled and not (cfg.compile and cfg.dropout > 0))
     fast = prepare(net, device, cfg.compile, whole_step_graph=graphed)
@@ -169,6 +176,8 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
             out = fast(x)
             loss = criterion(out.float(), y)
         loss.backward()
+        if prober is not None:
+            prober.gradients_ready()  # probes read the gradient before clipping
         if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

@@ -1,33 +1,51 @@
 """Probes during training: what happens inside the network, sampled every N optimizer steps.
 
-Enabled by RunConfig.probe_every (0 = off: no prober exists, no hook is registered). At a probe
-step t (t % probe_every == 0, t counting optimizer steps from 0) with batch (x, y), parameters
-W_t before and W_{t+1} after the update, and L the training criterion on that batch (data loss
-only: weight decay is applied inside the optimizer and not part of L), the prober records
-(contract: one row {"step", "epoch", "layer", "metric", "value"} per value, probes.jsonl):
+Enabled by RunConfig.probe_every (0 = off: no prober exists, no hook is registered); refused
+under data-parallel training with more than one process (bnlab.train.loop). At a probe step t
+(t % probe_every == 0, t counting optimizer steps from 0) with batch (x, y), parameters W_t
+before and W_{t+1} after the update, and L the training criterion on that batch (data loss
+only: weight decay is applied inside the optimizer and not part of L), the prober records rows
+of probes.jsonl:
+
+    {"step", "epoch", "layer", "metric", "value"}            one value
+    {"step", "epoch", "layer", "metric", "value", "unit"}    one value of one unit (metric unit_*)
 
 activations, at the input of every norm position (a norm layer, or the nn.Identity that stands
 where a norm would be in a no-norm model) and at every block output; for mlp3x100 at the input
 of each sigmoid (the norm's output, Ioffe & Szegedy 2015 Fig. 1, layer "hidden.<i>.sigmoid"):
     act_mean, act_std   mean and population std over all elements of the training forward pass
-    act_p15/p50/p85     15th/50th/85th percentiles over all elements (linear interpolation
-                        between order statistics, torch.quantile), taken on at most 2^16
-                        elements: a larger tensor is subsampled with a fixed stride
+    act_p15/p50/p85     15th/50th/85th percentiles pooled over all elements: exact up to 2^16
+                        elements, else on 2^16 positions drawn uniformly at random
+                        (bnlab.train.probe_stats, which states the sampling error)
+    unit_p15/p50/p85    the same percentiles of each of UNITS_PER_LAYER units (row key "unit":
+                        the feature index of an (N, C) activation, the channel of an
+                        (N, C, H, W) one, all N*H*W values of it), chosen once from the run's
+                        seed and the layer name; Ioffe & Szegedy's Fig. 1(b, c) follows one unit
 per conv/linear layer (named by module): grad_norm = ||dL/dW||_2 (W = its weight),
-    weight_norm = ||W||_2; layer "" gives both over all parameters
+    weight_norm = ||W||_2; layer "" gives both over all parameters. Gradients are read right
+    after the backward pass, before gradient clipping; with grad_clip > 0, grad_norm_clipped on
+    layer "" is the norm of the gradient the update used (clipping scales every layer alike)
 per norm layer: norm_weight_mean, norm_bias_mean (mean of gamma, beta), running_mean_mean,
     running_var_mean (mean over channels of the running statistics, after this step's forward)
 Santurkar et al. 2018 (all on the same batch, the network in training mode):
-    ics_l2, ics_cos (per weight layer i, up to ICS_LAYERS of them): G = dL/dW_i at W_t;
-        G' = dL/dW_i at (W_{t+1} for the parameters before W_i, W_t for W_i and after);
-        ics_l2 = ||G - G'||_2, ics_cos = <G, G'> / (||G|| ||G'||). "Before" is the order of
-        model.parameters(), which is the forward order in every bnlab model.
-    on layer "", with g = dL/dW at W_t (all parameters) and eta_k = lr_t * STEP_MULTIPLES:
-    loss_variation      max_k L(W_t - eta_k g) - min_k L(W_t - eta_k g), eta_0 = 0 included
-    grad_predictiveness max_k ||g - grad L(W_t - eta_k g)||_2
-    beta_smoothness     max_k ||g - grad L(W_t - eta_k g)||_2 / ||eta_k g||_2
-The extra passes (1 + len(STEP_MULTIPLES) + ICS layers forward/backward passes per probe step)
-run with the RNG state of the training forward (same dropout masks) inside torch's fork_rng,
+    ics_l2, ics_cos (per weight layer i, up to ICS_LAYERS of them): G = dL/dW_i at W_t (before
+        clipping); G' = dL/dW_i at (W_{t+1} for the parameters used before W_i in the forward
+        pass, W_t for W_i and the rest); ics_l2 = ||G - G'||_2, ics_cos = <G, G'>/(|G| |G'|).
+        "Used before" is the order in which a forward pass first uses each parameter, read once
+        from the autograd graph (forward_rank): in Fixup and SkipInit blocks the scalar biases
+        and multipliers are registered apart from the convs they surround, so registration order
+        is not forward order.
+    on layer "", with g = dL/dW at W_t (all parameters) and step sizes eta_k > 0 (eta_0 = 0):
+    loss_variation_*      max_k L(W_t - eta_k g) - min_k L(W_t - eta_k g)
+    grad_predictiveness_* max_k ||g - grad L(W_t - eta_k g)||_2
+    beta_smoothness_*     max_k ||g - grad L(W_t - eta_k g)||_2 / ||eta_k g||_2
+    with suffix _abs for the absolute step sizes of RunConfig.probe_step_sizes (the same for
+    every arm of a study: the values to compare arms on) and _lr for eta_k = lr_t *
+    STEP_MULTIPLES (relative to each run's own learning rate). A non-finite loss or gradient
+    at any eta_k makes the value inf.
+The extra passes (1 + len(STEP_MULTIPLES) + len(step sizes) + ICS layers forward/backward
+passes per probe step, and one forward pass at the first probe step for the forward order) run
+with the RNG state of the training forward (same dropout masks) inside torch's fork_rng,
 restore every buffer (BN running statistics) and W_{t+1} bit for bit, and use
 torch.autograd.grad (no .grad is touched), so a probed run follows the same trajectory as an
 unprobed one.
@@ -36,35 +54,35 @@ unprobed one.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TvBasic
 from torchvision.models.resnet import Bottleneck
 
+from bnlab.config import PROBE_STEP_SIZES, step_sizes
 from bnlab.errors import UserError
 from bnlab.models import build_model
 from bnlab.models.cifar_resnet import BasicBlock
 from bnlab.models.mlp import Hidden
 from bnlab.norm import is_norm_layer
+from bnlab.train.probe_stats import (
+    MAX_QUANTILE_ELEMENTS,
+    UNITS_PER_LAYER,
+    activation_stats,
+    choose_units,
+    generator,
+    stable_seed,
+    unit_stats,
+)
 
 ICS_LAYERS = 8  # weight layers with an ICS measurement, evenly spread over depth
 STEP_MULTIPLES = (0.5, 1.0, 2.0, 4.0)  # step sizes along -g, in units of the current lr
-MAX_QUANTILE_ELEMENTS = 2 ** 16
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-
-def activation_stats(t: torch.Tensor) -> dict[str, float]:
-    """act_mean, act_std (population), act_p15/p50/p85 of all elements of t (see module doc)."""
-    v = t.detach().float().flatten()
-    mean = v.mean()
-    std = ((v - mean) ** 2).mean().sqrt()
-    if v.numel() > MAX_QUANTILE_ELEMENTS:
-        stride = -(-v.numel() // MAX_QUANTILE_ELEMENTS)
-        v = v[::stride]
-    q = torch.quantile(v, torch.tensor([0.15, 0.50, 0.85], device=v.device))
-    return {"act_mean": float(mean), "act_std": float(std), "act_p15": float(q[0]),
-            "act_p50": float(q[1]), "act_p85": float(q[2])}
+__all__ = ["ICS_LAYERS", "STEP_MULTIPLES", "UNITS_PER_LAYER", "Prober", "activation_stats",
+           "default_layers", "forward_rank", "make_prober"]
 
 
 def _norm_positions(cfg) -> set[str]:
@@ -97,18 +115,45 @@ def default_layers(cfg, model: nn.Module) -> list[tuple[str, str, str]]:
     return out
 
 
+def forward_rank(model: nn.Module, x: torch.Tensor, params: list[nn.Parameter]) -> list[float]:
+    """Per parameter, the autograd sequence number of the first operation of a forward pass of
+    `model` on x that used it (inf: unused). Autograd numbers operations in the order they
+    run, so sorting by rank gives the forward order, whatever order the module registered its
+    parameters in; parameters of one operation (a conv's weight and bias) tie."""
+    with torch.enable_grad():
+        out = model(x)
+    first: dict[int, int] = {}
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            var = getattr(nxt, "variable", None)  # AccumulateGrad: the leaf it feeds
+            if var is not None:
+                first[id(var)] = min(first.get(id(var), math.inf), node._sequence_nr())
+            elif nxt is not None:
+                stack.append(nxt)
+    return [first.get(id(p), math.inf) for p in params]
+
+
 class Prober:
     """Records probes of one run; see the module docstring for every definition."""
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, criterion, every: int,
                  layers: list[tuple[str, str, str]], precision: str = "fp32", run=None,
-                 rows: list[dict] | None = None, tensorboard_dir=None):
+                 rows: list[dict] | None = None, tensorboard_dir=None, seed: int = 0,
+                 grad_clip: float = 0.0,
+                 steps: tuple[float, ...] = step_sizes(PROBE_STEP_SIZES)):
         self.model, self.opt, self.criterion, self.every = model, opt, criterion, every
         self.layers, self.precision, self.run = layers, precision, run
+        self.seed, self.grad_clip, self.steps = seed, grad_clip, tuple(steps)
         self.rows: list[dict] = list(rows or [])
         self.armed = False
+        self.g: list[torch.Tensor] | None = None
         self._handles: list = []
-        self._act_hists: dict[str, torch.Tensor] = {}
+        self._units: dict[str, list[int]] = {}
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         index = {id(p): i for i, (_, p) in enumerate(self.params)}
         self.weight_layers = [(n, m, index[id(m.weight)]) for n, m in model.named_modules()
@@ -116,7 +161,8 @@ class Prober:
         self.norm_layers = [(n, m) for n, m in model.named_modules()
                             if is_norm_layer(m)
                             or isinstance(getattr(m, "running_mean", None), torch.Tensor)]
-        self.ics_layers = self._pick_ics()
+        self.rank: list[float] | None = None  # forward order, read at the first probe step
+        self.ics_layers: list[tuple[str, int]] = []
         self._opt_handles = [opt.register_step_pre_hook(self._before_update),
                              opt.register_step_post_hook(self._after_update)]
         self.writer = None
@@ -130,7 +176,8 @@ class Prober:
             self.writer = SummaryWriter(str(tensorboard_dir))
 
     def _pick_ics(self) -> list[tuple[str, int]]:
-        cands = self.weight_layers[1:]  # the first layer has no earlier layers: ICS = 0
+        ordered = sorted(self.weight_layers, key=lambda w: self.rank[w[2]])
+        cands = ordered[1:]  # the first layer has no earlier layers: ICS = 0
         if len(cands) <= ICS_LAYERS:
             return [(n, i) for n, _, i in cands]
         picks = torch.linspace(0, len(cands) - 1, ICS_LAYERS).round().long().unique().tolist()
@@ -142,6 +189,7 @@ class Prober:
         if step % self.every:
             return
         self.armed, self.step, self.epoch, self.x, self.y = True, step, epoch, x, y
+        self.g = None
         self.rng = torch.get_rng_state()
         self.rng_cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
         modules = dict(self.model.named_modules())
@@ -154,6 +202,12 @@ class Prober:
                 h = m.register_forward_hook(
                     lambda _m, _a, out, row_name=row_name: self._record_act(row_name, out))
             self._handles.append(h)
+
+    def gradients_ready(self) -> None:
+        """Call after the backward pass, before anything changes the gradients (clipping): the
+        probes read the raw gradient here (without this call, just before the update)."""
+        if self.armed:
+            self.g = self._grads()
 
     def flush(self) -> None:
         """Write probes.jsonl (all rows so far) through the store."""
@@ -171,21 +225,39 @@ class Prober:
             self.writer.close()
 
     # -- recording ---------------------------------------------------------------------------
-    def _add(self, layer: str, metric: str, value: float) -> None:
-        self.rows.append({"step": self.step, "epoch": self.epoch, "layer": layer,
-                          "metric": metric, "value": float(value)})
+    def _add(self, layer: str, metric: str, value: float, unit: int | None = None) -> None:
+        row = {"step": self.step, "epoch": self.epoch, "layer": layer, "metric": metric,
+               "value": float(value)}
+        if unit is not None:
+            row["unit"] = unit
+        self.rows.append(row)
         if self.writer is not None:
-            self.writer.add_scalar(f"{metric}/{layer or 'model'}", float(value), self.step)
+            tag = f"{metric}/{layer or 'model'}" + ("" if unit is None else f"[{unit}]")
+            self.writer.add_scalar(tag, float(value), self.step)
 
     def _record_act(self, layer: str, t: torch.Tensor) -> None:
         if not torch.is_tensor(t):
             return
-        for k, v in activation_stats(t).items():
+        gen = generator(stable_seed("act", self.seed, self.step, layer), t.device)
+        for k, v in activation_stats(t, gen).items():
             self._add(layer, k, v)
+        if t.dim() >= 2 and t.shape[1] > 0:
+            if layer not in self._units:
+                self._units[layer] = choose_units(self.seed, layer, t.shape[1])
+            for u, stats in unit_stats(t, self._units[layer], gen).items():
+                for k, v in stats.items():
+                    self._add(layer, k, v, unit=u)
         if self.writer is not None:
             flat = t.detach().float().flatten()
-            stride = max(1, -(-flat.numel() // MAX_QUANTILE_ELEMENTS))
-            self.writer.add_histogram(f"act/{layer}", flat[::stride].cpu(), self.step)
+            if flat.numel() > MAX_QUANTILE_ELEMENTS:
+                flat = flat[torch.randint(flat.numel(), (MAX_QUANTILE_ELEMENTS,),
+                                          generator=gen, device=flat.device)]
+            self.writer.add_histogram(f"act/{layer}", flat.cpu(), self.step)
+
+    @torch.no_grad()
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for _, p in self.params]
 
     @torch.no_grad()
     def _before_update(self, opt, args, kwargs) -> None:
@@ -195,13 +267,15 @@ class Prober:
             h.remove()
         self._handles = []
         self.lr = float(opt.param_groups[0]["lr"])
-        self.g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                  for _, p in self.params]
+        if self.g is None:  # nothing ran between the backward pass and the update
+            self.g = self._grads()
         self.w_t = [p.detach().clone() for _, p in self.params]
         for name, _m, i in self.weight_layers:
             self._add(name, "grad_norm", self.g[i].norm())
             self._add(name, "weight_norm", self.w_t[i].norm())
         self._add("", "grad_norm", _norm(self.g))
+        if self.grad_clip > 0:
+            self._add("", "grad_norm_clipped", _norm(self._grads()))
         self._add("", "weight_norm", _norm(self.w_t))
         for name, m in self.norm_layers:
             w, b = getattr(m, "weight", None), getattr(m, "bias", None)
@@ -225,9 +299,13 @@ class Prober:
         devices = [self.x.device] if self.x.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
+                if self.rank is None:
+                    self._set_rng()
+                    self.rank = forward_rank(self.model, self.x, params)
+                    self.ics_layers = self._pick_ics()
                 for name, i in self.ics_layers:
-                    self._set(params, [w_next[k] if k < i else self.w_t[k]
-                                       for k in range(len(params))])
+                    self._set(params, [w_next[k] if self.rank[k] < self.rank[i]
+                                       else self.w_t[k] for k in range(len(params))])
                     g2 = self._grad([params[i]])[1][0]
                     g1 = self.g[i]
                     self._add(name, "ics_l2", (g1 - g2).norm())
@@ -244,19 +322,27 @@ class Prober:
     def _landscape(self, params: list[nn.Parameter]) -> None:
         self._set(params, self.w_t)
         loss0, g0 = self._grad(params)
+        for suffix, etas in (("lr", [self.lr * m for m in STEP_MULTIPLES]), ("abs", self.steps)):
+            spread, diff, beta = self._along(params, loss0, g0, etas)
+            self._add("", f"loss_variation_{suffix}", spread)
+            self._add("", f"grad_predictiveness_{suffix}", diff)
+            self._add("", f"beta_smoothness_{suffix}", beta)
+
+    def _along(self, params, loss0: float, g0: list[torch.Tensor],
+               etas) -> tuple[float, float, float]:
+        """(loss variation, gradient predictiveness, beta smoothness) over W_t - eta g0."""
         losses, diffs, betas = [loss0], [], []
         g_norm = _norm(g0)
-        for mult in STEP_MULTIPLES:
-            eta = self.lr * mult
+        for eta in etas:
             self._set(params, [w - eta * g for w, g in zip(self.w_t, g0)])
             loss, g = self._grad(params)
-            losses.append(loss)
             d = _norm([a - b for a, b in zip(g0, g)])
+            losses.append(loss)
             diffs.append(d)
             betas.append(d / max(eta * g_norm, 1e-30))
-        self._add("", "loss_variation", max(losses) - min(losses))
-        self._add("", "grad_predictiveness", max(diffs))
-        self._add("", "beta_smoothness", max(betas))
+        if not all(math.isfinite(v) for v in losses + diffs + betas):
+            return math.inf, math.inf, math.inf
+        return max(losses) - min(losses), max(diffs), max(betas)
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
@@ -265,11 +351,14 @@ class Prober:
         for p, v in zip(params, values):
             p.copy_(v)
 
-    def _grad(self, wrt: list[nn.Parameter]) -> tuple[float, list[torch.Tensor]]:
-        """L and dL/d(wrt) on the probe batch, with the training forward's RNG state."""
+    def _set_rng(self) -> None:
         torch.set_rng_state(self.rng)
         if self.rng_cuda is not None:
             torch.cuda.set_rng_state(self.rng_cuda, self.x.device)
+
+    def _grad(self, wrt: list[nn.Parameter]) -> tuple[float, list[torch.Tensor]]:
+        """L and dL/d(wrt) on the probe batch, with the training forward's RNG state."""
+        self._set_rng()
         ctx = (torch.autocast(self.x.device.type, dtype=torch.bfloat16)
                if self.precision == "bf16" else contextlib.nullcontext())
         with torch.enable_grad():
@@ -295,4 +384,5 @@ def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, ru
     if getattr(cfg, "tensorboard", False) and run is not None:
         tb = run.path / "tensorboard"
     return Prober(model, opt, criterion, cfg.probe_every, default_layers(cfg, model),
-                  cfg.precision, run, rows, tb)
+                  cfg.precision, run, rows, tb, seed=cfg.seed, grad_clip=cfg.grad_clip,
+                  steps=step_sizes(cfg.probe_step_sizes))
