@@ -142,10 +142,13 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from bnlab.models import MODELS  # lazy
+    from bnlab.models import MODELS, family_lines  # lazy
 
     for name, text in MODELS.items():
-        print(f"{name:10s} {text}")
+        print(f"{name:18s} {text}")
+    print("\ntorchvision:NAME, by family:")
+    for family, text in family_lines():
+        print(f"  {family:16s} {text}")
     return 0
 
 

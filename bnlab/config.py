@@ -54,12 +54,15 @@ class RunConfig:
     augment: bool = _f(True, "pad-4 random crop + horizontal flip for small images; "
                        "RandomResizedCrop + flip for large ones")
     # model
-    model: str = _f("resnet20", "resnet20|32|44|56|110 | mlp3x100 | resnet18 | resnet50")
+    model: str = _f("resnet20", "resnet20|32|44|56|110 | plain20|32|44|56|110 | "
+                    "vgg11|13|16|19 | mlp3x100 | resnet18 | resnet50 | torchvision:NAME "
+                    "(see `bnlab models`)")
     norm: str = _f("bn", "normalization layer (see `bnlab norms`)")
     norm_options: dict = _f({}, "extra options for the norm layer, e.g. {momentum=0.1}")
-    placement: str = _f("post_conv", "where norms sit in a ResNet block", choices=PLACEMENTS)
-    first_k: int = _f(1, "with placement=first_k: residual blocks that keep their norms",
-                      "blocks")
+    placement: str = _f("post_conv", "where norms sit in a CIFAR ResNet, plain net or VGG",
+                        choices=PLACEMENTS)
+    first_k: int = _f(1, "with placement=first_k: blocks (VGG: conv layers) that keep their "
+                      "norms", "blocks")
     init: str = _f("kaiming", "weight initialization (see bnlab.models.init)")
     init_options: dict = _f({}, "extra options for the initialization, e.g. {mode='fan_out'}")
     dropout: float = _f(0.0, "dropout probability before the classifier", "probability")
@@ -120,7 +123,8 @@ class RunConfig:
             canon.pop("probe_step_sizes", None)
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
-        return f"{self.model}-{self.norm}-{ds}-s{self.seed}-{digest}"
+        model = self.model.replace(":", "-")  # torchvision:NAME; a colon is no path character
+        return f"{model}-{self.norm}-{ds}-s{self.seed}-{digest}"
 
 
 def dataset_tag(dataset: str) -> str:

@@ -2,13 +2,15 @@
 that trains K of them at once.
 
 build.py         models by name (`build_model`, `MODELS`) and the model of a run config
-cifar_resnet.py  He et al. 2016's CIFAR ResNets (option-A shortcuts)
+cifar_resnet.py  He et al. 2016's CIFAR ResNets (option-A shortcuts) and their plain nets
+vgg.py           VGG-11/13/16/19 for CIFAR
 mlp.py           Ioffe & Szegedy 2015's 3x100 sigmoid MLP
-imagenet.py      torchvision's ImageNet ResNets with any norm
+torchvision_swap.py  any torchvision classification model with its BatchNorms swapped
+imagenet.py      Fixup for torchvision's ResNets
 init.py          weight initializations by name (`init_weights`, `INITS`)
 grouped.py       K networks of one architecture as one grouped network (packed training)
 """
 
-from bnlab.models.build import MODELS, build_for, build_model, count_parameters
+from bnlab.models.build import MODELS, build_for, build_model, count_parameters, family_lines
 
-__all__ = ["MODELS", "build_for", "build_model", "count_parameters"]
+__all__ = ["MODELS", "build_for", "build_model", "count_parameters", "family_lines"]

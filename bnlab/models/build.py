@@ -9,20 +9,58 @@ from torch import nn
 
 from bnlab.config import RunConfig
 from bnlab.errors import UserError, unknown
-from bnlab.models.cifar_resnet import DEPTHS, CifarResNet
-from bnlab.models.imagenet import TorchvisionResNet
+from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS, CifarResNet
 from bnlab.models.init import init_weights
 from bnlab.models.mlp import MLP
+from bnlab.models.torchvision_swap import (
+    FAMILIES,
+    PREFIX,
+    TorchvisionNet,
+    classification_models,
+    family_of,
+    input_refusal,
+    is_torchvision_name,
+)
+from bnlab.models.vgg import CONFIGS, LETTERS, CifarVGG
 
 if TYPE_CHECKING:  # a type only: models do not depend on the data package
     from bnlab.data.bundle import DataBundle
 
-MODELS = {
+
+class ModelNames(dict):
+    """name -> description; `in` also accepts 'torchvision:NAME' for every torchvision
+    classification model, which the listing shows as one entry."""
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str)
+                                                 and is_torchvision_name(name))
+
+
+MODELS = ModelNames({
     **{name: f"CIFAR ResNet-{d} (He et al. 2016, sec. 4.2)" for name, d in DEPTHS.items()},
+    **{name: f"CIFAR plain-{d}: ResNet-{d} without shortcuts (He et al. 2016, Fig. 6)"
+       for name, d in PLAIN_DEPTHS.items()},
+    **{name: f"CIFAR VGG-{name[3:]} (configuration {LETTERS[name]} of Simonyan & Zisserman "
+             "2015, one linear classifier)" for name in CONFIGS},
     "mlp3x100": "Ioffe & Szegedy 2015 Fig. 1: 3 hidden layers of 100 sigmoid units",
     "resnet18": "torchvision ResNet-18 (ImageNet-style data)",
     "resnet50": "torchvision ResNet-50 (ImageNet-style data)",
-}
+    f"{PREFIX}NAME": "a torchvision classification model, its BatchNorms swapped for --norm "
+                     "(the families `bnlab models` lists)",
+})
+PLACEMENT_MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS)  # the models that take every placement
+
+
+def family_lines() -> list[tuple[str, str]]:
+    """(family, what bnlab does with it: its members) for `bnlab models`."""
+    names = classification_models()
+    out = []
+    for f in FAMILIES:
+        what = (f"refused ({f.refused})" if f.refused else "norm none only (it has no norm)"
+                if not f.has_bn else "BatchNorms swapped")
+        members = [n for n in names if family_of(n) is f]
+        out.append((f.name, f"{what}: {', '.join(members)}"))
+    return out
 
 
 def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaiming",
@@ -30,20 +68,26 @@ def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaim
                 first_k: int = 1, dropout: float = 0.0, norm_options: dict | None = None,
                 init_options: dict | None = None) -> nn.Module:
     """Build and initialize a model; the norm and init are chosen by name."""
-    if name in DEPTHS:
-        model = CifarResNet(DEPTHS[name], num_classes, in_channels, norm, placement, first_k,
-                            dropout, norm_options)
+    if name in DEPTHS or name in PLAIN_DEPTHS:
+        depth = DEPTHS.get(name) or PLAIN_DEPTHS[name]
+        model = CifarResNet(depth, num_classes, in_channels, norm, placement, first_k,
+                            dropout, norm_options, shortcuts=name in DEPTHS)
+    elif name in CONFIGS:
+        model = CifarVGG(name, num_classes, in_channels, norm, placement, first_k, dropout,
+                         norm_options, image_size)
     elif name == "mlp3x100":
         if placement != "post_conv":
-            raise UserError(f"placement {placement!r} applies to ResNets only; mlp3x100 puts "
-                            "the norm before each sigmoid (use post_conv)")
+            raise UserError(f"placement {placement!r} applies to the CIFAR ResNets, plain nets "
+                            "and VGGs; mlp3x100 puts the norm before each sigmoid (use "
+                            "post_conv)")
         model = MLP(in_channels * image_size * image_size, num_classes, 100, 3, norm, dropout,
                     norm_options)
-    elif name in ("resnet18", "resnet50"):
+    elif name in ("resnet18", "resnet50") or name.startswith(PREFIX):
         if placement != "post_conv":
-            raise UserError(f"placement {placement!r} is implemented for the CIFAR ResNets; "
-                            f"{name} supports post_conv only")
-        model = TorchvisionResNet(name, num_classes, in_channels, norm, dropout, norm_options)
+            raise UserError(f"placement {placement!r} is implemented for the CIFAR ResNets, "
+                            f"plain nets and VGGs; {name} supports post_conv only (its norms "
+                            "sit where torchvision puts its BatchNorms)")
+        model = TorchvisionNet(name, num_classes, in_channels, norm, dropout, norm_options)
     else:
         raise unknown("model", name, MODELS)
     return init_weights(model, init, **(init_options or {}))
@@ -51,10 +95,15 @@ def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaim
 
 def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
     """The model of run config `cfg` for the data of `bundle` (its classes, channels, size)."""
-    return build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
-                       in_channels=bundle.in_channels, image_size=bundle.image_size,
-                       placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
-                       norm_options=cfg.norm_options, init_options=cfg.init_options)
+    model = build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
+                        in_channels=bundle.in_channels, image_size=bundle.image_size,
+                        placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
+                        norm_options=cfg.norm_options, init_options=cfg.init_options)
+    if isinstance(model, TorchvisionNet):
+        why = input_refusal(model, bundle.in_channels, bundle.image_size)
+        if why:
+            raise UserError(why)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,8 +1,10 @@
-"""CIFAR ResNets of He et al. 2016, section 4.2: 6n+2 layers, stages of 16/32/64 channels.
+"""CIFAR ResNets of He et al. 2016, section 4.2: 6n+2 layers, stages of 16/32/64 channels, and
+their plain counterparts (the same layers without shortcuts, the "plain-20/32/44/56" of the
+paper's Fig. 6).
 
 Shortcuts are parameter-free (option A: subsample by 2 and pad the new channels with zeros) in
 every placement, so the only parameters that change with the norm are the norms' own and the
-conv biases that replace them.
+conv biases that replace them, and a plain net has exactly the parameters of its ResNet.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from bnlab.norm import has_bias_substitute, make_norm
 
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+PLAIN_DEPTHS = {f"plain{d}": d for d in DEPTHS.values()}
 
 
 def _on_cpu(x: torch.Tensor) -> bool:
@@ -80,7 +83,8 @@ def _maybe_add(p: nn.Parameter | None, x: torch.Tensor) -> torch.Tensor:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs on a residual branch, added to a parameter-free shortcut.
+    """Two 3x3 convs on a residual branch, added to a parameter-free shortcut (without it when
+    `shortcut=False`: the block of a plain net, out = the branch, with the same ReLU after it).
 
     placement 'post_conv': out = relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x))
     placement 'post_act':  out = n2(relu(conv2(n1(relu(conv1(x)))))) + shortcut(x)
@@ -95,7 +99,7 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, cin: int, cout: int, stride: int, norm: str, placement: str,
-                 norm_options: dict):
+                 norm_options: dict, shortcut: bool = True):
         super().__init__()
         bias = has_bias_substitute(norm, norm_options)
         self.placement, self.norm, self.norm_options = placement, norm, norm_options
@@ -103,8 +107,12 @@ class BasicBlock(nn.Module):
         self.n1 = make_norm(norm, cout, **norm_options)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
         self.n2 = make_norm(norm, cout, **norm_options)
-        self.shortcut = ShortcutA(cin, cout, stride)
+        self.shortcut = ShortcutA(cin, cout, stride) if shortcut else None
         self.bias1a = self.bias1b = self.bias2a = self.bias2b = self.scale = None
+
+    @property
+    def residual(self) -> bool:
+        return self.shortcut is not None
 
     def add_branch_scalars(self, biases: bool, scale: float) -> None:
         """Add a learnable scalar multiplier on the branch (and Fixup's four scalar biases)."""
@@ -132,24 +140,31 @@ class BasicBlock(nn.Module):
             # relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x)), with each norm, its ReLU and
             # the residual add fused into one CPU kernel where that applies (bnlab.fast.cpu_kernels)
             out = bn_act(self.n1, self.conv1(x))
-            return bn_act(self.n2, self.conv2(out), residual=self.shortcut(x))
-        out = self.branch(x) + self.shortcut(x)
+            return bn_act(self.n2, self.conv2(out),
+                          residual=None if self.shortcut is None else self.shortcut(x))
+        out = self.branch(x)
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
         return out if self.placement == "post_act" else F.relu(out)
 
 
 class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32 px images; with `shortcuts=False` its plain counterpart."""
+
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3,
                  norm: str = "bn", placement: str = "post_conv", first_k: int = 1,
-                 dropout: float = 0.0, norm_options: dict | None = None):
+                 dropout: float = 0.0, norm_options: dict | None = None,
+                 shortcuts: bool = True):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
+        self.arch = f"{'resnet' if shortcuts else 'plain'}{depth}"
         if placement not in PLACEMENTS:
             raise unknown("placement", placement, PLACEMENTS)
         if placement == "first_k" and not 0 <= first_k <= 3 * n:
-            raise UserError(f"first_k must be between 0 and {3 * n} (the residual blocks of "
-                            f"resnet{depth}), got {first_k}")
+            raise UserError(f"first_k must be between 0 and {3 * n} (the blocks of "
+                            f"{self.arch}), got {first_k}")
         opts = dict(norm_options or {})
         self.placement, self.norm, self.norm_options = placement, norm, opts
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=has_bias_substitute(norm, opts))
@@ -162,7 +177,8 @@ class CifarResNet(nn.Module):
                     block_norm = "none"
                 blocks.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1,
                                          block_norm, "post_act" if placement == "post_act"
-                                         else "post_conv", opts if block_norm == norm else {}))
+                                         else "post_conv", opts if block_norm == norm else {},
+                                         shortcuts))
                 cin, index = cout, index + 1
         self.blocks = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -182,3 +198,7 @@ class CifarResNet(nn.Module):
     @property
     def classifier(self) -> nn.Linear:
         return self.fc
+
+    def block_names(self) -> list[str]:
+        """The modules whose outputs probes record as block outputs."""
+        return [f"blocks.{i}" for i in range(len(self.blocks))]

@@ -1,42 +1,11 @@
-"""torchvision's ImageNet ResNets with any norm from bnlab.norm."""
+"""Fixup (Zhang et al. 2019) for torchvision's ResNets without norms (resnet18/50 and
+`torchvision:NAME` of the ResNet, ResNeXt and Wide ResNet families)."""
 
 from __future__ import annotations
 
 import torch
 import torchvision
 from torch import nn
-
-from bnlab.norm import has_bias_substitute, make_norm
-
-
-class TorchvisionResNet(nn.Module):
-    """Wraps torchvision's resnet18/resnet50 so that every model in bnlab has `.classifier`."""
-
-    def __init__(self, arch: str, num_classes: int, in_channels: int, norm: str,
-                 dropout: float, norm_options: dict | None = None):
-        super().__init__()
-        opts = dict(norm_options or {})
-        self.norm, self.norm_options = norm, opts
-        net = getattr(torchvision.models, arch)(
-            weights=None, num_classes=num_classes, norm_layer=lambda c: make_norm(norm, c, **opts))
-        if in_channels != 3:
-            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        if has_bias_substitute(norm, opts):
-            # torchvision's convs have no bias because BN follows them; without BN they need one.
-            for m in net.modules():
-                if isinstance(m, nn.Conv2d) and m.bias is None:
-                    m.bias = nn.Parameter(torch.zeros(m.out_channels))
-        if dropout > 0:
-            net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    @property
-    def classifier(self) -> nn.Linear:
-        fc = self.net.fc
-        return fc[-1] if isinstance(fc, nn.Sequential) else fc
 
 
 class FixupBlock(nn.Module):
@@ -83,11 +52,12 @@ class FixupBlock(nn.Module):
 
 
 @torch.no_grad()
-def fixup_torchvision(model: TorchvisionResNet) -> TorchvisionResNet:
-    """Fixup on an already kaiming-initialized torchvision ResNet without norms: every block
-    becomes a FixupBlock, the convs inside a branch except the last are multiplied by
-    L^(-1/(2m-2)) (L blocks; m = 2 for BasicBlock, 3 for Bottleneck, so L^(-1/4) in ResNet-50),
-    the last conv of each branch and the classifier (weights and bias) start at 0."""
+def fixup_torchvision(model: nn.Module) -> nn.Module:
+    """Fixup on an already kaiming-initialized torchvision ResNet without norms (a model whose
+    `.net` is the torchvision ResNet): every block becomes a FixupBlock, the convs inside a
+    branch except the last are multiplied by L^(-1/(2m-2)) (L blocks; m = 2 for BasicBlock, 3
+    for Bottleneck, so L^(-1/4) in ResNet-50), the last conv of each branch and the classifier
+    (weights and bias) start at 0."""
     tv = torchvision.models.resnet
     stages = [getattr(model.net, f"layer{i}") for i in range(1, 5)]
     blocks = [b for s in stages for b in s if isinstance(b, tv.BasicBlock | tv.Bottleneck)]

@@ -14,8 +14,9 @@ import torchvision
 from torch import nn
 
 from bnlab.errors import UserError, unknown
-from bnlab.models.cifar_resnet import BasicBlock
+from bnlab.models.cifar_resnet import BasicBlock, CifarResNet
 from bnlab.models.imagenet import fixup_torchvision
+from bnlab.models.vgg import CifarVGG
 from bnlab.norm import zero_scale_, zero_scale_refusal
 
 INITS = {
@@ -48,7 +49,8 @@ def fixup_scale(num_blocks: int, layers_per_branch: int = BRANCH_LAYERS) -> floa
 
 
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, BasicBlock)]
+    """The CIFAR ResNet blocks with a shortcut (a plain net's blocks have none)."""
+    return [m for m in model.modules() if isinstance(m, BasicBlock) and m.residual]
 
 
 def _tv_blocks(model: nn.Module) -> list[nn.Module]:
@@ -60,14 +62,18 @@ def refusal(model: nn.Module, name: str) -> str | None:
     """Why the scheme `name` makes no sense for `model` (None when it does)."""
     if name not in ("fixup", "zero_residual", "skipinit"):
         return None
-    kind = type(model).__name__
+    kind = getattr(model, "arch", type(model).__name__)
     blocks = residual_blocks(model)
+    if isinstance(model, CifarVGG) or (isinstance(model, CifarResNet) and not blocks):
+        return (f"init {name!r} acts on residual branches (it scales or zeroes each branch's "
+                f"last layer) and {kind} has none: it has no shortcuts, so a zeroed layer "
+                "would cut the signal")
     if name == "skipinit" and not blocks:
         return (f"init {name!r} is implemented for the residual blocks of the CIFAR ResNets, "
                 f"not for {kind}")
     if name == "fixup" and not blocks and not _tv_blocks(model):
         return (f"init {name!r} is implemented for the residual blocks of the CIFAR ResNets "
-                f"and of resnet18/resnet50, not for {kind}")
+                f"and of torchvision's ResNet, ResNeXt and Wide ResNet families, not for {kind}")
     if name == "fixup":
         if model.norm != "none":
             return (f"init 'fixup' is for networks without normalization (norm none), got norm "

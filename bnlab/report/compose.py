@@ -15,6 +15,7 @@ from bnlab.report import tables as T
 from bnlab.report.arms import build_arms
 from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
+from bnlab.report.gradratio import grad_ratio_table
 from bnlab.report.load import Study, fmt_value
 from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
@@ -64,6 +65,9 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     probe = T.probe_table(probe_rows, num.table + 1)
     if probe:
         num.next_table()
+    ratio = grad_ratio_table(arms, num.table + 1)
+    if ratio:
+        num.next_table()
     compared = []  # (comparison, its tables): analysis/ first, then analysis/<dataset>/
     for i, c in enumerate(study.comparisons):
         tables = T.compare_tables(c.data, num.table + 1, c.folder,
@@ -108,6 +112,8 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
         doc.add(Heading(2, "Probes during training", "probes"))
         if probe:
             doc.add(probe)
+        if ratio:
+            doc.add(ratio)
         for ds in study.datasets:
             here = [a for a in arms if a.dataset == ds]
             add_figures(F.unit_percentiles(ds, probe_rows))

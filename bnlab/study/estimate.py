@@ -31,7 +31,12 @@ SIZES = {"cifar10": (50_000, 10_000, 32), "cifar100": (50_000, 10_000, 32),
          "mnist": (60_000, 10_000, 28), "fashion-mnist": (60_000, 10_000, 28),
          "synthetic": (1024, 512, 32)}
 LARGE_SIDE = 224  # streamed images are cropped to image_size, default 224 px
-MEASURED_SIDE = {"cifar-resnet": 32, "mlp": 28, "imagenet-resnet": 224}
+# CIFAR VGG multiply-adds per 32 px image, in millions (bnlab.models.vgg's channel plans)
+VGG_MACS = {"vgg11": 153, "vgg13": 229, "vgg16": 313, "vgg19": 399}
+VGG16_PER_RESNET20 = 1.85  # CPU time per image, measured with bnlab bench (eager fp32, 2 cores)
+
+
+MEASURED_SIDE = {"cifar-resnet": 32, "cifar-vgg": 32, "mlp": 28, "imagenet-resnet": 224}
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ LONE = {
     ("cifar-resnet", "gpu"): Rate(
         55_800, 128, "ResNet-20, batch 128, bf16, one CUDA graph per step (docs/speed.md, "
         "bnlab bench, training steps)"),
+    ("cifar-vgg", "cpu"): Rate(
+        1050 / VGG16_PER_RESNET20, 128, "VGG-16: 1.85 times ResNet-20's CPU time per image "
+        "(bnlab bench, eager fp32), on ResNet-20's rate above"),
     ("mlp", "cpu"): Rate(
         28_600, 60, "mlp3x100 on MNIST, batch 60, probes every 500 steps: 2 runs of 50 epochs "
         "in 3.5 minutes (bn-paper-mnist)"),
@@ -73,8 +81,11 @@ PACKED = {
 
 def family(model: str) -> tuple[str, float]:
     """(model family, cost relative to the family's measured model)."""
-    if model in DEPTHS:
-        return "cifar-resnet", (DEPTHS[model] - 2) / (DEPTHS["resnet20"] - 2)
+    depth = DEPTHS.get(model) or DEPTHS.get(model.replace("plain", "resnet"))
+    if depth is not None:  # a plain net has a ResNet's layers without the shortcuts
+        return "cifar-resnet", (depth - 2) / (DEPTHS["resnet20"] - 2)
+    if model in VGG_MACS:
+        return "cifar-vgg", VGG_MACS[model] / VGG_MACS["vgg16"]
     if model.startswith("mlp"):
         return "mlp", 1.0
     if model == "resnet18":

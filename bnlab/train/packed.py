@@ -36,7 +36,7 @@ from bnlab.fast.accel import (
 )
 from bnlab.fast.cpu_kernels import use_cpu_kernels
 from bnlab.models import build_for, build_model
-from bnlab.models.cifar_resnet import DEPTHS
+from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS
 from bnlab.models.grouped import (
     NotPackable,
     check_packable,
@@ -46,6 +46,7 @@ from bnlab.models.grouped import (
     unpack_state,
     zero_fill,
 )
+from bnlab.models.vgg import CONFIGS
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
 from bnlab.train.evaluate import chance_threshold
@@ -60,7 +61,7 @@ SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "val_f
           "augment", "model", "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
           "compile", "cuda_graph", "cpu_kernels")
-MODELS = (*DEPTHS, "mlp3x100")
+MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS, "mlp3x100")
 NORMS = ("bn", "none")
 
 
@@ -81,6 +82,10 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
                 return f"{name} is not supported by packed training (only its default)"
         elif len(values) > 1:
             return f"{name} differs between the runs ({', '.join(sorted(values))})"
+    if first.model.startswith("torchvision:") or first.model in ("resnet18", "resnet50"):
+        return (f"model {first.model!r} is not packable: the grouped network is built and "
+                "tested for bnlab's own models, not for torchvision's block types (packable: "
+                f"{', '.join(MODELS)})")
     if first.model not in MODELS:
         return f"model {first.model!r} is not packable (packable: {', '.join(MODELS)})"
     for c in cfgs:

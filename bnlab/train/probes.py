@@ -103,6 +103,7 @@ def _is_block(m: nn.Module) -> bool:
 def default_layers(cfg, model: nn.Module) -> list[tuple[str, str, str]]:
     """(row layer name, module name, "input" | "output") of the activations to record."""
     positions = _norm_positions(cfg)
+    blocks = set(model.block_names()) if hasattr(model, "block_names") else set()
     out = []
     for name, m in model.named_modules():
         if name in positions or is_norm_layer(m):
@@ -110,7 +111,7 @@ def default_layers(cfg, model: nn.Module) -> list[tuple[str, str, str]]:
                 out.append((name.rsplit(".", 1)[0] + ".sigmoid", name, "output"))
             else:
                 out.append((name, name, "input"))
-        elif _is_block(m):
+        elif _is_block(m) or name in blocks:
             out.append((name, name, "output"))
     return out
 
