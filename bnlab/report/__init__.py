@@ -4,7 +4,8 @@
 
 reads OUT/study.json, the run folders and OUT/analysis/ (load.py), groups runs into arms
 (arms.py), computes statistics (stats.py), tables (tables.py), findings (findings.py) and
-figures (figures.py), and writes both renderings (html.py, markdown.py) through the store.
+figures (figures.py), and writes both renderings (html.py, markdown.py) and every table as CSV
+(tables_csv.py) through the store.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from bnlab.report.compose import compose
 from bnlab.report.html import render_html
 from bnlab.report.load import load_study
 from bnlab.report.markdown import render_markdown
+from bnlab.report.tables_csv import write_table_csvs
 
 REPORT_DIR = "report"
 
 
 def write_report(out_dir: str | Path) -> dict[str, Path]:
-    """Write OUT/report/{report.html, report.md, *.png}; return the written files by name."""
+    """Write OUT/report/{report.html, report.md, *.png, tables/*.csv}; return the written files
+    by name."""
     study = load_study(out_dir)
     composed = compose(study)
     store = study.store
@@ -32,6 +35,7 @@ def write_report(out_dir: str | Path) -> dict[str, Path]:
                                              render_markdown(composed.document).encode())
     written["report.html"] = store.write_bytes(f"{REPORT_DIR}/report.html",
                                                render_html(composed.document).encode())
+    written.update(write_table_csvs(store, composed.document, REPORT_DIR))
     return written
 
 

@@ -30,6 +30,7 @@ from bnlab.models import MODELS
 from bnlab.models.init import INITS
 from bnlab.norm import FORMULAS
 from bnlab.runtime import resolve_device
+from bnlab.train.board import require_tensorboard
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
@@ -379,7 +380,7 @@ def _registries() -> dict[str, dict]:
 def preflight(plan: Plan) -> None:
     """Refuse, before anything is trained, names that nothing knows: unmapped placeholder
     datasets, image folders that do not exist, models, norms and inits missing from their
-    registries, an unavailable device.
+    registries, an unavailable device, TensorBoard output without the tensorboard package.
 
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
@@ -402,3 +403,5 @@ def preflight(plan: Plan) -> None:
                 raise unknown(kind, value, names)
     for device in sorted({r.cfg.device for r in plan.runs}):
         resolve_device(device)
+    if any(r.cfg.tensorboard for r in plan.runs):
+        require_tensorboard()

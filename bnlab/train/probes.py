@@ -42,11 +42,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock as TvBasic
 from torchvision.models.resnet import Bottleneck
 
-from bnlab.errors import UserError
 from bnlab.models import build_model
 from bnlab.models.cifar_resnet import BasicBlock
 from bnlab.models.mlp import Hidden
 from bnlab.norm import is_norm_layer
+from bnlab.train.board import event_dir, summary_writer
 
 ICS_LAYERS = 8  # weight layers with an ICS measurement, evenly spread over depth
 STEP_MULTIPLES = (0.5, 1.0, 2.0, 4.0)  # step sizes along -g, in units of the current lr
@@ -102,7 +102,8 @@ class Prober:
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, criterion, every: int,
                  layers: list[tuple[str, str, str]], precision: str = "fp32", run=None,
-                 rows: list[dict] | None = None, tensorboard_dir=None):
+                 rows: list[dict] | None = None, tensorboard_dir=None,
+                 purge_step: int | None = None):
         self.model, self.opt, self.criterion, self.every = model, opt, criterion, every
         self.layers, self.precision, self.run = layers, precision, run
         self.rows: list[dict] = list(rows or [])
@@ -119,15 +120,8 @@ class Prober:
         self.ics_layers = self._pick_ics()
         self._opt_handles = [opt.register_step_pre_hook(self._before_update),
                              opt.register_step_post_hook(self._after_update)]
-        self.writer = None
-        if tensorboard_dir is not None:
-            try:
-                # optional: the tensorboard extra
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("tensorboard output needs the tensorboard package "
-                                "(pip install 'bnlab[tensorboard]')") from None
-            self.writer = SummaryWriter(str(tensorboard_dir))
+        self.writer = (summary_writer(tensorboard_dir, purge_step)
+                       if tensorboard_dir is not None else None)
 
     def _pick_ics(self) -> list[tuple[str, int]]:
         cands = self.weight_layers[1:]  # the first layer has no earlier layers: ICS = 0
@@ -285,14 +279,15 @@ def _norm(ts: list[torch.Tensor]) -> float:
 
 
 def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, run=None,
-                start_epoch: int = 0) -> Prober:
+                start_epoch: int = 0, start_step: int = 0) -> Prober:
     """The prober of a run: default layers, earlier rows kept on resume (epochs <= start_epoch),
-    TensorBoard scalars and histograms under OUT/<run_id>/tensorboard when cfg.tensorboard."""
+    TensorBoard scalars and histograms when cfg.tensorboard (in the run's event folder under
+    OUT/tensorboard, board.py, subfolder probes; a resume at `start_step` purges later steps)."""
     rows = []
     if run is not None and start_epoch > 0:
         rows = [r for r in run.read_rows("probes.jsonl") if r["epoch"] <= start_epoch]
     tb = None
     if getattr(cfg, "tensorboard", False) and run is not None:
-        tb = run.path / "tensorboard"
+        tb = event_dir(run.path.parent, cfg) / "probes"
     return Prober(model, opt, criterion, cfg.probe_every, default_layers(cfg, model),
-                  cfg.precision, run, rows, tb)
+                  cfg.precision, run, rows, tb, start_step if start_step > 0 else None)
