@@ -18,7 +18,7 @@ from pathlib import Path
 import bnlab
 from bnlab.config import FIELDS, load
 from bnlab.console import FORMATS, format_table, records_csv, records_json
-from bnlab.errors import UserError, suggest, unknown
+from bnlab.errors import UserError, suggest
 from bnlab.study.options import EXECUTORS, SlurmOptions
 
 
@@ -238,25 +238,15 @@ def _count(minimum: int):
 
 
 def cmd_bench(args) -> int:
-    from bnlab.bench import VARIANTS, BenchArgs, run_all  # lazy
+    from bnlab.bench import BenchArgs, check_args, run_all  # lazy
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise unknown("variant", v, VARIANTS)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    for p in precisions:
-        if p not in ("fp32", "bf16"):
-            raise unknown("precision", p, ("fp32", "bf16"))
-    for name in ("batch_size", "steps", "k", "timeout"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
     a = BenchArgs(data=args.data, data_dir=args.data_dir, model=args.model,
                   batch_size=args.batch_size, steps=args.steps, k=args.k, device=args.device,
                   workers=args.workers, compile_mode=args.compile_mode,
                   cuda_graph=args.cuda_graph, cpu_kernels=args.cpu_kernels)
+    check_args(a, variants, precisions, args.timeout)
     rows = run_all(a, variants, precisions, args.timeout, print, args.out)
     return 0 if all("error" not in r for r in rows) else 1
 

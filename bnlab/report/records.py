@@ -25,9 +25,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.errors import UserError
 from bnlab.report.load import NOT_ARM_AXES, fmt_value
-from bnlab.store import RunDir, Store
+from bnlab.store import RunDir, Store, open_store
 
 RESULTS = ("status", "epochs_done", "test_acc", "test_loss", "train_acc", "train_loss",
            "wall_time", "diverged_step", "no_learning_at_epoch", "error")
@@ -40,11 +39,7 @@ def _number(v: Any) -> Any:
 
 
 def _open(out: str | Path) -> Store:
-    p = Path(out)
-    if not (p / "index.sqlite").is_file() and not (p / "study.json").is_file():
-        raise UserError(f"{str(p)!r} is not a bnlab output folder (no index.sqlite or "
-                        "study.json)")
-    return Store(p)
+    return open_store(out, must_exist=True)  # the same refusal as `bnlab runs`
 
 
 def _identities(store: Store) -> list[tuple[RunDir, dict[str, Any]]]:

@@ -30,8 +30,10 @@ def table_csv(t: Table) -> str:
 
 def write_table_csvs(store: Store, doc: Document, folder: str) -> dict[str, Path]:
     """Write every table of `doc` under OUT/<folder>/tables/; return them by relative name."""
-    written = {}
+    written: dict[str, Path] = {}
     for t in doc.tables:
         name = f"{TABLES_DIR}/{file_name(t)}"
+        if name in written:  # two tables under one anchor: the later one by its number
+            name = f"{TABLES_DIR}/{file_name(t)[:-4]}-{t.number}.csv"
         written[name] = store.write_bytes(f"{folder}/{name}", table_csv(t).encode())
     return written

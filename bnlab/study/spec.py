@@ -66,7 +66,7 @@ class Case:
 class Spec:
     name: str
     description: str
-    source: str  # "built-in" or the file path
+    source: str  # "built-in", "table" (given as a dict from Python) or the file path
     raw: dict[str, Any]  # the TOML as read
     base: dict[str, Any]  # coerced [base] values
     grid: dict[str, list]
@@ -150,7 +150,8 @@ def _keys(table: dict, allowed: tuple, where: str) -> None:
 
 
 def parse_spec(data: dict, source: str = "built-in", default_name: str = "study") -> Spec:
-    label = f"spec {default_name!r}" if source == "built-in" else f"spec {source!r}"
+    # a spec from a file is named by its path; one built in, or given as a table, by its name
+    label = f"spec {default_name!r}" if source in ("built-in", "table") else f"spec {source!r}"
     _keys(data, SECTIONS, label)
     name = data.get("name", default_name)
     if not isinstance(name, str) or not NAME_RE.match(name):
