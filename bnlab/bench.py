@@ -40,6 +40,7 @@ from bnlab.config import RunConfig
 from bnlab.data import load_data
 from bnlab.data.imagefolder import extract_archive, find_root
 from bnlab.data.synthetic import make_synthetic
+from bnlab.errors import UserError, unknown
 from bnlab.fast import accel, cpu_kernels
 from bnlab.models import build_model
 from bnlab.runtime import environment, resolve_device
@@ -64,6 +65,22 @@ class BenchArgs:
     compile_mode: str = ""  # "" = bnlab's default for the device
     cuda_graph: bool = True  # RunConfig.cuda_graph of bnlab's variants
     cpu_kernels: bool = True  # RunConfig.cpu_kernels of bnlab's variants
+
+
+def check_args(a: BenchArgs, variants: list[str], precisions: list[str], timeout: float) -> None:
+    """The checks of `bnlab bench` (and bnlab.bench_speed), each a one-line UserError."""
+    for v in variants:
+        if v not in VARIANTS:
+            raise unknown("variant", v, VARIANTS)
+    for p in precisions:
+        if p not in ("fp32", "bf16"):
+            raise unknown("precision", p, ("fp32", "bf16"))
+    for name, v in (("batch_size", a.batch_size), ("steps", a.steps), ("k", a.k),
+                    ("timeout", timeout)):
+        if v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    if a.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {a.workers}")
 
 
 def _load(a: BenchArgs, n_train: int):

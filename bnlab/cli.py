@@ -17,8 +17,8 @@ from pathlib import Path
 
 import bnlab
 from bnlab.config import FIELDS, load
-from bnlab.console import format_table
-from bnlab.errors import UserError, suggest, unknown
+from bnlab.console import FORMATS, format_table, records_csv, records_json
+from bnlab.errors import UserError, suggest
 from bnlab.study.options import EXECUTORS, SlurmOptions
 
 
@@ -121,6 +121,12 @@ def cmd_runs(args) -> int:
     from bnlab.store import open_store  # lazy
 
     rows = open_store(args.out, must_exist=True).rows()
+    if args.format != "table":
+        from bnlab.report.records import run_records  # lazy
+
+        records = run_records(args.out)
+        sys.stdout.write(records_csv(records) if args.format == "csv" else records_json(records))
+        return 0
     if not rows:
         print(f"no runs in {args.out}")
         return 0
@@ -235,25 +241,15 @@ def _count(minimum: int):
 
 
 def cmd_bench(args) -> int:
-    from bnlab.bench import VARIANTS, BenchArgs, run_all  # lazy
+    from bnlab.bench import BenchArgs, check_args, run_all  # lazy
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise unknown("variant", v, VARIANTS)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    for p in precisions:
-        if p not in ("fp32", "bf16"):
-            raise unknown("precision", p, ("fp32", "bf16"))
-    for name in ("batch_size", "steps", "k", "timeout"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
     a = BenchArgs(data=args.data, data_dir=args.data_dir, model=args.model,
                   batch_size=args.batch_size, steps=args.steps, k=args.k, device=args.device,
                   workers=args.workers, compile_mode=args.compile_mode,
                   cuda_graph=args.cuda_graph, cpu_kernels=args.cpu_kernels)
+    check_args(a, variants, precisions, args.timeout)
     rows = run_all(a, variants, precisions, args.timeout, print, args.out)
     return 0 if all("error" not in r for r in rows) else 1
 
@@ -289,6 +285,8 @@ def cmd_study(args) -> int:
         sets = specs.parse_assignments(args.set, "--set")
         if args.device:
             sets.append(("device", args.device))
+        if args.tensorboard:
+            sets.append(("tensorboard", True))
         plan = specs.expand(sp, sets, specs.parse_assignments(args.only, "--only"),
                             specs.parse_data_map(args.data_map))
         specs.preflight(plan)
@@ -301,7 +299,12 @@ def cmd_study(args) -> int:
         return 1 if counts.get("failed") else 0
     out = status.resolve_out(args.target, args.out)
     if args.study_command == "status":
-        print(status.status_text(out))
+        if args.format == "table":
+            print(status.status_text(out))
+        else:
+            records = status.status_records(out)[2]
+            sys.stdout.write(records_csv(records) if args.format == "csv"
+                             else records_json(records))
         return 0
     from bnlab.report import write_report  # lazy
 
@@ -329,6 +332,11 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="memory per node (0 = the partition's default)")
     g.add_argument("--parallel", type=int, default=d.parallel, metavar="N",
                    help="runs at a time (0: no limit on SLURM, 1 with --executor node)")
+
+
+def add_format_flag(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help=f"table: aligned columns for reading; {text}, for other tools")
 
 
 def _slurm_options(args) -> SlurmOptions | None:
@@ -360,6 +368,7 @@ def build_parser() -> Parser:
 
     r = sub.add_parser("runs", help="list the runs of an output root", formatter_class=Formatter)
     r.add_argument("--out", metavar="DIR", default="runs", help="output root")
+    add_format_flag(r, "csv/json: every result and config option of each run")
     r.set_defaults(func=cmd_runs)
 
     c = sub.add_parser("compare", help="compare the predictions of trained runs",
@@ -425,6 +434,10 @@ def build_parser() -> Parser:
     sr.add_argument("--data-map", action="append", metavar="NAME=DATASET",
                     help="use DATASET wherever the spec says NAME, e.g. "
                     "cifar10=imagefolder:PATH (repeatable)")
+    sr.add_argument("--tensorboard", action="store_true",
+                    help="write every run's TensorBoard event files (epoch metrics; probes "
+                    "where probe_every > 0) to OUT/tensorboard/<arm>/seed<k>, to watch the "
+                    "study with `tensorboard --logdir OUT` (same as --set tensorboard=true)")
     add_cluster_flags(sr)
     for action, text in (("status", "counts by status and one line per run"),
                          ("report", "write report.html, report.md and figures")):
@@ -437,6 +450,8 @@ def build_parser() -> Parser:
             sp.add_argument("--references", metavar="FILE", default=None,
                             help="TOML file of published numbers to show beside the study's "
                             "(default: the file shipped with a built-in study of that name)")
+        if action == "status":
+            add_format_flag(sp, "csv/json: one record per run with its axis values")
     ssub.add_parser("list", help="built-in studies with their size and estimated time")
     st.set_defaults(func=cmd_study)
 

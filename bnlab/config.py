@@ -99,8 +99,9 @@ class RunConfig:
     probe_step_sizes: str = _f(PROBE_STEP_SIZES, "absolute step sizes along -gradient of the "
                                "smoothness probes, comma-separated; keep them the same for "
                                "every arm of a study", "per step")
-    tensorboard: bool = _f(False, "also write probes as TensorBoard scalars and histograms "
-                           "(needs probe_every > 0 and the tensorboard package)")
+    tensorboard: bool = _f(False, "also write TensorBoard event files under OUT/tensorboard: "
+                           "the epoch metrics, and with probe_every > 0 the probes as scalars "
+                           "and histograms (needs the tensorboard package)")
     compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
                        "steps are slower while it compiles")
     cuda_graph: bool = _f(True, "on a GPU, capture the whole training step (forward, backward, "
@@ -203,8 +204,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             v = getattr(cfg, name)
             raise UserError(f"{name} {v!r} is not accepted{suggest(v, choices)}; "
                             f"accepted: {', '.join(choices)}")
-    if cfg.tensorboard and not cfg.probe_every:
-        raise UserError("tensorboard needs probes: set probe_every > 0 (e.g. --probe-every 50)")
     step_sizes(cfg.probe_step_sizes)
     if cfg.first_k < 0:
         raise UserError(f"first_k must be >= 0, got {cfg.first_k}")

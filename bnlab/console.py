@@ -1,6 +1,12 @@
-"""What bnlab prints on a terminal: aligned tables and short durations."""
+"""What bnlab prints: aligned tables and short durations on a terminal, CSV and JSON for other
+tools."""
 
 from __future__ import annotations
+
+import csv
+import io
+import json
+import math
 
 
 def format_table(head: list[str], rows: list[list[str]]) -> str:
@@ -19,3 +25,46 @@ def fmt_time(seconds: float | None) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# -- exports -----------------------------------------------------------------------------------
+FORMATS = ("table", "csv", "json")  # --format of `bnlab runs` and `bnlab study status`
+
+
+def csv_text(head: list[str], rows: list[list]) -> str:
+    """RFC 4180 CSV with a header line; None is an empty cell, other values as str() gives them
+    (floats at full precision)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    w.writerows([["" if v is None else v for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def records_csv(records: list[dict]) -> str:
+    """CSV of dicts: columns in order of first appearance; tables (dicts) as JSON text."""
+    if not records:
+        return ""
+    head = list(dict.fromkeys(k for r in records for k in r))
+    return csv_text(head, [[_cell(r.get(k)) for k in head] for r in records])
+
+
+def records_json(records: list[dict]) -> str:
+    """A JSON array of the records; non-finite numbers are null (JSON has no NaN)."""
+    return json.dumps(_finite(records), indent=2) + "\n"
+
+
+def _cell(v):
+    if isinstance(v, dict | list):
+        return json.dumps(v, sort_keys=True)
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

@@ -224,7 +224,9 @@ def test_probes_leave_the_trajectory_unchanged(tmp_path):
     assert act_layers == {"hidden.0.sigmoid", "hidden.1.sigmoid", "hidden.2.sigmoid",
                           "hidden.0", "hidden.1", "hidden.2"}
     if tensorboard:
-        assert any((on.path / "tensorboard").glob("events.out.tfevents.*"))
+        board = on.path.parent / "tensorboard" / on.run_id
+        assert any(board.glob("events.out.tfevents.*"))
+        assert any((board / "probes").glob("events.out.tfevents.*"))
 
 
 def test_resumed_run_has_the_same_probes(tmp_path):

@@ -345,8 +345,9 @@ def test_report_of_a_study_with_no_finished_run(tmp_path):
         "name": "empty", "axes": ["norm"], "analysis": {},
         "runs": [{"run_id": from_mapping({**BASE, **v}).run_id(), "values": v} for v in values]})
     files = write_report(out)
-    assert set(files) == {"report.html", "report.md"}
     doc = compose(load_study(out)).document
+    assert set(files) == {"report.html", "report.md", *(f"tables/{t.anchor}.csv"
+                                                        for t in doc.tables)}
     assert [r[2] for r in doc.tables[0].rows] == ["0", "0"]
     assert [r[-1] for r in doc.tables[0].rows] == ["1", "1"]  # pending
     items = next(b for b in doc.blocks if type(b).__name__ == "Bullets").items

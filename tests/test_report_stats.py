@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy import special
 from scipy import stats as sps
 
 from bnlab.report import stats as S
@@ -17,70 +16,31 @@ from bnlab.report.findings import comparison_sentence, findings
 from bnlab.report.load import Run, canon
 
 
-# -- incomplete beta and the t distribution ---------------------------------------------------
-@pytest.mark.parametrize("a,b", [(0.5, 0.5), (0.5, 3.0), (2.0, 0.5), (5.0, 7.5), (50.0, 0.5),
-                                 (0.05, 20.0), (300.0, 0.5)])
-@pytest.mark.parametrize("x", [1e-8, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-9])
-def test_betainc_matches_scipy(a, b, x):
-    # 1e-10, not tighter: near x = 1 scipy itself is off by ~1e-12 (see the arcsine test)
-    assert S.betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10, abs=1e-300)
+# -- the t quantiles of the intervals ---------------------------------------------------------
+def _half_width(n: int) -> float:
+    """t_{0.975, n-1} as summarize's CI gives it: half-width / (s / sqrt(n))."""
+    xs = [float(i % 2) for i in range(n)]  # any sample with spread
+    s = S.summarize(xs)
+    return (s.ci_high - s.mean) / (s.std / math.sqrt(n))
 
 
-@pytest.mark.parametrize("x", [1e-12, 0.2, 0.5, 0.93, 1 - 1e-9])
-def test_betainc_arcsine_closed_form(x):
-    # I_x(1/2, 1/2) = (2/pi) arcsin(sqrt(x)) = 1 - (2/pi) arcsin(sqrt(1 - x))
-    ref = (2 / math.pi) * math.asin(math.sqrt(x)) if x < 0.5 else \
-        1 - (2 / math.pi) * math.asin(math.sqrt(1 - x))
-    assert S.betainc(0.5, 0.5, x) == pytest.approx(ref, rel=1e-14)
-
-
-@pytest.mark.parametrize("a", [0.5, 1.0, 2.5, 10.0])
-@pytest.mark.parametrize("x", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_betainc_closed_forms(a, x):
-    # I_x(a, 1) = x^a and I_x(1, b) = 1 - (1 - x)^b
-    assert S.betainc(a, 1.0, x) == pytest.approx(x ** a, rel=1e-13, abs=1e-15)
-    assert S.betainc(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, rel=1e-13, abs=1e-15)
-
-
-@pytest.mark.parametrize("df", [1.0, 2.0, 2.5, 3.0, 7.0, 29.0, 200.0, 5000.0])
-@pytest.mark.parametrize("t", [-40.0, -3.1, -0.2, 0.0, 0.7, 2.0, 12.0, 1e3])
-def test_t_cdf_sf_match_scipy(df, t):
-    assert S.t_cdf(t, df) == pytest.approx(sps.t.cdf(t, df), rel=1e-11, abs=1e-300)
-    assert S.t_sf(t, df) == pytest.approx(sps.t.sf(t, df), rel=1e-11, abs=1e-300)
-
-
-@pytest.mark.parametrize("t", [-50.0, -1.0, -0.01, 0.0, 0.3, 4.0, 1e4])
-def test_t_closed_forms_df1_df2(t):
-    # df = 1 is the Cauchy distribution; df = 2 has F(t) = 1/2 + t / (2 sqrt(2 + t^2))
-    assert S.t_cdf(t, 1.0) == pytest.approx(0.5 + math.atan(t) / math.pi, rel=1e-13)
-    assert S.t_cdf(t, 2.0) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), rel=1e-13)
-
-
-@pytest.mark.parametrize("df", [1.0, 1.5, 2.0, 4.0, 9.0, 30.0, 120.0, 1e4])
-@pytest.mark.parametrize("p", [1e-6, 0.025, 0.1, 0.4999, 0.5, 0.6, 0.975, 0.995, 1 - 1e-7])
-def test_t_ppf_matches_scipy(df, p):
-    assert S.t_ppf(p, df) == pytest.approx(sps.t.ppf(p, df), rel=1e-9, abs=1e-12)
-
-
-@pytest.mark.parametrize("p", [0.01, 0.2, 0.5, 0.8, 0.975, 0.9999])
-def test_t_ppf_closed_forms(p):
-    assert S.t_ppf(p, 1.0) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-12, abs=1e-15)
-    assert S.t_ppf(p, 2.0) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
-                                            rel=1e-12, abs=1e-15)
+@pytest.mark.parametrize("level", [0.5, 0.8, 0.95, 0.99])
+def test_ci_quantiles_closed_forms_df1_df2(level):
+    # df = 1 is the Cauchy distribution, t_p = tan(pi (p - 1/2)); df = 2 has
+    # t_p = (2p - 1) / sqrt(2 p (1 - p))
+    p = 0.5 + level / 2
+    for n, ref in ((2, math.tan(math.pi * (p - 0.5))),
+                   (3, (2 * p - 1) / math.sqrt(2 * p * (1 - p)))):
+        xs = [0.25, 0.75, 0.5][:n]
+        s = S.summarize(xs, level)
+        half = (s.ci_high - s.ci_low) / 2
+        assert half == pytest.approx(ref * s.std / math.sqrt(n), rel=1e-12)
 
 
 @pytest.mark.parametrize("df,value", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),
                                       (5, 2.571), (10, 2.228), (20, 2.086), (30, 2.042)])
 def test_t_975_quantiles_match_printed_table(df, value):
-    assert round(S.t_ppf(0.975, df), 3) == value
-
-
-def test_t_ppf_refuses_bad_levels():
-    for p in (0.0, 1.0, -0.1, 2.0):
-        with pytest.raises(ValueError):
-            S.t_ppf(p, 3)
-    with pytest.raises(ValueError):
-        S.t_sf(1.0, 0.0)
+    assert round(_half_width(df + 1), 3) == value
 
 
 # -- summaries ---------------------------------------------------------------------------------
@@ -147,6 +107,63 @@ def test_welch_edge_cases():
     w = S.welch([0.9, 0.9, 0.9], [0.8, 0.85, 0.83])
     assert w.df == pytest.approx(2.0) and w.p == pytest.approx(
         sps.ttest_ind([0.9, 0.9, 0.9], [0.8, 0.85, 0.83], equal_var=False).pvalue, rel=1e-10)
+
+
+# -- bootstrap interval of a difference -------------------------------------------------------
+def _bca_reference(a, b, level=0.95, resamples=40_000, seed=1):
+    """BCa interval of mean(a) - mean(b) written from Efron & Tibshirani (1993), 14.3 and
+    15.36: each arm resampled on its own; acceleration from each arm's jackknife."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    theta = a.mean() - b.mean()
+    boot = (a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
+            - b[rng.integers(0, len(b), (resamples, len(b)))].mean(1))
+    z0 = sps.norm.ppf((np.sum(boot < theta) + np.sum(boot <= theta)) / 2 / resamples)
+    num = den = 0.0
+    for sample, sign in ((a, 1.0), (b, -1.0)):
+        n = len(sample)
+        loo = (sample.sum() - sample) / (n - 1)  # the jackknife means of this arm
+        u = (n - 1) * (sign * loo.mean() - sign * loo)
+        num += np.sum(u ** 3) / n ** 3
+        den += np.sum(u ** 2) / n ** 2
+    acc = num / den ** 1.5 / 6
+    z = sps.norm.ppf([(1 - level) / 2, (1 + level) / 2])
+    alphas = sps.norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z)))
+    return np.quantile(boot, alphas)
+
+
+@pytest.mark.parametrize("a,b", [([0.91, 0.93, 0.92, 0.95, 0.90], [0.88, 0.85, 0.90, 0.87, 0.86]),
+                                 ([0.5, 0.52, 0.49, 0.61, 0.55, 0.48, 0.47],
+                                  [0.51, 0.49, 0.55, 0.50, 0.52, 0.80]),
+                                 ([0.1, 0.9, 0.4, 0.3, 0.35, 0.2], [0.45, 0.46, 0.44, 0.45, 0.47])])
+def test_bootstrap_matches_a_second_bca(a, b):
+    low, high = S.bootstrap_diff(a, b)
+    ref_low, ref_high = _bca_reference(a, b)
+    width = ref_high - ref_low
+    # Monte Carlo error of a 2.5% quantile of 10^4 resamples is ~1% of the width
+    assert low == pytest.approx(ref_low, abs=0.05 * width)
+    assert high == pytest.approx(ref_high, abs=0.05 * width)
+    assert low < np.mean(a) - np.mean(b) < high
+
+
+def test_bootstrap_agrees_with_welch_on_large_normal_samples():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.9, 0.01, 60), rng.normal(0.88, 0.02, 60)
+    w = S.welch(a, b)
+    half_t = (w.ci_high - w.ci_low) / 2
+    assert (w.boot_low + w.boot_high) / 2 == pytest.approx(w.diff, abs=0.1 * half_t)
+    assert (w.boot_high - w.boot_low) / 2 == pytest.approx(half_t, rel=0.1)
+
+
+def test_bootstrap_needs_five_runs_and_some_spread():
+    five, four = [0.9, 0.91, 0.92, 0.93, 0.94], [0.8, 0.81, 0.82, 0.83]
+    assert S.bootstrap_diff(five, four) is None
+    assert S.bootstrap_diff(five, four + [0.84]) is not None
+    assert S.bootstrap_diff([0.5] * 5, [0.4] * 6) is None
+    w = S.welch(five, four)
+    assert w.p is not None and w.boot_low is None and w.boot_high is None
+    # the report reads the same interval every time
+    assert S.bootstrap_diff(five, four + [0.9]) == S.bootstrap_diff(five, four + [0.9])
 
 
 # -- findings on hand-made arms ----------------------------------------------------------------
@@ -314,3 +331,27 @@ def test_a_slow_start_is_reported_but_the_run_counts_as_completed():
     a.row = 1
     out = findings([a], TABLE)
     assert any("1 had a slow start (at chance until epoch 3, then learned)" in s for s in out)
+
+
+def test_summary_table_shows_the_bootstrap_interval_from_five_runs():
+    from pathlib import Path
+
+    from bnlab.report.load import Study
+    from bnlab.report.tables import summary_table
+
+    def table(n):
+        bn = [0.912, 0.915, 0.909, 0.918, 0.906, 0.911][:n]
+        none = [0.895, 0.890, 0.898, 0.887, 0.901, 0.893][:n]
+        a, b = _arms(bn, none)
+        study = Study(Path("."), "s", "", {}, {}, {}, {}, ["norm", "seed"], {}, a.runs + b.runs)
+        return summary_table(study, [a, b], 1), bn, none
+
+    t4, _, _ = table(4)
+    assert not any("bootstrap" in h for h in t4.head)
+    t5, bn, none = table(5)
+    assert t5.head[-1].startswith("Δ bootstrap 95% CI")
+    low, high = _bca_reference(none, bn)
+    cell = t5.rows[1][-1]  # row 2: norm=none against the baseline
+    got = [float(x) for x in cell.strip("[]").split(", ")]
+    assert got == pytest.approx([100 * low, 100 * high], abs=0.05 * 100 * (high - low) + 0.01)
+    assert t5.rows[0][-1] == "–" and any("BCa" in n for n in t5.notes)

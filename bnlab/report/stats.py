@@ -1,121 +1,26 @@
-"""Statistics over seeds, in float64, with no dependency beyond the standard library.
-
-Student's t distribution is computed from the regularized incomplete beta function:
-
-    P(T > t | df) = 1/2 * I_x(df/2, 1/2),    x = df / (df + t^2),  t >= 0
-
-and its quantile by bisection on that tail probability. I_x(a, b) is evaluated with the
-continued fraction of Numerical Recipes (modified Lentz), using the symmetry
-I_x(a, b) = 1 - I_{1-x}(b, a) where x > (a + 1) / (a + b + 2) so the fraction converges fast.
+"""Statistics over seeds, in float64: summaries with t intervals, Welch's test, and a bootstrap
+interval of a difference, computed by scipy.stats.
 
 Edge cases are explicit rather than NaN: a sample of one has no standard deviation, no confidence
-interval and cannot enter a t-test; two samples that both have zero variance give no Welch test.
+interval and cannot enter a t-test; two samples that both have zero variance give no Welch test;
+arms with fewer than BOOTSTRAP_MIN_N runs get no bootstrap interval (with 4 runs an arm has only
+35 distinct resamples, too few for the tails of a 95% interval).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+from scipy import stats
+
 ALPHA = 0.05  # significance level of every test in the report (two-sided)
-
-_EPS = 1e-16
-_TINY = 1e-300
-_MAX_ITER = 10_000
-
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of I_x(a, b) (without the prefactor), modified Lentz's method."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > _TINY else _TINY)
-    h = d
-    for m in range(1, _MAX_ITER + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > _TINY else _TINY)
-        c = 1.0 + aa / c
-        c = c if abs(c) > _TINY else _TINY
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > _TINY else _TINY)
-        c = 1.0 + aa / c
-        c = c if abs(c) > _TINY else _TINY
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < _EPS:
-            return h
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, "
-                          f"x={x})")
-
-
-def betainc(a: float, b: float, x: float, xc: float | None = None) -> float:
-    """Regularized incomplete beta I_x(a, b) = B(x; a, b) / B(a, b) for a, b > 0, 0 <= x <= 1.
-
-    `xc` may pass 1 - x computed without cancellation (e.g. t^2 / (df + t^2)).
-    """
-    if not (a > 0 and b > 0):
-        raise ValueError(f"betainc needs a, b > 0, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"betainc needs 0 <= x <= 1, got {x}")
-    xc = 1.0 - x if xc is None else xc
-    if x == 0.0:
-        return 0.0
-    if xc == 0.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log(xc))
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, xc) / b
-
-
-def t_sf(t: float, df: float) -> float:
-    """Survival function P(T > t) of Student's t with `df` > 0 degrees of freedom."""
-    if not df > 0:
-        raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    t2 = t * t
-    half_tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))
-    return half_tail if t >= 0 else 1.0 - half_tail
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) of Student's t."""
-    return t_sf(-t, df)
-
-
-def t_ppf(p: float, df: float) -> float:
-    """Quantile of Student's t: the t with P(T <= t) = p, by bisection on the tail probability.
-
-    Bisection runs until the bracket cannot shrink in float64, so the result is as exact as the
-    tail probability itself.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"quantile level must be in (0, 1), got {p}")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    q = 1.0 - p  # wanted upper-tail probability
-    lo, hi = 0.0, 1.0
-    while t_sf(hi, df) > q:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e300:
-            return math.inf
-    while True:
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            return hi if abs(t_sf(hi, df) - q) <= abs(t_sf(lo, df) - q) else lo
-        if t_sf(mid, df) > q:
-            lo = mid
-        else:
-            hi = mid
+BOOTSTRAP_MIN_N = 5  # runs per arm before a bootstrap interval is given
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # a fixed stream: the same runs give the same report
 
 
 @dataclass(frozen=True)
@@ -139,9 +44,8 @@ def summarize(values: Sequence[float], level: float = 0.95) -> Summary:
     m = math.fsum(xs) / n
     if n == 1:
         return Summary(1, m, None, None, None)
-    var = math.fsum((x - m) ** 2 for x in xs) / (n - 1)
-    s = math.sqrt(var)
-    half = t_ppf(0.5 + level / 2.0, n - 1) * s / math.sqrt(n)
+    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * s / math.sqrt(n)
     return Summary(n, m, s, m - half, m + half)
 
 
@@ -153,6 +57,8 @@ class Welch:
     df = se^4 / ((s_a^2/n_a)^2/(n_a-1) + (s_b^2/n_b)^2/(n_b-1))  (Welch-Satterthwaite),
     p = 2 P(T_df > |t|), CI of the difference = diff +/- t_{0.975, df} * se.
     When the test is undefined, t/df/p/CI are None and `reason` says why.
+    boot_low/boot_high: the BCa bootstrap 95% interval of the difference (runs resampled within
+    each arm), when both arms have at least BOOTSTRAP_MIN_N runs and some spread.
     """
 
     diff: float | None
@@ -165,6 +71,8 @@ class Welch:
     ci_low: float | None = None
     ci_high: float | None = None
     reason: str | None = None
+    boot_low: float | None = None
+    boot_high: float | None = None
 
     @property
     def significant(self) -> bool:
@@ -181,9 +89,28 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Welch:
     va, vb = sa.std ** 2 / sa.n, sb.std ** 2 / sb.n
     if va + vb == 0.0:
         return Welch(diff, sa.n, sb.n, reason="both arms have zero variance")
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
-    t = diff / se
-    p = min(1.0, 2.0 * t_sf(abs(t), df))
-    half = t_ppf(0.5 + level / 2.0, df) * se
-    return Welch(diff, sa.n, sb.n, se, t, df, p, diff - half, diff + half)
+    with warnings.catch_warnings():
+        # scipy warns of cancellation when one arm is (nearly) constant; the variances above
+        # are summed exactly (fsum) and the all-constant case is refused, so the test stands
+        warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        res = stats.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence_level=level)
+    boot = bootstrap_diff(a, b, level)
+    return Welch(diff, sa.n, sb.n, math.sqrt(va + vb), float(res.statistic), float(res.df),
+                 float(res.pvalue), float(ci.low), float(ci.high),
+                 boot_low=boot[0] if boot else None, boot_high=boot[1] if boot else None)
+
+
+def bootstrap_diff(a: Sequence[float], b: Sequence[float],
+                   level: float = 0.95) -> tuple[float, float] | None:
+    """BCa bootstrap interval of mean(a) - mean(b), each arm resampled on its own; None below
+    BOOTSTRAP_MIN_N runs in an arm or when both arms are constant (nothing to resample)."""
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if min(len(xa), len(xb)) < BOOTSTRAP_MIN_N or (np.ptp(xa) == 0 and np.ptp(xb) == 0):
+        return None
+    res = stats.bootstrap((xa, xb), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                          vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
+                          confidence_level=level, method="BCa",
+                          rng=np.random.default_rng(BOOTSTRAP_SEED))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None

@@ -14,7 +14,13 @@ from bnlab.report.document import Table
 from bnlab.report.load import Run, Study, fmt_value, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer
 from bnlab.report.references import Reference, matches
-from bnlab.report.stats import ALPHA, Summary, summarize
+from bnlab.report.stats import (
+    ALPHA,
+    BOOTSTRAP_MIN_N,
+    BOOTSTRAP_RESAMPLES,
+    Summary,
+    summarize,
+)
 
 SELECTED_MARK = "†"
 NO_TEST_MARKS = "ᵃᵇᶜᵈᵉ"  # one per reason a test is undefined (stats.welch has three)
@@ -33,6 +39,9 @@ def summary_table(study: Study, arms: list[Arm], number: int,
             "Δ vs baseline (points) [95% CI]", "p (Welch)", "Completed", "No learning",
             "Diverged", "Failed"]
     head += ["Pending"] if pending else []
+    # a bootstrap interval exists where both arms have BOOTSTRAP_MIN_N runs (stats.welch)
+    boot = any(a.welch is not None and a.welch.boot_low is not None for a in shown)
+    head += ["Δ bootstrap 95% CI (points)"] if boot else []
     head += ["Published (%)"] if cited.column else []
     rows = []
     reasons: dict[str, str] = {}
@@ -56,8 +65,12 @@ def summary_table(study: Study, arms: list[Arm], number: int,
                fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, p,
                str(a.count("completed")), str(a.count("no_learning")),
                str(a.count("diverged")), str(a.count("failed"))]
-        rows.append(row + ([str(a.pending)] if pending else [])
-                    + ([cited.column.get(id(a), fmt.DASH)] if cited.column else []))
+        row += [str(a.pending)] if pending else []
+        if boot:  # after the fixed columns, so those keep their places
+            w = a.welch
+            row.append(fmt.interval(w.boot_low, w.boot_high, sign=True) if w else fmt.DASH)
+        row += [cited.column.get(id(a), fmt.DASH)] if cited.column else []
+        rows.append(row)
     base = ", ".join(f"{k}={fmt_value(v)}" for k, v in study.baseline.items())
     notes = [
         "Test acc.: the test accuracy after the last epoch (not the best epoch), mean ± sample "
@@ -71,6 +84,11 @@ def summary_table(study: Study, arms: list[Arm], number: int,
         "Welch–Satterthwaite degrees of freedom; p: two-sided Welch's t-test, "
         f"α = {ALPHA:g}, not corrected for multiple comparisons.",
     ]
+    if boot:
+        notes.append(f"Δ bootstrap 95% CI: BCa interval of the difference of means from "
+                     f"{BOOTSTRAP_RESAMPLES} resamples of the runs of each arm (fixed seed); "
+                     f"given where both arms have at least {BOOTSTRAP_MIN_N} runs, and free "
+                     "of the t-test's normality assumption.")
     if not any(a.is_baseline for a in shown):
         notes.append(f"No arm matches the baseline {base} (analysis.baseline), so no "
                      "differences are tested.")

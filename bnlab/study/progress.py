@@ -1,4 +1,4 @@
-"""Study-wide progress: a bar with an ETA on a terminal, plain log lines elsewhere."""
+"""Study-wide progress: a tqdm bar with a measured ETA on a terminal, plain log lines elsewhere."""
 
 from __future__ import annotations
 
@@ -6,24 +6,33 @@ import sys
 import threading
 import time
 
+from tqdm import tqdm
+
 from bnlab.console import fmt_time
 from bnlab.store import FINISHED, Store
 from bnlab.study.spec import Plan
 
+REFRESH_S = 1.0  # how often the bar rereads the index (other runners' epochs count too)
+
 
 class Progress:
-    """Study-wide progress (in epochs, read from the index, so other runners count too): a bar
-    with ETA redrawn on a terminal, or plain log lines when output goes to a file or pipe."""
+    """Study-wide progress in epochs, read from the index so other runners count too: a bar on
+    a terminal (log lines are written above it), or plain log lines when output goes to a file
+    or pipe. The ETA is measured: epochs still to train over the rate of epochs done since
+    this runner started."""
 
     def __init__(self, plan: Plan, store: Store, stream=None, tty: bool | None = None):
         self.plan, self.store = plan, store
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
+        # log lines are results, the bar is decoration: lines go to stdout when the bar is on
+        # stderr, so `bnlab study run ... > log` keeps every line and no bar
+        self.out = sys.stdout if self.stream is sys.stderr else self.stream
         self.lock = threading.Lock()
         self.t0 = time.monotonic()
         self.total = sum(r.cfg.epochs for r in plan.runs)
         self.done0 = None
-        self.shown = False
+        self.bar: tqdm | None = None
         self._stop = threading.Event()
         self._thread = None
 
@@ -47,28 +56,19 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else (0.0 if done >= self.total else None)
         return runs_done, done, eta
 
-    def text(self) -> str:
-        runs_done, done, eta = self.measure()
-        frac = done / self.total if self.total else 1.0
-        width = 24
-        fill = int(round(frac * width))
-        return (f"{self.plan.spec.name} [{'#' * fill}{'.' * (width - fill)}] "
-                f"{runs_done}/{len(self.plan.runs)} runs, {done}/{self.total} epochs, "
-                f"elapsed {fmt_time(time.monotonic() - self.t0)}, ETA {fmt_time(eta)}")
-
     def log(self, line: str) -> None:
         with self.lock:
-            if self.tty and self.shown:
-                self.stream.write("\r\033[K")
-            print(line, file=sys.stdout if self.stream is sys.stderr else self.stream,
-                  flush=True)
-            if self.tty:
-                self._draw()
+            if self.bar is not None:
+                self.bar.write(line, file=self.out)  # clears the bar, writes, redraws it
+            else:
+                print(line, file=self.out, flush=True)
 
-    def _draw(self) -> None:
-        self.stream.write("\r\033[K" + self.text())
-        self.stream.flush()
-        self.shown = True
+    def _update(self) -> None:
+        runs_done, done, eta = self.measure()
+        self.bar.n = done
+        self.bar.set_postfix_str(f"{runs_done}/{len(self.plan.runs)} runs, ETA {fmt_time(eta)}",
+                                 refresh=False)
+        self.bar.refresh()
 
     def finished(self, summary: dict) -> None:
         """A log line for a run that reached a status in this runner."""
@@ -83,10 +83,17 @@ class Progress:
     def __enter__(self):
         self.measure()
         if self.tty:
+            self.bar = tqdm(total=self.total, initial=self.done0, desc=self.plan.spec.name,
+                            file=self.stream, dynamic_ncols=True, leave=True,
+                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} epochs, "
+                                       "elapsed {elapsed}{postfix}")
+            with self.lock:
+                self._update()
+
             def loop():
-                while not self._stop.wait(1.0):
+                while not self._stop.wait(REFRESH_S):
                     with self.lock:
-                        self._draw()
+                        self._update()
             self._thread = threading.Thread(target=loop, daemon=True)
             self._thread.start()
         return self
@@ -95,10 +102,8 @@ class Progress:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        if self.tty and self.shown:
+        if self.bar is not None:
             with self.lock:
-                self._draw()
-                self.stream.write("\n")
-                self.stream.flush()
-
-
+                self._update()
+                self.bar.close()
+                self.bar = None

@@ -30,6 +30,7 @@ from bnlab.models import MODELS
 from bnlab.models.init import INITS
 from bnlab.norm import FORMULAS
 from bnlab.runtime import resolve_device
+from bnlab.train.board import require_tensorboard
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
@@ -66,7 +67,7 @@ class Case:
 class Spec:
     name: str
     description: str
-    source: str  # "built-in" or the file path
+    source: str  # "built-in", "table" (given as a dict from Python) or the file path
     raw: dict[str, Any]  # the TOML as read
     base: dict[str, Any]  # coerced [base] values
     grid: dict[str, list]
@@ -150,7 +151,8 @@ def _keys(table: dict, allowed: tuple, where: str) -> None:
 
 
 def parse_spec(data: dict, source: str = "built-in", default_name: str = "study") -> Spec:
-    label = f"spec {default_name!r}" if source == "built-in" else f"spec {source!r}"
+    # a spec from a file is named by its path; one built in, or given as a table, by its name
+    label = f"spec {default_name!r}" if source in ("built-in", "table") else f"spec {source!r}"
     _keys(data, SECTIONS, label)
     name = data.get("name", default_name)
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -411,7 +413,7 @@ def _registries() -> dict[str, dict]:
 def preflight(plan: Plan) -> None:
     """Refuse, before anything is trained, names that nothing knows: unmapped placeholder
     datasets, image folders that do not exist, models, norms and inits missing from their
-    registries, an unavailable device.
+    registries, an unavailable device, TensorBoard output without the tensorboard package.
 
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
@@ -434,3 +436,5 @@ def preflight(plan: Plan) -> None:
                 raise unknown(kind, value, names)
     for device in sorted({r.cfg.device for r in plan.runs}):
         resolve_device(device)
+    if any(r.cfg.tensorboard for r in plan.runs):
+        require_tensorboard()

@@ -54,18 +54,30 @@ def resolve_out(target: str, out: str | None = None) -> Path:
     return folder
 
 
-def status_text(out: str | Path) -> str:
-    """`bnlab study status`: counts by status, then one line per run with its axis values."""
+def status_records(out: str | Path) -> tuple[dict, list[str], list[dict]]:
+    """study.json, its axes (dataset last) and one record per run: run_id, its axis values,
+    status, epochs_done, epochs, test_acc, train_acc, wall_time, attempts, error."""
     store = Store(out)
     meta = store.read_meta("study.json")
-    rows = status_rows(store, [r["run_id"] for r in meta["runs"]])
+    axes = [a for a in meta["axes"] if a != "dataset"] + ["dataset"]
+    values = {r["run_id"]: r["values"] for r in meta["runs"]}
+    records = []
+    for r in status_rows(store, [r["run_id"] for r in meta["runs"]]):
+        v = values[r["run_id"]]
+        records.append({"run_id": r["run_id"], **{a: v.get(a) for a in axes},
+                        **{k: x for k, x in r.items() if k != "run_id"}})
+    return meta, axes, records
+
+
+def status_text(out: str | Path) -> str:
+    """`bnlab study status`: counts by status, then one line per run with its axis values."""
+    meta, axes, rows = status_records(out)
+    values = {r["run_id"]: r["values"] for r in meta["runs"]}
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     head = (f"study {meta['name']} in {out}: {len(rows)} runs: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    axes = [a for a in meta["axes"] if a != "dataset"] + ["dataset"]
-    values = {r["run_id"]: r["values"] for r in meta["runs"]}
     table = []
     for r in rows:
         acc = r["test_acc"]

@@ -162,8 +162,8 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # probes (bnlab/train/probes.py): None when off; they never change the trajectory
-    prober = make_prober(cfg, model, opt, criterion, rec.run, rec.epoch) \
-        if cfg.probe_every else None
+    prober = (make_prober(cfg, model, opt, criterion, rec.run, rec.epoch, rec.step)
+              if cfg.probe_every else None)
     graphed = (cfg.cuda_graph and step_graph.supported(device) and prober is None
                and not ctx.env.enabled and not (cfg.compile and cfg.dropout > 0))
     fast = prepare(net, device, cfg.compile, whole_step_graph=graphed)

@@ -55,7 +55,7 @@ from bnlab.train.optim import PackedSGD, lr_rows, single_optimizer
 from bnlab.train.record import RunRecord, checkpoint_state, config_record
 
 PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
-           "decay_norm_and_bias", "schedule", "warmup_epochs")
+           "decay_norm_and_bias", "schedule", "warmup_epochs", "tensorboard")
 # fields that may be anything as long as it is the same for every run of the pack
 SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "val_fraction",
           "augment", "model", "norm_options", "placement", "first_k", "batch_size", "epochs",

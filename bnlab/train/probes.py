@@ -62,11 +62,11 @@ from torchvision.models.resnet import BasicBlock as TvBasic
 from torchvision.models.resnet import Bottleneck
 
 from bnlab.config import PROBE_STEP_SIZES, step_sizes
-from bnlab.errors import UserError
 from bnlab.models import build_model
 from bnlab.models.cifar_resnet import BasicBlock
 from bnlab.models.mlp import Hidden
 from bnlab.norm import is_norm_layer
+from bnlab.train.board import event_dir, summary_writer
 from bnlab.train.probe_stats import (
     MAX_QUANTILE_ELEMENTS,
     UNITS_PER_LAYER,
@@ -146,7 +146,8 @@ class Prober:
                  layers: list[tuple[str, str, str]], precision: str = "fp32", run=None,
                  rows: list[dict] | None = None, tensorboard_dir=None, seed: int = 0,
                  grad_clip: float = 0.0,
-                 steps: tuple[float, ...] = step_sizes(PROBE_STEP_SIZES)):
+                 steps: tuple[float, ...] = step_sizes(PROBE_STEP_SIZES),
+                 purge_step: int | None = None):
         self.model, self.opt, self.criterion, self.every = model, opt, criterion, every
         self.layers, self.precision, self.run = layers, precision, run
         self.seed, self.grad_clip, self.steps = seed, grad_clip, tuple(steps)
@@ -166,15 +167,8 @@ class Prober:
         self.ics_layers: list[tuple[str, int]] = []
         self._opt_handles = [opt.register_step_pre_hook(self._before_update),
                              opt.register_step_post_hook(self._after_update)]
-        self.writer = None
-        if tensorboard_dir is not None:
-            try:
-                # optional: the tensorboard extra
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("tensorboard output needs the tensorboard package "
-                                "(pip install 'bnlab[tensorboard]')") from None
-            self.writer = SummaryWriter(str(tensorboard_dir))
+        self.writer = (summary_writer(tensorboard_dir, purge_step)
+                       if tensorboard_dir is not None else None)
 
     def _pick_ics(self) -> list[tuple[str, int]]:
         ordered = sorted(self.weight_layers, key=lambda w: self.rank[w[2]])
@@ -375,15 +369,17 @@ def _norm(ts: list[torch.Tensor]) -> float:
 
 
 def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, run=None,
-                start_epoch: int = 0) -> Prober:
+                start_epoch: int = 0, start_step: int = 0) -> Prober:
     """The prober of a run: default layers, earlier rows kept on resume (epochs <= start_epoch),
-    TensorBoard scalars and histograms under OUT/<run_id>/tensorboard when cfg.tensorboard."""
+    TensorBoard scalars and histograms when cfg.tensorboard (in the run's event folder under
+    OUT/tensorboard, board.py, subfolder probes; a resume at `start_step` purges later steps)."""
     rows = []
     if run is not None and start_epoch > 0:
         rows = [r for r in run.read_rows("probes.jsonl") if r["epoch"] <= start_epoch]
     tb = None
     if getattr(cfg, "tensorboard", False) and run is not None:
-        tb = run.path / "tensorboard"
+        tb = event_dir(run.path.parent, cfg) / "probes"
     return Prober(model, opt, criterion, cfg.probe_every, default_layers(cfg, model),
                   cfg.precision, run, rows, tb, seed=cfg.seed, grad_clip=cfg.grad_clip,
-                  steps=step_sizes(cfg.probe_step_sizes))
+                  steps=step_sizes(cfg.probe_step_sizes),
+                  purge_step=start_step if start_step > 0 else None)

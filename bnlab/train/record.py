@@ -6,7 +6,8 @@ bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runn
     resume_from() take epoch, step, wall time, flags and metrics from a loaded checkpoint
     begin()       config.json and an empty metrics.jsonl for a new run; a `running` summary
     add_epoch()   one epoch's metrics row, in memory (and the flag of an early stall)
-    save()        metrics.jsonl, checkpoint.pt and the `running` summary, each atomically
+    save()        metrics.jsonl, checkpoint.pt and the `running` summary, each atomically (and
+                  the epoch's TensorBoard scalars with the run option tensorboard, board.py)
     diverged()    the step whose loss was not finite
     finish()      the final summary (status from bnlab.store.final_status)
     fail()        error.txt and a `failed` summary
@@ -29,6 +30,7 @@ from bnlab.errors import UserError
 from bnlab.models import count_parameters
 from bnlab.runtime import environment
 from bnlab.store import FINISHED, RunDir, Store, final_status
+from bnlab.train.board import EpochBoard
 
 
 def config_record(cfg: RunConfig, bundle, model: nn.Module, device: torch.device,
@@ -87,6 +89,7 @@ class RunRecord:
         self.epoch, self.step, self.wall = 0, 0, 0.0
         self.metrics: list[dict] = []
         self.flags: dict = {}
+        self.board: EpochBoard | None = None  # TensorBoard scalars (cfg.tensorboard), from begin()
 
     @property
     def run_id(self) -> str:
@@ -140,6 +143,8 @@ class RunRecord:
             self.run.path.mkdir(parents=True, exist_ok=True)
             self.run.write_json("config.json", config() if callable(config) else config)
             self.run.write_rows("metrics.jsonl", [])
+        if self.cfg.tensorboard and self.board is None:
+            self.board = EpochBoard(self.store.root, self.cfg, self.epoch)
         self._write_summary("running")
 
     # -- during training -----------------------------------------------------------------------
@@ -160,6 +165,8 @@ class RunRecord:
         if self.run is None:
             return
         self.run.write_rows("metrics.jsonl", self.metrics)
+        if self.board is not None and self.metrics:
+            self.board.add(self.metrics[-1])  # before the checkpoint: a resume purges it
         self.run.save_checkpoint(checkpoint)
         if self.epoch < self.cfg.epochs:
             self._write_summary("running")
@@ -178,15 +185,22 @@ class RunRecord:
     def finish(self, chance: float | None = None) -> dict:
         """Write and return the final summary; `chance` decides whether the last test accuracy
         is at chance (status no_learning; not asked of a run that diverged)."""
+        self._close_board()
         last = self.metrics[-1]["test_acc"] if self.metrics else None
         at_chance = chance is not None and last is not None and last <= chance
         return self._write_summary(final_status(self.flags, at_chance))
+
+    def _close_board(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def fail(self, e: BaseException) -> dict:
         """error.txt (the traceback) and a `failed` summary that keeps what the run had done;
         a run that failed before its folder existed keeps at least its config."""
         if self.run is None:
             return {"run_id": self.run_id, "status": "failed", "error": error_message(e)}
+        self._close_board()
         run = self.run
         if not run.exists():
             run.write_json("config.json", {"config": self.cfg.to_dict(), "env": None})

@@ -1,0 +1,96 @@
+"""TensorBoard event files of runs and studies, read back with tensorboard's own reader and
+checked against metrics.jsonl and probes.jsonl."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from bnlab import cli
+from bnlab.config import from_mapping
+from bnlab.store import Store
+from bnlab.train import train_run
+from bnlab.train.board import event_dir, run_name, summary_writer
+
+pytest.importorskip("tensorboard")  # the tensorboard extra (part of [test])
+from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402
+    EventAccumulator,
+)
+
+SPEC = """
+name = "tiny-board"
+[base]
+dataset = "synthetic"
+model = "mlp3x100"
+limit_train = 64
+limit_test = 64
+batch_size = 16
+epochs = 2
+lr = 0.05
+device = "cpu"
+probe_every = 2
+[grid]
+norm = ["bn", "none"]
+seed = [0]
+"""
+BASE = dict(dataset="synthetic", model="mlp3x100", limit_train=64, limit_test=32, batch_size=16,
+            epochs=3, lr=0.05, device="cpu", tensorboard=True)
+
+
+def scalars(folder, tag) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_study_flag_names_runs_by_arm_and_seed(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    out = tmp_path / "out"
+    assert cli.main(["study", "run", str(spec), "--out", str(out), "--tensorboard"]) == 0
+    store = Store(out)
+    runs = {json_run["values"]["norm"]: json_run["run_id"]
+            for json_run in store.read_meta("study.json")["runs"]}
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["norm=bn", "norm=none"]
+    for norm, run_id in runs.items():
+        board = out / "tensorboard" / f"norm={norm}" / "seed0"
+        metrics = store.run(run_id).metrics()
+        got = scalars(board, "metrics/test_acc")
+        assert got == [(m["epoch"], pytest.approx(m["test_acc"], rel=1e-6)) for m in metrics]
+        acc = EventAccumulator(str(board / "probes"), size_guidance={"histograms": 0})
+        acc.Reload()
+        probes = store.run(run_id).read_rows("probes.jsonl")
+        loss_var = [(r["step"], r["value"]) for r in probes if r["metric"] == "loss_variation"]
+        assert [(s, pytest.approx(v, rel=1e-6)) for s, v in loss_var] == \
+            scalars(board / "probes", "loss_variation/model")
+        assert "act/hidden.0.sigmoid" in acc.Tags()["histograms"]
+        assert store.run(run_id).config["tensorboard"] is True
+
+
+def test_a_lone_run_is_named_by_its_id_and_a_resume_purges_a_killed_attempt(tmp_path):
+    cfg = from_mapping(BASE)
+    assert run_name(tmp_path, cfg) == cfg.run_id()
+
+    def stop_after_epoch_1(msg):  # logged once epoch 1 is stored
+        if "epoch 1/3" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path, log=stop_after_epoch_1)
+    # what a killed attempt leaves when it dies between its event and its checkpoint
+    stale = summary_writer(event_dir(tmp_path, cfg))
+    stale.add_scalar("metrics/test_acc", 99.0, 2)
+    stale.close()
+    train_run(cfg, tmp_path, resume=True, log=lambda m: None)
+    metrics = Store(tmp_path).run(cfg.run_id()).metrics()
+    assert scalars(event_dir(tmp_path, cfg), "metrics/test_acc") == \
+        [(m["epoch"], pytest.approx(m["test_acc"], rel=1e-6)) for m in metrics]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+
+
+def test_tensorboard_no_longer_needs_probes_and_is_not_in_the_run_id():
+    cfg = from_mapping(dict(BASE, tensorboard=True))
+    assert cfg.probe_every == 0
+    assert cfg.run_id() == dataclasses.replace(cfg, tensorboard=False).run_id()
