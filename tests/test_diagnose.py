@@ -22,22 +22,44 @@ def batches(seed=0, n=3, b=5):
             + torch.tensor([0.5, -2.0]).view(1, 2, 1, 1) for _ in range(n)]
 
 
-def test_precise_statistics_pool_all_samples_biased():
+def pooled(bs):
+    x = np.concatenate([b.numpy() for b in bs]).astype(np.float64)
+    return x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+
+
+def test_precise_statistics_both_definitions_against_closed_forms():
+    """Batches of 5, 5 and 3 images: the pooled statistics are those of all values together
+    (biased variance), fvcore's the plain averages of per-batch means and unbiased variances."""
     model = nn.Sequential(nn.BatchNorm2d(2)).eval()
-    bs = batches()
-    stats = precise_statistics(model, bs)
-    mean, var, count = stats["0"]
-    x = np.concatenate([b.numpy() for b in bs]).astype(np.float64)  # (15, 2, 3, 3)
-    pooled = x.transpose(1, 0, 2, 3).reshape(2, -1)
-    np.testing.assert_allclose(mean.numpy(), pooled.mean(1), rtol=1e-12)
-    np.testing.assert_allclose(var.numpy(), pooled.var(1, ddof=0), rtol=1e-12)
-    assert count == 15 * 9
+    bs = batches(n=2) + batches(seed=3, n=1, b=3)
+    s = precise_statistics(model, bs)["0"]
+    ref = pooled(bs)
+    np.testing.assert_allclose(s.mean.numpy(), ref.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(s.var.numpy(), ref.var(1, ddof=0), rtol=1e-12)
+    per = [pooled([b]) for b in bs]
+    np.testing.assert_allclose(s.avg_mean.numpy(), np.mean([p.mean(1) for p in per], 0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(s.avg_var.numpy(), np.mean([p.var(1, ddof=1) for p in per], 0),
+                               rtol=1e-12)
+    assert (s.values, s.batches, s.batch_values) == (13 * 9, 3, 5 * 9)
     # the model's own statistics are untouched
     assert torch.equal(model[0].running_mean, torch.zeros(2))
     assert torch.equal(model[0].running_var, torch.ones(2))
 
 
-def test_precise_statistics_see_train_mode_inputs():
+def test_pooled_variance_is_fvcore_variance_plus_spread_of_batch_means():
+    """Equal batches of m values: var = (m-1)/m avg_var + (1/N) sum_b (mean_b - mean)^2."""
+    bs = batches(seed=4, n=6, b=4)
+    s = precise_statistics(nn.Sequential(nn.BatchNorm2d(2)).eval(), bs)["0"]
+    m = 4 * 9
+    means = torch.stack([torch.from_numpy(pooled([b]).mean(1)) for b in bs])
+    spread = ((means - s.mean) ** 2).mean(0)
+    torch.testing.assert_close(s.mean, s.avg_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.var, (m - 1) / m * s.avg_var + spread, rtol=1e-10, atol=0)
+    assert bool((s.var > (m - 1) / m * s.avg_var).all())  # the batch means differ
+
+
+def test_precise_statistics_see_batch_statistics_inputs():
     """The second BN's input is the first BN's output normalized with batch statistics."""
     model = nn.Sequential(nn.BatchNorm2d(2, eps=1e-5), nn.BatchNorm2d(2)).eval()
     model[0].weight.data = torch.tensor([2.0, 0.5])
@@ -52,9 +74,9 @@ def test_precise_statistics_see_train_mode_inputs():
         y = (x - m) / np.sqrt(v + 1e-5) * np.array([2.0, 0.5]).reshape(1, 2, 1, 1) \
             + np.array([1.0, -1.0]).reshape(1, 2, 1, 1)
         outs.append(y)
-    pooled = np.concatenate(outs).transpose(1, 0, 2, 3).reshape(2, -1)
-    np.testing.assert_allclose(stats["1"][0].numpy(), pooled.mean(1), atol=1e-6)
-    np.testing.assert_allclose(stats["1"][1].numpy(), pooled.var(1), rtol=1e-5)
+    ref = np.concatenate(outs).transpose(1, 0, 2, 3).reshape(2, -1)
+    np.testing.assert_allclose(stats["1"].mean.numpy(), ref.mean(1), atol=1e-6)
+    np.testing.assert_allclose(stats["1"].var.numpy(), ref.var(1), rtol=1e-5)
 
 
 def test_sanity_finds_planted_problems():
