@@ -62,7 +62,9 @@ def _findings(doc) -> list[str]:
 
 def test_agreement_table_sets_between_against_within(study):
     data = json.loads((study / "analysis" / "compare.json").read_text())
-    doc = compose(load_study(study)).document
+    loaded = load_study(study)
+    assert [(c.folder, c.dataset) for c in loaded.comparisons] == [("analysis", "synthetic")]
+    doc = compose(loaded).document
     t = _tables(doc)["compare-pairs"]
     assert [r[0] for r in t.rows] == [BETWEEN, WITHIN, WITHIN]
     assert [r[1:4] for r in t.rows] == [["norm=bn", "norm=none", "4 (2 × 2)"],
@@ -112,7 +114,11 @@ def test_one_run_per_arm_says_n_is_1(study, tmp_path):
     out = tmp_path / "analysis"
     compare_runs([study / rid for rid in seed0], out, corruptions=False, log=lambda m: None)
     compare = json.loads((out / "compare.json").read_text())
+    # the bn arm could adapt, but without the corruption sweep nothing was measured
+    assert [(a["adapts"], a["adabn_acc"]) for a in compare["arms"]] == [(True, None),
+                                                                        (False, None)]
     tables = compare_tables(compare, 1)
+    assert [t.anchor for t in tables] == ["compare-models", "compare-pairs"]
     assert [r[3] for r in tables[1].rows] == ["1 (1 × 1)", "0", "0"]
     assert tables[1].rows[1][4] == "–"  # no seed-to-seed baseline with one run
     sentences = compare_sentences(compare, tables)

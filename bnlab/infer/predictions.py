@@ -8,8 +8,9 @@ layers re-estimated on the corrupted test images themselves (Li et al. 2016; Sch
 layer, frozen, ...) has nothing to adapt and gets None.
 
 AdaBN here: for each corruption and severity, one pass over the corrupted test set in a fixed
-shuffled order (batches of EVAL_BATCH, norms normalizing with batch statistics) pools the mean
-and biased variance of every such layer's input over all test images
+shuffled order (batches of EVAL_BATCH, norms normalizing with batch statistics; a trailing
+batch of one image left out) pools the mean and biased variance of every such layer's input
+over the test images
 (bnlab.infer.batchstats.adapted_copy); a second pass evaluates the adapted copy on the same
 corrupted images (the noise generator restarts). The model's own statistics never change.
 
@@ -17,7 +18,7 @@ The result is cached as predictions.pt in a bnlab run folder (written atomically
 the checkpoint's SHA-256, the test set's fingerprint and PROTOCOL, so a study compares every
 pair of its runs from one pass per run, and a second comparison of the same runs recomputes
 nothing. Logits are cached up to CACHE_LOGITS_MAX values (larger ones are predicted again: one
-pass, against the 41 of the corruption sweep).
+pass, against the 20 to 62 of the corruption sweep).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _corrupter(loaded: Loaded, name: str, severity: int) -> Callable:
 def _corrupted_batches(loaded: Loaded, name: str, severity: int, batch_size: int):
     tf = _corrupter(loaded, name, severity)
     for x, _ in shuffled_test_loader(loaded, batch_size).epoch(0):
-        yield tf(x)
+        if len(x) > 1:  # a trailing single image may hold one value per channel
+            yield tf(x)
 
 
 def corruption_accuracy(loaded: Loaded, adabn: bool = False, batch_size: int = EVAL_BATCH,
@@ -137,8 +139,8 @@ def run_predictions(loaded: Loaded, corruptions: bool = True, fingerprint: tuple
     if corruptions:
         out["corruption_acc"] = corruption_accuracy(loaded, log=log)
         if layers:
-            clean = adapted_copy(loaded.model, (x for x, _ in
-                                                shuffled_test_loader(loaded).epoch(0)))
+            clean = adapted_copy(loaded.model, (x for x, _ in shuffled_test_loader(loaded)
+                                                .epoch(0) if len(x) > 1))
             out["adabn_clean_acc"] = M.accuracy(*predict(clean, test_loader(loaded)))
             out["adabn_acc"] = corruption_accuracy(loaded, adabn=True, log=log)
     if cache is not None:

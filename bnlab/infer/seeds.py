@@ -60,15 +60,17 @@ def arm_summaries(runs: list[dict]) -> list[dict]:
         arms.setdefault(str(r["arm"]), []).append(r)
     out = []
     for label, rs in arms.items():
-        adapts = all(r.get("adabn_acc") for r in rs)
+        # a model adapts when its norms use batch statistics, measured or not (--no-corruptions)
+        adapts = all((r.get("batch_stat_layers") or 0) > 0 for r in rs)
+        measured = adapts and all(r.get("adabn_acc") for r in rs)
         entry = {"label": label, "runs": [r["run_id"] for r in rs],
                  "seeds": [r.get("seed") for r in rs], "n": len(rs), "adapts": adapts,
                  **{k: spread([r.get(k) for r in rs])
                     for k in ("test_acc", "nll", "brier", "ece")},
                  "corruption_acc": _corruption_summary(rs, "corruption_acc"),
-                 "adabn_acc": _corruption_summary(rs, "adabn_acc") if adapts else None,
+                 "adabn_acc": _corruption_summary(rs, "adabn_acc") if measured else None,
                  "adabn_clean_acc": spread([r.get("adabn_clean_acc") for r in rs])
-                 if adapts else None}
+                 if measured else None}
         out.append(entry)
     return out
 
