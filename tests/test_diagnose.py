@@ -8,7 +8,7 @@ from torch import nn
 
 from bnlab.config import from_mapping
 from bnlab.data.synthetic import make_synthetic
-from bnlab.infer.diagnose import _batches, diagnose, precise_statistics, sanity
+from bnlab.infer.diagnose import _batches, diagnose, format_diagnose, precise_statistics, sanity
 from bnlab.infer.loading import Loaded
 from bnlab.models import build_for
 
@@ -126,10 +126,21 @@ def test_diagnose_bn_mlp(synthetic, tmp_path):
     assert res["running_stat_layers"] == 3 and len(res["precise"]["gaps"]) == 3
     assert res["precise"]["gaps"][0]["values_per_channel"] == 32  # 2 batches of 16 rows
     assert res["not_applicable"] == []
+    for key in ("precise_acc", "precise_fvcore_acc", "test_stats_acc"):
+        assert 0.0 <= res[key] <= 1.0
+    assert sorted(res["precise"]["ranking"]) == sorted(g["layer"] for g in res["precise"]["gaps"])
+    text = format_diagnose(res)
+    assert "with pooled statistics" in text and "fvcore" in text and "answer:" in text
 
 
-def test_diagnose_without_norm_says_what_does_not_apply(synthetic, tmp_path):
-    res = diagnose(loaded_for("none", synthetic, tmp_path), precise_batches=2,
+@pytest.mark.parametrize("norm,why", [
+    ("none", "no layer keeps running statistics"),
+    ("frozen", "the 3 layers with running statistics never use batch statistics"),
+    ("layer", "no layer keeps running statistics")])
+def test_diagnose_says_what_does_not_apply(synthetic, tmp_path, norm, why):
+    res = diagnose(loaded_for(norm, synthetic, tmp_path), precise_batches=2,
                    log=lambda m: None)
     assert "train_mode_acc" not in res and "precise" not in res
-    assert "no layer keeps running statistics" in res["not_applicable"][0]
+    assert why in res["not_applicable"][0]
+    assert res["answer"][0].startswith("Train and eval mode normalize alike here")
+    assert ("sanity" in res) == (norm == "frozen")
