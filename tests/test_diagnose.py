@@ -30,8 +30,9 @@ def pooled(bs):
 def test_precise_statistics_both_definitions_against_closed_forms():
     """Batches of 5, 5 and 3 images: the pooled statistics are those of all values together
     (biased variance), fvcore's the plain averages of per-batch means and unbiased variances."""
-    model = nn.Sequential(nn.BatchNorm2d(2)).eval()
-    bs = batches(n=2) + batches(seed=3, n=1, b=3)
+    # float64 model and data: per-batch statistics are computed in the input's precision
+    model = nn.Sequential(nn.BatchNorm2d(2)).double().eval()
+    bs = [b.double() for b in batches(n=2) + batches(seed=3, n=1, b=3)]
     s = precise_statistics(model, bs)["0"]
     ref = pooled(bs)
     np.testing.assert_allclose(s.mean.numpy(), ref.mean(1), rtol=1e-12)
@@ -43,14 +44,14 @@ def test_precise_statistics_both_definitions_against_closed_forms():
                                rtol=1e-12)
     assert (s.values, s.batches, s.batch_values) == (13 * 9, 3, 5 * 9)
     # the model's own statistics are untouched
-    assert torch.equal(model[0].running_mean, torch.zeros(2))
-    assert torch.equal(model[0].running_var, torch.ones(2))
+    assert torch.equal(model[0].running_mean, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(model[0].running_var, torch.ones(2, dtype=torch.float64))
 
 
 def test_pooled_variance_is_fvcore_variance_plus_spread_of_batch_means():
     """Equal batches of m values: var = (m-1)/m avg_var + (1/N) sum_b (mean_b - mean)^2."""
-    bs = batches(seed=4, n=6, b=4)
-    s = precise_statistics(nn.Sequential(nn.BatchNorm2d(2)).eval(), bs)["0"]
+    bs = [b.double() for b in batches(seed=4, n=6, b=4)]
+    s = precise_statistics(nn.Sequential(nn.BatchNorm2d(2)).double().eval(), bs)["0"]
     m = 4 * 9
     means = torch.stack([torch.from_numpy(pooled([b]).mean(1)) for b in bs])
     spread = ((means - s.mean) ** 2).mean(0)
@@ -75,8 +76,10 @@ def test_precise_statistics_see_batch_statistics_inputs():
             + np.array([1.0, -1.0]).reshape(1, 2, 1, 1)
         outs.append(y)
     ref = np.concatenate(outs).transpose(1, 0, 2, 3).reshape(2, -1)
+    # float32 model: each batch's statistics in float32, merged in float64
     np.testing.assert_allclose(stats["1"].mean.numpy(), ref.mean(1), atol=1e-6)
     np.testing.assert_allclose(stats["1"].var.numpy(), ref.var(1), rtol=1e-5)
+    np.testing.assert_allclose(stats["0"].var.numpy(), pooled(bs).var(1), rtol=1e-6)
 
 
 def test_sanity_finds_planted_problems():

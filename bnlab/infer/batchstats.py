@@ -72,15 +72,24 @@ def _channel_stats(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return mean, var, m
 
 
-def _batch_stats_hook(module: nn.Module, args) -> None:
-    x = args[0]
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    mean, var, _ = _channel_stats(x, dtype)
-    module.running_mean.copy_(mean)
-    module.running_var.copy_(var)
+class _UseBatchStatistics:
+    """Forward pre-hook: the batch's statistics become the layer's running statistics (of the
+    copy), and go to `sink` when one is set (PreciseBN, AdaBN)."""
+
+    def __init__(self, sink: _Accumulator | None = None):
+        self.sink = sink
+
+    def __call__(self, module: nn.Module, args) -> None:
+        x = args[0]
+        mean, var, m = _channel_stats(x, torch.promote_types(x.dtype, torch.float32))
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+        if self.sink is not None:
+            self.sink.add(mean, var, m)
 
 
-def batch_statistics_copy(model: nn.Module, layers: Iterable[str] | None = None
+def batch_statistics_copy(model: nn.Module, layers: Iterable[str] | None = None,
+                          sinks: dict[str, _Accumulator] | None = None
                           ) -> tuple[nn.Module, list[str]]:
     """A copy of `model` in eval mode whose batch-statistics layers (or the named `layers`)
     normalize every batch with its own statistics (module docstring).
@@ -92,7 +101,7 @@ def batch_statistics_copy(model: nn.Module, layers: Iterable[str] | None = None
     names = [n for n, _ in batch_stat_layers(m)] if layers is None else list(layers)
     modules = dict(m.named_modules())
     for name in names:
-        modules[name].register_forward_pre_hook(_batch_stats_hook)
+        modules[name].register_forward_pre_hook(_UseBatchStatistics((sinks or {}).get(name)))
     return m, names
 
 
@@ -121,14 +130,16 @@ class LayerStats:
 
 
 class _Accumulator:
+    """Per-batch (mean, biased var, m) of one layer merged over batches in float64."""
+
     def __init__(self):
         self.n = 0
         self.batches = 0
         self.first_m = 0
         self.mean = self.m2 = self.sum_mean = self.sum_var = None
 
-    def add(self, x: torch.Tensor) -> None:
-        mean, var, m = _channel_stats(x, torch.float64)
+    def add(self, mean: torch.Tensor, var: torch.Tensor, m: int) -> None:
+        mean, var = mean.detach().double(), var.detach().double()
         m2 = var * m
         unbiased = m2 / (m - 1)
         if self.mean is None:
@@ -158,23 +169,15 @@ def precise_statistics(model: nn.Module, batches: Iterable[torch.Tensor],
 
     The copy runs in `batch_statistics_copy` mode, so each layer sees the inputs it sees when
     every norm normalizes with batch statistics (as in training, and as fvcore's PreciseBN
-    runs its model). The batch size is that of `batches`. The model is left unchanged.
+    runs its model). Each batch's statistics are the ones the layer normalizes with, computed
+    in its precision (float32 for float32 inputs); they are merged over batches in float64.
+    The batch size is that of `batches`. The model is left unchanged.
     """
-    m, names = batch_statistics_copy(model, layers)
-    modules = dict(m.named_modules())
+    names = [n for n, _ in batch_stat_layers(model)] if layers is None else list(layers)
     acc = {name: _Accumulator() for name in names}
-    handles = []
-    for name in names:
-        def hook(_module, args, a=acc[name]):
-            a.add(args[0])
-        # registered after the batch-statistics hook: that one raises on one value per channel
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        for x in batches:
-            m(x)
-    finally:
-        for h in handles:
-            h.remove()
+    m, _ = batch_statistics_copy(model, names, acc)
+    for x in batches:
+        m(x)
     return {k: a.result() for k, a in acc.items() if a.batches}
 
 
