@@ -45,13 +45,19 @@ def answer(res: dict) -> list[str]:
     out = []
     if gap <= margin:
         out.append(f"Eval mode is not worse than train mode: {ev:.4f} vs {tr:.4f} at batch {b} "
-                   f"(difference {100 * gap:+.2f} points, within {100 * margin:.2f}); the "
-                   "running statistics fit the test data.")
+                   f"(difference {100 * gap:+.2f} points, within {100 * margin:.2f}).")
         small = [(bs, a) for bs, a in res["train_mode_acc"].items() if a is not None]
         bs, a = min(small, key=lambda ba: int(ba[0]))
         if tr - a > margin:
             out.append(f"Train mode depends on the batch size: {a:.4f} at batch {bs}, "
                        f"{tr:.4f} at batch {b}.")
+        p, pf = res.get("precise_acc"), res.get("precise_fvcore_acc")
+        if p is not None and max(p, pf if pf is not None else p) - ev > margin:
+            out.append(f"Statistics recomputed on {res['precise']['batches']} training batches "
+                       f"raise the eval accuracy to {p:.4f} (pooled), {pf:.4f} (fvcore): the "
+                       "running statistics lag behind the trained weights (PreciseBN helps).")
+        else:
+            out.append("The running statistics serve the model as well as each batch's own.")
         return out
     out.append(f"Eval mode is {100 * gap:.2f} points below train mode: {ev:.4f} vs {tr:.4f} at "
                f"batch {b} ({n} test images).")
