@@ -193,6 +193,9 @@ def _one_model(args):
         raise UserError(f"give a CHECKPOINT or your own model ({', '.join(own)}), not both")
     if args.checkpoint:
         return load_model(args.checkpoint, args.data_dir, args.device)
+    if not own:
+        raise UserError("give a CHECKPOINT (checkpoint.pt or its run folder), or your own model "
+                        "with --model-entry MODULE:FUNCTION, --weights FILE and --dataset SPEC")
     return _user_model(args, args.weights)
 
 

@@ -175,5 +175,6 @@ def test_bad_user_models_are_one_line_errors(weights, tmp_path, capsys):
     assert "missing --dataset" in _error(capsys, ["fold", "--model-entry", ENTRY, "--weights",
                                                   good])
     assert "not both" in _error(capsys, ["fold", str(weights), "--model-entry", ENTRY])
+    assert "give a CHECKPOINT" in _error(capsys, ["diagnose"])
     assert "need --weights FILE" in _error(capsys, ["compare", "--model-entry", ENTRY,
                                                 "--dataset", "synthetic"])

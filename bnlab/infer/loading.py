@@ -16,7 +16,7 @@ from bnlab.models import build_for
 from bnlab.runtime import resolve_device
 from bnlab.store import RunDir, load_checkpoint_file
 
-USER_BATCH = 128  # training batches of a user's own model for PreciseBN, by default
+USER_BATCH = 128  # images per training batch of PreciseBN for a user's own model, by default
 
 
 @dataclass
