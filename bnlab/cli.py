@@ -179,18 +179,60 @@ def cmd_norms(args) -> int:
     return 0
 
 
+def _user_model(args, weights):
+    """A user's own model from --model-entry, `weights` and --dataset."""
+    from bnlab.infer.usermodel import load_user_model  # lazy
+
+    missing = [f for f, v in (("--model-entry", args.model_entry), ("--weights", weights),
+                              ("--dataset", args.dataset)) if not v]
+    if missing:
+        raise UserError(f"your own model needs --model-entry MODULE:FUNCTION, --weights FILE "
+                        f"and --dataset SPEC; missing {', '.join(missing)}")
+    return load_user_model(args.model_entry, weights, args.dataset, args.data_dir, args.device,
+                           getattr(args, "batch_size", 128))
+
+
+def _one_model(args):
+    """The model `diagnose` or `fold` works on: a bnlab checkpoint or the user's own."""
+    from bnlab.infer.loading import load_model  # lazy
+
+    own = [f for f, v in (("--model-entry", args.model_entry), ("--weights", args.weights),
+                          ("--dataset", args.dataset)) if v]
+    if args.checkpoint and own:
+        raise UserError(f"give a CHECKPOINT or your own model ({', '.join(own)}), not both")
+    if args.checkpoint:
+        return load_model(args.checkpoint, args.data_dir, args.device)
+    if not own:
+        raise UserError("give a CHECKPOINT (checkpoint.pt or its run folder), or your own model "
+                        "with --model-entry MODULE:FUNCTION, --weights FILE and --dataset SPEC")
+    return _user_model(args, args.weights)
+
+
 def cmd_compare(args) -> int:
-    from bnlab.infer.compare import compare_runs, format_compare  # lazy
+    from bnlab.infer.compare import compare_models, format_compare  # lazy
+    from bnlab.infer.loading import load_model  # lazy
     from bnlab.store import RunDir  # lazy
 
     runs = [RunDir(Path(r).parent if Path(r).is_file() else Path(r)) for r in args.runs]
     for r, arg in zip(runs, args.runs):
         if not r.exists():
             raise UserError(f"{arg!r} is not a run folder (no config.json)")
-    out = Path(args.out) if args.out else runs[0].path.parent / "analysis"
+    if (args.model_entry or args.dataset) and not args.weights:
+        raise UserError("--model-entry and --dataset need --weights FILE (one per model)")
+    if not runs and not args.weights:
+        raise UserError("compare needs RUN folders, or --model-entry with --weights (one per "
+                        "model) and --dataset")
+    loaded = [load_model(r.path, args.data_dir, args.device) for r in runs]
+    loaded += [_user_model(args, w) for w in args.weights or []]
+    if args.out:
+        out = Path(args.out)
+    elif runs:
+        out = runs[0].path.parent / "analysis"
+    else:
+        raise UserError("comparing your own models needs --out DIR (where compare.json goes)")
     labels = args.labels.split(",") if args.labels else None
-    result = compare_runs(runs, out, labels, data_dir=args.data_dir, device=args.device,
-                          corruptions=not args.no_corruptions, log=lambda m: None)
+    result = compare_models(loaded, out, labels, corruptions=not args.no_corruptions,
+                            log=lambda m: None)
     print(format_compare(result))
     print(f"\nwrote {out / 'compare.json'} and {', '.join(result['figures'])}")
     return 0
@@ -198,9 +240,8 @@ def cmd_compare(args) -> int:
 
 def cmd_diagnose(args) -> int:
     from bnlab.infer.diagnose import diagnose, format_diagnose  # lazy
-    from bnlab.infer.loading import load_model  # lazy
 
-    loaded = load_model(args.checkpoint, args.data_dir, args.device)
+    loaded = _one_model(args)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     res = diagnose(loaded, sizes, args.precise_batches, args.max_images, log=lambda m: None)
     print(format_diagnose(res))
@@ -214,7 +255,7 @@ def cmd_diagnose(args) -> int:
 def cmd_fold(args) -> int:
     from bnlab.infer.fold_report import fold_command  # lazy
 
-    return fold_command(args.checkpoint, args.onnx, args.data_dir, args.device, args.repeats)
+    return fold_command(_one_model(args), args.onnx, args.repeats)
 
 
 def _positive_list(text: str) -> str:
@@ -375,36 +416,58 @@ def build_parser() -> Parser:
                        formatter_class=Formatter,
                        description="Accuracy, calibration (NLL, Brier, ECE, reliability), "
                        "agreement and flips, KL/JS between predictive distributions, and "
-                       "accuracy under corruptions, for runs sharing a test set.")
-    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (OUT/<run_id>)")
+                       "accuracy under corruptions (with training statistics and after AdaBN), "
+                       "for runs sharing a test set. Runs with the same label form an arm (one "
+                       "run per seed); every pair of runs is compared, within and between arms.")
+    c.add_argument("runs", nargs="*", metavar="RUN", help="run folders (OUT/<run_id>)")
     c.add_argument("--out", metavar="DIR", default=None,
                    help="where compare.json and figures go (default: <root of RUN 1>/analysis)")
-    c.add_argument("--labels", metavar="A,B,...", default=None, help="one label per run")
+    c.add_argument("--labels", metavar="A,B,...", default=None,
+                   help="one label per run (runs first, then --weights); equal labels form "
+                   "one arm (default: the config keys that differ, seed excepted)")
     c.add_argument("--no-corruptions", action="store_true", help="skip the corruption sweep")
     d = sub.add_parser("diagnose", help="BN inference diagnostics of a checkpoint",
                        formatter_class=Formatter,
-                       description="Eval vs train-mode accuracy, accuracy vs batch size in "
-                       "train mode, PreciseBN recalibration, running-statistics checks.")
-    d.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
+                       description="Why is a model good in train mode and bad in eval mode? "
+                       "Eval vs train-mode accuracy, accuracy vs batch size in train mode, "
+                       "PreciseBN (pooled and fvcore statistics), statistics of the test images, "
+                       "the layers whose running statistics disagree most with the data, "
+                       "running-statistics checks.")
+    d.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                   help="checkpoint.pt or its run folder (or --model-entry for your own model)")
     d.add_argument("--batch-sizes", type=_positive_list, default="1,2,8,32,128,1000",
-                   help="inference batch sizes with the norms in train mode")
+                   help="inference batch sizes with the norms using batch statistics")
     d.add_argument("--precise-batches", type=_count(0), default=100,
                    help="training batches averaged by PreciseBN (0 = skip)")
     d.add_argument("--max-images", type=_count(0), default=0,
                    help="use only N test images (fixed shuffle; 0 = all)")
+    d.add_argument("--batch-size", type=_count(2), default=128,
+                   help="your own model: the training batch size PreciseBN uses")
     f = sub.add_parser("fold", help="fold BN into conv/linear layers; parity, speed, ONNX",
                        formatter_class=Formatter,
                        description="Fold every BN that follows a conv or linear layer, check "
                        "the logits against the unfolded model, time both, optionally export "
-                       "ONNX and check it with onnxruntime.")
-    f.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
+                       "ONNX and check it with onnxruntime. Exit 1 when a parity check fails.")
+    f.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                   help="checkpoint.pt or its run folder (or --model-entry for your own model)")
     f.add_argument("--onnx", metavar="FILE", default=None, help="export the folded model here")
     f.add_argument("--repeats", type=_count(1), default=20, help="timed calls per measurement")
     for q in (c, d, f):
         q.add_argument("--data-dir", metavar="DIR", default=None,
-                       help="dataset folder, when the runs' data moved")
+                       help="dataset folder, when the runs' data moved (or your model's data)")
         q.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
                        help="where the models run")
+        q.add_argument("--model-entry", metavar="MODULE:FUNCTION", default=None,
+                       help="your own model: a function returning a torch.nn.Module "
+                       "(package.module:function or path/to/file.py:function)")
+        q.add_argument("--dataset", metavar="SPEC", default=None,
+                       help="your own model's dataset: cifar10, mnist, imagefolder:PATH, ...")
+    c.add_argument("--weights", metavar="FILE", action="append", default=None,
+                   help="your own model's state_dict (torch.load weights_only); repeat for "
+                   "several models")
+    for q in (d, f):
+        q.add_argument("--weights", metavar="FILE", default=None,
+                       help="your own model's state_dict (torch.load weights_only)")
     c.set_defaults(func=cmd_compare)
     d.set_defaults(func=cmd_diagnose)
     f.set_defaults(func=cmd_fold)

@@ -73,3 +73,47 @@ def test_corruptions_stay_in_range_and_grow_with_severity(name):
         assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
         dist.append(float((y - x).abs().mean()))
     assert dist == sorted(dist) and dist[0] > 0
+
+
+# -- torchvision's transforms: where they agree with ImageNet-C's definitions, and where not --
+def test_blur_equals_torchvision_away_from_the_edges_only():
+    tf = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = image(size=20).double()
+    s = 1.0
+    r = int(4 * s + 0.5)
+    ours, theirs = gaussian_blur(x, s), tf.gaussian_blur(x, [2 * r + 1] * 2, [s, s])
+    torch.testing.assert_close(ours[..., r:-r, r:-r], theirs[..., r:-r, r:-r], rtol=0,
+                               atol=1e-12)
+    # reflection vs repeated edge pixels: a different image at the border
+    assert float((ours - theirs).abs().max()) > 1e-3
+
+
+def test_contrast_equals_torchvision_on_one_channel_only():
+    tf = pytest.importorskip("torchvision.transforms.v2.functional")
+    grey = image(c=1).double()
+    torch.testing.assert_close(corrupt(grey, "contrast", 3),
+                               tf.adjust_contrast(grey, parameter("contrast", 3, 12)),
+                               rtol=0, atol=1e-12)
+    rgb = image().double()
+    assert float((corrupt(rgb, "contrast", 3)
+                  - tf.adjust_contrast(rgb, parameter("contrast", 3, 12))).abs().max()) > 1e-3
+
+
+def test_brightness_is_not_torchvision_s_multiplication():
+    tf = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = image().double()
+    s = parameter("brightness", 3, 12)
+    assert float((corrupt(x, "brightness", 3) - tf.adjust_brightness(x, 1 + s)).abs().max()) \
+        > 1e-2
+
+
+def test_noise_equals_torchvision_given_the_same_random_numbers():
+    """The same computation; ours takes its numbers from an explicit generator."""
+    tf = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = image()
+    s = parameter("gaussian_noise", 4, 12)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        theirs = tf.gaussian_noise(x, 0.0, s)
+    ours = corrupt(x, "gaussian_noise", 4, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)

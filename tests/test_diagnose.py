@@ -8,7 +8,7 @@ from torch import nn
 
 from bnlab.config import from_mapping
 from bnlab.data.synthetic import make_synthetic
-from bnlab.infer.diagnose import _batches, diagnose, precise_statistics, sanity
+from bnlab.infer.diagnose import _batches, diagnose, format_diagnose, precise_statistics, sanity
 from bnlab.infer.loading import Loaded
 from bnlab.models import build_for
 
@@ -22,22 +22,45 @@ def batches(seed=0, n=3, b=5):
             + torch.tensor([0.5, -2.0]).view(1, 2, 1, 1) for _ in range(n)]
 
 
-def test_precise_statistics_pool_all_samples_biased():
-    model = nn.Sequential(nn.BatchNorm2d(2)).eval()
-    bs = batches()
-    stats = precise_statistics(model, bs)
-    mean, var, count = stats["0"]
-    x = np.concatenate([b.numpy() for b in bs]).astype(np.float64)  # (15, 2, 3, 3)
-    pooled = x.transpose(1, 0, 2, 3).reshape(2, -1)
-    np.testing.assert_allclose(mean.numpy(), pooled.mean(1), rtol=1e-12)
-    np.testing.assert_allclose(var.numpy(), pooled.var(1, ddof=0), rtol=1e-12)
-    assert count == 15 * 9
+def pooled(bs):
+    x = np.concatenate([b.numpy() for b in bs]).astype(np.float64)
+    return x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+
+
+def test_precise_statistics_both_definitions_against_closed_forms():
+    """Batches of 5, 5 and 3 images: the pooled statistics are those of all values together
+    (biased variance), fvcore's the plain averages of per-batch means and unbiased variances."""
+    # float64 model and data: per-batch statistics are computed in the input's precision
+    model = nn.Sequential(nn.BatchNorm2d(2)).double().eval()
+    bs = [b.double() for b in batches(n=2) + batches(seed=3, n=1, b=3)]
+    s = precise_statistics(model, bs)["0"]
+    ref = pooled(bs)
+    np.testing.assert_allclose(s.mean.numpy(), ref.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(s.var.numpy(), ref.var(1, ddof=0), rtol=1e-12)
+    per = [pooled([b]) for b in bs]
+    np.testing.assert_allclose(s.avg_mean.numpy(), np.mean([p.mean(1) for p in per], 0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(s.avg_var.numpy(), np.mean([p.var(1, ddof=1) for p in per], 0),
+                               rtol=1e-12)
+    assert (s.values, s.batches, s.batch_values) == (13 * 9, 3, 5 * 9)
     # the model's own statistics are untouched
-    assert torch.equal(model[0].running_mean, torch.zeros(2))
-    assert torch.equal(model[0].running_var, torch.ones(2))
+    assert torch.equal(model[0].running_mean, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(model[0].running_var, torch.ones(2, dtype=torch.float64))
 
 
-def test_precise_statistics_see_train_mode_inputs():
+def test_pooled_variance_is_fvcore_variance_plus_spread_of_batch_means():
+    """Equal batches of m values: var = (m-1)/m avg_var + (1/N) sum_b (mean_b - mean)^2."""
+    bs = [b.double() for b in batches(seed=4, n=6, b=4)]
+    s = precise_statistics(nn.Sequential(nn.BatchNorm2d(2)).double().eval(), bs)["0"]
+    m = 4 * 9
+    means = torch.stack([torch.from_numpy(pooled([b]).mean(1)) for b in bs])
+    spread = ((means - s.mean) ** 2).mean(0)
+    torch.testing.assert_close(s.mean, s.avg_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.var, (m - 1) / m * s.avg_var + spread, rtol=1e-10, atol=0)
+    assert bool((s.var > (m - 1) / m * s.avg_var).all())  # the batch means differ
+
+
+def test_precise_statistics_see_batch_statistics_inputs():
     """The second BN's input is the first BN's output normalized with batch statistics."""
     model = nn.Sequential(nn.BatchNorm2d(2, eps=1e-5), nn.BatchNorm2d(2)).eval()
     model[0].weight.data = torch.tensor([2.0, 0.5])
@@ -52,9 +75,11 @@ def test_precise_statistics_see_train_mode_inputs():
         y = (x - m) / np.sqrt(v + 1e-5) * np.array([2.0, 0.5]).reshape(1, 2, 1, 1) \
             + np.array([1.0, -1.0]).reshape(1, 2, 1, 1)
         outs.append(y)
-    pooled = np.concatenate(outs).transpose(1, 0, 2, 3).reshape(2, -1)
-    np.testing.assert_allclose(stats["1"][0].numpy(), pooled.mean(1), atol=1e-6)
-    np.testing.assert_allclose(stats["1"][1].numpy(), pooled.var(1), rtol=1e-5)
+    ref = np.concatenate(outs).transpose(1, 0, 2, 3).reshape(2, -1)
+    # float32 model: each batch's statistics in float32, merged in float64
+    np.testing.assert_allclose(stats["1"].mean.numpy(), ref.mean(1), atol=1e-6)
+    np.testing.assert_allclose(stats["1"].var.numpy(), ref.var(1), rtol=1e-5)
+    np.testing.assert_allclose(stats["0"].var.numpy(), pooled(bs).var(1), rtol=1e-6)
 
 
 def test_sanity_finds_planted_problems():
@@ -104,10 +129,21 @@ def test_diagnose_bn_mlp(synthetic, tmp_path):
     assert res["running_stat_layers"] == 3 and len(res["precise"]["gaps"]) == 3
     assert res["precise"]["gaps"][0]["values_per_channel"] == 32  # 2 batches of 16 rows
     assert res["not_applicable"] == []
+    for key in ("precise_acc", "precise_fvcore_acc", "test_stats_acc"):
+        assert 0.0 <= res[key] <= 1.0
+    assert sorted(res["precise"]["ranking"]) == sorted(g["layer"] for g in res["precise"]["gaps"])
+    text = format_diagnose(res)
+    assert "with pooled statistics" in text and "fvcore" in text and "answer:" in text
 
 
-def test_diagnose_without_norm_says_what_does_not_apply(synthetic, tmp_path):
-    res = diagnose(loaded_for("none", synthetic, tmp_path), precise_batches=2,
+@pytest.mark.parametrize("norm,why", [
+    ("none", "no layer keeps running statistics"),
+    ("frozen", "the 3 layers with running statistics never use batch statistics"),
+    ("layer", "no layer keeps running statistics")])
+def test_diagnose_says_what_does_not_apply(synthetic, tmp_path, norm, why):
+    res = diagnose(loaded_for(norm, synthetic, tmp_path), precise_batches=2,
                    log=lambda m: None)
     assert "train_mode_acc" not in res and "precise" not in res
-    assert "no layer keeps running statistics" in res["not_applicable"][0]
+    assert why in res["not_applicable"][0]
+    assert res["answer"][0].startswith("Train and eval mode normalize alike here")
+    assert ("sanity" in res) == (norm == "frozen")

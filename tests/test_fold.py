@@ -8,6 +8,7 @@ from torch import nn
 
 from bnlab.errors import UserError
 from bnlab.infer.fold import PARITY_LIMIT, fold_model, fold_params
+from bnlab.infer.loading import norm_layers
 from bnlab.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,30 +59,65 @@ def test_fold_params_linear_no_bias_no_affine():
     torch.testing.assert_close(x @ w2.T + b2, ref, rtol=1e-12, atol=1e-12)
 
 
-CASES = [  # (model, norm_options, placement, folded count)
-    ("resnet20", {}, "post_conv", 19),
-    ("resnet20", {"eps": 1e-3, "momentum": 0.01}, "post_conv", 19),  # Keras convention
-    ("resnet20", {"affine": False}, "post_conv", 19),
-    ("resnet20", {}, "first_k", 3),  # stem + first block keep their norms
-    ("mlp3x100", {}, "post_conv", 3),  # BatchNorm1d after Linear
-    ("resnet18", {}, "post_conv", 20),  # torchvision, with downsample convs
+CASES = [  # (model, norm, norm_options, placement, folded count)
+    ("resnet20", "bn", {}, "post_conv", 19),
+    ("resnet20", "bn", {"eps": 1e-3, "momentum": 0.01}, "post_conv", 19),
+    ("resnet20", "bn", {"affine": False}, "post_conv", 19),
+    ("resnet20", "bn", {}, "first_k", 3),  # stem + first block keep their norms
+    ("mlp3x100", "bn", {}, "post_conv", 3),  # BatchNorm1d after Linear
+    ("resnet18", "bn", {}, "post_conv", 20),  # torchvision, with downsample convs
+    # every other norm whose eval mode is the affine map of fixed statistics
+    ("resnet20", "bn", {"convention": "keras"}, "post_conv", 19),
+    ("resnet20", "bn_ref", {}, "post_conv", 19),
+    ("resnet20", "frozen", {}, "post_conv", 19),  # the conv before it keeps a bias
+    ("resnet20", "cumulative", {}, "post_conv", 19),
+    ("resnet20", "batch_renorm", {}, "post_conv", 19),
+    ("resnet20", "ghost", {}, "post_conv", 19),
+    ("mlp3x100", "batch_renorm", {}, "post_conv", 3),
+    ("mlp3x100", "cumulative", {"affine": False}, "post_conv", 3),
 ]
+# Each runs a few training steps first, so statistics come from the norm's own update rule
+# (batch_renorm's r and d, cumulative's pooled sums, Keras's biased variance), then gets
+# random affine parameters on top.
 
 
-@pytest.mark.parametrize("name,opts,placement,count", CASES)
-def test_folded_model_matches_unfolded(name, opts, placement, count):
+def trained_then_randomized(name, norm, opts, placement):
     torch.manual_seed(0)
-    model = randomize_stats(build_model(name, 10, norm="bn", placement=placement,
-                                        norm_options=opts))
+    model = build_model(name, 10, norm=norm, placement=placement, norm_options=opts)
+    model.train()
+    with torch.no_grad():
+        for s in range(2):
+            model(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(s)) + 0.5)
+    return randomize_stats(model) if norm != "frozen" else randomize_frozen(model)
+
+
+def randomize_frozen(model, seed=0):
+    """Frozen norms keep weight and bias as buffers; randomize all four."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(getattr(m, "running_mean", None), torch.Tensor):
+            c = m.running_mean.numel()
+            m.running_mean.copy_(torch.randn(c, generator=g))
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,norm,opts,placement,count", CASES)
+def test_folded_model_matches_unfolded(name, norm, opts, placement, count):
+    model = trained_then_randomized(name, norm, opts, placement)
+    kind = type(next(m for _, m in norm_layers(model)))
     folded, info = fold_model(model)
     assert len(info["folded"]) == count
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert sum(isinstance(m, kind) for m in folded.modules()) == \
+        sum(isinstance(m, kind) for m in model.modules()) - count
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         a, b = model(x), folded(x)
     assert rel_diff(a, b) <= PARITY_LIMIT
     # the original is untouched
-    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) >= count
+    assert sum(isinstance(m, kind) for m in model.modules()) >= count
 
 
 def test_post_activation_norms_are_left():
@@ -158,3 +194,76 @@ def test_onnx_export_matches_pytorch(tmp_path, dynamo):
     with torch.no_grad():
         ref = model(x)
     assert rel_diff(ref, torch.from_numpy(out)) <= 1e-5
+
+
+# -- the command's exit status ----------------------------------------------------------------
+class LyingBN(nn.BatchNorm2d):
+    """Eval mode is BN's affine map except where |x| > 50, which fold's random probe input
+    never reaches: it is folded, and folding it changes the model."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.training else torch.where(x.abs() > 50, x, y)
+
+
+def make_lying_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), LyingBN(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 10))
+
+
+def make_conv_bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+
+def _weights(tmp_path, model, name):
+    model = randomize_stats(model)
+    with torch.no_grad():
+        model[0].weight.mul_(100)  # conv outputs far above 50
+    path = tmp_path / name
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _one_line_failure(capsys, argv) -> tuple[str, str]:
+    from bnlab.cli import main
+
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return out.out, err
+
+
+def test_broken_eager_parity_fails_the_command(tmp_path, capsys):
+    w = _weights(tmp_path, make_lying_net(), "lying.pt")
+    out, err = _one_line_failure(capsys, ["fold", "--model-entry", "test_fold:make_lying_net",
+                                          "--weights", w, "--dataset", "synthetic",
+                                          "--repeats", "1"])
+    assert "folded model differs from the unfolded one" in err and "FAILS the limit" in out
+
+
+def test_broken_onnx_parity_fails_the_command(tmp_path, capsys, monkeypatch):
+    """A real ONNX file of other weights than the folded model it is checked against."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import copy
+
+    from bnlab.infer import export, fold_report
+
+    def export_other_weights(model, example, path, dynamo=True):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other[-1].bias.add_(1.0)
+        return export.export_onnx(other, example, path, dynamo=False)
+
+    monkeypatch.setattr(fold_report, "export_onnx", export_other_weights)
+    w = _weights(tmp_path, make_conv_bn_net(), "net.pt")
+    onnx = tmp_path / "net.onnx"
+    out, err = _one_line_failure(capsys, ["fold", "--model-entry", "test_fold:make_conv_bn_net",
+                                          "--weights", w, "--dataset", "synthetic",
+                                          "--repeats", "1", "--onnx", str(onnx)])
+    assert f"the ONNX model {str(onnx)!r} differs from PyTorch" in err
+    assert "ok the limit" in out and "FAILS the limit" in out  # eager ok, ONNX not

@@ -3,19 +3,24 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
 
 from bnlab.cli import main
 from bnlab.config import from_mapping
+from bnlab.infer import loading
+from bnlab.infer.predictions import CACHE_FILE, run_predictions
 from bnlab.store import Store
 from bnlab.train import train_run
 
-CONTRACT_MODEL_KEYS = {"run_id", "label", "test_acc", "nll", "brier", "ece", "per_class_acc",
-                       "corruption_acc"}
-CONTRACT_PAIR_KEYS = {"a", "b", "agreement", "right_to_wrong", "wrong_to_right", "both_right",
-                      "both_wrong", "kl_ab", "kl_ba", "js"}
+CONTRACT_RUN_KEYS = {"run_id", "arm", "seed", "test_acc", "nll", "brier", "ece",
+                     "per_class_acc", "corruption_acc", "adabn_acc", "adabn_clean_acc"}
+CONTRACT_PAIR_KEYS = {"a", "b", "arm_a", "arm_b", "agreement", "right_to_wrong",
+                      "wrong_to_right", "both_right", "both_wrong", "kl_ab", "kl_ba", "js"}
+CONTRACT_ROW_KEYS = {"kind", "arm_a", "arm_b", "pairs", "runs_a", "runs_b", "agreement",
+                     "flips", "right_to_wrong", "wrong_to_right", "kl_ab", "kl_ba", "js"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,38 +39,110 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     paths = {}
     for norm in ("bn", "none"):
-        cfg = _cfg(norm=norm)
-        train_run(cfg, out, log=lambda m: None)
-        paths[norm] = out / cfg.run_id()
+        for seed in (0, 1):
+            cfg = _cfg(norm=norm, seed=seed)
+            train_run(cfg, out, log=lambda m: None)
+            paths[norm + ("1" if seed else "")] = out / cfg.run_id()
     yield out, paths
     torch.set_num_threads(threads)
 
 
-def test_compare_writes_contract_json_and_figures(runs, tmp_path, capsys):
+def _predictions(path):
+    """Predicted classes and labels of a run, by a second path (the model's own forward)."""
+    ld = loading.load_model(path)
+    with torch.no_grad():
+        xs, ys = zip(*loading.test_loader(ld).epoch(0))
+        return ld.model(torch.cat(xs)).argmax(1).numpy(), torch.cat(ys).numpy()
+
+
+def _spread(values):
+    return pytest.approx(np.mean(values), abs=1e-12), pytest.approx(np.std(values, ddof=1),
+                                                                    abs=1e-12)
+
+
+def test_compare_over_seeds_writes_contract_json_and_figures(runs, tmp_path, capsys):
     out, paths = runs
     dest = tmp_path / "analysis"
-    assert main(["compare", str(paths["bn"]), str(paths["none"]), "--out", str(dest)]) == 0
+    order = ["bn", "none1", "none", "bn1"]  # arms are found by label, seeds sorted
+    assert main(["compare", *(str(paths[k]) for k in order), "--out", str(dest)]) == 0
     text = capsys.readouterr().out
     assert "norm=bn" in text and "norm=none" in text and "gaussian_noise" in text
+    assert "within" in text and "between" in text and "no batch statistics to adapt" in text
     res = json.loads((dest / "compare.json").read_text())
+    assert res["format"] == 2 and res["n_test"] == 96
     assert res["figures"] == ["reliability.png", "confidence.png", "corruptions.png"]
     for f in res["figures"]:
         assert (dest / f).read_bytes()[:4] == b"\x89PNG"
     summaries = {p.name: Store(out).run(p.name).summary for p in paths.values()}
-    for m in res["models"]:
-        assert CONTRACT_MODEL_KEYS <= set(m)
+    assert [(r["arm"], r["seed"]) for r in res["runs"]] == [
+        ("norm=bn", 0), ("norm=bn", 1), ("norm=none", 0), ("norm=none", 1)]
+    for r in res["runs"]:
+        assert CONTRACT_RUN_KEYS <= set(r)
         # the same number the training loop measured, by a second path
-        assert m["test_acc"] == pytest.approx(summaries[m["run_id"]]["test_acc"], abs=1e-12)
-        assert set(m["corruption_acc"]) == {"gaussian_noise", "gaussian_blur", "contrast",
+        assert r["test_acc"] == pytest.approx(summaries[r["run_id"]]["test_acc"], abs=1e-12)
+        assert set(r["corruption_acc"]) == {"gaussian_noise", "gaussian_blur", "contrast",
                                             "brightness"}
-        assert all(len(v) == 5 for v in m["corruption_acc"].values())
-    (pair,) = res["pairs"]
-    assert CONTRACT_PAIR_KEYS <= set(pair)
-    assert pair["both_right"] + pair["both_wrong"] + pair["right_to_wrong"] + \
-        pair["wrong_to_right"] == 96
-    acc_a, acc_b = res["models"][0]["test_acc"], res["models"][1]["test_acc"]
-    assert (pair["both_right"] + pair["right_to_wrong"]) / 96 == pytest.approx(acc_a)
-    assert (pair["both_right"] + pair["wrong_to_right"]) / 96 == pytest.approx(acc_b)
+        assert all(len(v) == 5 for v in r["corruption_acc"].values())
+        adapts = r["arm"] == "norm=bn"
+        assert (r["adabn_acc"] is not None) == adapts and r["batch_stat_layers"] == 3 * adapts
+    bn, none = res["arms"]
+    assert (bn["label"], bn["n"], bn["adapts"], none["adapts"]) == ("norm=bn", 2, True, False)
+    accs = [summaries[paths[k].name]["test_acc"] for k in ("bn", "bn1")]
+    assert (bn["test_acc"]["mean"], bn["test_acc"]["sd"]) == _spread(accs)
+    eces = [r["ece"] for r in res["runs"][:2]]
+    assert (bn["ece"]["mean"], bn["ece"]["sd"]) == _spread(eces)
+    assert none["adabn_acc"] is None and bn["adabn_acc"]["mean"]["n"] == 2
+
+    assert len(res["pairs"]) == 6
+    for p in res["pairs"]:
+        assert CONTRACT_PAIR_KEYS <= set(p)
+        assert p["both_right"] + p["both_wrong"] + p["right_to_wrong"] + \
+            p["wrong_to_right"] == 96
+    pred = {k: _predictions(paths[k]) for k in ("bn", "bn1", "none", "none1")}
+    between, within_bn, within_none = res["agreement"]
+    for row in res["agreement"]:
+        assert CONTRACT_ROW_KEYS <= set(row)
+    assert (between["kind"], between["pairs"], between["arm_a"]) == ("between", 4, "norm=bn")
+    agree = [float((pred[a][0] == pred[b][0]).mean()) for a in ("bn", "bn1")
+             for b in ("none", "none1")]
+    assert (between["agreement"]["mean"], between["agreement"]["sd"]) == _spread(agree)
+    y = pred["bn"][1]
+    r2w = [float(((pred[a][0] == y) & (pred[b][0] != y)).mean()) for a in ("bn", "bn1")
+           for b in ("none", "none1")]
+    assert between["right_to_wrong"]["mean"] == pytest.approx(np.mean(r2w), abs=1e-12)
+    assert (within_bn["kind"], within_bn["pairs"]) == ("within", 1)
+    assert within_bn["agreement"]["mean"] == pytest.approx(
+        float((pred["bn"][0] == pred["bn1"][0]).mean()), abs=1e-12)
+    assert within_bn["agreement"]["sd"] is None  # one pair
+    one_right = float(((pred["none"][0] == y) != (pred["none1"][0] == y)).mean())
+    assert within_none["flips"]["mean"] == pytest.approx(one_right, abs=1e-12)
+    assert within_none["right_to_wrong"]["mean"] == pytest.approx(one_right / 2, abs=1e-12)
+
+
+def test_predictions_are_cached_per_run_and_match_a_fresh_pass(runs, tmp_path):
+    out, paths = runs
+    run = tmp_path / paths["bn"].name
+    shutil.copytree(paths["bn"], run, ignore=shutil.ignore_patterns(CACHE_FILE))
+    ld = loading.load_model(run)
+    before = {k: v.clone() for k, v in ld.model.state_dict().items()}
+    fresh = run_predictions(ld, log=lambda m: None)
+    for k, v in ld.model.state_dict().items():  # AdaBN never touches the model itself
+        assert torch.equal(v, before[k]), k
+    cache = run / CACHE_FILE
+    stamp = cache.stat().st_mtime_ns
+    again = run_predictions(loading.load_model(run), log=lambda m: None)
+    assert cache.stat().st_mtime_ns == stamp  # read, not recomputed
+    assert torch.equal(again["logits"], fresh["logits"])
+    assert again["adabn_acc"] == fresh["adabn_acc"]
+    # another checkpoint in the same folder: the cached entry no longer applies
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    for k, v in state["model"].items():
+        if k.endswith("running_mean"):
+            v.add_(1.0)
+    torch.save(state, run / "checkpoint.pt")
+    changed = run_predictions(loading.load_model(run), corruptions=False, log=lambda m: None)
+    assert not torch.equal(changed["logits"], fresh["logits"])
+    assert changed["corruption_acc"] is None
 
 
 def test_diagnose_and_fold_commands(runs, capsys):

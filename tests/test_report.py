@@ -440,12 +440,12 @@ def test_every_stored_comparison_is_reported(study_dir, tmp_path):
     doc = compose(study).document
     mnist = [t for t in doc.tables if t.title.endswith("(mnist)")]
     assert [t.anchor for t in mnist] == ["compare2-models", "compare2-pairs"]
-    assert mnist[0].rows[0][:3] == ["bn on mnist", a, "97.00"]
+    assert mnist[0].rows[0][:3] == ["bn on mnist", "1", "97.00"]  # one run: n = 1
     assert any(t.title.endswith("(synthetic)") for t in doc.tables)
     items = next(x for x in doc.blocks if type(x).__name__ == "Bullets").items
     pair = next(s for s in items if s.startswith("On mnist, bn on mnist and none on mnist"))
     assert "96.12%" in pair and f"({mnist[1].label}, row 1)" in pair
-    assert any(s.startswith("On mnist, among the compared models, bn on mnist has the lowest")
+    assert any(s.startswith("On mnist, among the compared arms, bn on mnist has the lowest")
                for s in items)
     files = write_report(out)
     assert {"compare-reliability.png", "compare-mnist-reliability.png"} <= set(files)

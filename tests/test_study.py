@@ -239,10 +239,13 @@ def test_compare_after_the_runs(tmp_path, capsys):
     assert rc == 0 and "comparing the predictions of 2 arms" in stdout
     result = json.loads((out / "analysis" / "compare.json").read_text())
     doc = json.loads((out / "study.json").read_text())
-    seed0 = [r["run_id"] for r in doc["runs"] if r["values"]["seed"] == 0]
-    assert [m["run_id"] for m in result["models"]] == seed0
-    assert [m["label"] for m in result["models"]] == ["norm=bn", "norm=none"]
-    for m in result["models"]:  # the comparison's accuracy is the run's own final accuracy
+    ids = {(r["values"]["norm"], r["values"]["seed"]): r["run_id"] for r in doc["runs"]}
+    # every seed of every arm, so that arms are read against seed-to-seed variation
+    assert [(r["arm"], r["run_id"]) for r in result["runs"]] == [
+        (f"norm={n}", ids[n, s]) for n in ("bn", "none") for s in (0, 1)]
+    assert [(a["kind"], a["pairs"]) for a in result["agreement"]] == [
+        ("between", 4), ("within", 1), ("within", 1)]
+    for m in result["runs"]:  # the comparison's accuracy is the run's own final accuracy
         assert abs(m["test_acc"] - Store(out).run(m["run_id"]).summary["test_acc"]) <= 1 / 128
     # a second invocation finds the comparison of the same runs and leaves it alone
     rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)

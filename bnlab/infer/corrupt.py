@@ -10,6 +10,12 @@ All four act on float images in [0, 1] of shape (N, C, H, W) and return images i
                     x * v' / v where v = max_c x_c > 0 (and v' gray where v = 0); on grey
                     images it is min(x + s, 1)
 
+These are ImageNet-C's definitions (its code: skimage's Gaussian filter with mode 'nearest',
+per-channel means for contrast, the HSV value for brightness). torchvision's functional
+transforms compute other things, so each is kept here, with the reason at its function; where
+they agree (the blur away from the edges, contrast on one-channel images) tests/test_corrupt.py
+checks ours against torchvision's.
+
 Severity parameters s (index 1..5). Images of at most 64 px use the CIFAR-10-C values; larger
 ones the ImageNet-C values. The blur std is given for the reference size (32 px for CIFAR-10-C,
 224 px for ImageNet-C) and scaled linearly with the image side, so the blur covers the same
@@ -47,6 +53,9 @@ def parameter(name: str, severity: int, image_size: int) -> float:
 
 
 def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    # torchvision's gaussian_noise adds the same N(0, std^2) but draws from the global random
+    # state of the image's device; an explicit CPU generator gives every model, on any device,
+    # the same noise without touching anyone's random state.
     noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
     return (x + std * noise).clamp(0.0, 1.0)
 
@@ -61,6 +70,10 @@ def gaussian_kernel(std: float, truncate: float = 4.0) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, std: float) -> torch.Tensor:
+    # torchvision's gaussian_blur pads by reflection where ImageNet-C repeats the edge pixels
+    # (a different image near the border), and convolves with the full (2r+1)^2 kernel where
+    # the separable filter needs 2 (2r+1) multiply-adds per pixel (at ImageNet-C's severity 5,
+    # r = 24: 2401 against 98).
     w = gaussian_kernel(std).to(device=x.device, dtype=x.dtype)
     r = (len(w) - 1) // 2
     n, c, h, wd = x.shape
@@ -71,11 +84,16 @@ def gaussian_blur(x: torch.Tensor, std: float) -> torch.Tensor:
 
 
 def contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+    # torchvision's adjust_contrast blends towards one mean per image, that of its luma
+    # (0.299 R + 0.587 G + 0.114 B); ImageNet-C uses each channel's own mean. They agree on
+    # one-channel images only.
     m = x.mean(dim=(2, 3), keepdim=True)
     return ((x - m) * factor + m).clamp(0.0, 1.0)
 
 
 def brightness(x: torch.Tensor, shift: float) -> torch.Tensor:
+    # torchvision's adjust_brightness multiplies every pixel by a factor; ImageNet-C adds the
+    # shift to the HSV value, which keeps hue and saturation and lifts dark pixels as well.
     if x.shape[1] == 1:
         return (x + shift).clamp(0.0, 1.0)
     v = x.max(dim=1, keepdim=True).values

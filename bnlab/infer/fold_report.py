@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from bnlab.console import format_table
 from bnlab.infer.export import export_onnx, onnx_available, onnx_parity
 from bnlab.infer.fold import fold_model, parity, speed
-from bnlab.infer.loading import load_model, test_loader
+from bnlab.infer.loading import Loaded, test_loader
 
 
 def _example(loaded, n: int = 256) -> torch.Tensor:
@@ -24,7 +26,7 @@ def fold_report(loaded, repeats: int = 20) -> dict:
     """Fold, parity over the whole test set, and speed on the CPU (and CUDA when present)."""
     model = loaded.model.eval()
     folded, info = fold_model(model)
-    res = {"checkpoint": str(loaded.path), "model": loaded.cfg.model, "norm": loaded.cfg.norm,
+    res = {"checkpoint": str(loaded.path), "model": loaded.model_name, "norm": loaded.norm_name,
            **info, "parity": parity(model, folded, test_loader(loaded)), "speed": []}
     example = _example(loaded)
     cpu_model, cpu_folded = model.cpu(), folded.cpu()
@@ -65,12 +67,29 @@ def format_fold(res: dict) -> str:
         o = res["onnx"]
         lines.append(f"ONNX {o['path']}: onnxruntime vs PyTorch (folded) on {o['n_images']} "
                      f"test images: max |logit diff| {o['max_abs_diff']:.3g}, relative "
-                     f"{o['rel_diff']:.3g}")
+                     f"{o['rel_diff']:.3g} ({'ok' if o['ok'] else 'FAILS'} the limit "
+                     f"{o['limit']:g})")
     return "\n".join(lines)
 
 
-def fold_command(checkpoint, onnx=None, data_dir=None, device="cpu", repeats=20) -> int:
-    loaded = load_model(checkpoint, data_dir, device)
+def failure(res: dict) -> str | None:
+    """The one line that fails the command: the first parity check over its limit."""
+    p = res["parity"]
+    if not p["ok"]:
+        return (f"fold: the folded model differs from the unfolded one: max |logit diff| "
+                f"{p['max_abs_diff']:.3g} is {p['rel_diff']:.3g} of the largest |logit|, over "
+                f"the limit {p['limit']:g}")
+    o = res.get("onnx")
+    if o is not None and not o["ok"]:
+        return (f"fold: the ONNX model {o['path']!r} differs from PyTorch: max |logit diff| "
+                f"{o['max_abs_diff']:.3g} is {o['rel_diff']:.3g} of the largest |logit|, over "
+                f"the limit {o['limit']:g}")
+    return None
+
+
+def fold_command(loaded: Loaded, onnx=None, repeats=20) -> int:
+    """Fold, check, time, optionally export; print the report and write fold.json beside a
+    run's checkpoint. Exit status 1 with one line on stderr when a parity check fails."""
     res = fold_report(loaded, repeats)
     folded = res.pop("_folded")
     if onnx:
@@ -85,4 +104,8 @@ def fold_command(checkpoint, onnx=None, data_dir=None, device="cpu", repeats=20)
     if run is not None:
         run.write_json("fold.json", res)
         print(f"wrote {run.path / 'fold.json'}")
-    return 0 if res["parity"]["ok"] else 1
+    why = failure(res)
+    if why:
+        print(why, file=sys.stderr)
+        return 1
+    return 0

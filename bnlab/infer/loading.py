@@ -2,33 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from bnlab.config import RunConfig, from_json_dict
-from bnlab.data import DataBundle, load_data
+from bnlab.data import DataBundle, Split, load_data
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
 from bnlab.models import build_for
 from bnlab.runtime import resolve_device
 from bnlab.store import RunDir, load_checkpoint_file
 
+USER_BATCH = 128  # images per training batch of PreciseBN for a user's own model, by default
+
 
 @dataclass
 class Loaded:
-    path: Path  # the checkpoint file
-    cfg: RunConfig
+    """A model ready for analysis: a bnlab run (`cfg` set) or a user's own model (`entry` set,
+    `cfg` None), with the dataset it is analysed on."""
+
+    path: Path  # the checkpoint file, or the user's state_dict file
+    cfg: RunConfig | None
     model: nn.Module  # in eval mode, on `device`
     bundle: DataBundle
     device: torch.device
+    entry: str | None = None  # package.module:function of a user's model
+    user_batch_size: int = USER_BATCH
 
     @property
     def run_dir(self) -> RunDir | None:
+        if self.cfg is None:
+            return None
         run = RunDir(self.path.parent)
         return run if run.exists() else None
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model if self.cfg is not None else str(self.entry)
+
+    @property
+    def norm_name(self) -> str:
+        return self.cfg.norm if self.cfg is not None else "as defined by the model"
+
+    @property
+    def batch_size(self) -> int:
+        """The training batch size (the run's; for a user's model --batch-size)."""
+        return self.cfg.batch_size if self.cfg is not None else self.user_batch_size
+
+    @property
+    def workers(self) -> int:
+        return self.cfg.workers if self.cfg is not None else 4
 
 
 _BUNDLES: dict[tuple, DataBundle] = {}
@@ -102,9 +128,23 @@ def test_loader(loaded: Loaded, batch_size: int = EVAL_BATCH):
 
 
 def train_loader(loaded: Loaded, batch_size: int | None = None):
+    """Shuffled training batches; a run's own augmentation and seed (a user's model: no
+    augmentation, seed 0, since how it was trained is not known)."""
     cfg = loaded.cfg
-    return make_loader(loaded.bundle, True, batch_size or cfg.batch_size, loaded.device,
-                       cfg.augment, cfg.seed, 0)
+    augment, seed = (cfg.augment, cfg.seed) if cfg is not None else (False, 0)
+    return make_loader(loaded.bundle, True, batch_size or loaded.batch_size, loaded.device,
+                       augment, seed, 0)
+
+
+def shuffled_test_loader(loaded: Loaded, batch_size: int = EVAL_BATCH, seed: int = 0):
+    """The test set in one fixed random order (stored test sets may be sorted by class, and
+    a batch of one class has other statistics than the data)."""
+    bundle = loaded.bundle
+    order = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(seed))
+    test = bundle.test.subset(order) if isinstance(bundle.test, Split) else \
+        torch.utils.data.Subset(bundle.test, order.tolist())
+    return make_loader(replace(bundle, test=test), False, batch_size, loaded.device, False, 0,
+                       0 if isinstance(bundle.test, Split) else min(4, loaded.workers))
 
 
 @torch.no_grad()

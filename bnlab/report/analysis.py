@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bnlab.infer.compare import compare_runs
+from bnlab.infer.seeds import FORMAT
 from bnlab.report.arms import INCLUDED, build_arms
 from bnlab.report.load import load_study
 from bnlab.runtime import resolve_device
@@ -15,11 +16,13 @@ from bnlab.store import FINISHED
 
 
 def compare_selected(root: str | Path, log: Callable[[str], None] = print) -> None:
-    """analysis.compare: compare the predictions of the selected arms (bnlab.infer.compare),
-    one finished run per arm (its lowest seed), into OUT/analysis/ for the study's first
-    dataset with two such arms and OUT/analysis/<dataset>/ for the others. Skipped when the
-    spec does not ask for it, while some run has not ended, and when the comparison of the
-    same runs exists; a failure is logged, never raised."""
+    """analysis.compare: compare the predictions of the selected arms (bnlab.infer.compare)
+    with every finished run of each arm (all its seeds, so that between-arm numbers come with
+    the within-arm baseline), into OUT/analysis/ for the study's first dataset with two such
+    arms and OUT/analysis/<dataset>/ for the others. Skipped when the spec does not ask for it,
+    while some run has not ended, and when a comparison of the same runs in the current format
+    exists; each run's predictions are cached in its folder, so adding seeds later predicts only
+    the new runs. A failure is logged, never raised."""
     study = load_study(root)
     store = study.store
     ended = all(r.status in (*FINISHED, "failed") for r in study.runs)
@@ -29,23 +32,26 @@ def compare_selected(root: str | Path, log: Callable[[str], None] = print) -> No
     device = resolve_device((study.runs[0].config or {}).get("device", "auto")).type
     first = True
     for dataset in dict.fromkeys(a.dataset for a in arms):
-        picks = []
-        for a in arms:
-            done = [r for r in a.runs if a.dataset == dataset and r.status in INCLUDED
+        here = [a for a in arms if a.dataset == dataset]
+        unique = len({a.label for a in here}) == len(here)
+        picks = []  # (run_id, arm label)
+        for a in here:
+            done = [r for r in a.runs if r.status in INCLUDED
                     and store.run(r.run_id).checkpoint_path.is_file()]
-            if done:
-                run = min(done, key=lambda r: (str(r.seed), r.run_id))
-                picks.append((run.run_id, a.label))
-        if len(picks) < 2:
+            label = a.label if unique else a.full_label
+            picks += [(r.run_id, label) for r in done]
+        if len({label for _, label in picks}) < 2:
             continue
         folder = store.root / "analysis" if first else store.root / "analysis" / dataset
         first = False
         old = store.read_meta(str((folder / "compare.json").relative_to(store.root))) \
             if (folder / "compare.json").is_file() else None
-        if old and [m["run_id"] for m in old.get("models", [])] == [p[0] for p in picks]:
+        if old and old.get("format") == FORMAT and \
+                {(r.get("run_id"), r.get("arm")) for r in old.get("runs", [])} == set(picks):
             continue
-        log(f"comparing the predictions of {len(picks)} arms on {dataset}: "
-            + ", ".join(label for _, label in picks))
+        arms_n = {label: sum(1 for _, lb in picks if lb == label) for _, label in picks}
+        log(f"comparing the predictions of {len(arms_n)} arms on {dataset} ("
+            + ", ".join(f"{label}: {n} runs" for label, n in arms_n.items()) + ")")
         try:
             compare_runs([store.run(rid) for rid, _ in picks], folder,
                          labels=[label for _, label in picks], device=device, log=log)

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from bnlab.report import figures as F
 from bnlab.report import tables as T
 from bnlab.report.arms import build_arms
+from bnlab.report.compare_tables import compare_tables
 from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
 from bnlab.report.gradratio import grad_ratio_table
@@ -22,11 +23,14 @@ from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA
 
 COMPARE_CAPTIONS = {
-    "reliability.png": "Reliability diagram of the compared models: accuracy against "
-                       "confidence per bin; the diagonal is perfect calibration.",
-    "confidence.png": "Distribution of the confidence (maximum softmax probability) of the "
-                      "compared models on the test set.",
-    "corruptions.png": "Test accuracy of the compared models under corruptions, by severity.",
+    "reliability.png": "Reliability diagram of each compared arm, the predictions of all its "
+                       "runs pooled: accuracy against confidence per bin; the diagonal is "
+                       "perfect calibration.",
+    "confidence.png": "Distribution of the confidence (maximum softmax probability) of each "
+                      "compared arm on the test set, all its runs pooled.",
+    "corruptions.png": "Test accuracy of the compared arms under corruptions, by severity, mean "
+                       "± sd over runs; dashed: after AdaBN (statistics re-estimated on the "
+                       "corrupted images).",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 
@@ -70,7 +74,7 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
         num.next_table()
     compared = []  # (comparison, its tables): analysis/ first, then analysis/<dataset>/
     for i, c in enumerate(study.comparisons):
-        tables = T.compare_tables(c.data, num.table + 1, c.folder,
+        tables = compare_tables(c.data, num.table + 1, c.folder,
                                   c.dataset if len(study.comparisons) > 1 else None,
                                   "compare" if i == 0 else f"compare{i + 1}")
         num.table += len(tables)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bnlab.report import fmt
 from bnlab.report.arms import Arm, status_counts
+from bnlab.report.compare_findings import compare_sentences
 from bnlab.report.document import Table
 from bnlab.report.load import fmt_value
 from bnlab.report.stats import ALPHA
@@ -112,7 +113,7 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
     out += _gap_sentences(gap, list(gap_rows))
     out += _probe_sentences(probe, list(probe_rows))
     for compare, tables, dataset in compared:
-        out += _compare_sentences(compare, list(tables), dataset)
+        out += compare_sentences(compare, list(tables), dataset)
     return out
 
 
@@ -187,32 +188,4 @@ def _probe_sentences(probe: Table | None, rows: list[ProbeRow]) -> list[str]:
         layer = here[0].layer
         out.append(f"On {ds}, the median of the input of layer {layer} varies over training by "
                    f"(max − min) {'; '.join(parts)} {cite(probe, *(p.row for p in here))}.")
-    return out
-
-
-def _compare_sentences(compare: dict | None, tables: list[Table],
-                       dataset: str | None = None) -> list[str]:
-    if not compare or not tables:
-        return []
-    on = f"On {dataset}, " if dataset else ""
-    out = []
-    models = compare.get("models") or []
-    labels = {m.get("run_id"): str(m.get("label", m.get("run_id"))) for m in models}
-    with_ece = [(i, m) for i, m in enumerate(models, 1) if isinstance(m.get("ece"), int | float)]
-    if len(with_ece) > 1:
-        i, m = min(with_ece, key=lambda im: im[1]["ece"])
-        lead = f"{on}among" if on else "Among"
-        out.append(f"{lead} the compared models, {m.get('label')} has the lowest expected "
-                   f"calibration error ({fmt.num(m['ece'], 3)}) {cite(tables[0], i)}.")
-    pair_table = next((t for t in tables[1:] if t.anchor.endswith("-pairs")), None)
-    for i, p in enumerate(compare.get("pairs") or [], 1):
-        if pair_table is None or not isinstance(p.get("agreement"), int | float):
-            continue
-        a, b = labels.get(p.get("a"), p.get("a")), labels.get(p.get("b"), p.get("b"))
-        extra = ""
-        if isinstance(p.get("right_to_wrong"), int) and isinstance(p.get("wrong_to_right"), int):
-            extra = (f"; {p['right_to_wrong']} test images are right for {a} and wrong for "
-                     f"{b}, {p['wrong_to_right']} the reverse")
-        out.append(f"{on}{a} and {b} predict the same class on {fmt.pct(p['agreement'])}% of "
-                   f"the test images{extra} {cite(pair_table, i)}.")
     return out

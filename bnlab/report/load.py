@@ -207,7 +207,7 @@ def _comparisons(store: Store, runs: list[Run]) -> list[Comparison]:
         if not isinstance(data, dict):
             continue
         if folder == "analysis":
-            first = next(iter(data.get("models") or []), {})
+            first = next(iter(data.get("runs") or data.get("models") or []), {})
             dataset = dataset_of.get(first.get("run_id") if isinstance(first, dict) else None)
         else:
             dataset = folder.split("/", 1)[1]

@@ -296,61 +296,6 @@ def probe_table(rows_in: list[ProbeRow], number: int) -> Table | None:
                  numeric=[False, False, False] + [True] * 7, anchor="probes")
 
 
-def compare_tables(compare: dict | None, first_number: int, folder: str = "analysis",
-                   dataset: str | None = None, anchor: str = "compare") -> list[Table]:
-    """Tables of one stored comparison (OUT/<folder>/compare.json, on `dataset`): per model,
-    per pair, per corruption."""
-    if not compare or not compare.get("models"):
-        return []
-    source = f"From {folder}/compare.json"
-    on = f" ({dataset})" if dataset else ""
-    models = compare["models"]
-    labels = {m.get("run_id"): str(m.get("label", m.get("run_id"))) for m in models}
-    n = first_number
-    head = ["Model", "Run", "Test acc. (%)", "NLL", "Brier", "ECE"]
-    rows = [[str(m.get("label", "")), str(m.get("run_id", "")), fmt.pct(_n(m.get("test_acc"))),
-             fmt.num(_n(m.get("nll"))), fmt.num(_n(m.get("brier"))),
-             fmt.num(_n(m.get("ece")))] for m in models]
-    tables = [Table(n, f"Predictions of the compared models on the test set{on}", head, rows,
-                    [f"{source}. NLL: mean negative log-likelihood (nats); "
-                     "Brier: mean squared error of the probability vector; ECE: expected "
-                     "calibration error."], numeric=[False, False, True, True, True, True],
-                    anchor=f"{anchor}-models")]
-    pairs = compare.get("pairs") or []
-    if pairs:
-        n += 1
-        head = ["Model A", "Model B", "Agreement (%)", "Right → wrong", "Wrong → right",
-                "Both right", "Both wrong", "KL(A‖B)", "KL(B‖A)", "JS"]
-        rows = [[labels.get(p.get("a"), str(p.get("a"))), labels.get(p.get("b"), str(p.get("b"))),
-                 fmt.pct(_n(p.get("agreement"))), _i(p.get("right_to_wrong")),
-                 _i(p.get("wrong_to_right")), _i(p.get("both_right")), _i(p.get("both_wrong")),
-                 fmt.num(_n(p.get("kl_ab"))), fmt.num(_n(p.get("kl_ba"))),
-                 fmt.num(_n(p.get("js")))] for p in pairs]
-        tables.append(Table(n, f"Agreement between pairs of models{on}", head, rows,
-                            ["Agreement: share of test images with the same predicted class. "
-                             "Right → wrong: images A classifies correctly and B does not; "
-                             "wrong → right the reverse. KL and JS: mean divergences of the "
-                             "predicted distributions (nats)."],
-                            numeric=[False, False] + [True] * 8, anchor=f"{anchor}-pairs"))
-    corr = sorted({c for m in models for c in (m.get("corruption_acc") or {})})
-    if corr:
-        n += 1
-        head = ["Model", *corr]
-        rows = []
-        for m in models:
-            cells = []
-            for c in corr:
-                vals = [v for v in ((m.get("corruption_acc") or {}).get(c) or [])
-                        if _n(v) is not None]
-                cells.append(fmt.pct(sum(vals) / len(vals)) if vals else fmt.DASH)
-            rows.append([str(m.get("label", "")), *cells])
-        tables.append(Table(n, f"Accuracy under corruptions (%){on}", head, rows,
-                            ["Mean test accuracy over the recorded severities of each "
-                             "corruption."], numeric=[False] + [True] * len(corr),
-                            anchor=f"{anchor}-corruptions"))
-    return tables
-
-
 def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
     arm_of = {id(r): a for a in arms for r in a.runs}
     head = ["Run", "Dataset", "Arm", "Seed", "Status", "Epochs", "Train acc. (%)",
@@ -391,7 +336,3 @@ def _note(r: Run) -> str:
 
 def _n(v):
     return number(v)
-
-
-def _i(v) -> str:
-    return fmt.DASH if v is None else str(v)

@@ -1,0 +1,132 @@
+"""A user's own model for the inference tools: an entry point, a state_dict and a dataset.
+
+`--model-entry package.module:function` (or `path/to/file.py:function`) names a function that
+takes no arguments and returns a torch.nn.Module; the module is imported as Python would from
+the current folder. The weights come from a state_dict file read with
+torch.load(weights_only=True) (a dict of tensors; one nested under "state_dict" or "model" is
+accepted too). The dataset is any bnlab dataset spec; the model receives its images normalized
+by the training set's per-channel mean and std, as bnlab's own models do.
+
+Every way this can go wrong is a UserError of one line naming the bad value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab.data import load_data
+from bnlab.errors import UserError
+from bnlab.infer.loading import USER_BATCH, Loaded, test_loader
+from bnlab.runtime import resolve_device
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _import(module: str, entry: str):
+    if module.endswith(".py"):
+        path = Path(module)
+        if not path.is_file():
+            raise UserError(f"--model-entry {entry!r}: file {module!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"bnlab_user_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - anything the user's file raises
+            raise UserError(f"--model-entry {entry!r}: importing {module!r} raised "
+                            f"{_first_line(e)}") from None
+        return mod
+    if os.getcwd() not in sys.path:  # as `python -c "import MODULE"` would find it
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - ImportError or whatever the module raises
+        raise UserError(f"--model-entry {entry!r}: cannot import module {module!r}: "
+                        f"{_first_line(e)}") from None
+
+
+def build_entry(entry: str) -> nn.Module:
+    """Call the function `entry` names and check that it returned an nn.Module."""
+    module, sep, name = entry.rpartition(":")
+    if not sep or not module or not name.isidentifier():
+        raise UserError(f"--model-entry {entry!r} is not MODULE:FUNCTION (e.g. "
+                        "mypackage.models:make_net or path/to/file.py:make_net)")
+    fn = getattr(_import(module, entry), name, None)
+    if fn is None:
+        raise UserError(f"--model-entry {entry!r}: module {module!r} has no attribute {name!r}")
+    if not callable(fn):
+        raise UserError(f"--model-entry {entry!r}: {name!r} is a {type(fn).__name__}, not a "
+                        "function")
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 - anything the user's function raises
+        raise UserError(f"--model-entry {entry!r}: calling {name}() raised "
+                        f"{_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model-entry {entry!r} returned a {type(model).__name__}, not a "
+                        "torch.nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--weights {str(p)!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
+        raise UserError(f"--weights {str(p)!r} cannot be read with "
+                        f"torch.load(weights_only=True): {_first_line(e)}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                    for k, v in state.items())):
+        raise UserError(f"--weights {str(p)!r} holds a {type(state).__name__}, not a "
+                        "state_dict (a dict of parameter names to tensors)")
+    return state
+
+
+def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str | None = None,
+                    device: str = "cpu", batch_size: int = USER_BATCH,
+                    limit_test: int = 0) -> Loaded:
+    """Build the model of `entry`, load `weights` into it (strictly) and the dataset."""
+    model = build_entry(entry)
+    state = read_state_dict(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+        raise UserError(f"--weights {str(weights)!r} does not fit the model of {entry!r}: "
+                        f"{' '.join(lines[:2])[:240]}") from None
+    bundle = load_data(dataset, data_dir, False, 0, limit_test, False)
+    dev = resolve_device(device)
+    loaded = Loaded(Path(weights), None, model.to(dev).eval(), bundle, dev, entry, batch_size)
+    x, _ = next(iter(test_loader(loaded, 2).epoch(0)))
+    try:
+        with torch.no_grad():
+            out = loaded.model(x)
+    except Exception as e:  # noqa: BLE001 - anything the user's forward raises
+        raise UserError(f"the model of {entry!r} fails on images of dataset {dataset!r} "
+                        f"(shape {tuple(x.shape)}): {_first_line(e)}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != bundle.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"the model of {entry!r} returns {shape} for {len(x)} images; "
+                        f"dataset {dataset!r} needs logits of shape ({len(x)}, "
+                        f"{bundle.num_classes})")
+    return loaded
+
+
+__all__ = ["build_entry", "load_user_model", "read_state_dict"]

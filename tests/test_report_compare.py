@@ -1,0 +1,126 @@
+"""The report's prediction comparison over seeds: the between-arm rows beside the within-arm
+(seed-to-seed) rows, AdaBN beside the training statistics, and findings that say n = 1."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from bnlab import cli
+from bnlab.infer.compare import compare_runs
+from bnlab.report import write_report
+from bnlab.report.compare_findings import compare_sentences
+from bnlab.report.compare_tables import BETWEEN, WITHIN, compare_tables, ms
+from bnlab.report.compose import compose
+from bnlab.report.load import load_study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = """
+name = "tiny-compare"
+[base]
+dataset = "synthetic"
+model = "mlp3x100"
+limit_train = 128
+limit_test = 128
+batch_size = 32
+epochs = 2
+lr = 0.05
+device = "cpu"
+[grid]
+norm = ["bn", "none"]
+seed = [0, 1]
+[analysis]
+compare = true
+"""
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    spec = root / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; a second thread only waits on a busy CPU
+    try:
+        assert cli.main(["study", "run", str(spec), "--out", str(root / "out")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root / "out"
+
+
+def _tables(doc):
+    return {t.anchor: t for t in doc.tables if t.anchor.startswith("compare")}
+
+
+def _findings(doc) -> list[str]:
+    return next(x for x in doc.blocks if type(x).__name__ == "Bullets").items
+
+
+def test_agreement_table_sets_between_against_within(study):
+    data = json.loads((study / "analysis" / "compare.json").read_text())
+    loaded = load_study(study)
+    assert [(c.folder, c.dataset) for c in loaded.comparisons] == [("analysis", "synthetic")]
+    doc = compose(loaded).document
+    t = _tables(doc)["compare-pairs"]
+    assert [r[0] for r in t.rows] == [BETWEEN, WITHIN, WITHIN]
+    assert [r[1:4] for r in t.rows] == [["norm=bn", "norm=none", "4 (2 × 2)"],
+                                        ["norm=bn", "norm=bn", "1"],
+                                        ["norm=none", "norm=none", "1"]]
+    for row, stored in zip(t.rows, data["agreement"]):
+        assert row[4] == ms(stored["agreement"]) and row[8] == ms(stored["kl_ab"], 1.0, 4)
+    between = next(s for s in _findings(doc) if "predict the same class" in s)
+    assert between.startswith("norm=bn and norm=none predict the same class on "
+                              f"{ms(data['agreement'][0]['agreement'])}% of the test images "
+                              "(mean ± sd over 4 pairs of runs)")
+    assert f"two runs of norm=bn agree on {ms(data['agreement'][1]['agreement'])}%" in between
+    assert between.endswith(f"({t.label}, rows 1, 2 and 3).")
+
+
+def test_arms_and_corruptions_are_over_seeds_with_adabn(study):
+    data = json.loads((study / "analysis" / "compare.json").read_text())
+    doc = compose(load_study(study)).document
+    tables = _tables(doc)
+    arms = tables["compare-models"]
+    assert [r[:3] for r in arms.rows] == [["norm=bn", "2", ms(data["arms"][0]["test_acc"])],
+                                          ["norm=none", "2", ms(data["arms"][1]["test_acc"])]]
+    assert " ± " in arms.rows[0][2]
+    corr = tables["compare-corruptions"]
+    assert [r[:2] for r in corr.rows] == [["norm=bn", "training"], ["norm=bn", "AdaBN"],
+                                          ["norm=none", "training"],
+                                          ["norm=none", "AdaBN: nothing to adapt"]]
+    bn = data["arms"][0]
+    assert corr.rows[1][-1] == ms(bn["adabn_acc"]["mean"])
+    assert corr.rows[0][-1] == ms(bn["corruption_acc"]["mean"])
+    items = _findings(doc)
+    adabn = next(s for s in items if "(AdaBN)" in s)
+    assert adabn.startswith("Re-estimating the norm statistics of norm=bn on the corrupted test "
+                            "images (AdaBN)")
+    assert f"({corr.label}, rows 1 and 2)" in adabn
+    assert any(s.startswith("norm=none has no batch statistics, so there is nothing for AdaBN")
+               for s in items)
+    files = write_report(study)
+    md = files["report.md"].read_text()
+    assert "Agreement between arms against the agreement between seeds of one arm" in md
+    assert "AdaBN: nothing to adapt" in md
+
+
+def test_one_run_per_arm_says_n_is_1(study, tmp_path):
+    doc_json = json.loads((study / "study.json").read_text())
+    seed0 = [r["run_id"] for r in doc_json["runs"] if r["values"]["seed"] == 0]
+    out = tmp_path / "analysis"
+    compare_runs([study / rid for rid in seed0], out, corruptions=False, log=lambda m: None)
+    compare = json.loads((out / "compare.json").read_text())
+    # the bn arm could adapt, but without the corruption sweep nothing was measured
+    assert [(a["adapts"], a["adabn_acc"]) for a in compare["arms"]] == [(True, None),
+                                                                        (False, None)]
+    tables = compare_tables(compare, 1)
+    assert [t.anchor for t in tables] == ["compare-models", "compare-pairs"]
+    assert [r[3] for r in tables[1].rows] == ["1 (1 × 1)", "0", "0"]
+    assert tables[1].rows[1][4] == "–"  # no seed-to-seed baseline with one run
+    sentences = compare_sentences(compare, tables)
+    assert "one run, n = 1: no spread over seeds" in sentences[0]
+    assert "Each arm has one run (n = 1), so there is no seed-to-seed agreement" in sentences[1]
