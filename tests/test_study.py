@@ -207,7 +207,7 @@ def test_run_skip_status_and_study_json(tmp_path, capsys):
     assert doc["name"] == "tiny" and doc["axes"] == ["norm", "seed"]
     assert doc["spec"]["grid"] == {"norm": ["bn", "none"], "seed": [0, 1]}
     assert doc["analysis"] == {"select_best": [], "select_on": "val", "compare": False,
-                               "baseline": {}}
+                               "corruptions": True, "baseline": {}}
     assert [r["values"] for r in doc["runs"]] == [
         {"norm": n, "seed": s, "dataset": "synthetic"} for n in ("bn", "none") for s in (0, 1)]
     store = Store(out)

@@ -19,7 +19,8 @@ def compare_selected(root: str | Path, log: Callable[[str], None] = print) -> No
     """analysis.compare: compare the predictions of the selected arms (bnlab.infer.compare)
     with every finished run of each arm (all its seeds, so that between-arm numbers come with
     the within-arm baseline), into OUT/analysis/ for the study's first dataset with two such
-    arms and OUT/analysis/<dataset>/ for the others. Skipped when the spec does not ask for it,
+    arms and OUT/analysis/<dataset>/ for the others; with analysis.corruptions = false without
+    the corruption sweep (and its AdaBN passes). Skipped when the spec does not ask for it,
     while some run has not ended, and when a comparison of the same runs in the current format
     exists; each run's predictions are cached in its folder, so adding seeds later predicts only
     the new runs. A failure is logged, never raised."""
@@ -54,6 +55,7 @@ def compare_selected(root: str | Path, log: Callable[[str], None] = print) -> No
             + ", ".join(f"{label}: {n} runs" for label, n in arms_n.items()) + ")")
         try:
             compare_runs([store.run(rid) for rid, _ in picks], folder,
-                         labels=[label for _, label in picks], device=device, log=log)
+                         labels=[label for _, label in picks], device=device,
+                         corruptions=bool(study.analysis.get("corruptions", True)), log=log)
         except Exception as e:  # noqa: BLE001 - the runs are the result; the comparison is extra
             log(f"prediction comparison on {dataset} failed: {type(e).__name__}: {e}")

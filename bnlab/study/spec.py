@@ -34,7 +34,7 @@ from bnlab.train.board import require_tensorboard
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
-ANALYSIS_KEYS = ("select_best", "select_on", "compare", "baseline")
+ANALYSIS_KEYS = ("select_best", "select_on", "compare", "corruptions", "baseline")
 SELECT_ON = ("val", "test")  # the split select_best chooses on
 ESTIMATE_KEYS = ("cpu_minutes", "gpu_minutes", "sizes")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -220,12 +220,15 @@ def _parse_analysis(table: dict, label: str) -> dict[str, Any]:
     compare = table.get("compare", False)
     if not isinstance(compare, bool):
         raise UserError(f"{where} compare must be true or false, got {compare!r}")
+    corruptions = table.get("corruptions", True)
+    if not isinstance(corruptions, bool):
+        raise UserError(f"{where} corruptions must be true or false, got {corruptions!r}")
     select_on = table.get("select_on", "val")
     if select_on not in SELECT_ON:
         raise UserError(f"{where} select_on must be one of {', '.join(SELECT_ON)}, got "
                         f"{select_on!r}")
     return {"select_best": [field_name(s, f"{where} select_best") for s in select],
-            "select_on": select_on, "compare": compare,
+            "select_on": select_on, "compare": compare, "corruptions": corruptions,
             "baseline": _values(table.get("baseline", {}), f"{where} baseline")}
 
 
