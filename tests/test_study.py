@@ -134,7 +134,7 @@ def test_builtin_specs_parse_and_expand(name):
 
 def test_builtin_sizes():
     sizes = {n: len(expand(load_spec(n)).runs) for n in builtin_names()}
-    assert sizes["quick"] == 4
+    assert sizes["quick"] == 9  # bn, none at bn's lr, fixup x 3 seeds
     assert sizes["bn-paper-mnist"] >= 2
     # datasets x (bn + none at BN's lr + none x 4 tuned lrs + fixup) x 3 seeds
     assert sizes["seed"] == 3 * (1 + 1 + 4 + 1) * 3
