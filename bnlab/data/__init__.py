@@ -9,7 +9,7 @@ import torch
 
 from bnlab.data.bundle import DataBundle, Split, fixed_subset
 from bnlab.data.cifar import load_cifar
-from bnlab.data.imagefolder import load_imagefolder
+from bnlab.data.imagefolder import folder_fingerprint, load_imagefolder
 from bnlab.data.mnist import load_mnist
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError, unknown
@@ -62,6 +62,25 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
     return bundle
 
 
+_FINGERPRINTS: dict[tuple[str, str], str | None] = {}
+
+
+def fingerprint(name: str, data_dir: str | Path | None = None,
+                download: bool = False) -> str | None:
+    """What `load_data(name, data_dir).fingerprint` is, computed once per process and dataset:
+    a hash of the files' bytes (CIFAR, MNIST), of an image folder's file names and sizes, or
+    None for generated data. Run folders store it, so that a run is never resumed, or taken as
+    done, with data other than its own (bnlab.train.record.RunRecord.data_mismatch)."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    key = (name, str(root.resolve()))
+    if key not in _FINGERPRINTS:
+        if name.startswith("imagefolder:") and name.split(":", 1)[1]:
+            _FINGERPRINTS[key] = folder_fingerprint(name.split(":", 1)[1])
+        else:
+            _FINGERPRINTS[key] = load_data(name, root, download).fingerprint
+    return _FINGERPRINTS[key]
+
+
 def _limit(split, limit: int):
     index = fixed_subset(len(split), limit)
     if index is None:
@@ -71,4 +90,4 @@ def _limit(split, limit: int):
     return torch.utils.data.Subset(split, index.tolist())
 
 
-__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "default_data_dir"]
+__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "default_data_dir", "fingerprint"]

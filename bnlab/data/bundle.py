@@ -33,6 +33,9 @@ class DataBundle:
     train: Split | Dataset
     test: Split | Dataset
     flip: bool = True  # whether a horizontal flip keeps an image's label (not for digits)
+    # what the data is, independent of where it was read from: a hash of the files' bytes (or,
+    # for large image folders, of their names and sizes); None for data made in memory
+    fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:

@@ -1,6 +1,6 @@
 """The study report: report.html, report.md and PNG figures in OUT/report/.
 
-    write_report(out_dir) -> {file name: path}
+    write_report(out_dir, report_dir=None) -> {file name: path}
 
 reads OUT/study.json, the run folders and OUT/analysis/ (load.py), groups runs into arms
 (arms.py), computes statistics (stats.py), tables (tables.py), findings (findings.py) and
@@ -15,23 +15,31 @@ from bnlab.report.compose import compose
 from bnlab.report.html import render_html
 from bnlab.report.load import load_study
 from bnlab.report.markdown import render_markdown
+from bnlab.store import atomic_write_bytes
 
 REPORT_DIR = "report"
 
 
-def write_report(out_dir: str | Path) -> dict[str, Path]:
-    """Write OUT/report/{report.html, report.md, *.png}; return the written files by name."""
+def write_report(out_dir: str | Path, report_dir: str | Path | None = None
+                 ) -> dict[str, Path]:
+    """Write {report.html, report.md, *.png} into `report_dir` (default OUT/report; another
+    folder for a study on read-only storage); return the written files by name."""
     study = load_study(out_dir)
     composed = compose(study)
-    store = study.store
+    folder = Path(report_dir) if report_dir is not None else None
+
+    def write(name: str, data: bytes) -> Path:
+        if folder is None:
+            return study.store.write_bytes(f"{REPORT_DIR}/{name}", data)
+        atomic_write_bytes(folder / name, data)
+        return folder / name
+
     written: dict[str, Path] = {}
     # Figures first: a reader who opens report.html while it is being replaced finds its images.
     for name, data in composed.images.items():
-        written[name] = store.write_bytes(f"{REPORT_DIR}/{name}", data)
-    written["report.md"] = store.write_bytes(f"{REPORT_DIR}/report.md",
-                                             render_markdown(composed.document).encode())
-    written["report.html"] = store.write_bytes(f"{REPORT_DIR}/report.html",
-                                               render_html(composed.document).encode())
+        written[name] = write(name, data)
+    written["report.md"] = write("report.md", render_markdown(composed.document).encode())
+    written["report.html"] = write("report.html", render_html(composed.document).encode())
     return written
 
 

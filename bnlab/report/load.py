@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.config import dataset_tag
-from bnlab.errors import UserError
-from bnlab.store import Store
+from bnlab.errors import StorageError, UserError
+from bnlab.store import Store, warn
 
 NOT_ARM_AXES = ("seed", "dataset")
 DEFAULT_BASELINE = {"norm": "bn"}
@@ -131,11 +131,8 @@ def load_study(out_dir: str | Path) -> Study:
     if not (root / "study.json").is_file():
         raise UserError(f"{str(root)!r} is not a study output folder (no study.json); run "
                         "`bnlab study run SPEC` first or pass the folder it wrote")
-    store = Store(root)
-    try:
-        meta = store.read_meta("study.json")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{str(root / 'study.json')!r} is not valid JSON") from None
+    store = Store(root, readonly=True)  # a report reads; it writes only its own files
+    meta = store.read_meta("study.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list):
         raise UserError(f"{str(root / 'study.json')!r} has no list of runs")
     spec = meta.get("spec") or {}
@@ -167,11 +164,7 @@ def _comparisons(store: Store, runs: list[Run]) -> list[Comparison]:
     dataset_of = {r.run_id: r.dataset for r in runs}
     out = []
     for folder in folders:
-        try:
-            data = store.read_meta(f"{folder}/compare.json")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{str(store.root / folder / 'compare.json')!r} is not valid "
-                            "JSON") from None
+        data = store.read_meta(f"{folder}/compare.json")
         if not isinstance(data, dict):
             continue
         if folder == "analysis":
@@ -187,9 +180,16 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
     run_id = str(entry["run_id"])
     values = dict(entry.get("values") or {})
     rd = store.run(run_id)
-    stored = rd.read_json("config.json") if rd.exists() else None
+    try:
+        stored = rd.read_json("config.json") if rd.exists() else None
+    except StorageError:
+        raise
+    except UserError as e:  # a damaged config: the run is reported as missing
+        warn(f"{e}; run {run_id} left out of the report")
+        stored = None
+    stored = stored if isinstance(stored, dict) else None
     config = (stored or {}).get("config")
-    summary = rd.read_json("summary.json") or {}
+    summary = rd.summary or {}  # damaged: {} (the run counts as interrupted)
     if config is None:
         status = "missing"
     else:

@@ -60,8 +60,11 @@ class Progress:
         with self.lock:
             if self.tty and self.shown:
                 self.stream.write("\r\033[K")
-            print(line, file=sys.stdout if self.stream is sys.stderr else self.stream,
-                  flush=True)
+            # one write per line: print() writes the text and its newline separately, and a
+            # worker process sharing the stream can land between them, splitting the line
+            out = sys.stdout if self.stream is sys.stderr else self.stream
+            out.write(line + "\n")
+            out.flush()
             if self.tty:
                 self._draw()
 

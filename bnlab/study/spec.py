@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import FIELDS, RunConfig, _coerce, validate
+from bnlab.config import FIELDS, RunConfig, _coerce, check_options, validate
 from bnlab.errors import UserError, suggest, unknown
 from bnlab.models import MODELS
 from bnlab.models.init import INITS
+from bnlab.models.init import OPTIONS as INIT_OPTIONS
 from bnlab.norm import FORMULAS
+from bnlab.norm import OPTIONS as NORM_OPTIONS
 from bnlab.runtime import resolve_device
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
@@ -182,7 +185,7 @@ def parse_spec(data: dict, source: str = "built-in", default_name: str = "study"
     est = _table(data.get("estimate", {}), f"{label} [estimate]")
     _keys(est, ESTIMATE_KEYS, f"{label} [estimate]")
     for k, v in est.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
             raise UserError(f"{label} [estimate] {k} must be a number of minutes >= 0, "
                             f"got {v!r}")
     return Spec(name, description, source, data, base, grid, cases, analysis,
@@ -400,5 +403,12 @@ def preflight(plan: Plan) -> None:
         for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.runs):
             if value not in names:
                 raise unknown(kind, value, names)
+    for kind, tables in (("norm", NORM_OPTIONS), ("init", INIT_OPTIONS)):
+        seen = set()
+        for r in plan.runs:  # each option's value of its type, before anything trains
+            name, options = getattr(r.cfg, kind), getattr(r.cfg, f"{kind}_options")
+            if (name, json.dumps(options, sort_keys=True)) not in seen:
+                seen.add((name, json.dumps(options, sort_keys=True)))
+                check_options(f"{kind} {name!r}", options, tables[name])
     for device in sorted({r.cfg.device for r in plan.runs}):
         resolve_device(device)

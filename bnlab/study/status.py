@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bnlab.console import format_table
 from bnlab.errors import UserError
-from bnlab.store import Store
+from bnlab.store import Store, open_store
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -55,7 +55,7 @@ def resolve_out(target: str, out: str | None = None) -> Path:
 
 def status_text(out: str | Path) -> str:
     """`bnlab study status`: counts by status, then one line per run with its axis values."""
-    store = Store(out)
+    store = open_store(out, readonly=None)  # results on read-only storage can be listed
     meta = store.read_meta("study.json")
     rows = status_rows(store, [r["run_id"] for r in meta["runs"]])
     counts: dict[str, int] = {}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bnlab.config import RunConfig
-from bnlab.data import DataBundle, load_data
+from bnlab.data import DataBundle, fingerprint, load_data
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
 from bnlab.fast import step_graph
@@ -44,7 +44,12 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
     """
     with session(resolve_device(cfg.device)) as ctx:
         rec, done = _open(cfg, out, resume, ctx)
-        if done is not None:
+        if done is not None:  # a finished run is its result only for the data it was run on
+            fp = None
+            if ctx.is_main and rec.stored_fingerprint() is not None:
+                fp = bundle.fingerprint if bundle is not None else fingerprint(
+                    cfg.dataset, cfg.data_dir or None, cfg.download)
+            _same_data(rec, ctx, fp)
             return done
         if cfg.sync_bn:
             check_sync_bn(ctx.device)
@@ -52,6 +57,7 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
         if bundle is None:
             bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
                                cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size)
+        _same_data(rec, ctx, bundle.fingerprint)
         torch.manual_seed(cfg.seed)
         model = build_for(cfg, bundle)
         try:
@@ -72,6 +78,15 @@ def _open(cfg: RunConfig, out: str | Path, resume: bool,
     if isinstance(verdict, str):
         raise UserError(verdict)
     return rec, verdict
+
+
+def _same_data(rec: RunRecord, ctx: Context, fp: str | None) -> None:
+    """Refuse (on every process) to continue a run with data other than its own: the run id
+    names the dataset, not the files read (--data-dir may point anywhere), so the run folder
+    keeps the data's fingerprint and it is compared here."""
+    why = ctx.from_main(rec.data_mismatch(fp) if ctx.is_main else None)
+    if why:
+        raise UserError(why)
 
 
 @dataclass
