@@ -151,21 +151,23 @@ def _fingerprint(items: list[tuple[str, int]]) -> str:
 def identity(root: Path, classes: list[str], train: list[tuple[str, int]],
              test: list[tuple[str, int]]) -> str:
     """What the dataset is, wherever it lies: every file's path relative to `root` with its
-    label, the class names, and the byte sizes of up to IDENTITY_SAMPLE files spread evenly
+    label, the class names, and the files' bytes: all of them for small images (they are read
+    whole anyway), the byte sizes of up to IDENTITY_SAMPLE files spread evenly for large ones
     (so a copy or a fresh extraction matches, while other data, or the same names re-encoded
     at another resolution, do not). Modification times are left out on purpose: they change
     with every copy."""
-    h = hashlib.sha256("\x00".join(classes).encode())
+    small = max(open_image(train[0][0]).size) <= SMALL_MAX
+    h = hashlib.blake2b("\x00".join(classes).encode(), digest_size=16)
     for split, items in (("train", train), ("test", test)):
         h.update(split.encode())
         for p, label in items:
             h.update(f"{os.path.relpath(p, root)}\x00{label}\x00".encode())
-        for p, _ in items[:: max(1, len(items) // IDENTITY_SAMPLE)]:
+        for p, _ in (items if small else items[:: max(1, len(items) // IDENTITY_SAMPLE)]):
             try:
-                h.update(str(os.path.getsize(p)).encode())
+                h.update(Path(p).read_bytes() if small else str(os.path.getsize(p)).encode())
             except OSError as e:
                 raise UserError(f"cannot read image {p!r}: {e.strerror}") from None
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 class StreamedImages(Dataset):
