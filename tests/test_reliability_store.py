@@ -210,7 +210,7 @@ def test_corrupt_checkpoint_in_a_study_restarts_the_run_from_scratch(tmp_path, c
     summary["status"] = "running"  # ... as if killed after its last checkpoint
     run.write_json("summary.json", summary)
     run.checkpoint_path.write_bytes(run.checkpoint_path.read_bytes()[:1000])  # torn zip
-    for attempt in range(2):  # a second study run leaves it finished, not failed for ever
+    for _ in range(2):  # a second study run leaves it finished, not failed for ever
         rc, text, err = main(capsys, "study", "run", spec, "--out", out)
         assert rc == 0, err
     s = Store(out).run(c.run_id()).summary
@@ -377,3 +377,43 @@ def test_worker_never_trains_a_run_of_an_unreadable_index(tmp_path):
     s = run_one(cfg(), out, log=quiet)
     assert s["status"] in ("completed", "no_learning")
     assert [r["run_id"] for r in Store(out).rows()] == [cfg().run_id()]
+
+
+# -- shared CPUs and shared output streams -------------------------------------------------
+def test_train_lets_openmp_sleep_on_a_shared_cpu(tmp_path, monkeypatch):
+    """`bnlab train` asks for the same OpenMP wait policy as `study run` when the CPU is
+    shared (and leaves it alone on a CPU of its own)."""
+    for shared, want in ((False, None), (True, "PASSIVE")):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.setattr(cli, "_cpu_shared", lambda jobs, s=shared: s)
+        assert cli.main(["train", *TINY, "--out", str(tmp_path / str(shared))]) == 0
+        assert os.environ.get("OMP_WAIT_POLICY") == want
+
+
+def test_progress_writes_each_line_in_one_write():
+    """print() writes a line and its newline separately; a worker process writing to the same
+    pipe in between split 'RUN: starting' lines (what made the two-runner test fail under
+    load). Each line must reach the stream whole."""
+    from bnlab.study.progress import Progress
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    rec = Recorder()
+    p = Progress.__new__(Progress)
+    p.stream, p.tty, p.shown = rec, False, False
+    import threading
+
+    p.lock = threading.Lock()
+    p.log("mlp3x100-bn-synthetic-s0-1234abcd: starting")
+    assert rec.writes == ["mlp3x100-bn-synthetic-s0-1234abcd: starting\n"]

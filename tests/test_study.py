@@ -368,6 +368,14 @@ def test_two_runners_never_train_a_run_twice(tmp_path):
     assert all(Store(out).run(i).summary["status"] in FINAL for i in ids)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(25))
+def test_two_runners_never_train_a_run_twice_repeatedly(tmp_path, trial):
+    """The two-runner test again and again (it failed once under load: log lines split by
+    worker output between print()'s two writes, see bnlab/study/progress.py)."""
+    test_two_runners_never_train_a_run_twice(tmp_path)
+
+
 def _open_store(path, barrier, results):
     barrier.wait()  # every process opens the fresh index at the same moment
     try:
