@@ -45,8 +45,10 @@ class RunConfig:
     limit_train: int = _f(0, "use only the first N training images, chosen by a fixed "
                           "shuffle (0 = all)", "images")
     limit_test: int = _f(0, "use only the first N test images (0 = all)", "images")
-    image_size: int = _f(0, "side of the crops of streamed (large-image) data; 0 = 224 "
-                         "(smaller sizes make CPU runs of ImageNet-style data affordable)", "px")
+    image_size: int = _f(0, "side of the crops of streamed (large-image) data, 0 = 224 "
+                         "(smaller sizes make CPU runs of ImageNet-style data affordable); for "
+                         "small images (an image folder of at most 64 px) every image is "
+                         "resized to it, 0 = their own common size", "px")
     augment: bool = _f(True, "pad-4 random crop + horizontal flip for small images; "
                        "RandomResizedCrop + flip for large ones")
     # model
