@@ -19,7 +19,7 @@ from bnlab.errors import UserError
 from bnlab.models.init import OPTIONS as INIT_OPTIONS
 from bnlab.norm import OPTIONS as NORM_OPTIONS
 from bnlab.norm import make_norm
-from bnlab.study.spec import expand, parse_assignments, parse_spec, preflight
+from bnlab.study.spec import expand, parse_assignments, parse_spec
 
 FLOATS = [n for n, f in FIELDS.items() if type(f.default) is float]
 INTS = [n for n, f in FIELDS.items() if type(f.default) is int]
@@ -84,13 +84,20 @@ def test_option_checks_cover_every_table_entry():
                     check_options(f"{kind} {name!r}", {key: wrong}, table)
 
 
-def test_study_preflight_checks_options_before_anything_runs():
-    spec = parse_spec({"name": "t", "base": {"dataset": "synthetic", "device": "cpu",
-                                             "norm": "ghost"},
-                       "grid": {"norm_options": [{"virtual_batch_size": 8},
-                                                 {"virtual_batch_size": 8.5}]}})
-    with pytest.raises(UserError, match="virtual_batch_size must be an integer"):
-        preflight(expand(spec))
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--norm-options", '{"virtual_batch_size": 8.5}', "norm 'ghost' option virtual_batch_size "
+                                                      "must be an integer, got 8.5"),
+    ("--init-options", '{"gain": "big"}', "init 'xavier' option gain must be a finite number"),
+])
+def test_option_types_are_one_line_before_a_run_folder_exists(tmp_path, capsys, flag, value,
+                                                                needle):
+    argv = ["train", "--dataset", "synthetic", "--model", "mlp3x100", "--norm", "ghost",
+            "--init", "xavier", "--device", "cpu", "--no-cpu-kernels", flag, value,
+            "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not list((tmp_path / "o").glob("*/config.json"))
 
 
 def test_spec_estimate_refuses_nan():

@@ -25,13 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import FIELDS, RunConfig, _coerce, check_options, validate
+from bnlab.config import FIELDS, RunConfig, _coerce, validate
 from bnlab.errors import UserError, suggest, unknown
 from bnlab.models import MODELS
 from bnlab.models.init import INITS
-from bnlab.models.init import OPTIONS as INIT_OPTIONS
 from bnlab.norm import FORMULAS
-from bnlab.norm import OPTIONS as NORM_OPTIONS
 from bnlab.runtime import resolve_device
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
@@ -403,12 +401,5 @@ def preflight(plan: Plan) -> None:
         for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.runs):
             if value not in names:
                 raise unknown(kind, value, names)
-    for kind, tables in (("norm", NORM_OPTIONS), ("init", INIT_OPTIONS)):
-        seen = set()
-        for r in plan.runs:  # each option's value of its type, before anything trains
-            name, options = getattr(r.cfg, kind), getattr(r.cfg, f"{kind}_options")
-            if (name, json.dumps(options, sort_keys=True)) not in seen:
-                seen.add((name, json.dumps(options, sort_keys=True)))
-                check_options(f"{kind} {name!r}", options, tables[name])
     for device in sorted({r.cfg.device for r in plan.runs}):
         resolve_device(device)
