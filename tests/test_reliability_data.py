@@ -143,3 +143,32 @@ def test_study_does_not_take_a_run_on_other_data_as_done(tmp_path, capsys):
     rc, _, err = main(capsys, "study", "run", spec, "--out", out, "--set",
                       f"data_dir={tmp_path / 'd1'}")
     assert rc == 0, err
+
+
+def test_parallel_study_stops_on_a_run_with_other_data(tmp_path, capsys):
+    """The check in a worker process (--jobs 2) reaches the runner as its one line."""
+    write_cifar(tmp_path / "d1")
+    write_cifar(tmp_path / "d2", seed=3)
+    c = _cifar_cfg(tmp_path / "d1", epochs=2, seed=0)
+    train_run(_cifar_cfg(tmp_path / "d1", epochs=2, seed=0), tmp_path / "o", log=quiet)
+    run = Store(tmp_path / "o").run(c.run_id())
+    run.write_json("summary.json", {**run.summary, "status": "running"})  # interrupted
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent("""
+        name = "data"
+        [base]
+        dataset = "cifar10"
+        model = "mlp3x100"
+        batch_size = 16
+        epochs = 2
+        device = "cpu"
+        cpu_kernels = false
+        augment = false
+        [grid]
+        seed = [0]
+        """))
+    rc, _, err = main(capsys, "study", "run", spec, "--out", tmp_path / "o", "--jobs", "2",
+                      "--set", f"data_dir={tmp_path / 'd2'}")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "trained on other data" in lines[0], err
+    assert run.summary["status"] == "running"  # not recorded as failed

@@ -417,3 +417,14 @@ def test_progress_writes_each_line_in_one_write():
     p.lock = threading.Lock()
     p.log("mlp3x100-bn-synthetic-s0-1234abcd: starting")
     assert rec.writes == ["mlp3x100-bn-synthetic-s0-1234abcd: starting\n"]
+
+
+def test_index_deleted_while_a_run_trains_is_rebuilt_not_fatal(tmp_path):
+    c = cfg(epochs=2)
+    store = Store(tmp_path / "o")
+    train_run(c, tmp_path / "o", log=quiet)
+    (tmp_path / "o" / "index.sqlite").unlink()  # between two writes of a running run
+    for suffix in ("-wal", "-shm"):
+        Path(f"{tmp_path}/o/index.sqlite{suffix}").unlink(missing_ok=True)
+    store.record(store.run(c.run_id()))  # the next write heals instead of failing
+    assert [r["run_id"] for r in store.rows()] == [c.run_id()]

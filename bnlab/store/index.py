@@ -48,11 +48,12 @@ CREATE TABLE IF NOT EXISTS attempts (
 
 
 def _damaged(e: sqlite3.DatabaseError) -> bool:
-    """SQLite's errors for a file that is not (or no longer) a readable database, as opposed to
-    a busy, full, read-only or missing one (OperationalError)."""
+    """SQLite's errors for a file that is not (or no longer) a readable index: not a database,
+    a torn page, or one without its tables (deleted or emptied while in use), as opposed to a
+    busy, full or read-only one (other OperationalErrors)."""
     text = str(e).lower()
     return (not isinstance(e, sqlite3.OperationalError) or "malformed" in text
-            or "not a database" in text)
+            or "not a database" in text or "no such table" in text)
 
 
 def row_of(run: RunDir, root: Path) -> dict | None:
