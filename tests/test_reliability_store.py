@@ -428,3 +428,14 @@ def test_index_deleted_while_a_run_trains_is_rebuilt_not_fatal(tmp_path):
         Path(f"{tmp_path}/o/index.sqlite{suffix}").unlink(missing_ok=True)
     store.record(store.run(c.run_id()))  # the next write heals instead of failing
     assert [r["run_id"] for r in store.rows()] == [c.run_id()]
+
+
+@pytest.mark.parametrize("doc", ['{"name": "tiny"}', '[1, 2]', '{"runs": [{"values": {}}]}',
+                                 '{"runs": "x"}', '{"runs": [], "axes": 5'])
+def test_damaged_study_json_is_one_line_for_status_and_report(finished_study, tmp_path,
+                                                              capsys, doc):
+    out = copy_of(finished_study, tmp_path)
+    (out / "study.json").write_text(doc)
+    for action in ("status", "report"):
+        rc, _, err = main(capsys, "study", action, out)
+        assert rc == 2 and "study.json" in error_line(err)

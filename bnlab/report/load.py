@@ -133,7 +133,8 @@ def load_study(out_dir: str | Path) -> Study:
                         "`bnlab study run SPEC` first or pass the folder it wrote")
     store = Store(root, readonly=True)  # a report reads; it writes only its own files
     meta = store.read_meta("study.json")
-    if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list):
+    if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list) or not all(
+            isinstance(r, dict) and isinstance(r.get("run_id"), str) for r in meta["runs"]):
         raise UserError(f"{str(root / 'study.json')!r} has no list of runs")
     spec = meta.get("spec") or {}
     base_dataset = (spec.get("base") or {}).get("dataset")

@@ -53,10 +53,25 @@ def resolve_out(target: str, out: str | None = None) -> Path:
     return folder
 
 
+def study_meta(store: Store) -> dict:
+    """OUT/study.json, with its list of runs checked (a damaged file is one line, not a
+    KeyError)."""
+    meta = store.read_meta("study.json")
+    runs = meta.get("runs") if isinstance(meta, dict) else None
+    if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("run_id"), str) for r in runs):
+        raise UserError(f"{str(store.root / 'study.json')!r} holds no list of runs (damaged?)")
+    for r in runs:
+        r["values"] = r.get("values") if isinstance(r.get("values"), dict) else {}
+    meta.setdefault("name", store.root.name)
+    meta["axes"] = [a for a in meta.get("axes") or [] if isinstance(a, str)]
+    return meta
+
+
 def status_text(out: str | Path) -> str:
     """`bnlab study status`: counts by status, then one line per run with its axis values."""
     store = open_store(out, readonly=None)  # results on read-only storage can be listed
-    meta = store.read_meta("study.json")
+    meta = study_meta(store)
     rows = status_rows(store, [r["run_id"] for r in meta["runs"]])
     counts: dict[str, int] = {}
     for r in rows:
