@@ -283,7 +283,8 @@ def from_mapping(values: dict[str, Any], base: RunConfig | None = None,
 def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist")
+        raise UserError(f"config file {str(p)!r} " + ("is a folder, not a TOML file"
+                                                     if p.is_dir() else "does not exist"))
     try:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -439,3 +439,17 @@ def test_damaged_study_json_is_one_line_for_status_and_report(finished_study, tm
     for action in ("status", "report"):
         rc, _, err = main(capsys, "study", action, out)
         assert rc == 2 and "study.json" in error_line(err)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--config", "{d}"], "is a folder, not a TOML file"),
+    (["train", "--dataset", "mnist", "--data-dir", "{f}"], "is a file, not a folder"),
+    (["train", "--dataset", "imagefolder:{f}"], "neither a folder nor a .tar"),
+    (["runs", "--out", "{f}"], "not a bnlab output folder"),
+    (["runs", "--out", "{d}/missing"], "not a bnlab output folder"),
+    (["study", "report", "{d}"], "no study.json"),
+])
+def test_paths_of_the_wrong_kind_are_one_line(tmp_path, capsys, argv, needle):
+    (tmp_path / "f").write_text("")
+    rc, _, err = main(capsys, *[a.format(d=tmp_path, f=tmp_path / "f") for a in argv])
+    assert rc == 2 and needle in error_line(err)

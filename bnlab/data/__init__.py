@@ -42,7 +42,8 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
         bundle = load_cifar(name, root, download)
     elif name in ("mnist", "fashion-mnist"):
         if not download and not root.is_dir():
-            raise UserError(f"data dir {str(root)!r} does not exist (needed for {name})")
+            raise UserError(f"data dir {str(root)!r} " + ("is a file, not a folder" if
+                            root.exists() else "does not exist") + f" (needed for {name})")
         bundle = load_mnist(name, root, download)
     elif name.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
