@@ -118,7 +118,35 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.dictionaries(st.text(max_size=8) | st.sampled_from(["momentum", "eps", "mode"]), inner,
                     max_size=3)), max_leaves=6)
 KEYS = st.sampled_from(list(FIELDS) + [k.replace("_", "-") for k in FIELDS] + ["bogus", ""])
-MAPPINGS = st.dictionaries(KEYS, VALUES, max_size=6)
+NAMES = {"model": ["mlp3x100", "resnet20", "x/y"], "norm": ["bn", "none", "ghost", "bn_ref"],
+         "init": ["kaiming", "xavier", "fixup"], "dataset": ["synthetic", "cifar10", "mnist"]}
+
+
+def plausible(name: str):
+    """Values of the field's own type and near its range (so that many inputs are valid),
+    with its edges: 0, 1, negatives, the seed limit, choices and registry names."""
+    f = FIELDS[name]
+    if f.metadata.get("choices"):
+        return st.sampled_from(list(f.metadata["choices"]) + ["other"])
+    if name in NAMES:
+        return st.sampled_from(NAMES[name])
+    if f.default_factory is not dataclasses.MISSING:
+        return st.dictionaries(st.sampled_from(["momentum", "eps", "mode", "gain"]),
+                               st.floats(0, 1) | st.sampled_from(["fan_out", True]),
+                               max_size=2)
+    kind = type(f.default)
+    if kind is bool:
+        return st.booleans() | st.sampled_from(["true", "no", "1"])
+    if kind is int:
+        return st.integers(-2, 300) | st.sampled_from([SEED_MAX, SEED_MAX + 1, "7"])
+    if kind is float:
+        return st.floats(-0.5, 1.5) | st.sampled_from([0.0, 1.0, "0.5"])
+    return st.text(max_size=6)
+
+
+FIELD_VALUES = st.sampled_from(list(FIELDS)).flatmap(
+    lambda k: st.tuples(st.just(k), plausible(k) | plausible(k) | VALUES))
+MAPPINGS = st.lists(FIELD_VALUES | st.tuples(KEYS, VALUES), max_size=6).map(dict)
 PROPERTY = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -158,13 +186,16 @@ def test_set_assignments_give_valid_values_or_one_user_error(pairs):
         _one_line(e)
 
 
-SECTIONS = st.fixed_dictionaries({}, optional={
-    "name": SCALARS, "description": SCALARS, "base": MAPPINGS,
-    "grid": st.dictionaries(KEYS, st.lists(VALUES, max_size=3) | VALUES, max_size=3),
+AXES = st.sampled_from(list(FIELDS)).flatmap(
+    lambda k: st.tuples(st.just(k), st.lists(plausible(k), min_size=1, max_size=3)))
+GRIDS = st.lists(AXES, min_size=1, max_size=3).map(dict) | st.dictionaries(KEYS, VALUES,
+                                                                            max_size=2)
+SECTIONS = st.fixed_dictionaries({"grid": GRIDS}, optional={
+    "name": st.sampled_from(["t", "my-study", "a b", ""]) | SCALARS,
+    "description": SCALARS, "base": MAPPINGS,
     "cases": st.lists(st.fixed_dictionaries({}, optional={
         "where": MAPPINGS, "set": MAPPINGS,
-        "grid": st.dictionaries(KEYS, st.lists(VALUES, max_size=2), max_size=2)}), max_size=2)
-    | VALUES,
+        "grid": st.lists(AXES, max_size=2).map(dict)}), max_size=2) | VALUES,
     "analysis": st.fixed_dictionaries({}, optional={
         "select_best": st.lists(KEYS, max_size=2) | VALUES, "compare": VALUES,
         "baseline": MAPPINGS}) | VALUES,
