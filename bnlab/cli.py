@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -88,6 +89,8 @@ def run_overrides(args: argparse.Namespace) -> dict:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    if _cpu_shared(max(1, args.nproc)):  # before torch loads: as `study run` does
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.executors.passive_openmp
     from bnlab.train import train_run  # lazy
     from bnlab.train.distributed import detect, launch  # lazy
 
@@ -120,7 +123,13 @@ def _train_argv(args) -> list[str]:
 def cmd_runs(args) -> int:
     from bnlab.store import open_store  # lazy
 
-    rows = open_store(args.out, must_exist=True).rows()
+    if args.rebuild_index:
+        store = open_store(args.out, must_exist=True)
+        print(f"rebuilt {store.index_path} from {store.rebuild_index()} run folders",
+              file=sys.stdout if args.format == "table" else sys.stderr)  # keep csv/json clean
+    # read-only where the folder cannot be written; the rows are checked against the run
+    # folders (the truth), and a writable index is brought up to date
+    rows = open_store(args.out, must_exist=True, readonly=None).reconcile()
     if args.format != "table":
         from bnlab.report.records import run_records  # lazy
 
@@ -347,10 +356,17 @@ def cmd_study(args) -> int:
             sys.stdout.write(records_csv(records) if args.format == "csv"
                              else records_json(records))
         return 0
+    from bnlab.errors import StorageError  # lazy
     from bnlab.report import write_report  # lazy
 
     refs = getattr(args, "references", None)
-    for name, path in write_report(out, refs).items():
+    try:
+        written = write_report(out, args.report_dir, refs)
+    except StorageError as e:
+        if args.report_dir:
+            raise
+        raise StorageError(f"{e} (write the report elsewhere with --report-dir DIR)") from None
+    for name, path in written.items():
         print(f"{name}: {path}")
     return 0
 
@@ -410,6 +426,9 @@ def build_parser() -> Parser:
     r = sub.add_parser("runs", help="list the runs of an output root", formatter_class=Formatter)
     r.add_argument("--out", metavar="DIR", default="runs", help="output root")
     add_format_flag(r, "csv/json: every result and config option of each run")
+    r.add_argument("--rebuild-index", action="store_true",
+                   help="rebuild OUT/index.sqlite from the run folders (they are the truth; a "
+                   "damaged index is kept as index.sqlite.damaged)")
     r.set_defaults(func=cmd_runs)
 
     c = sub.add_parser("compare", help="compare the predictions of trained runs",
@@ -513,6 +532,9 @@ def build_parser() -> Parser:
             sp.add_argument("--references", metavar="FILE", default=None,
                             help="TOML file of published numbers to show beside the study's "
                             "(default: the file shipped with a built-in study of that name)")
+            sp.add_argument("--report-dir", metavar="DIR", default=None,
+                            help="where the report goes (default: OUT/report); for a study on "
+                            "read-only storage")
         if action == "status":
             add_format_flag(sp, "csv/json: one record per run with its axis values")
     ssub.add_parser("list", help="built-in studies with their size and estimated time")
@@ -568,7 +590,26 @@ def _one_line(e: BaseException) -> str:
     # An error raised in a DataLoader worker comes back with the worker's traceback in its
     # message; its last line is the message that was raised.
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return text.removeprefix("bnlab.errors.UserError: ")
+    for prefix in ("bnlab.errors.UserError: ", "bnlab.errors.StorageError: "):
+        text = text.removeprefix(prefix)
+    return text
+
+
+# OSErrors that are the file system's answer about a path (full, read-only, no permission, a
+# file where a folder should be): the user's to fix, so one line; any other stays a traceback
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                      errno.ENOENT}
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (`bnlab norms --table | head -1`), send what is left of stdout to
+    /dev/null, so Python's flush at exit does not report the pipe a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,6 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         sys.stderr.write(f"bnlab: error: {_one_line(e)}\n")
+        return 2
+    except BrokenPipeError:  # the reader went away: nothing left to say, to no one
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a program killed by the broken pipe returns
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRNOS or e.filename is None:
+            raise
+        sys.stderr.write(f"bnlab: error: cannot use {str(e.filename)!r}: {e.strerror}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("bnlab: interrupted\n")

@@ -11,12 +11,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab.errors import UserError, suggest
+from bnlab.errors import StorageError, UserError, suggest
 
 
 def _f(default, help: str, unit: str = "", choices: tuple = (), **kw):
@@ -49,8 +50,10 @@ class RunConfig:
                              "(after limit_train; a fixed split, the same for every run and "
                              "seed) as a validation set evaluated every epoch; studies select "
                              "tuned values on it (0 = none)", "fraction")
-    image_size: int = _f(0, "side of the crops of streamed (large-image) data; 0 = 224 "
-                         "(smaller sizes make CPU runs of ImageNet-style data affordable)", "px")
+    image_size: int = _f(0, "side of the crops of streamed (large-image) data, 0 = 224 "
+                         "(smaller sizes make CPU runs of ImageNet-style data affordable); for "
+                         "small images (an image folder of at most 64 px) every image is "
+                         "resized to it, 0 = their own common size", "px")
     augment: bool = _f(True, "pad-4 random crop + horizontal flip for small images; "
                        "RandomResizedCrop + flip for large ones")
     # model
@@ -144,6 +147,41 @@ NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "te
              "compile", "cuda_graph", "cpu_kernels"}
 # options added later whose default is the earlier behaviour: in the id only when set
 OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes"}
+INT_MAX = 2**63 - 1  # torch's int64: every integer option must fit
+SEED_MAX = 2**32 - 1  # data-order generators are seeded with seed * 1_000_003 + epoch < 2**64
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # model, norm, init: a plain name
+
+
+def _kind(value) -> str:
+    name = "boolean" if isinstance(value, bool) else type(value).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def _finite(name: str, value: Any) -> float:
+    """`value` as a finite float (an int, a float, or a flag's string; never a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise UserError(f"{name} must be a number, got {_kind(value)} ({value!r})")
+    try:
+        v = float(value)
+    except (ValueError, OverflowError):
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    return v
+
+
+def _integer(name: str, value: Any) -> int:
+    """`value` as an int: an integer from TOML or JSON, or a string of digits from a flag; a
+    float (1e12, 2.0) is refused rather than truncated or rounded."""
+    if isinstance(value, bool | float) or not isinstance(value, int | str):
+        raise UserError(f"{name} must be an integer, got {_kind(value)} ({value!r})")
+    try:
+        v = int(value)
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {value!r}") from None
+    if not -INT_MAX <= v <= INT_MAX:
+        raise UserError(f"{name} must be an integer of at most 2^63-1 in size, got {v}")
+    return v
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -152,42 +190,86 @@ def _coerce(name: str, value: Any) -> Any:
     if FIELDS[name].default_factory is not dataclasses.MISSING:
         if not isinstance(value, dict):
             raise UserError(f"{name} must be a table like {{momentum = 0.1}}, got {value!r}")
-        return dict(value)
+        return {str(k): _option_value(f"{name} {k}", v) for k, v in value.items()}
     kind = type(default)
     if name == "probe_step_sizes" and isinstance(value, list | tuple):  # a TOML array
         value = ",".join(str(v) for v in value)
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower() if isinstance(value, str | int) else ""
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    if kind is int:
+        return _integer(name, value)
+    if kind is float:
+        return _finite(name, value)
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be a string, got {_kind(value)} ({value!r})")
+    if not value.isprintable():
+        raise UserError(f"{name} must be printable text, got {value!r}")
+    return value
+
+
+def _option_value(name: str, value: Any) -> Any:
+    """A value of --norm-options/--init-options: a boolean, a finite number or a string (what
+    each option accepts is checked by `check_options` against its factory's table)."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return _integer(name, value)
+    if isinstance(value, float):
+        return _finite(name, value)
+    raise UserError(f"{name} must be a boolean, a number or a string, got {_kind(value)} "
+                    f"({value!r})")
+
+
+def check_options(what: str, options: dict, defaults: dict) -> dict:
+    """`options` checked against `defaults` (an OPTIONS table of bnlab.norm or bnlab.models.init:
+    option -> default): each value must have its default's type (a number where the default is
+    a float or None, an integer where it is an int); returns `options`. `what` names them in
+    errors ("norm 'bn'")."""
+    for key, value in options.items():
+        if key not in defaults:
+            raise UserError(f"unknown option {key!r} for {what}; accepted: "
+                            f"{', '.join(sorted(defaults)) or 'none'}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:  # float, or None (the layer's own default, a number)
+            ok = (isinstance(value, int | float) and not isinstance(value, bool)
+                  and math.isfinite(value))
+            want = "a finite number"
+        if not ok:
+            raise UserError(f"{what} option {key} must be {want}, got {value!r}")
+    return options
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Range and choice checks that need no imports of data or models."""
+    """Type, range and choice checks that need no imports of data or models; every value is
+    checked again here, so a config made with dataclasses.replace is held to the same rules."""
+    for name in FIELDS:
+        _coerce(name, getattr(cfg, name))
+    for name in ("model", "norm", "init"):
+        if not NAME_RE.match(getattr(cfg, name)):
+            raise UserError(f"{name} {getattr(cfg, name)!r} is not a name (letters, digits, "
+                            "'_', '.', '+', '-')")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise UserError(f"seed must be in 0..{SEED_MAX} (2^32-1), got {cfg.seed}")
     positive = {"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "eval_batch_size": cfg.eval_batch_size}
     for name, v in positive.items():
         if not v > 0:
             raise UserError(f"{name} must be > 0, got {v!r}")
     for name in ("limit_train", "limit_test", "weight_decay", "warmup_epochs", "momentum",
-                 "workers", "probe_every", "image_size", "grad_clip"):
+                 "workers", "probe_every", "image_size", "grad_clip", "first_k"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
     if not 0.0 <= cfg.val_fraction <= 0.5:
@@ -239,13 +321,17 @@ def from_mapping(values: dict[str, Any], base: RunConfig | None = None,
 def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist")
+        raise UserError(f"config file {str(p)!r} " + ("is a folder, not a TOML file"
+                                                     if p.is_dir() else "does not exist"))
     try:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        raise UserError(f"config file {str(p)!r} is not valid TOML: "
+                        f"{' '.join(str(e).split())}") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {str(p)!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -270,5 +356,12 @@ def cache_root() -> Path:
     root = os.environ.get("BNLAB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bnlab")
     p = Path(root)
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(p))
+    except OSError as e:
+        raise StorageError(f"cannot use the cache folder {str(p)!r}: "
+                           f"{e.strerror or type(e).__name__} (set BNLAB_CACHE to a folder you "
+                           "can write)") from None
     return p

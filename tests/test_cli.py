@@ -34,7 +34,7 @@ def one_line_error(capsys, argv, *needles):
     (["train", "--lr", "0"], ["lr must be > 0"]),
     (["train", "--epochs", "0"], ["epochs must be > 0"]),
     (["train", "--batch-size", "-5"], ["batch_size must be > 0", "-5"]),
-    (["train", "--epochs", "two"], ["epochs must be a int", "'two'"]),
+    (["train", "--epochs", "two"], ["epochs must be an integer", "'two'"]),
     (["train", "--schedule", "cosin"], ["'cosin'", "did you mean 'cosine'"]),
     (["train", "--precision", "fp8"], ["'fp8'", "bf16"]),
     (["train", "--epoks", "3"], ["--epoks", "did you mean '--epochs'"]),

@@ -9,7 +9,7 @@ import torch
 
 from bnlab.data.bundle import DataBundle, Split, fixed_subset, hold_out
 from bnlab.data.cifar import load_cifar
-from bnlab.data.imagefolder import load_imagefolder
+from bnlab.data.imagefolder import folder_fingerprint, load_imagefolder
 from bnlab.data.mnist import load_mnist
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError, unknown
@@ -43,7 +43,8 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
         bundle = load_cifar(name, root, download)
     elif name in ("mnist", "fashion-mnist"):
         if not download and not root.is_dir():
-            raise UserError(f"data dir {str(root)!r} does not exist (needed for {name})")
+            raise UserError(f"data dir {str(root)!r} " + ("is a file, not a folder" if
+                            root.exists() else "does not exist") + f" (needed for {name})")
         bundle = load_mnist(name, root, download)
     elif name.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
@@ -63,6 +64,25 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
     return hold_out(bundle, val_fraction)
 
 
+_FINGERPRINTS: dict[tuple[str, str], str | None] = {}
+
+
+def fingerprint(name: str, data_dir: str | Path | None = None,
+                download: bool = False) -> str | None:
+    """What `load_data(name, data_dir).fingerprint` is, computed once per process and dataset:
+    a hash of the files' bytes (CIFAR, MNIST), of an image folder's file names and sizes, or
+    None for generated data. Run folders store it, so that a run is never resumed, or taken as
+    done, with data other than its own (bnlab.train.record.RunRecord.data_mismatch)."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    key = (name, str(root.resolve()))
+    if key not in _FINGERPRINTS:
+        if name.startswith("imagefolder:") and name.split(":", 1)[1]:
+            _FINGERPRINTS[key] = folder_fingerprint(name.split(":", 1)[1])
+        else:
+            _FINGERPRINTS[key] = load_data(name, root, download).fingerprint
+    return _FINGERPRINTS[key]
+
+
 def _limit(split, limit: int):
     index = fixed_subset(len(split), limit)
     if index is None:
@@ -72,4 +92,4 @@ def _limit(split, limit: int):
     return torch.utils.data.Subset(split, index.tolist())
 
 
-__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "default_data_dir"]
+__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "default_data_dir", "fingerprint"]

@@ -37,6 +37,9 @@ class DataBundle:
     test: Split | Dataset
     flip: bool = True  # whether a horizontal flip keeps an image's label (not for digits)
     val: Split | Dataset | None = None  # held out from the training images (hold_out)
+    # what the data is, independent of where it was read from: a hash of the files' bytes (or,
+    # for large image folders, of their names and sizes); None for data made in memory
+    fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:

@@ -3,11 +3,16 @@
 Small images (at most 64 px a side, like CIFAR-10 as JPEG) are decoded once into a uint8 cache
 and trained from memory; larger ones stream through a DataLoader with torchvision transforms.
 A `.tar`/`.tar.gz` archive of such a folder is extracted once into the cache.
+
+The dataset is read as a whole, not by its first file: every image becomes RGB (a grey or
+palette image is converted, so one odd file cannot make the dataset one-channel), and small
+images must all have one size (a file of another size is refused, naming it) unless the run
+asks for a size (`image_size`), to which each one is then resized.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
 import tarfile
@@ -23,13 +28,14 @@ from torchvision import transforms as T
 
 from bnlab.config import cache_root
 from bnlab.data.bundle import DataBundle, Split, channel_stats
-from bnlab.data.cache import key_of, load_arrays, save_arrays
-from bnlab.errors import UserError
+from bnlab.data.cache import key_of, load_arrays, load_json, save_arrays, save_json
+from bnlab.errors import UserError, storage_error
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 SMALL_MAX = 64  # px: at most this on both sides -> decoded once and kept in memory
 LARGE_SIZE = 224  # px: training crop and evaluation size of streamed images
 STATS_SAMPLE = 2000  # images sampled to estimate the channel statistics of streamed data
+IDENTITY_SAMPLE = 5000  # files whose byte sizes enter the data fingerprint (all names do)
 
 
 def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
@@ -38,7 +44,8 @@ def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.convert(mode)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
         raise UserError(f"corrupt image {str(path)!r}: {e}") from None
 
 
@@ -47,8 +54,11 @@ def extract_archive(archive: Path) -> Path:
     st = archive.stat()
     dest = cache_root() / "extracted" / key_of(archive.resolve(), st.st_size, st.st_mtime_ns)
     if not dest.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+        except OSError as e:
+            raise storage_error(dest.parent, e) from None
         try:
             with tarfile.open(archive) as tf:
                 tf.extractall(tmp, filter="data")
@@ -57,6 +67,8 @@ def extract_archive(archive: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             if dest.is_dir():  # another process finished first
                 return find_root(dest, archive)
+            if isinstance(e, OSError) and e.filename is not None and e.strerror:
+                raise storage_error(tmp, e) from None  # the cache's disk, not the archive
             raise UserError(f"cannot extract {str(archive)!r}: {e}") from None
     return find_root(dest, archive)
 
@@ -78,8 +90,10 @@ def scan(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, 
     if eval_dir is None:
         raise UserError(f"image folder {str(root)!r} has no val/ or test/ subfolder")
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"image folder {str(root / 'train')!r} has no class subfolders")
+    if len(classes) < 2:
+        raise UserError(f"image folder {str(root / 'train')!r} has {len(classes)} class "
+                        f"subfolder(s) ({', '.join(classes) or 'none'}); a classification "
+                        "dataset needs at least 2")
 
     def files(split_dir: Path) -> list[tuple[str, int]]:
         out = []
@@ -103,16 +117,22 @@ def scan(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, 
     return classes, train, test
 
 
-def _decode_all(items: list[tuple[str, int]], size: tuple[int, int], mode: str) -> Split:
-    channels = 1 if mode == "L" else 3
-    x = np.empty((len(items), channels, size[1], size[0]), dtype=np.uint8)
+def _decode_all(items: list[tuple[str, int]], size: tuple[int, int], resize: bool) -> Split:
+    """Every image as RGB uint8 (N, 3, H, W) of `size` (width, height): resized to it when
+    `resize`, else refused (one line naming the file) when it has another size."""
+    x = np.empty((len(items), 3, size[1], size[0]), dtype=np.uint8)
 
     def work(i: int) -> None:
-        im = open_image(items[i][0], mode)
+        im = open_image(items[i][0])
         if im.size != size:
+            if not resize:
+                raise UserError(
+                    f"image {items[i][0]!r} is {im.size[0]}x{im.size[1]} px, but the dataset's "
+                    f"first image is {size[0]}x{size[1]}: small images are kept in memory at "
+                    "one size; make them one size, or pass --image-size N (every image is "
+                    "then resized to NxN)")
             im = im.resize(size, Image.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8)
-        x[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        x[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         list(pool.map(work, range(len(items))))
@@ -121,9 +141,33 @@ def _decode_all(items: list[tuple[str, int]], size: tuple[int, int], mode: str) 
 
 
 def _fingerprint(items: list[tuple[str, int]]) -> str:
+    """The decode cache's key part for `items`: sampled sizes and modification times (a file
+    changed in place gets a new cache entry)."""
     st = [os.stat(p) for p, _ in items[:: max(1, len(items) // 200)]]
     return key_of(len(items), items[0][0], items[-1][0],
                   *(f"{s.st_size}:{s.st_mtime_ns}" for s in st))
+
+
+def identity(root: Path, classes: list[str], train: list[tuple[str, int]],
+             test: list[tuple[str, int]]) -> str:
+    """What the dataset is, wherever it lies: every file's path relative to `root` with its
+    label, the class names, and the files' bytes: all of them for small images (they are read
+    whole anyway), the byte sizes of up to IDENTITY_SAMPLE files spread evenly for large ones
+    (so a copy or a fresh extraction matches, while other data, or the same names re-encoded
+    at another resolution, do not). Modification times are left out on purpose: they change
+    with every copy."""
+    small = max(open_image(train[0][0]).size) <= SMALL_MAX
+    h = hashlib.blake2b("\x00".join(classes).encode(), digest_size=16)
+    for split, items in (("train", train), ("test", test)):
+        h.update(split.encode())
+        for p, label in items:
+            h.update(f"{os.path.relpath(p, root)}\x00{label}\x00".encode())
+        for p, _ in (items if small else items[:: max(1, len(items) // IDENTITY_SAMPLE)]):
+            try:
+                h.update(Path(p).read_bytes() if small else str(os.path.getsize(p)).encode())
+            except OSError as e:
+                raise UserError(f"cannot read image {p!r}: {e.strerror}") from None
+    return h.hexdigest()
 
 
 class StreamedImages(Dataset):
@@ -149,18 +193,22 @@ def large_transforms(mean, std, train: bool, augment: bool, size: int = LARGE_SI
 
 def _stream_stats(items, root_key: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     path = cache_root() / "stats" / f"{root_key}.json"
-    if path.is_file():
-        d = json.loads(path.read_text())
+    d = load_json(path)
+    if isinstance(d, dict) and _stats_ok(d.get("mean")) and _stats_ok(d.get("std")):
         return tuple(d["mean"]), tuple(d["std"])
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(items), generator=g)[:STATS_SAMPLE].tolist()
     tf = T.Compose([T.Resize(int(round(LARGE_SIZE * 256 / 224))), T.CenterCrop(LARGE_SIZE)])
     mean, std = channel_stats(_decode_with([items[i] for i in pick], tf))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"mean": mean, "std": std, "n": len(pick)}))
-    os.replace(tmp, path)
+    save_json(path, {"mean": mean, "std": std, "n": len(pick)})
     return mean, std
+
+
+def _stats_ok(v) -> bool:
+    """A cached mean or std: three finite numbers (std > 0 is checked by the division)."""
+    return (isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 1
+                    for x in v))
 
 
 def _decode_with(items, tf) -> torch.Tensor:
@@ -168,39 +216,63 @@ def _decode_with(items, tf) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs))
 
 
-def load_imagefolder(spec: str, augment: bool = True, image_size: int = 0) -> DataBundle:
-    """Small images decoded into memory; larger ones streamed at `image_size` (0 = 224) px:
-    RandomResizedCrop + flip for training, resize to size x 256/224 + center crop for eval."""
+def dataset_root(spec: str) -> Path:
+    """The folder holding train/ of an imagefolder PATH (an archive extracted once)."""
     raw = Path(spec).expanduser()
     if not raw.exists():
         raise UserError(f"image folder {spec!r} does not exist")
     if raw.is_file():
         if not tarfile.is_tarfile(raw):
             raise UserError(f"{spec!r} is neither a folder nor a .tar/.tar.gz archive of one")
-        root = extract_archive(raw)
-    else:
-        root = find_root(raw, raw)
+        return extract_archive(raw)
+    return find_root(raw, raw)
+
+
+def folder_fingerprint(spec: str) -> str:
+    """DataBundle.fingerprint of imagefolder:`spec`, from the file list alone (no decoding)."""
+    root = dataset_root(spec)
+    return f"imagefolder:{identity(root, *scan(root))}"
+
+
+def load_imagefolder(spec: str, augment: bool = True, image_size: int = 0) -> DataBundle:
+    """Small images (the first at most SMALL_MAX px a side) decoded into memory, at their one
+    common size or resized to `image_size` (0 = their own; above SMALL_MAX they stream);
+    larger ones streamed at `image_size` (0 = 224) px: RandomResizedCrop + flip for training,
+    resize to size x 256/224 + center crop for eval. Every image is read as RGB."""
+    root = dataset_root(spec)
     classes, train_items, test_items = scan(root)
-    with Image.open(train_items[0][0]) as first:
-        size, mode = first.size, ("L" if first.mode in ("L", "1", "I;16") else "RGB")
+    first = open_image(train_items[0][0]).size
+    fingerprint = f"imagefolder:{identity(root, classes, train_items, test_items)}"
     name = f"imagefolder:{spec}"
-    if max(size) <= SMALL_MAX:
+    if max(first) <= SMALL_MAX and image_size <= SMALL_MAX:
+        size = (image_size, image_size) if image_size else first
         key = key_of(root.resolve(), _fingerprint(train_items), _fingerprint(test_items), size,
-                     mode)
+                     "rgb", bool(image_size))
         cpath = cache_root() / "decoded" / f"{key}.npz"
         cached = load_arrays(cpath)
-        if cached is None:
-            train = _decode_all(train_items, size, mode)
-            test = _decode_all(test_items, size, mode)
+        if cached is None or not _arrays_ok(cached, size, len(train_items), len(test_items)):
+            train = _decode_all(train_items, size, resize=bool(image_size))
+            test = _decode_all(test_items, size, resize=bool(image_size))
             save_arrays(cpath, xtr=train.x.numpy(), ytr=train.y.numpy(), xte=test.x.numpy(),
                         yte=test.y.numpy())
         else:
             train = Split(torch.from_numpy(cached["xtr"]), torch.from_numpy(cached["ytr"]))
             test = Split(torch.from_numpy(cached["xte"]), torch.from_numpy(cached["yte"]))
         mean, std = channel_stats(train.x)
-        return DataBundle(name, classes, train.x.shape[1], size[0], mean, std, train, test)
+        return DataBundle(name, classes, 3, size[0], mean, std, train, test,
+                          fingerprint=fingerprint)
     mean, std = _stream_stats(train_items, key_of(root.resolve(), _fingerprint(train_items)))
     side = image_size or LARGE_SIZE
     train_ds = StreamedImages(train_items, large_transforms(mean, std, True, augment, side))
     test_ds = StreamedImages(test_items, large_transforms(mean, std, False, augment, side))
-    return DataBundle(name, classes, 3, side, mean, std, train_ds, test_ds)
+    return DataBundle(name, classes, 3, side, mean, std, train_ds, test_ds,
+                      fingerprint=fingerprint)
+
+
+def _arrays_ok(a: dict, size: tuple[int, int], n_train: int, n_test: int) -> bool:
+    """A cache entry of the expected shapes and types (anything else is decoded again)."""
+    want = {"xtr": (n_train, 3, size[1], size[0]), "xte": (n_test, 3, size[1], size[0]),
+            "ytr": (n_train,), "yte": (n_test,)}
+    return all(k in a and a[k].shape == shape for k, shape in want.items()) and \
+        a["xtr"].dtype == np.uint8 and a["xte"].dtype == np.uint8 and \
+        a["ytr"].dtype == np.int64 and a["yte"].dtype == np.int64

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +27,17 @@ CLASSES = {
 }
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (magic: two zero bytes, type 0x08 = ubyte, number of dimensions)."""
+def read_idx(path: Path, digest=None) -> np.ndarray:
+    """Parse one IDX file (magic: two zero bytes, type 0x08 = ubyte, number of dimensions);
+    `digest` (a hashlib object) is updated with its bytes (unzipped)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read IDX file {str(path)!r}: {e}") from None
+    if digest is not None:
+        digest.update(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{str(path)!r} is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
@@ -39,7 +45,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < head:
         raise UserError(f"IDX file {str(path)!r} is truncated")
     shape = struct.unpack(">" + "I" * ndim, raw[4:head])
-    n = int(np.prod(shape))
+    n = math.prod(shape)  # exact: a forged header must not overflow into a plausible size
     if len(raw) - head != n:
         raise UserError(f"IDX file {str(path)!r} holds {len(raw) - head} bytes of data, its "
                         f"header says {n}")
@@ -69,15 +75,21 @@ def load_mnist(name: str, data_dir: Path, download: bool) -> DataBundle:
             except Exception as e:  # noqa: BLE001
                 raise UserError(f"download of {name} into {str(root)!r} failed: {e}") from None
     splits = {}
+    digest = hashlib.sha256()
     for split, (img_stem, lbl_stem) in FILES.items():
-        images = read_idx(_find(root, name, img_stem))
-        labels = read_idx(_find(root, name, lbl_stem))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        images = read_idx(_find(root, name, img_stem), digest)
+        labels = read_idx(_find(root, name, lbl_stem), digest)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) \
+                or 0 in images.shape:
             raise UserError(f"{name} {split} files disagree: images {images.shape}, "
                             f"labels {labels.shape}")
+        if labels.max() >= len(CLASSES[name]):
+            raise UserError(f"{name} {split} labels ({str(_find(root, name, lbl_stem))!r}) go "
+                            f"up to {labels.max()}; accepted: 0..{len(CLASSES[name]) - 1}")
         splits[split] = Split(torch.from_numpy(images.copy()).unsqueeze(1),
                               torch.from_numpy(labels.astype(np.int64)))
     mean, std = channel_stats(splits["train"].x)
     size = splits["train"].x.shape[-1]
     return DataBundle(name, CLASSES[name], 1, size, mean, std, splits["train"], splits["test"],
-                      flip=(name == "fashion-mnist"))
+                      flip=(name == "fashion-mnist"),
+                      fingerprint=f"{name}:{digest.hexdigest()[:16]}")

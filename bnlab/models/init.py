@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from bnlab.config import check_options
 from bnlab.errors import UserError, unknown
 from bnlab.models.cifar_resnet import BasicBlock, CifarResNet
 from bnlab.models.imagenet import fixup_torchvision
@@ -101,6 +102,7 @@ def init_weights(model: nn.Module, name: str = "kaiming", **options) -> nn.Modul
     if bad:
         raise UserError(f"unknown option {bad[0]!r} for init {name!r}; accepted: "
                         f"{', '.join(OPTIONS[name])}")
+    check_options(f"init {name!r}", options, OPTIONS[name])  # each value of its option's type
     why = refusal(model, name)
     if why:
         raise UserError(why)

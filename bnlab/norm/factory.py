@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from bnlab.config import check_options
 from bnlab.errors import UserError, unknown
 from bnlab.norm import layers as L
 
@@ -72,6 +73,7 @@ def _options(name: str, options: dict) -> dict:
     if bad:
         raise UserError(f"unknown option {bad[0]!r} for norm {name!r}; accepted: "
                         f"{', '.join(sorted(accepted)) or 'none'}")
+    check_options(f"norm {name!r}", options, accepted)  # each value of its option's type
     out = {**accepted, **options}
     for key in ("momentum",):
         if out.get(key) is not None and not 0.0 <= float(out[key]) <= 1.0:

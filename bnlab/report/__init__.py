@@ -1,6 +1,6 @@
 """The study report: report.html, report.md and PNG figures in OUT/report/.
 
-    write_report(out_dir) -> {file name: path}
+    write_report(out_dir, report_dir=None) -> {file name: path}
 
 reads OUT/study.json, the run folders and OUT/analysis/ (load.py), groups runs into arms
 (arms.py), computes statistics (stats.py), tables (tables.py), findings (findings.py) and
@@ -18,27 +18,35 @@ from bnlab.report.load import load_study
 from bnlab.report.markdown import render_markdown
 from bnlab.report.references import builtin_path, load_references
 from bnlab.report.tables_csv import write_table_csvs
+from bnlab.store import atomic_write_bytes
 
 REPORT_DIR = "report"
 
 
-def write_report(out_dir: str | Path, references: str | Path | None = None) -> dict[str, Path]:
-    """Write OUT/report/{report.html, report.md, *.png, tables/*.csv}; return the written files
-    by name. `references`: a TOML file of published numbers (references.py); by default the one
+def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
+                 references: str | Path | None = None) -> dict[str, Path]:
+    """Write {report.html, report.md, *.png, tables/*.csv} into `report_dir` (default
+    OUT/report; another folder for a study on read-only storage); return the written files by
+    name. `references`: a TOML file of published numbers (references.py); by default the one
     shipped for a built-in study of the same name, if any."""
     study = load_study(out_dir)
     path = references if references is not None else builtin_path(study.name)
     composed = compose(study, load_references(path) if path is not None else [])
-    store = study.store
+    folder = Path(report_dir) if report_dir is not None else None
+
+    def write(name: str, data: bytes) -> Path:
+        if folder is None:
+            return study.store.write_bytes(f"{REPORT_DIR}/{name}", data)
+        atomic_write_bytes(folder / name, data)
+        return folder / name
+
     written: dict[str, Path] = {}
     # Figures first: a reader who opens report.html while it is being replaced finds its images.
     for name, data in composed.images.items():
-        written[name] = store.write_bytes(f"{REPORT_DIR}/{name}", data)
-    written["report.md"] = store.write_bytes(f"{REPORT_DIR}/report.md",
-                                             render_markdown(composed.document).encode())
-    written["report.html"] = store.write_bytes(f"{REPORT_DIR}/report.html",
-                                               render_html(composed.document).encode())
-    written.update(write_table_csvs(store, composed.document, REPORT_DIR))
+        written[name] = write(name, data)
+    written["report.md"] = write("report.md", render_markdown(composed.document).encode())
+    written["report.html"] = write("report.html", render_html(composed.document).encode())
+    written.update(write_table_csvs(composed.document, write))
     return written
 
 

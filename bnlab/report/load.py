@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.config import NOT_IN_ID, dataset_tag
-from bnlab.errors import UserError
-from bnlab.store import Store
+from bnlab.errors import StorageError, UserError
+from bnlab.store import Store, warn
 
 # axes that never make an arm: repetitions (seed), the dataset (arms are per dataset), and
 # options that do not change what a run computes (where and how fast it runs, and the probes,
@@ -163,12 +163,10 @@ def load_study(out_dir: str | Path) -> Study:
     if not (root / "study.json").is_file():
         raise UserError(f"{str(root)!r} is not a study output folder (no study.json); run "
                         "`bnlab study run SPEC` first or pass the folder it wrote")
-    store = Store(root)
-    try:
-        meta = store.read_meta("study.json")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{str(root / 'study.json')!r} is not valid JSON") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list):
+    store = Store(root, readonly=True)  # a report reads; it writes only its own files
+    meta = store.read_meta("study.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list) or not all(
+            isinstance(r, dict) and isinstance(r.get("run_id"), str) for r in meta["runs"]):
         raise UserError(f"{str(root / 'study.json')!r} has no list of runs")
     spec = meta.get("spec") or {}
     base_dataset = (spec.get("base") or {}).get("dataset")
@@ -199,11 +197,7 @@ def _comparisons(store: Store, runs: list[Run]) -> list[Comparison]:
     dataset_of = {r.run_id: r.dataset for r in runs}
     out = []
     for folder in folders:
-        try:
-            data = store.read_meta(f"{folder}/compare.json")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{str(store.root / folder / 'compare.json')!r} is not valid "
-                            "JSON") from None
+        data = store.read_meta(f"{folder}/compare.json")
         if not isinstance(data, dict):
             continue
         if folder == "analysis":
@@ -219,9 +213,16 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
     run_id = str(entry["run_id"])
     values = dict(entry.get("values") or {})
     rd = store.run(run_id)
-    stored = rd.read_json("config.json") if rd.exists() else None
+    try:
+        stored = rd.read_json("config.json") if rd.exists() else None
+    except StorageError:
+        raise
+    except UserError as e:  # a damaged config: the run is reported as missing
+        warn(f"{e}; run {run_id} left out of the report")
+        stored = None
+    stored = stored if isinstance(stored, dict) else None
     config = (stored or {}).get("config")
-    summary = rd.read_json("summary.json") or {}
+    summary = rd.summary or {}  # damaged: {} (the run counts as interrupted)
     if config is None:
         status = "missing"
     else:

@@ -8,11 +8,11 @@ column "#" is the row number the report's sentences cite ("Table 1, row 2").
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from bnlab.console import csv_text
 from bnlab.report.document import Document, Table
-from bnlab.store import Store
 
 TABLES_DIR = "tables"
 
@@ -28,12 +28,13 @@ def table_csv(t: Table) -> str:
     return csv_text(head, rows)
 
 
-def write_table_csvs(store: Store, doc: Document, folder: str) -> dict[str, Path]:
-    """Write every table of `doc` under OUT/<folder>/tables/; return them by relative name."""
+def write_table_csvs(doc: Document, write: Callable[[str, bytes], Path]) -> dict[str, Path]:
+    """Write every table of `doc` as tables/<anchor>.csv with `write(relative name, bytes)`
+    (the report's own writer, atomic); return them by relative name."""
     written: dict[str, Path] = {}
     for t in doc.tables:
         name = f"{TABLES_DIR}/{file_name(t)}"
         if name in written:  # two tables under one anchor: the later one by its number
             name = f"{TABLES_DIR}/{file_name(t)[:-4]}-{t.number}.csv"
-        written[name] = store.write_bytes(f"{folder}/{name}", table_csv(t).encode())
+        written[name] = write(name, table_csv(t).encode())
     return written

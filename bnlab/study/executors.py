@@ -79,8 +79,12 @@ def _child(cfg_dict: dict, out: str, wait: bool, retry_failed: bool, msgs, gpu: 
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     torch.set_num_threads(threads)
     cfg = from_json_dict(cfg_dict)
-    summary = run_one(cfg, out, log=lambda line: msgs.put(("log", line)), wait=wait,
-                      retry_failed=retry_failed)
+    try:
+        summary = run_one(cfg, out, log=lambda line: msgs.put(("log", line)), wait=wait,
+                          retry_failed=retry_failed)
+    except UserError as e:  # a full disk, other data: the parent stops the study with it
+        msgs.put(("error", cfg.run_id(), str(e)))
+        return
     msgs.put(("done", cfg.run_id(), summary))
 
 
@@ -135,6 +139,8 @@ def run_parallel(plan: Plan, store: Store, progress: Progress, jobs: int, wait: 
         while True:
             if item[0] == "log":
                 progress.log(item[1])
+            elif item[0] == "error":
+                raise UserError(item[2])
             else:
                 done[item[1]] = item[2]
             try:

@@ -58,10 +58,13 @@ class Progress:
 
     def log(self, line: str) -> None:
         with self.lock:
-            if self.bar is not None:
-                self.bar.write(line, file=self.out)  # clears the bar, writes, redraws it
+            # one write per line: print() (and tqdm.write) write the text and its newline
+            # separately, and a worker process sharing the stream can land between them
+            if self.bar is not None:  # clears the bar, writes, redraws it
+                self.bar.write(line + "\n", file=self.out, end="")
             else:
-                print(line, file=self.out, flush=True)
+                self.out.write(line + "\n")
+                self.out.flush()
 
     def _update(self) -> None:
         runs_done, done, eta = self.measure()

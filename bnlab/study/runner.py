@@ -19,6 +19,7 @@ from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.progress import Progress
 from bnlab.study.spec import Plan
 from bnlab.study.status import count_statuses
+from bnlab.study.worker import check_data
 from bnlab.train.packed import pack_groups, train_packed
 
 PACK_DEVICES = {"cuda"}  # device types whose runs a study packs
@@ -53,6 +54,9 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     progress = Progress(plan, store, tty=tty)
     finished = {r.run_id for r in plan.runs
                 if (store.run(r.run_id).summary or {}).get("status") in FINISHED}
+    for r in plan.runs:  # a finished run counts as done only if it was run on this data
+        if r.run_id in finished:
+            check_data(store, r.cfg)
     todo = [r for r in plan.runs if r.run_id not in finished]
     how = f"--jobs {jobs}" if executor == "local" else f"--executor {executor}"
     progress.log(f"study {plan.spec.name}: {len(plan.runs)} runs, {len(finished)} already "

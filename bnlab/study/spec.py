@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -204,7 +205,7 @@ def _parse_estimate(est: dict, label: str) -> dict[str, Any]:
                                     f"images] or [..., side in px] (positive integers), got "
                                     f"{pair!r}")
             out["sizes"] = {name: tuple(pair) for name, pair in sizes.items()}
-        elif isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        elif isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
             raise UserError(f"{where} {k} must be a number of minutes >= 0, got {v!r}")
         else:
             out[k] = float(v)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bnlab.console import format_table
 from bnlab.errors import UserError
-from bnlab.store import Store
+from bnlab.store import Store, open_store
 from bnlab.study.estimate import DEVICES, estimate
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
@@ -54,11 +54,26 @@ def resolve_out(target: str, out: str | None = None) -> Path:
     return folder
 
 
+def study_meta(store: Store) -> dict:
+    """OUT/study.json, with its list of runs checked (a damaged file is one line, not a
+    KeyError)."""
+    meta = store.read_meta("study.json")
+    runs = meta.get("runs") if isinstance(meta, dict) else None
+    if not isinstance(runs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("run_id"), str) for r in runs):
+        raise UserError(f"{str(store.root / 'study.json')!r} holds no list of runs (damaged?)")
+    for r in runs:
+        r["values"] = r.get("values") if isinstance(r.get("values"), dict) else {}
+    meta.setdefault("name", store.root.name)
+    meta["axes"] = [a for a in meta.get("axes") or [] if isinstance(a, str)]
+    return meta
+
+
 def status_records(out: str | Path) -> tuple[dict, list[str], list[dict]]:
     """study.json, its axes (dataset last) and one record per run: run_id, its axis values,
     status, epochs_done, epochs, test_acc, train_acc, wall_time, attempts, error."""
-    store = Store(out)
-    meta = store.read_meta("study.json")
+    store = open_store(out, readonly=None)  # results on read-only storage can be listed
+    meta = study_meta(store)
     axes = [a for a in meta["axes"] if a != "dataset"] + ["dataset"]
     values = {r["run_id"]: r["values"] for r in meta["runs"]}
     records = []

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bnlab.config import RunConfig
-from bnlab.data import DataBundle, load_data
+from bnlab.data import DataBundle, fingerprint, load_data
 from bnlab.data.bundle import hold_out
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
@@ -53,7 +53,12 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
     check_probes(cfg.probe_every, detect().world_size)  # before joining the process group
     with session(resolve_device(cfg.device)) as ctx:
         rec, done = _open(cfg, out, resume, ctx)
-        if done is not None:
+        if done is not None:  # a finished run is its result only for the data it was run on
+            fp = None
+            if ctx.is_main and rec.stored_fingerprint() is not None:
+                fp = bundle.fingerprint if bundle is not None else fingerprint(
+                    cfg.dataset, cfg.data_dir or None, cfg.download)
+            _same_data(rec, ctx, fp)
             return done
         if cfg.sync_bn:
             check_sync_bn(ctx.device)
@@ -64,6 +69,7 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
                                cfg.val_fraction)
         elif bundle.val is None:  # a bundle made by the caller: hold out as load_data does
             bundle = hold_out(bundle, cfg.val_fraction)
+        _same_data(rec, ctx, bundle.fingerprint)
         torch.manual_seed(cfg.seed)
         model = build_for(cfg, bundle)
         try:
@@ -84,6 +90,15 @@ def _open(cfg: RunConfig, out: str | Path, resume: bool,
     if isinstance(verdict, str):
         raise UserError(verdict)
     return rec, verdict
+
+
+def _same_data(rec: RunRecord, ctx: Context, fp: str | None) -> None:
+    """Refuse (on every process) to continue a run with data other than its own: the run id
+    names the dataset, not the files read (--data-dir may point anywhere), so the run folder
+    keeps the data's fingerprint and it is compared here."""
+    why = ctx.from_main(rec.data_mismatch(fp) if ctx.is_main else None)
+    if why:
+        raise UserError(why)
 
 
 @dataclass

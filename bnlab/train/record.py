@@ -3,6 +3,9 @@ bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runn
 
     verdict()     before training: train it (new or resumed), return its finished summary, or
                   refuse (it exists and resume was not asked for, or another world size)
+    data_mismatch() why the run cannot go on with this data (it was trained on other data)
+    load_checkpoint() the last checkpoint; a damaged one is moved aside and the run starts
+                  again from scratch, which its summary records (`restarted`)
     resume_from() take epoch, step, wall time, flags and metrics from a loaded checkpoint
     begin()       config.json and an empty metrics.jsonl for a new run; a `running` summary
     add_epoch()   one epoch's metrics row, in memory (and the flag of an early stall)
@@ -15,10 +18,17 @@ bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runn
 A record made with `store=None` (the processes other than rank 0 of a data-parallel run) keeps
 the same progress in memory and writes nothing. Every file goes through bnlab.store, so each
 write replaces the previous complete file.
+
+The checkpoint is the run's state; the other files are read back only where they are whole: a
+resumed run takes its metrics rows from the checkpoint (a torn metrics.jsonl is written again
+whole), a damaged summary.json counts as an interrupted run, a damaged config.json is written
+again. A failure to write (disk full, read-only) is a StorageError that leaves the run
+`running` with its last checkpoint, so `--resume` continues it once there is space.
 """
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Callable
 
@@ -26,10 +36,10 @@ import torch
 from torch import nn
 
 from bnlab.config import RunConfig
-from bnlab.errors import UserError
+from bnlab.errors import StorageError, UserError, storage_error
 from bnlab.models import count_parameters
 from bnlab.runtime import environment
-from bnlab.store import FINISHED, RunDir, Store, final_status
+from bnlab.store import CHECKPOINT_KEYS, FINISHED, RunDir, Store, final_status, warn
 from bnlab.train.board import EpochBoard
 
 
@@ -41,7 +51,8 @@ def config_record(cfg: RunConfig, bundle, model: nn.Module, device: torch.device
         "data": {"name": bundle.name, "classes": bundle.classes, "n_train": len(bundle.train),
                  "n_test": len(bundle.test), "image_size": bundle.image_size,
                  "n_val": 0 if bundle.val is None else len(bundle.val),
-                 "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed},
+                 "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed,
+                 "fingerprint": bundle.fingerprint},
         "model": {"parameters": count_parameters(model), "steps_per_epoch": steps_per_epoch}}
 
 
@@ -113,36 +124,93 @@ class RunRecord:
                     "continue it or --out to start elsewhere")
         if summary.get("status") in FINISHED:
             return summary
-        world = (run.read_json("config.json").get("distributed") or {}).get("world_size", 1)
+        world = (self._stored().get("distributed") or {}).get("world_size", 1)
         if world != world_size:
             return (f"run {run.run_id!r} was trained by {world} process(es); resume it with "
                     f"{world} (the per-device batch, and so BN, depends on it), not "
                     f"{world_size}")
         return None
 
-    def load_checkpoint(self, map_location="cpu") -> dict | None:
-        """The run's last checkpoint, or None for a new run (or on a non-writing process)."""
+    def _stored(self) -> dict:
+        """config.json as stored ({} when missing or damaged: begin() writes it again)."""
+        try:
+            stored = self.run.read_json("config.json")
+        except StorageError:
+            raise
+        except UserError:
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def stored_fingerprint(self) -> str | None:
+        """The fingerprint of the data the run was trained on, where its folder has one."""
         if self.run is None or not self.run.exists():
             return None
-        return self.run.load_checkpoint(map_location=map_location)
+        return (self._stored().get("data") or {}).get("fingerprint")
+
+    def data_mismatch(self, fingerprint: str | None) -> str | None:
+        """Why this run cannot be continued or reused with data whose fingerprint is
+        `fingerprint` (bnlab.data): it was trained on other data. None when it can (same data,
+        or no fingerprint to compare: a new run, data made in memory, an older record)."""
+        stored = self.stored_fingerprint()
+        if stored is None or fingerprint is None or stored == fingerprint:
+            return None
+        return (f"run {self.run_id!r} in {str(self.store.root)!r} was trained on other data "
+                f"(fingerprint {stored}; the data of {self.cfg.dataset!r} here is "
+                f"{fingerprint}): point --data-dir at the data it was trained on, or give "
+                "another --out")
+
+    def load_checkpoint(self, map_location="cpu") -> dict | None:
+        """The run's last checkpoint, or None for a new run (or on a non-writing process).
+
+        A checkpoint that cannot be read or lacks an entry is moved aside (checkpoint.pt.damaged)
+        and the run starts again from scratch, recorded in its flags (`restarted`): retrying
+        would fail the same way for ever, and its epochs cannot be trusted."""
+        if self.run is None or not self.run.exists():
+            return None
+        try:
+            state = self.run.load_checkpoint(map_location=map_location)
+            missing = [k for k in CHECKPOINT_KEYS if state is not None and k not in state]
+            if missing:
+                raise UserError(f"{str(self.run.checkpoint_path)!r} lacks {', '.join(missing)}")
+        except StorageError:
+            raise
+        except UserError as e:
+            kept = self.run.path / "checkpoint.pt.damaged"
+            try:
+                os.replace(self.run.checkpoint_path, kept)
+            except OSError as err:
+                raise storage_error(self.run.checkpoint_path, err, "move aside") from None
+            why = " ".join(str(e).split())
+            self.flags = {"restarted": f"{why}; kept as {kept.name}, trained again from scratch"}
+            warn(f"{self.run_id}: {why}; the run starts again from scratch (the file is kept "
+                 f"as {kept.name})")
+            return None
+        return state
 
     def resume_from(self, state: dict) -> None:
-        """Progress from a checkpoint; metrics rows of the epochs it holds (a row written after
-        the checkpoint by a run killed in between is dropped and made again)."""
+        """Progress from a checkpoint; the metrics rows it holds (older checkpoints hold none:
+        then metrics.jsonl's rows of its epochs, a row written after the checkpoint by a run
+        killed in between being dropped and made again)."""
         self.epoch, self.step, self.wall = state["epoch"], state["step"], state["wall_time"]
         self.flags = dict(state.get("flags", {}))
-        if self.run is not None:
+        if isinstance(state.get("metrics"), list):
+            self.metrics = [dict(m) for m in state["metrics"]]
+        elif self.run is not None:
             self.metrics = [m for m in self.run.metrics() if m["epoch"] <= self.epoch]
 
     def begin(self, config: dict | Callable[[], dict]) -> None:
         """config.json (a dict, or a function making it) and empty metrics for a run that starts
-        from scratch (no checkpoint yet); then a `running` summary and the index row."""
+        from scratch (no checkpoint yet), config.json again where it was damaged; then a
+        `running` summary and the index row."""
         if self.run is None:
             return
-        if not self.run.checkpoint_path.is_file():
-            self.run.path.mkdir(parents=True, exist_ok=True)
+        fresh = not self.run.checkpoint_path.is_file()
+        if fresh or not self._stored().get("config"):
             self.run.write_json("config.json", config() if callable(config) else config)
+        if fresh:
             self.run.write_rows("metrics.jsonl", [])
+        elif self.metrics != self.run.metrics():  # torn or behind the checkpoint: made whole
+            self.run.write_rows("metrics.jsonl", self.metrics)
         if self.cfg.tensorboard and self.board is None:
             self.board = EpochBoard(self.store.root, self.cfg, self.epoch)
         self._write_summary("running")
@@ -167,7 +235,7 @@ class RunRecord:
         self.run.write_rows("metrics.jsonl", self.metrics)
         if self.board is not None and self.metrics:
             self.board.add(self.metrics[-1])  # before the checkpoint: a resume purges it
-        self.run.save_checkpoint(checkpoint)
+        self.run.save_checkpoint({**checkpoint, "metrics": self.metrics})
         if self.epoch < self.cfg.epochs:
             self._write_summary("running")
 
