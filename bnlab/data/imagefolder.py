@@ -150,6 +150,29 @@ def _fingerprint(items: list[tuple[str, int]]) -> str:
 
 def identity(root: Path, classes: list[str], train: list[tuple[str, int]],
              test: list[tuple[str, int]]) -> str:
+    """`_identity`, remembered in the cache under every file's path, size and modification
+    time: hashing 60,000 small files' bytes again costs seconds on every run of a study, and
+    any file written since changes its modification time."""
+    stats = hashlib.blake2b(str(root.resolve()).encode(), digest_size=16)
+    for items in (train, test):
+        for p, label in items:
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                raise UserError(f"cannot read image {p!r}: {e.strerror}") from None
+            stats.update(f"{p}\x00{label}\x00{st.st_size}\x00{st.st_mtime_ns}\x00".encode())
+    stats.update("\x00".join(classes).encode())
+    path = cache_root() / "identity" / f"{stats.hexdigest()}.json"
+    known = load_json(path)
+    if isinstance(known, dict) and isinstance(known.get("identity"), str):
+        return known["identity"]
+    value = _identity(root, classes, train, test)
+    save_json(path, {"identity": value})
+    return value
+
+
+def _identity(root: Path, classes: list[str], train: list[tuple[str, int]],
+              test: list[tuple[str, int]]) -> str:
     """What the dataset is, wherever it lies: every file's path relative to `root` with its
     label, the class names, and the files' bytes: all of them for small images (they are read
     whole anyway), the byte sizes of up to IDENTITY_SAMPLE files spread evenly for large ones
@@ -253,12 +276,16 @@ def load_imagefolder(spec: str, augment: bool = True, image_size: int = 0) -> Da
         if cached is None or not _arrays_ok(cached, size, len(train_items), len(test_items)):
             train = _decode_all(train_items, size, resize=bool(image_size))
             test = _decode_all(test_items, size, resize=bool(image_size))
+            mean, std = channel_stats(train.x)
             save_arrays(cpath, xtr=train.x.numpy(), ytr=train.y.numpy(), xte=test.x.numpy(),
-                        yte=test.y.numpy())
+                        yte=test.y.numpy(), mean=np.array(mean), std=np.array(std))
         else:
             train = Split(torch.from_numpy(cached["xtr"]), torch.from_numpy(cached["ytr"]))
             test = Split(torch.from_numpy(cached["xte"]), torch.from_numpy(cached["yte"]))
-        mean, std = channel_stats(train.x)
+            if "mean" in cached and "std" in cached:  # computed when the entry was written
+                mean, std = tuple(cached["mean"].tolist()), tuple(cached["std"].tolist())
+            else:
+                mean, std = channel_stats(train.x)
         return DataBundle(name, classes, 3, size[0], mean, std, train, test,
                           fingerprint=fingerprint)
     mean, std = _stream_stats(train_items, key_of(root.resolve(), _fingerprint(train_items)))

@@ -109,9 +109,10 @@ def _cores() -> int:
 
 def run_serial(store: Store, progress: Progress, wait: bool, retry_failed: bool,
                 runs) -> list:
-    busy = []
+    busy, bundles = [], {}
     for r in runs:
-        s = run_one(r.cfg, store.root, log=progress.log, wait=wait, retry_failed=retry_failed)
+        s = run_one(r.cfg, store.root, log=progress.log, wait=wait, retry_failed=retry_failed,
+                    bundles=bundles)
         if s.get("status") == "busy":
             busy.append(r)
         else:

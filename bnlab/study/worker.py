@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bnlab.config import RunConfig
-from bnlab.data import fingerprint
+from bnlab.data import DataBundle, fingerprint, load_data
 from bnlab.errors import StorageError, UserError
 from bnlab.store import FINISHED, Store
 from bnlab.train import train_run
@@ -42,14 +42,32 @@ def check_data(store: Store, cfg: RunConfig) -> None:
         raise UserError(why)
 
 
+DATA_FIELDS = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment",
+               "image_size", "val_fraction")  # what load_data makes a run's data from
+
+
+def shared_data(cfg: RunConfig, bundles: dict) -> DataBundle:
+    """The run's data, loaded once for the runs of one process that share it: `bundles` holds
+    the last one (the runs of a grid that share their data come one after another, and a
+    decoded dataset is worth keeping for them: its cache alone takes seconds to read back)."""
+    key = tuple(repr(getattr(cfg, f)) for f in DATA_FIELDS)
+    if key not in bundles:
+        bundles.clear()
+        bundles[key] = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
+                                 cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size,
+                                 cfg.val_fraction)
+    return bundles[key]
+
+
 def run_one(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
-            wait: bool = True, retry_failed: bool = True) -> dict:
+            wait: bool = True, retry_failed: bool = True, bundles: dict | None = None) -> dict:
     """Train, resume or skip one run under its lock; return its summary. Raises only the
     study-stopping UserErrors of the module docstring.
 
     With wait=False a run locked by another process is left to it: the result is then
     {"run_id": ..., "status": "busy"}. A stored `failed` run is trained again only when
-    `retry_failed`.
+    `retry_failed`. `bundles`: a dict shared by the runs of this process, to load data they
+    share once (shared_data).
     """
     store = Store(out)
     run = store.run(cfg.run_id())
@@ -66,7 +84,8 @@ def run_one(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
         store.record_attempt(run.run_id, int((summary or {}).get("epochs_done") or 0))
         log(f"{run.run_id}: {'starting' if summary is None else 'resuming'}")
         try:
-            return train_run(cfg, store.root, resume=True, log=log)
+            bundle = shared_data(cfg, bundles) if bundles is not None else None
+            return train_run(cfg, store.root, resume=True, log=log, bundle=bundle)
         except (KeyboardInterrupt, StorageError):
             raise
         except Exception as e:  # noqa: BLE001 - a run's failure must not stop the study
