@@ -311,7 +311,8 @@ def fold(checkpoint: Folder, onnx: Folder | None = None, data_dir: str | None = 
     the checkpoint; True when the folded model's logits match the unfolded model's."""
     if not isinstance(repeats, int) or repeats < 1:
         raise UserError(f"repeats must be an integer >= 1, got {repeats!r}")
-    return fold_command(checkpoint, str(onnx) if onnx else None, data_dir, device, repeats) == 0
+    loaded = load_model(checkpoint, data_dir, device)
+    return fold_command(loaded, str(onnx) if onnx else None, repeats) == 0
 
 
 def bench_speed(variants: Iterable[str] = ("textbook", "eager", "compiled", "packed"),

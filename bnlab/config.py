@@ -149,7 +149,8 @@ NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "te
 OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes"}
 INT_MAX = 2**63 - 1  # torch's int64: every integer option must fit
 SEED_MAX = 2**32 - 1  # data-order generators are seeded with seed * 1_000_003 + epoch < 2**64
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # model, norm, init: a plain name
+# model, norm, init: a plain name (a model may name its family: torchvision:NAME)
+NAME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_]*:)?[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def _kind(value) -> str:

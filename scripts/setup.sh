@@ -14,7 +14,6 @@ for arg in "$@"; do
   esac
 done
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: an unpinned torch would pull the newest multi-GB build.
 # --no-compile: Python compiles the modules it imports when it first imports them; compiling
 # all of torch's files at install time doubled the time of this script (measured).

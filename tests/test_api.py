@@ -61,7 +61,7 @@ def test_example_runs_a_study_and_draws_its_own_plot(demo):
     assert ast.literal_eval(line.removeprefix("statuses: ")) == counts
     # the post-study analysis ran as on the command line: one prediction comparison
     compared = json.loads((out / "analysis" / "compare.json").read_text())
-    assert [m["label"] for m in compared["models"]] == ["norm=bn", "norm=none"]
+    assert [a["label"] for a in compared["arms"]] == ["norm=bn", "norm=none"]
     assert (out / "report" / "report.html").is_file()
     assert (out / "report" / "tables" / "summary.csv").is_file()
 
@@ -231,10 +231,10 @@ def test_compare_diagnose_fold_on_the_studys_runs(demo, tmp_path):
     doc = _study_json(out)
     seed0 = [out / r["run_id"] for r in doc["runs"] if r["values"]["seed"] == 0]
     res = bnlab.compare(seed0, out=tmp_path / "cmp", labels=["bn", "none"], corruptions=False)
-    assert [m["run_id"] for m in res["models"]] == [p.name for p in seed0]
+    assert [r["run_id"] for r in res["runs"]] == [p.name for p in seed0]
     assert (tmp_path / "cmp" / "compare.json").is_file()
     summary = json.loads((seed0[0] / "summary.json").read_text())
-    assert abs(res["models"][0]["test_acc"] - summary["test_acc"]) <= 1 / 128
+    assert abs(res["runs"][0]["test_acc"] - summary["test_acc"]) <= 1 / 128
     diag = bnlab.diagnose(seed0[0], batch_sizes=[2, 8], precise_batches=1, max_images=64)
     assert diag == json.loads((seed0[0] / "diagnose.json").read_text())
     with pytest.raises(bnlab.UserError, match="batch_sizes must be positive integers"):

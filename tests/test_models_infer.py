@@ -35,7 +35,7 @@ def test_compare_diagnose_and_fold(runs, tmp_path, capsys):
     a, b = (str(paths[m]) for m in MODELS)
     assert main(["compare", a, b, "--out", str(tmp_path / "cmp")]) == 0
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    for m in res["models"]:  # the test accuracy the training loop measured, by a second path
+    for m in res["runs"]:  # the test accuracy the training loop measured, by a second path
         want = Store(out).run(m["run_id"]).summary["test_acc"]
         assert m["test_acc"] == pytest.approx(want, abs=1e-12)
     for model, norms in zip(MODELS, (19, 34)):

@@ -411,7 +411,7 @@ def test_progress_writes_each_line_in_one_write():
 
     rec = Recorder()
     p = Progress.__new__(Progress)
-    p.stream, p.tty, p.shown = rec, False, False
+    p.stream, p.tty, p.shown, p.out, p.bar = rec, False, False, rec, None
     import threading
 
     p.lock = threading.Lock()

@@ -62,9 +62,9 @@ def test_study_flag_names_runs_by_arm_and_seed(tmp_path):
         acc = EventAccumulator(str(board / "probes"), size_guidance={"histograms": 0})
         acc.Reload()
         probes = store.run(run_id).read_rows("probes.jsonl")
-        loss_var = [(r["step"], r["value"]) for r in probes if r["metric"] == "loss_variation"]
+        loss_var = [(r["step"], r["value"]) for r in probes if r["metric"] == "loss_variation_abs"]
         assert [(s, pytest.approx(v, rel=1e-6)) for s, v in loss_var] == \
-            scalars(board / "probes", "loss_variation/model")
+            scalars(board / "probes", "loss_variation_abs/model")
         assert "act/hidden.0.sigmoid" in acc.Tags()["histograms"]
         assert store.run(run_id).config["tensorboard"] is True
 

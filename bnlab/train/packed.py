@@ -133,10 +133,18 @@ def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]
     leaves most of the device idle; on a CPU a grouped convolution costs more per run than K
     plain ones (docs/speed.md), so runners pack CUDA runs only."""
     groups: dict[tuple, list[RunConfig]] = {}
+    out: list[list[RunConfig]] = []
+    alone: dict[tuple, bool] = {}  # a network that cannot be packed at all trains alone ...
     for c in cfgs:
+        net = (c.model, c.norm, c.init, repr(c.init_options), c.placement, c.first_k,
+               repr(c.norm_options))
+        if net not in alone:
+            alone[net] = _structure_reason([c]) is not None
+        if alone[net]:  # ... and does not stop the others of its group from packing
+            out.append([c])
+            continue
         key = tuple(repr(getattr(c, n)) for n in FIELDS if n not in PER_RUN)
         groups.setdefault(key, []).append(c)
-    out = []
     for members in groups.values():
         if len({c.norm for c in members}) > 1 and can_pack(members[:max_k]) is not None:
             by_norm: dict[str, list[RunConfig]] = {}  # these norms cannot mix: pack apart
