@@ -4,6 +4,10 @@
 #
 #   PYTHONPATH=. bash benchmarks/results_gpu.sh .gpu/cifar10-jpg.tar.gz .gpu/imagenette-subset.tar
 #
+# (.gpu/imagenette-subset.tar: `python benchmarks/imagenette_subset.py IMAGENETTE.tar.gz
+# .gpu/imagenette-subset.tar`, 250 training and 80 validation images per class, 35 MiB, so that
+# both archives fit a 64 MiB carry; on a machine that has the whole Imagenette, pass it instead.)
+#
 # 1. the founding study on CIFAR-10 with the full He et al. recipe: `seed --only dataset=cifar10`
 #    (ResNet-20, 164 epochs, 3 seeds: BN; no BN at BN's lr; no BN at its tuned lr; Fixup)
 # 2. the same arms on an ImageNet-style folder (Imagenette) with ResNet-18, EPOCHS_INET epochs
@@ -13,8 +17,9 @@
 # studies' reports and a log with wall times are written under $RESULTS (default .gpu/results),
 # from where the report is made again on any machine (`bnlab study report DIR`).
 #
-# Dry run of the same code paths on a CPU (tiny sizes, minutes):
-#   DEVICE=cpu EPOCHS=1 EPOCHS_INET=1 LIMIT_TRAIN=512 LIMIT_TEST=256 IMAGE_SIZE=32 \
+# Dry run of the same code paths on a CPU (tiny sizes, minutes; at least 2 epochs, because the
+# tuned arm's selection trains a 2-epoch warm-up):
+#   DEVICE=cpu EPOCHS=2 EPOCHS_INET=2 LIMIT_TRAIN=512 LIMIT_TEST=256 IMAGE_SIZE=32 \
 #   RESULTS=/tmp/results-dry PYTHONPATH=. bash benchmarks/results_gpu.sh \
 #     ../shared/data/cifar10-jpg.tar.gz ../shared/data/imagenette2-224.tar.gz
 set -u

@@ -266,9 +266,10 @@ def load_metrics(out: Folder | Study):
 
 def load_probes(out: Folder | Study):
     """Long format: one row per probe value (identity columns, step, epoch, layer, metric,
-    value); empty when no run recorded probes."""
+    unit, value; unit is the feature or channel of a per-unit row, None for a pooled one);
+    empty when no run recorded probes."""
     return _frame(probe_records(_folder(out)),
-                  ["run_id", "step", "epoch", "layer", "metric", "value"])
+                  ["run_id", "step", "epoch", "layer", "metric", "unit", "value"])
 
 
 # -- inference tools ---------------------------------------------------------------------------

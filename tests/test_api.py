@@ -109,9 +109,13 @@ def test_load_probes_equals_probes_jsonl(demo):
         mine = probes[probes.run_id == run_id]
         assert list(mine.value) == [r["value"] for r in rows]
         assert list(mine.layer) == [r["layer"] for r in rows]
+        units = [None if u != u else int(u) for u in mine.unit]  # pandas reads None as NaN
+        assert units == [r.get("unit") for r in rows]
         total += len(rows)
     assert len(probes) == total > 0
-    assert set(probes.columns) >= {"arm", "seed", "step", "epoch", "layer", "metric", "value"}
+    assert probes.unit.notna().any() and probes.unit.isna().any()  # per-unit and pooled rows
+    assert set(probes.columns) >= {"arm", "seed", "step", "epoch", "layer", "metric", "unit",
+                                   "value"}
 
 
 def test_study_resumes_and_reports_like_the_command(demo, capsys):

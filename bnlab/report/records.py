@@ -12,7 +12,7 @@ runs, `dataset`, `model`, `norm` and `seed` from each run's config.
                     a run left `running` by a process that died is `interrupted`
     metric_records  one per run, epoch and metric of metrics.jsonl: identity, epoch, step,
                     metric, value
-    probe_records   one per probes.jsonl row: identity, step, epoch, layer, metric, value
+    probe_records   one per probes.jsonl row: identity, step, epoch, layer, metric, unit, value
 
 Numbers the store wrote as text because JSON cannot hold them ("nan", "inf") come back as
 floats; tables of options (norm_options, ...) stay dicts.
@@ -104,5 +104,6 @@ def probe_records(out: str | Path) -> list[dict[str, Any]]:
         for row in run.read_rows("probes.jsonl"):
             records.append({**ident, "step": row.get("step"), "epoch": row.get("epoch"),
                             "layer": row.get("layer"), "metric": row.get("metric"),
-                            "value": _number(row.get("value"))})
+                            # per-unit rows (unit_p15/p50/p85) name their unit; pooled rows: None
+                            "unit": row.get("unit"), "value": _number(row.get("value"))})
     return records
