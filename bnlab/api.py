@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.bench import BenchArgs, check_args, run_all
-from bnlab.config import RunConfig, load
+from bnlab.config import RunConfig, load, to_flags
 from bnlab.errors import UserError
 from bnlab.infer.compare import compare_runs
 from bnlab.infer.diagnose import diagnose as diagnose_model
@@ -122,14 +122,7 @@ def train_run(dataset: str | None = None, model: str | None = None, norm: str | 
 
 def _train_argv(cfg: RunConfig, out: Folder, resume: bool) -> list[str]:
     """`bnlab train` arguments that rebuild `cfg` in the processes torchrun starts."""
-    argv = ["--out", str(out)] + (["--resume"] if resume else [])
-    for k, v in cfg.to_dict().items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + flag[2:])
-        else:
-            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
-    return argv
+    return ["--out", str(out)] + (["--resume"] if resume else []) + to_flags(cfg.to_dict())
 
 
 # -- studies -----------------------------------------------------------------------------------

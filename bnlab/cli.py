@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import bnlab
-from bnlab.config import FIELDS, load
+from bnlab.config import FIELDS, load, to_flags
 from bnlab.console import FORMATS, format_table, records_csv, records_json
 from bnlab.errors import UserError, suggest
 from bnlab.study.options import EXECUTORS, SlurmOptions
@@ -111,13 +111,7 @@ def _train_argv(args) -> list[str]:
     """The `bnlab train` arguments of `args` without --nproc (for the processes torchrun starts)."""
     argv = ["--out", args.out] + (["--config", args.config] if args.config else [])
     argv += ["--resume"] if args.resume else []
-    for k, v in run_overrides(args).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            argv.append(flag if v else "--no-" + flag[2:])
-        else:
-            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
-    return argv
+    return argv + to_flags(run_overrides(args))
 
 
 def cmd_runs(args) -> int:

@@ -319,6 +319,19 @@ def from_mapping(values: dict[str, Any], base: RunConfig | None = None,
     return validate(cfg)
 
 
+def to_flags(options: dict[str, Any]) -> list[str]:
+    """The `bnlab train` flags that set `options` (the inverse of the flag parser: booleans as
+    --x / --no-x, dicts as JSON), for the processes torchrun starts."""
+    argv: list[str] = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        else:
+            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return argv
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

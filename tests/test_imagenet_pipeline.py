@@ -111,3 +111,14 @@ def test_builtin_scale_studies_expand(name, per_device):
     assert all((c.init == "fixup") == (c.norm == "none") for c in cfgs)
     assert all(c.norm_options == {"groups": 32} for c in cfgs if c.norm == "group")
     assert all(c.dataset == f"imagefolder:/data/{name}" for c in cfgs)
+
+
+def test_every_option_survives_the_flags_torchrun_gets():
+    # the API hands the whole resolved config to the torchrun processes as flags
+    from bnlab.config import from_mapping, to_flags
+
+    cfg = from_mapping({"dataset": "synthetic", "norm": "gn", "augment": False, "lr": 0.037,
+                        "norm_options": {"groups": 4}, "init": "normal",
+                        "init_options": {"std": 0.05}, "val_fraction": 0.1, "seed": 7})
+    args = build_parser().parse_args(["train", *to_flags(cfg.to_dict())])
+    assert load(None, run_overrides(args)) == cfg

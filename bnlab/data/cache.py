@@ -10,48 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bnlab.errors import storage_error
+from bnlab.store import atomic_write
 
 
 def key_of(*parts) -> str:
     return hashlib.sha256("\x00".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def _atomic(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise storage_error(path.parent, e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink(tmp)
-        raise storage_error(path, e) from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     """Write an .npz atomically: a reader sees the old file, or the whole new one."""
-    _atomic(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
@@ -65,7 +37,7 @@ def load_arrays(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def save_json(path: Path, obj) -> None:
-    _atomic(path, lambda f: f.write(json.dumps(obj).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
 def load_json(path: Path):

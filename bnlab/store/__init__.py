@@ -34,6 +34,7 @@ from bnlab.store.files import (
     FINISHED,
     STATUSES,
     RunDir,
+    atomic_write,
     atomic_write_bytes,
     atomic_write_json,
     final_status,
@@ -44,6 +45,6 @@ from bnlab.store.files import (
 )
 from bnlab.store.index import Store, open_store, row_of
 
-__all__ = ["CHECKPOINT_KEYS", "FINISHED", "STATUSES", "RunDir", "Store", "atomic_write_bytes",
-           "atomic_write_json", "final_status", "is_run_id", "load_checkpoint_file", "open_store",
-           "read_json_file", "row_of", "warn"]
+__all__ = ["CHECKPOINT_KEYS", "FINISHED", "STATUSES", "RunDir", "Store", "atomic_write",
+           "atomic_write_bytes", "atomic_write_json", "final_status", "is_run_id",
+           "load_checkpoint_file", "open_store", "read_json_file", "row_of", "warn"]

@@ -10,9 +10,9 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -52,9 +52,10 @@ def _unlink(path: str | Path) -> None:
         os.unlink(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` in one rename; a StorageError (path and cause) when the file
-    system refuses, with the old file left as it was."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`, so a
+    reader sees the old file or the whole new one; a StorageError (path and cause) when the
+    file system refuses, with the old file left as it was."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -62,7 +63,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise _folder_error(path.parent, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -74,10 +75,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` in one rename (atomic_write)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def _folder_error(folder: Path, e: OSError) -> StorageError:
     if isinstance(e, FileExistsError | NotADirectoryError) or e.errno == errno.ENOTDIR:
         return StorageError(f"{str(folder)!r} (or a folder above it) is a file, not a folder: "
-                            "give a folder, e.g. --out DIR")
+                            "give a folder (--out DIR, or BNLAB_CACHE for the cache)")
     return storage_error(folder, e, "write into")
 
 
