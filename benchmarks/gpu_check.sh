@@ -12,9 +12,9 @@
 #      (pytest from .gpu/pylib when the machine has none: copy site-packages' pytest, _pytest,
 #      pluggy, iniconfig, packaging and pygments there)
 #   3. bnlab bench at batch 128, bf16: textbook, eager, compiled, packed xK, packed-compiled xK
-#   4. the seed study's CIFAR-10 part at EPOCHS epochs, batch 128: by default BN (lr 0.1) vs
-#      none at its best lr of the study's sweep (0.01) x 3 seeds, 6 runs; STUDY_ONLY="" for
-#      all 12 runs (the no-BN arm's whole lr sweep)
+#   4. BN vs no BN on CIFAR-10 at EPOCHS epochs, batch 128 (benchmarks/seed_cifar10_30.toml):
+#      by default BN (lr 0.1) vs none at lr 0.01 x 3 seeds, 6 runs; STUDY_ONLY="" for all 12
+#      runs (the no-BN lr sweep)
 #   5. bnlab bench --no-cuda-graph: eager and packed without the whole-step graph
 #   6. batch 512 (eager, compiled), if time is left
 # For a dry run of the same code paths on a CPU (tiny sizes):
@@ -70,14 +70,14 @@ timeout "$(box 280)" $PY -m bnlab bench --data "imagefolder:$DATA" --device "$DE
   --precision bf16 --batch-size 128 --steps "$STEPS" --k "$K" --timeout 110 \
   --variants "$VARIANTS128" --out "$RESULTS/bench_b128.jsonl"
 
-say "4/6 seed study, CIFAR-10 part, $EPOCHS epochs, batch 128 (${STUDY_ONLY:-all 12 runs})"
+say "4/6 BN vs no BN, CIFAR-10, $EPOCHS epochs, batch 128 (${STUDY_ONLY:-all 12 runs})"
 T0=$(date +%s)
 # shellcheck disable=SC2086 # STUDY_ONLY is a list of flags
-timeout "$(box 230)" $PY -m bnlab study run seed --only dataset=cifar10 $STUDY_ONLY \
+timeout "$(box 230)" $PY -m bnlab study run benchmarks/seed_cifar10_30.toml $STUDY_ONLY \
   --data-map "cifar10=imagefolder:$DATA" --set "epochs=$EPOCHS" --set precision=bf16 \
   --set "compile=$COMPILE" --set "limit_train=$LIMIT" --device "$DEVICE" \
   --out "$RESULTS/seed-study" 2>&1 | grep -v "epoch [0-9]*/" | tail -25
-say "seed study wall time: $(( $(date +%s) - T0 )) s (target <= 180 s)"
+say "BN vs no BN wall time: $(( $(date +%s) - T0 )) s"
 $PY -m bnlab runs --out "$RESULTS/seed-study" 2>&1 | tail -16 | tee "$RESULTS/seed_runs.txt"
 
 say "5/6 bnlab bench without the whole-step graph (eager, packed x$K)"

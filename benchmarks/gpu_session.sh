@@ -4,7 +4,7 @@
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh CIFAR10_JPG_TARBALL IMAGENETTE_FOLDER_OR_TAR
 #
 # 1. bnlab bench at batch 128 (textbook, eager, compiled, packed x16), bf16
-# 2. the CIFAR-10 part of the seed study at 30 epochs (BN vs none x 3 seeds), wall time
+# 2. BN vs no BN on CIFAR-10 at 30 epochs (benchmarks/seed_cifar10_30.toml), wall time
 # 3. one SyncBN run under torchrun, and ResNet-18 images/s on Imagenette at 224 px
 set -u
 CIFAR=${1:?usage: gpu_session.sh CIFAR10_JPG_TARBALL IMAGENETTE}
@@ -24,11 +24,11 @@ say "bench, batch 128, bf16"
 timeout 240 $PY -m bnlab bench --data "imagefolder:$CIFAR" --device cuda --precision bf16 \
   --batch-size 128 --steps 60 --k 16 --timeout 75 --variants textbook,eager,compiled,packed \
   --out "$OUT/bench_b128.jsonl" 2>&1 | grep -v -i warn | tail -8
-say "seed study, CIFAR-10 part, 30 epochs"
+say "BN vs no BN on CIFAR-10, 30 epochs (benchmarks/seed_cifar10_30.toml, 12 runs)"
 T0=$(date +%s)
-timeout 180 $PY -m bnlab study run seed --only dataset=cifar10 --data-map "cifar10=imagefolder:$CIFAR" \
+timeout 180 $PY -m bnlab study run benchmarks/seed_cifar10_30.toml --data-map "cifar10=imagefolder:$CIFAR" \
   --set epochs=30 --set precision=bf16 --device cuda --out "$OUT/seed30" 2>&1 | grep -v -i warn | tail -12
-say "seed study wall time $(( $(date +%s) - T0 )) s"
+say "BN vs no BN wall time $(( $(date +%s) - T0 )) s"
 timeout 20 $PY -m bnlab study status "$OUT/seed30" 2>&1 | tail -12
 say "SyncBN under torchrun (1 process)"
 timeout 75 $PY -m torch.distributed.run --standalone --nproc-per-node=1 -m bnlab train \

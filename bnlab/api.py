@@ -268,17 +268,19 @@ def load_probes(out: Folder | Study):
 # -- inference tools ---------------------------------------------------------------------------
 def compare(runs: Iterable[Folder], out: Folder | None = None, labels: list[str] | None = None,
             data_dir: str | None = None, device: str = "cpu", corruptions: bool = True,
-            log: Callable[[str], None] = lambda m: None) -> dict:
+            log: Callable[[str], None] | None = None) -> dict:
     """`bnlab compare`: compare.json's content, written with its figures to `out` (default:
-    the first run's output root /analysis)."""
+    the first run's output root /analysis); `log` gets each progress line (default: none)."""
     paths = [Path(r) for r in runs]
+    if not paths:
+        raise UserError("compare needs at least one run folder (two or more to compare)")
     dirs = [RunDir(p.parent if p.is_file() else p) for p in paths]
     for d, p in zip(dirs, paths):
         if not d.exists():
             raise UserError(f"{str(p)!r} is not a run folder (no config.json)")
     folder = Path(out) if out is not None else dirs[0].path.parent / "analysis"
     return compare_runs(dirs, folder, labels, data_dir=data_dir, device=device,
-                        corruptions=corruptions, log=log)
+                        corruptions=corruptions, log=log or (lambda m: None))
 
 
 def diagnose(checkpoint: Folder, batch_sizes: Iterable[int] = (1, 2, 8, 32, 128, 1000),

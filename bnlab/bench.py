@@ -37,18 +37,24 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from bnlab.config import RunConfig
-from bnlab.data import load_data
+from bnlab.data import fingerprint, load_data
 from bnlab.data.imagefolder import extract_archive, find_root
 from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError, unknown
 from bnlab.fast import accel, cpu_kernels
 from bnlab.models import build_model
+from bnlab.models.build import MODELS
 from bnlab.runtime import environment, resolve_device
 from bnlab.store import Store, atomic_write_bytes
 from bnlab.train import train_run
 from bnlab.train.packed import train_packed
 
 VARIANTS = ("textbook", "eager", "compiled", "packed", "packed-compiled")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+# "" is bnlab's default for the device; the rest are torch.compile's modes
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass
@@ -81,6 +87,16 @@ def check_args(a: BenchArgs, variants: list[str], precisions: list[str], timeout
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
     if a.workers < 0:
         raise UserError(f"--workers must be >= 0, got {a.workers}")
+    # names checked here, once, rather than failing inside every variant's row
+    if a.device not in DEVICES:
+        raise unknown("device", a.device, DEVICES)
+    resolve_device(a.device)
+    if a.model not in MODELS:
+        raise unknown("model", a.model, MODELS)
+    if a.compile_mode not in COMPILE_MODES:
+        raise unknown("compile mode", a.compile_mode, COMPILE_MODES[1:])
+    if a.data != "synthetic":
+        fingerprint(a.data, a.data_dir or None)
 
 
 def _load(a: BenchArgs, n_train: int):

@@ -61,7 +61,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        hlp = (_flag_help(f) + f" (default: {default!r})").replace("%", "%%")
+        # a help text that explains its own default (data_dir's "$BNLAB_DATA, else ./data") is
+        # not followed by the raw one
+        said = "(default:" in f.metadata["help"]
+        hlp = (_flag_help(f) + ("" if said else f" (default: {default!r})")).replace("%", "%%")
         if isinstance(default, bool):
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=hlp)

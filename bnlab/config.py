@@ -61,13 +61,14 @@ class RunConfig:
                     "vgg11|13|16|19 | mlp3x100 | resnet18 | resnet50 | torchvision:NAME "
                     "(see `bnlab models`)")
     norm: str = _f("bn", "normalization layer (see `bnlab norms`)")
-    norm_options: dict = _f({}, "extra options for the norm layer, e.g. {momentum=0.1}")
+    norm_options: dict = _f({}, "extra options for the norm layer, e.g. '{\"momentum\": 0.01}'")
     placement: str = _f("post_conv", "where norms sit in a CIFAR ResNet, plain net or VGG",
                         choices=PLACEMENTS)
     first_k: int = _f(1, "with placement=first_k: blocks (VGG: conv layers) that keep their "
                       "norms", "blocks")
     init: str = _f("kaiming", "weight initialization (see bnlab.models.init)")
-    init_options: dict = _f({}, "extra options for the initialization, e.g. {mode='fan_out'}")
+    init_options: dict = _f({}, "extra options for the initialization, e.g. "
+                          "'{\"mode\": \"fan_out\"}'")
     dropout: float = _f(0.0, "dropout probability before the classifier", "probability")
     # optimization
     lr: float = _f(0.1, "peak learning rate of SGD", "per step")

@@ -80,6 +80,7 @@ def test_load_runs_one_row_per_run_with_config_and_results(demo):
         assert row.wall_time == summary["wall_time"] and row.epochs_done == 3
         assert row.arm == f"norm={config['norm']}" and row.seed == config["seed"]
         assert row.lr == config["lr"] and row.probe_every == config["probe_every"] == 8
+        assert set(summary) - {"run_id"} <= set(df.columns)  # every stored result exported
     # the same rows as `bnlab runs --format json`
     assert bnlab.load_runs(out).equals(bnlab.load_runs(bnlab.Study.from_folder(out)))
 
@@ -276,3 +277,8 @@ def test_frames_need_pandas_only_when_asked(monkeypatch, tmp_path):
     with pytest.raises(bnlab.UserError, match=r"pip install 'bnlab\[pandas\]'"):
         bnlab.load_runs(Store(tmp_path).root)
     assert isinstance(pd.DataFrame(), pd.DataFrame)
+
+
+def test_compare_of_no_runs_is_a_user_error():
+    with pytest.raises(bnlab.UserError, match="at least one run folder"):
+        bnlab.compare([])

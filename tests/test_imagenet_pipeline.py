@@ -122,3 +122,25 @@ def test_every_option_survives_the_flags_torchrun_gets():
                         "init_options": {"std": 0.05}, "val_fraction": 0.1, "seed": 7})
     args = build_parser().parse_args(["train", *to_flags(cfg.to_dict())])
     assert load(None, run_overrides(args)) == cfg
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--batch-size", "128"], "batch_size 128 is not divisible by the 3 processes"),
+    (["--batch-size", "129", "--dataset", "cifar10", "--data-dir", "{missing}"], "{missing}"),
+])
+def test_nproc_mistakes_are_one_line_before_torchrun_starts(flags, expected, tmp_path, capsys,
+                                                           monkeypatch):
+    import subprocess
+
+    from bnlab.cli import main
+
+    def no_torchrun(*a, **k):
+        raise AssertionError("torchrun started")
+
+    monkeypatch.setattr(subprocess, "run", no_torchrun)
+    missing = str(tmp_path / "missing")
+    argv = ["train", "--nproc", "3", "--dataset", "synthetic", "--device", "cpu",
+            "--out", str(tmp_path / "o")] + [f.format(missing=missing) for f in flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected.format(missing=missing) in err[0]

@@ -302,3 +302,15 @@ def test_pack_groups_splits_by_shared_settings():
     assert [len(g) for g in pack_groups(cfgs[:6])] == [6]  # BN and no-BN runs: one pack
     unpackable = [_base(seed=s, norm=n, dropout=0.1) for n in ("bn", "none") for s in range(2)]
     assert [len(g) for g in pack_groups(unpackable)] == [1, 1, 1, 1]
+
+
+def test_the_speed_measurement_grid_trains_as_one_pack():
+    # docs/speed.md's 30-epoch GPU times are of this grid, measured as one pack of 12 runs
+    from pathlib import Path
+
+    from bnlab.study.spec import expand, load_spec
+
+    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "seed_cifar10_30.toml"
+    cfgs = [r.cfg for r in expand(load_spec(str(spec))).runs]
+    assert len(cfgs) == 12 and can_pack(cfgs) is None
+    assert len(pack_groups(cfgs)) == 1

@@ -118,6 +118,26 @@ def test_bench_refuses_bad_options(capsys):
     assert main(["bench", "--k", "0"]) == 2
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--device", "tpu"], "'tpu'"), (["--model", "resnet21"], "'resnet21'"),
+    (["--compile-mode", "fastest"], "'fastest'"),
+    (["--data", "imagefolder:{tmp}/nowhere"], "nowhere"), (["--data", "cifar11"], "'cifar11'"),
+])
+def test_bench_refuses_unknown_names_before_any_variant_runs(flags, named, tmp_path, capsys,
+                                                             monkeypatch):
+    import bnlab.bench
+
+    def no_variant(*a, **k):
+        raise AssertionError("a variant ran")
+
+    monkeypatch.setattr(bnlab.bench, "train_run", no_variant)
+    monkeypatch.setattr(bnlab.bench, "train_packed", no_variant)
+    argv = ["bench", "--variants", "eager"] + [f.format(tmp=tmp_path) for f in flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and named in err
+
+
 @pytest.mark.slow
 def test_bench_variants_report_positive_speeds():
     args = BenchArgs(steps=2, batch_size=8, k=2, workers=0)

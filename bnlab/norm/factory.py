@@ -24,9 +24,9 @@ FORMULAS: dict[str, str] = {
     "bn_ref": "y = gamma * xhat + beta  (from the formulas, hand-written backward)",
     "bn_posscale": "y = softplus(rho) * xhat + beta  (scale kept > 0)",
     "bn_l2": "z = softplus(rho) * xhat + beta;  y = z / sqrt(mean_batch z^2 + eps)  (the "
-             "founding text's formula with the sum made a mean: trains)",
+             "seed study's formula with the sum made a mean: trains)",
     "bn_l2_sum": "z = softplus(rho) * xhat + beta;  y = z / sqrt(sum_batch z^2 + eps)  (the "
-                 "founding text's formula as written: output std 1/sqrt(m))",
+                 "seed study's formula as written: output std 1/sqrt(m))",
     "batch_renorm": "y = gamma * (xhat * r + d) + beta,  r, d clipped to rmax, dmax  "
                     "(Ioffe 2017)",
     "cumulative": "y = gamma * (x - mu_t) / sqrt(v_t + eps) + beta,  mu_t, v_t over all "

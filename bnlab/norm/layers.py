@@ -209,7 +209,7 @@ class PositiveScaleBatchNorm(nn.Module):
 
 # -- bn_l2 and bn_l2_sum -------------------------------------------------------------------------
 class L2BatchNorm(nn.Module):
-    """The founding text's BN: normalize, affine with a positive scale, then divide each channel
+    """The seed study's BN: normalize, affine with a positive scale, then divide each channel
     by its batch L2 norm.
 
     train: z = a * (x - mean_B) / sqrt(var_B + eps) + beta,  a = softplus(rho) > 0

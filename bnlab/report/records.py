@@ -29,7 +29,7 @@ from bnlab.report.load import NOT_ARM_AXES, fmt_value
 from bnlab.store import RunDir, Store, open_store
 
 RESULTS = ("status", "epochs_done", "test_acc", "test_loss", "train_acc", "train_loss",
-           "wall_time", "diverged_step", "no_learning_at_epoch", "error")
+           "val_acc", "val_loss", "wall_time", "diverged_step", "at_chance_until_epoch", "error")
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 PLAIN_KEYS = ("dataset", "model", "norm", "seed")  # identity of a run outside a study
 

@@ -50,6 +50,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
+from bnlab.data import fingerprint
 from bnlab.data.bundle import DataBundle, Split
 from bnlab.data.loader import epoch_generator
 from bnlab.errors import UserError
@@ -189,10 +190,7 @@ class Context:
                                                    broadcast_buffers=False)
 
     def check_batch(self, batch_size: int) -> None:
-        n = self.env.world_size
-        if batch_size % n:
-            raise UserError(f"batch_size {batch_size} is not divisible by the {n} processes; "
-                            f"the global batch is split evenly (use a multiple of {n})")
+        check_batch(batch_size, self.env.world_size)
 
     def train_loader(self, loader, bundle: DataBundle, batch_size: int, seed: int,
                      workers: int, memory_format):
@@ -316,6 +314,12 @@ def session(device: torch.device, env: DistEnv | None = None) -> Iterator[Contex
             tdist.destroy_process_group()
 
 
+def check_batch(batch_size: int, n: int) -> None:
+    if batch_size % n:
+        raise UserError(f"batch_size {batch_size} is not divisible by the {n} processes; "
+                        f"the global batch is split evenly (use a multiple of {n})")
+
+
 def launch_command(nproc: int, argv: list[str]) -> list[str]:
     """`bnlab train --nproc N ...` -> torchrun with N local processes running `bnlab train ...`."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -333,5 +337,9 @@ def launch(nproc: int, argv: list[str], cfg=None) -> int:
         check_sync_bn(torch.device("cpu"))
     if cfg is not None:
         check_probes(cfg.probe_every, nproc)
+        check_batch(cfg.batch_size, nproc)
+        # the data once here: a missing or damaged dataset is one line, not one error per
+        # process followed by torchrun's own report
+        fingerprint(cfg.dataset, cfg.data_dir or None, cfg.download)
     return subprocess.run(launch_command(nproc, argv)).returncode
 
