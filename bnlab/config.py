@@ -233,11 +233,13 @@ def check_options(what: str, options: dict, defaults: dict) -> dict:
     """`options` checked against `defaults` (an OPTIONS table of bnlab.norm or bnlab.models.init:
     option -> default): each value must have its default's type (a number where the default is
     a float or None, an integer where it is an int); returns `options`. `what` names them in
-    errors ("norm 'bn'")."""
+    errors ("norm 'bn'"). An unknown option is named before any value is checked (the first
+    in sorted order, so the message does not depend on the order options were given in)."""
+    bad = sorted(set(options) - set(defaults))
+    if bad:
+        raise UserError(f"unknown option {bad[0]!r} for {what}; accepted: "
+                        f"{', '.join(sorted(defaults)) or 'none'}")
     for key, value in options.items():
-        if key not in defaults:
-            raise UserError(f"unknown option {key!r} for {what}; accepted: "
-                            f"{', '.join(sorted(defaults)) or 'none'}")
         default = defaults[key]
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
@@ -289,8 +291,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UserError(f"{name} {v!r} is not accepted{suggest(v, choices)}; "
                             f"accepted: {', '.join(choices)}")
     step_sizes(cfg.probe_step_sizes)
-    if cfg.first_k < 0:
-        raise UserError(f"first_k must be >= 0, got {cfg.first_k}")
     return cfg
 
 

@@ -301,3 +301,17 @@ def test_every_combination_builds_and_steps(model, norm, placement, init):
     net = build_model(model, 10, norm=norm, placement=placement, init=init)
     assert isinstance(net, CifarResNet)
     _step(net, torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("name", ["xavier", "orthogonal"])
+@pytest.mark.parametrize("gain", [0, 0.0, -1.0])
+def test_xavier_and_orthogonal_refuse_a_gain_not_above_zero(name, gain):
+    with pytest.raises(UserError, match=f"init option gain must be a number > 0, got {gain}"):
+        build_model("resnet20", 10, init=name, init_options={"gain": gain})
+    w = residual_blocks(build_model("resnet20", 10, init=name, init_options={"gain": 0.5}))[
+        3].conv1.weight.detach().reshape(32, -1)
+    if name == "orthogonal":  # gain 0.5: rows orthogonal with norm 0.5
+        assert torch.allclose(w @ w.T, 0.25 * torch.eye(32), atol=1e-5)
+    else:
+        bound = 0.5 * (6 / (16 * 9 + 32 * 9)) ** 0.5
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlab.errors import UserError
+from bnlab.models import build_model
 from bnlab.norm import (
     NORMS,
     has_bias_substitute,
@@ -405,3 +406,41 @@ def test_bn_ref_trains_a_resnet_like_torch_bn():
             opt.step()
             losses[name].append(loss.item())
     assert losses["bn_ref"] == pytest.approx(losses["bn"], rel=1e-4)
+
+
+@pytest.mark.parametrize("key", ["warmup_steps", "rmax_ramp_steps", "dmax_ramp_steps"])
+def test_batch_renorm_step_counts_are_not_negative(key):
+    with pytest.raises(UserError, match=f"norm option {key} must be an integer >= 0, got -1"):
+        make_norm("batch_renorm", 4, **{key: -1})
+    m = make_norm("batch_renorm", 4, **{key: 0})  # 0 is the edge: no warm-up, no ramp
+    assert m.schedule[key] == 0
+
+
+def test_ghost_of_one_example_is_refused_on_features_not_on_images():
+    with pytest.raises(UserError, match="ghost' on \\(N, C\\) features needs "
+                                        "virtual_batch_size >= 2.*got 1"):
+        make_norm("ghost", 4, dim=1, virtual_batch_size=1)
+    with pytest.raises(UserError, match="virtual_batch_size >= 2"):
+        build_model("mlp3x100", 10, norm="ghost", norm_options={"virtual_batch_size": 1},
+                    in_channels=1, image_size=28)
+    two = make_norm("ghost", 4, dim=1, virtual_batch_size=2).train()
+    x = torch.randn(6, 4)
+    y = two(x)
+    for pair in (slice(0, 2), slice(2, 4), slice(4, 6)):  # two examples: +-d / sqrt(d^2 + eps)
+        d = (x[pair] - x[pair].mean(0)).double()
+        ref = d / (d[0] ** 2 + 1e-5).sqrt()
+        assert torch.allclose(y[pair].double(), ref, atol=1e-5)
+    one = make_norm("ghost", 4, dim=2, virtual_batch_size=1).train()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    ref = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), unbiased=False,
+                                                       keepdim=True) + 1e-5).sqrt()
+    y = one(x.float()).double()
+    assert torch.allclose(y, ref, atol=1e-5)  # per image over its 25 positions
+
+
+def test_the_first_unknown_option_is_named_whatever_the_order():
+    for opts in ({"zz": 1, "momentumm": 0.1}, {"momentumm": 0.1, "zz": 1},
+                 {"eps": "x", "momentumm": 0.1}):  # unknown before a value of the wrong type
+        with pytest.raises(UserError, match="unknown option 'momentumm' for norm 'bn'; "
+                                            "accepted: affine, convention, eps, momentum$"):
+            make_norm("bn", 4, **opts)

@@ -26,7 +26,20 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from bnlab.config import cache_root
-from bnlab.data.archive import ArchiveOfLargeImages, read_small_images
+from bnlab.data.archive import (
+    READ_ERRORS,
+    ArchiveOfLargeImages,
+    check_end,
+    identity_of,
+    no_eval_split,
+    no_images,
+    no_train,
+    not_in_train,
+    other_size,
+    read_small_images,
+    too_few_classes,
+    unreadable,
+)
 from bnlab.data.bundle import DataBundle, Split, channel_stats
 from bnlab.data.cache import key_of, load_arrays, load_json, save_arrays, save_json
 from bnlab.errors import UserError, storage_error
@@ -36,6 +49,7 @@ SMALL_MAX = 64  # px: at most this on both sides -> decoded once and kept in mem
 LARGE_SIZE = 224  # px: training crop and evaluation size of streamed images
 STATS_SAMPLE = 2000  # images sampled to estimate the channel statistics of streamed data
 IDENTITY_SAMPLE = 5000  # files whose byte sizes enter the data fingerprint (all names do)
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: what tarfile opens
 
 
 def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
@@ -62,15 +76,35 @@ def extract_archive(archive: Path) -> Path:
         try:
             with tarfile.open(archive) as tf:
                 tf.extractall(tmp, filter="data")
+                check_end(tf, archive)
             os.replace(tmp, dest)
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except UserError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except READ_ERRORS as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if dest.is_dir():  # another process finished first
                 return find_root(dest, archive)
             if isinstance(e, OSError) and e.filename is not None and e.strerror:
                 raise storage_error(tmp, e) from None  # the cache's disk, not the archive
-            raise UserError(f"cannot extract {str(archive)!r}: {e}") from None
+            raise unreadable(archive, e, "extract") from None
     return find_root(dest, archive)
+
+
+def is_archive(path: Path) -> bool:
+    """tarfile.is_tarfile, except that a compressed file tarfile cannot open is refused with
+    tarfile's reason: a .tar.gz damaged in its first blocks is a damaged archive, not "neither
+    a folder nor an archive" (and is_tarfile lets zlib's and lzma's own errors through)."""
+    try:
+        if tarfile.is_tarfile(path):
+            return True
+        with open(path, "rb") as f:
+            if not f.read(6).startswith(COMPRESSED):
+                return False
+        tarfile.open(path).close()
+    except READ_ERRORS as e:
+        raise unreadable(path, e) from None
+    return False
 
 
 def find_root(folder: Path, shown: Path) -> Path:
@@ -80,20 +114,17 @@ def find_root(folder: Path, shown: Path) -> Path:
     subs = [p for p in folder.iterdir() if p.is_dir()]
     if len(subs) == 1 and (subs[0] / "train").is_dir():
         return subs[0]
-    raise UserError(f"image folder {str(shown)!r} has no train/ subfolder; expected "
-                    "train/<class>/*.jpg and val/<class>/*.jpg (or test/)")
+    raise no_train(str(shown))
 
 
 def scan(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """Classes (sorted train/ subfolders) and (path, label) lists of the train and eval splits."""
     eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if eval_dir is None:
-        raise UserError(f"image folder {str(root)!r} has no val/ or test/ subfolder")
+        raise no_eval_split(str(root))
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise UserError(f"image folder {str(root / 'train')!r} has {len(classes)} class "
-                        f"subfolder(s) ({', '.join(classes) or 'none'}); a classification "
-                        "dataset needs at least 2")
+        raise too_few_classes(str(root / "train"), classes)
 
     def files(split_dir: Path) -> list[tuple[str, int]]:
         out = []
@@ -105,15 +136,12 @@ def scan(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, 
         extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in
                        classes)
         if extra:
-            raise UserError(f"{str(split_dir)!r} has class folders missing from train/: "
-                            f"{', '.join(extra[:5])}")
+            raise not_in_train(str(split_dir), extra)
         return out
 
     train, test = files(root / "train"), files(eval_dir)
     if not train or not test:
-        which = "train" if not train else eval_dir.name
-        raise UserError(f"image folder {str(root)!r} has no images in {which}/ "
-                        f"(accepted extensions: {', '.join(sorted(EXTENSIONS))})")
+        raise no_images(str(root), "train" if not train else eval_dir.name, EXTENSIONS)
     return classes, train, test
 
 
@@ -126,11 +154,7 @@ def _decode_all(items: list[tuple[str, int]], size: tuple[int, int], resize: boo
         im = open_image(items[i][0])
         if im.size != size:
             if not resize:
-                raise UserError(
-                    f"image {items[i][0]!r} is {im.size[0]}x{im.size[1]} px, but the dataset's "
-                    f"first image is {size[0]}x{size[1]}: small images are kept in memory at "
-                    "one size; make them one size, or pass --image-size N (every image is "
-                    "then resized to NxN)")
+                raise other_size(items[i][0], im.size, size)
             im = im.resize(size, Image.BILINEAR)
         x[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
@@ -182,17 +206,20 @@ def _identity(root: Path, classes: list[str], train: list[tuple[str, int]],
     at another resolution, do not). Modification times are left out on purpose: they change
     with every copy."""
     small = max(open_image(train[0][0]).size) <= SMALL_MAX
-    h = hashlib.blake2b("\x00".join(classes).encode(), digest_size=16)
-    for split, items in (("train", train), ("test", test)):
-        h.update(split.encode())
-        for p, label in items:
-            h.update(f"{os.path.relpath(p, root)}\x00{label}\x00".encode())
-        for p, _ in (items if small else items[:: max(1, len(items) // IDENTITY_SAMPLE)]):
-            try:
-                h.update(Path(p).read_bytes() if small else str(os.path.getsize(p)).encode())
-            except OSError as e:
-                raise UserError(f"cannot read image {p!r}: {e.strerror}") from None
-    return h.hexdigest()
+    path_of = {os.path.relpath(p, root): p for p, _ in (*train, *test)}
+
+    def content(rel: str) -> bytes:
+        p = path_of[rel]
+        try:
+            return Path(p).read_bytes() if small else str(os.path.getsize(p)).encode()
+        except OSError as e:
+            raise UserError(f"cannot read image {p!r}: {e.strerror}") from None
+
+    def relative(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return [(os.path.relpath(p, root), label) for p, label in items]
+
+    return identity_of(classes, relative(train), relative(test), content,
+                       sample=0 if small else IDENTITY_SAMPLE)
 
 
 class StreamedImages(Dataset):
@@ -247,7 +274,7 @@ def dataset_root(spec: str) -> Path:
     if not raw.exists():
         raise UserError(f"image folder {spec!r} does not exist")
     if raw.is_file():
-        if not tarfile.is_tarfile(raw):
+        if not is_archive(raw):
             raise UserError(f"{spec!r} is neither a folder nor a .tar/.tar.gz archive of one")
         return extract_archive(raw)
     return find_root(raw, raw)
@@ -272,7 +299,7 @@ def load_imagefolder(spec: str, augment: bool = True, image_size: int = 0) -> Da
     resize to size x 256/224 + center crop for eval. Every image is read as RGB. An archive of
     small images is read without extracting it (bnlab.data.archive)."""
     raw = Path(spec).expanduser()
-    if raw.is_file() and image_size <= SMALL_MAX and tarfile.is_tarfile(raw):
+    if raw.is_file() and image_size <= SMALL_MAX and is_archive(raw):
         bundle = _small_archive(raw, spec, image_size)
         if bundle is not None:
             return bundle

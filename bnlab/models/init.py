@@ -98,15 +98,15 @@ def init_weights(model: nn.Module, name: str = "kaiming", **options) -> nn.Modul
     """Initialize `model` in place with the scheme `name` (see INITS) and return it."""
     if name not in INITS:
         raise unknown("init", name, INITS)
-    bad = sorted(set(options) - set(OPTIONS[name]))
-    if bad:
-        raise UserError(f"unknown option {bad[0]!r} for init {name!r}; accepted: "
-                        f"{', '.join(OPTIONS[name])}")
-    check_options(f"init {name!r}", options, OPTIONS[name])  # each value of its option's type
+    check_options(f"init {name!r}", options, OPTIONS[name])  # known, each of its type
     why = refusal(model, name)
     if why:
         raise UserError(why)
     o = {**OPTIONS[name], **options}
+    if name in ("xavier", "orthogonal") and not o["gain"] > 0:
+        # gain 0 would zero every weight (no signal, no gradient); a negative gain is refused
+        # by torch's uniform_ in the middle of building the model
+        raise UserError(f"init option gain must be a number > 0, got {o['gain']!r}")
     if name == "xavier":
         _init_layers(model, lambda w: nn.init.xavier_uniform_(w, gain=float(o["gain"])))
         return model

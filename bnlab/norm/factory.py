@@ -69,11 +69,7 @@ _CANCELS_CHANNEL_SHIFT = {"bn", "bn_ref", "bn_posscale", "bn_l2", "bn_l2_sum", "
 
 def _options(name: str, options: dict) -> dict:
     accepted = OPTIONS[name]
-    bad = sorted(set(options) - set(accepted))
-    if bad:
-        raise UserError(f"unknown option {bad[0]!r} for norm {name!r}; accepted: "
-                        f"{', '.join(sorted(accepted)) or 'none'}")
-    check_options(f"norm {name!r}", options, accepted)  # each value of its option's type
+    check_options(f"norm {name!r}", options, accepted)  # known, each of its type
     out = {**accepted, **options}
     for key in ("momentum",):
         if out.get(key) is not None and not 0.0 <= float(out[key]) <= 1.0:
@@ -86,6 +82,9 @@ def _options(name: str, options: dict) -> dict:
     if name == "batch_renorm" and not (out["rmax"] >= 1 and out["dmax"] >= 0):
         raise UserError(f"batch_renorm needs rmax >= 1 and dmax >= 0, got rmax {out['rmax']!r}"
                         f", dmax {out['dmax']!r}")
+    for key in ("warmup_steps", "rmax_ramp_steps", "dmax_ramp_steps"):
+        if name == "batch_renorm" and out[key] < 0:
+            raise UserError(f"norm option {key} must be an integer >= 0, got {out[key]!r}")
     return out
 
 
@@ -124,6 +123,13 @@ def make_norm(name: str, num_features: int, dim: int = 2, **options) -> nn.Modul
     if name == "cumulative":
         return L.CumulativeNorm(c, o["eps"], o["affine"])
     if name == "ghost":
+        if dim == 1 and o["virtual_batch_size"] < 2:
+            # on (N, C) features a virtual batch of one example holds one value per channel:
+            # no variance, so every training step would fail (on images one example still
+            # has H*W values per channel, so 1 is accepted there)
+            raise UserError("norm 'ghost' on (N, C) features needs virtual_batch_size >= 2: "
+                            "a virtual batch of 1 example has a single value per channel, got "
+                            f"{o['virtual_batch_size']}")
         return L.GhostBatchNorm(c, **o)
     if name == "frozen":
         return L.FrozenBatchNorm(c, o["eps"])
