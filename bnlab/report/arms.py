@@ -59,6 +59,11 @@ class Arm:
     counts: Counter = field(init=False)
     selected: bool = True
     group_size: int = 1
+    pool_size: int = 1  # values of the group the choice was made among (see _select)
+    pool_stable: bool = True  # the pool excluded the values with a diverged or failed run
+    # values with a higher mean on the selection split that were not eligible (a run of theirs
+    # diverged or failed): a finding names them so "highest" is not read as over all values
+    passed_over: list[Arm] = field(default_factory=list)
     no_result_in_group: bool = False
     is_baseline: bool = False
     baseline: Arm | None = None
@@ -174,10 +179,14 @@ def _select(arms: list[Arm], select_axes: list[str], on: str = "test") -> None:
         for a in members:
             a.selected = a is best
             a.group_size = len(members)
+            a.pool_size = len(pool)
+            a.pool_stable = bool(stable)
             a.no_result_in_group = not pool
             a.tried = {ax: [m.value(ax) for m in members] for ax in select_axes}
         if pool and len(members) > 1:
             best.edges = _edges(best, select_axes)
+            best.passed_over = [a for a in with_result if a not in pool
+                                and score(a).mean > score(best).mean]
 
 
 def _edges(best: Arm, select_axes: list[str]) -> list[Edge]:
