@@ -4,8 +4,9 @@ Nothing here computes a statistic; it only gathers what the runner and the analy
 decides for every run which arm it belongs to:
 
     dataset  the study's dataset name for the run (values["dataset"], else the config's)
-    arm      the run's values of every varying axis except NOT_ARM_AXES (`seed`, `dataset`, and
-             options such as `probe_every` that leave a run's result unchanged)
+    arm      the run's values of every varying axis except NOT_ARM_AXES (`dataset`, and
+             config.NOT_ARM_KEYS: `seed` and options such as `probe_every` or `compile` that
+             leave a run's result unchanged)
     status   summary.json's status; "missing" when the run folder has no config.json yet
 """
 
@@ -17,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import NOT_IN_ID, dataset_tag
+from bnlab.config import NOT_ARM_KEYS, dataset_tag
 from bnlab.errors import StorageError, UserError
 from bnlab.store import Store, warn
 
-# axes that never make an arm: repetitions (seed), the dataset (arms are per dataset), and
-# options that do not change what a run computes (where and how fast it runs, and the probes,
-# which leave the trajectory unchanged)
-NOT_ARM_AXES = ("seed", "dataset", "probe_every", "probe_step_sizes", *sorted(NOT_IN_ID))
+# axes that never make an arm: config.NOT_ARM_KEYS, and the dataset (arms are per dataset)
+NOT_ARM_AXES = frozenset({"dataset", *NOT_ARM_KEYS})
 DEFAULT_BASELINE = {"norm": "bn"}
 STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "missing")
 
