@@ -157,6 +157,21 @@ class Study:
         return list(dict.fromkeys(r.dataset for r in self.runs))
 
 
+def arm_key(values: dict, config: dict | None, arm_axes: list[str]) -> tuple:
+    """A run's arm: its value of every arm axis, the study's value, else its config's."""
+    return tuple((a, canon(values[a] if a in values else (config or {}).get(a)))
+                 for a in arm_axes)
+
+
+def run_dataset(values: dict, config: dict | None, base_dataset: str | None) -> str:
+    """The study's name for a run's dataset: its value, else its config's, else the base's."""
+    if "dataset" in values:
+        return dataset_tag(str(values["dataset"]))
+    if config is not None:
+        return dataset_tag(str(config["dataset"]))
+    return str(base_dataset or "unknown")
+
+
 def load_study(out_dir: str | Path) -> Study:
     root = Path(out_dir)
     if not (root / "study.json").is_file():
@@ -175,7 +190,7 @@ def load_study(out_dir: str | Path) -> Study:
         runs.append(_load_run(store, entry, base_dataset))
     arm_axes = [a for a in axes if a not in NOT_ARM_AXES]
     for r in runs:
-        r.arm = tuple((a, canon(r.value(a))) for a in arm_axes)
+        r.arm = arm_key(r.values, r.config, arm_axes)
     comparisons = _comparisons(store, runs)
     return Study(root=root, name=str(meta.get("name", root.name)),
                  description=str(meta.get("description", "")), spec=spec,
@@ -226,12 +241,7 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
         status = "missing"
     else:
         status = str(summary.get("status", "running"))
-    if "dataset" in values:
-        dataset = dataset_tag(str(values["dataset"]))
-    elif config is not None:
-        dataset = dataset_tag(str(config["dataset"]))
-    else:
-        dataset = str(base_dataset or "unknown")
+    dataset = run_dataset(values, config, base_dataset)
     seed = values.get("seed", (config or {}).get("seed"))
     return Run(run_id=run_id, values=values, dataset=dataset, seed=seed, status=status,
                config=config, env=(stored or {}).get("env"), data=(stored or {}).get("data"),
