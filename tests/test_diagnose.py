@@ -147,3 +147,22 @@ def test_diagnose_says_what_does_not_apply(synthetic, tmp_path, norm, why):
     assert why in res["not_applicable"][0]
     assert res["answer"][0].startswith("Train and eval mode normalize alike here")
     assert ("sanity" in res) == (norm == "frozen")
+
+
+def test_batch_sizes_above_the_test_set_are_reported_as_what_ran(synthetic, tmp_path):
+    """40 test images: a requested batch of 1000 runs as one batch of 40, so it is reported as
+    40 (once, beside a requested 40), with a note, never as "1000"."""
+    loaded = loaded_for("bn", synthetic, tmp_path)
+    res = diagnose(loaded, (2, 40, 1000, 64), precise_batches=0, log=lambda m: None)
+    assert res["n_test"] == 40 and list(res["train_mode_acc"]) == ["2", "40"]
+    assert res["batch_size_note"] == ("batch sizes 1000, 64 are larger than the 40 test "
+                                      "images: measured as one batch of 40")
+    alone = diagnose(loaded, (40,), precise_batches=0, log=lambda m: None)
+    assert res["train_mode_acc"]["40"] == alone["train_mode_acc"]["40"]
+    assert "batch_size_note" not in alone
+    one = diagnose(loaded, (1000,), precise_batches=0, log=lambda m: None)
+    assert list(one["train_mode_acc"]) == ["40"] and one["batch_size_note"].startswith(
+        "batch size 1000 is larger")
+    text = format_diagnose(res)
+    assert "(batch sizes 1000, 64 are larger than the 40 test images" in text
+    assert not any(line.split()[:1] == ["1000"] for line in text.splitlines())
