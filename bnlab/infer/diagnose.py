@@ -30,7 +30,7 @@ from torch import nn
 
 from bnlab.infer.batchstats import (
     LayerStats,
-    adapted_copy,
+    adapted_to_test,
     batch_stat_layers,
     batch_statistics_copy,
     precise_statistics,
@@ -41,7 +41,7 @@ from bnlab.infer.loading import (
     EVAL_BATCH,
     Loaded,
     norm_layers,
-    shuffled_test_loader,
+    shuffled_order,
     test_loader,
     train_loader,
 )
@@ -61,7 +61,7 @@ def _test_tensors(loaded: Loaded, limit: int = 0) -> tuple[torch.Tensor, torch.T
     says otherwise, since they are held in memory as float tensors here.
     """
     bundle = loaded.bundle
-    order = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(0))
+    order = shuffled_order(len(bundle.test))  # the order of shuffled_test_loader
     if bundle.streamed:
         order = order[: limit or STREAMED_TEST_LIMIT]
         sub = torch.utils.data.Subset(bundle.test, order.tolist())
@@ -160,18 +160,6 @@ def sanity(model: nn.Module) -> list[dict]:
     return out
 
 
-def _shuffled_test_batches(loaded: Loaded, max_images: int):
-    done = 0
-    for x, _ in shuffled_test_loader(loaded).epoch(0):
-        if max_images and done + len(x) > max_images:
-            x = x[: max_images - done]
-        if len(x) > 1:
-            yield x
-        done += len(x)
-        if max_images and done >= max_images:
-            return
-
-
 def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRECISE_BATCHES,
              max_images: int = 0, log=print) -> dict:
     """All diagnostics of one loaded model, as a dict (see the module docstring)."""
@@ -229,8 +217,7 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
                           "ranking": [g["layer"] for g in sorted(gaps, key=lambda g:
                                                                  -g["kl_mean"])]}
     limit = max_images or (STREAMED_TEST_LIMIT if loaded.bundle.streamed else 0)
-    res["test_stats_acc"] = batch_accuracy(
-        adapted_copy(model, _shuffled_test_batches(loaded, limit)), x, y, EVAL_BATCH)
+    res["test_stats_acc"] = batch_accuracy(adapted_to_test(loaded, limit), x, y, EVAL_BATCH)
     res["answer"] = answer(res)
     return res
 
