@@ -231,6 +231,19 @@ def test_p_values_near_alpha_keep_their_side():
     assert pvalue(0.012) == "0.012" and pvalue(0.0004) == "< 0.001" and pvalue(None) == "–"
 
 
+def test_mean_and_sd_are_written_one_way_in_the_report_and_the_terminal():
+    from bnlab.infer.compare_text import _ms
+    from bnlab.report.compare_tables import ms
+    from bnlab.report.fmt import mean_std
+
+    accs = [0.5, 0.75]  # mean 0.625, sample sd 0.25 / sqrt(2)
+    assert mean_std(S.summarize(accs)) == ms({"mean": 0.625, "sd": 0.17677669529663687}) == \
+        "62.50 ± 17.68"
+    assert mean_std(S.summarize([0.5])) == ms({"mean": 0.5, "sd": None, "n": 1}) == "50.00"
+    assert mean_std(S.summarize([])) == ms(None) == "–" and _ms(None) == "-"
+    assert _ms({"mean": 0.625, "sd": 0.125}) == "0.6250 ± 0.1250"
+
+
 def test_labels_leave_out_axes_that_follow_from_earlier_ones():
     from bnlab.report.arms import label_axes
 
