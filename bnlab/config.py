@@ -146,6 +146,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # options that do not change what a run computes (where and how fast it runs)
 NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "tensorboard",
              "compile", "cuda_graph", "cpu_kernels"}
+# options that never tell two arms apart: the repetition (seed), the options that do not change
+# what a run computes, and the probes, which measure without changing the trajectory. The report
+# groups a study's runs into arms by the other options, and `compare` labels its runs by them.
+NOT_ARM_KEYS = frozenset({"seed", "probe_every", "probe_step_sizes", *NOT_IN_ID})
 # options added later whose default is the earlier behaviour: in the id only when set
 OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes"}
 INT_MAX = 2**63 - 1  # torch's int64: every integer option must fit

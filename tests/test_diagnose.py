@@ -147,3 +147,96 @@ def test_diagnose_says_what_does_not_apply(synthetic, tmp_path, norm, why):
     assert why in res["not_applicable"][0]
     assert res["answer"][0].startswith("Train and eval mode normalize alike here")
     assert ("sanity" in res) == (norm == "frozen")
+
+
+def test_batch_sizes_above_the_test_set_are_reported_as_what_ran(synthetic, tmp_path):
+    """40 test images: a requested batch of 1000 runs as one batch of 40, so it is reported as
+    40 (once, beside a requested 40), with a note, never as "1000"."""
+    loaded = loaded_for("bn", synthetic, tmp_path)
+    res = diagnose(loaded, (2, 40, 1000, 64), precise_batches=0, log=lambda m: None)
+    assert res["n_test"] == 40 and list(res["train_mode_acc"]) == ["2", "40"]
+    assert res["batch_size_note"] == ("batch sizes 1000, 64 are larger than the 40 test "
+                                      "images: measured as one batch of 40")
+    alone = diagnose(loaded, (40,), precise_batches=0, log=lambda m: None)
+    assert res["train_mode_acc"]["40"] == alone["train_mode_acc"]["40"]
+    assert "batch_size_note" not in alone
+    one = diagnose(loaded, (1000,), precise_batches=0, log=lambda m: None)
+    assert list(one["train_mode_acc"]) == ["40"] and one["batch_size_note"].startswith(
+        "batch size 1000 is larger")
+    text = format_diagnose(res)
+    assert "(batch sizes 1000, 64 are larger than the 40 test images" in text
+    assert not any(line.split()[:1] == ["1000"] for line in text.splitlines())
+
+
+def test_stat_gap_against_the_gaussian_kl_closed_form():
+    """Running statistics set by hand against recomputed ones, per channel: KL of
+    N(mu, s^2) to N(mu_run, s_run^2) in its textbook form ln(s_run/s) + (s^2 + (mu -
+    mu_run)^2) / (2 s_run^2) - 1/2, with s^2 = var + eps on both sides; channel 1 matches."""
+    from bnlab.infer.batchstats import LayerStats
+    from bnlab.infer.diagnose import stat_gap
+
+    eps = 0.1
+    layer = nn.BatchNorm1d(3, eps=eps)
+    layer.running_mean.copy_(torch.tensor([0.0, 1.0, -2.0]))
+    layer.running_var.copy_(torch.tensor([1.0, 4.0, 0.5]))
+    mu = np.array([0.5, 1.0, 0.0])
+    var = np.array([1.0, 4.0, 2.0])
+    s = LayerStats(mean=torch.tensor(mu, dtype=torch.float64),
+                   var=torch.tensor(var, dtype=torch.float64), avg_mean=None, avg_var=None,
+                   values=100, batches=1, batch_values=100)
+    g = stat_gap(layer, s)
+    mu_run, sd_run = np.array([0.0, 1.0, -2.0]), np.sqrt(np.array([1.0, 4.0, 0.5]) + eps)
+    sd = np.sqrt(var + eps)
+    kl = np.log(sd_run / sd) + (sd**2 + (mu - mu_run) ** 2) / (2 * sd_run**2) - 0.5
+    shift = np.abs(mu_run - mu) / sd
+    ratio = np.abs(2 * np.log(sd_run / sd))
+    assert kl[1] == 0 and shift[1] == 0 and ratio[1] == 0  # the matching channel
+    # float32 running statistics: the set values are exact in float32 except 0.1 (eps)
+    for key, ref in (("kl", kl), ("mean_shift", shift), ("var_logratio", ratio)):
+        assert g[f"{key}_mean"] == pytest.approx(ref.mean(), rel=1e-6), key
+        assert g[f"{key}_max"] == pytest.approx(ref.max(), rel=1e-6), key
+    # the third channel: mean 2 stds of the data away, variance 2.1 against 0.6
+    assert g["mean_shift_max"] == pytest.approx(2 / np.sqrt(2.1), rel=1e-6)
+
+
+def _res(eval_acc=0.50, precise=0.55, test=0.85, n=10_000):
+    """A diagnose result with train mode 0.90 at the largest batch size (256)."""
+    gaps = [{"layer": f"l{i}", "kl_mean": k, "mean_shift_mean": 0.1, "var_logratio_mean": 0.2}
+            for i, k in enumerate((0.5, 2.0, 1.0, 0.1))]
+    res = {"eval_acc": eval_acc, "n_test": n, "train_mode_acc": {"32": 0.70, "256": 0.90},
+           "precise_acc": precise, "precise_fvcore_acc": precise,
+           "precise": {"batches": 8, "gaps": gaps, "ranking": ["l1", "l2", "l0", "l3"]},
+           "test_stats_acc": test}
+    if precise is None:
+        del res["precise_acc"], res["precise_fvcore_acc"], res["precise"]
+    return res
+
+
+def test_answer_names_which_statistics_recover_the_eval_mode_gap():
+    """Eval 0.50 against train mode 0.90 at batch 256 (40 points; the margin is 1 point at
+    n = 10,000): halfway is 0.70."""
+    from bnlab.infer.diagnose_text import answer
+
+    only_test = answer(_res(precise=0.55, test=0.85))
+    assert only_test[0] == ("Eval mode is 40.00 points below train mode: 0.5000 vs 0.9000 at "
+                            "batch 256 (10000 test images).")
+    assert only_test[1].startswith("Statistics recomputed on the training data do not recover "
+                                   "it (0.5500), statistics re-estimated on the test images do "
+                                   "(0.8500): the test images differ from the training images")
+    assert only_test[2].startswith("Layers whose running statistics disagree most with the "
+                                   "training data: l1 (KL 2 nats") and "l3" not in only_test[2]
+    # exactly halfway counts as recovering; without PreciseBN only the test statistics speak
+    at_half = answer(_res(precise=None, test=0.70))
+    assert at_half[1].startswith("Statistics re-estimated on the test images do (0.7000)")
+    neither = answer(_res(precise=0.55, test=0.69))
+    assert neither[1].startswith("Neither statistics recomputed on the training data (0.5500) "
+                                 "nor re-estimated on the test images (0.6900) recover it: the "
+                                 "model relies on normalizing each batch by its own statistics")
+    precise = answer(_res(precise=0.75, test=0.85))
+    assert precise[1].startswith("Statistics recomputed on 8 training batches recover it "
+                                 "(0.7500 pooled, 0.7500 fvcore)")
+    # a gap within the margin is no gap: 2 binomial standard errors of 0.85 at n = 100 are
+    # 2 sqrt(0.85 * 0.15 / 100) = 7.14 points, more than the 5 points here
+    close = answer(_res(eval_acc=0.85, n=100))
+    assert close[0] == ("Eval mode is not worse than train mode: 0.8500 vs 0.9000 at batch 256 "
+                        "(difference +5.00 points, within 7.14).")

@@ -143,3 +143,37 @@ def test_records_helpers_keep_precision_and_refuse_nan():
     assert json.loads(records_json(recs)) == [{"a": 0.30000000000000004, "b": None,
                                                "c": {"x": 1}}, {"a": None, "d": "z"}]
     assert records_csv([]) == ""
+
+
+def test_export_arm_is_the_reports_arm_label(tmp_path):
+    """lr and warm-up set by a case for norm=none follow from norm: the report and
+    compare.json leave them out of the label ("norm=none"), and so must the export, or a join
+    on `arm` finds nothing. A select_best axis is always named."""
+    from bnlab.report.arms import build_arms
+    from bnlab.report.records import run_records
+
+    def entry(i, norm, lr, warm, seed, dropout=0.0):
+        return {"run_id": f"r{i}", "values": {"norm": norm, "lr": lr, "warmup_epochs": warm,
+                                              "dropout": dropout, "seed": seed,
+                                              "dataset": "synthetic"}}
+
+    runs = [entry(0, "bn", 0.1, 0.0, 0), entry(1, "bn", 0.1, 0.0, 1),
+            entry(2, "none", 0.01, 2.0, 0), entry(3, "none", 0.01, 2.0, 1)]
+    Store(tmp_path / "a").write_meta("study.json", {
+        "name": "labels", "axes": ["norm", "lr", "warmup_epochs", "seed"], "runs": runs,
+        "analysis": {}})
+    arms = {r["run_id"]: r["arm"] for r in run_records(tmp_path / "a")}
+    assert arms == {"r0": "norm=bn", "r1": "norm=bn", "r2": "norm=none", "r3": "norm=none"}
+    report = {r.run_id: a.label for a in build_arms(load_study(tmp_path / "a")) for r in a.runs}
+    assert arms == report
+    # tuning lr for norm=none, dropout varying for bn: lr is named (select_best), warm-up not
+    runs = [entry(0, "bn", 0.1, 0.0, 0), entry(1, "bn", 0.1, 0.0, 0, 0.5),
+            entry(2, "none", 0.01, 2.0, 0), entry(3, "none", 0.02, 2.0, 0)]
+    Store(tmp_path / "b").write_meta("study.json", {
+        "name": "labels", "axes": ["norm", "dropout", "lr", "warmup_epochs", "seed"],
+        "runs": runs, "analysis": {"select_best": ["lr"], "select_on": "test"}})
+    arms = {r["run_id"]: r["arm"] for r in run_records(tmp_path / "b")}
+    assert arms == {"r0": "norm=bn, dropout=0, lr=0.1", "r1": "norm=bn, dropout=0.5, lr=0.1",
+                    "r2": "norm=none, dropout=0, lr=0.01", "r3": "norm=none, dropout=0, lr=0.02"}
+    report = {r.run_id: a.label for a in build_arms(load_study(tmp_path / "b")) for r in a.runs}
+    assert arms == report

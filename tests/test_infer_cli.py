@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,46 @@ def test_compare_refuses_other_classes(runs, tmp_path, capsys):
     err = _error(capsys, ["compare", str(paths["bn"]), str(third), "--no-corruptions",
                           "--out", str(tmp_path / "a")])
     assert str(third / "checkpoint.pt") in err and "3 classes" in err
+
+
+def _loaded(path, cfg=None):
+    """Enough of a loaded model for the labels: its file and config."""
+    return loading.Loaded(Path(path), cfg, model=None, bundle=None, device=None)
+
+
+def test_runs_differing_only_in_speed_options_and_seed_are_one_arm():
+    """compile, cuda_graph, cpu_kernels (and probes) change how fast a run computes, not what:
+    seeds of one configuration that differ in them are one arm, as in the study report."""
+    from bnlab.infer.compare import default_labels
+    from bnlab.report.load import NOT_ARM_AXES
+
+    loaded = [_loaded("a/checkpoint.pt", _cfg(norm="bn", seed=0)),
+              _loaded("b/checkpoint.pt", _cfg(norm="bn", seed=1, cpu_kernels=False)),
+              _loaded("c/checkpoint.pt", _cfg(norm="bn", seed=2, compile=True,
+                                              cuda_graph=False, probe_every=5,
+                                              probe_step_sizes=[0.5]))]
+    assert default_labels(loaded) == ["norm=bn"] * 3
+    loaded.append(_loaded("d/checkpoint.pt", _cfg(norm="bn", seed=0, lr=0.1, compile=True)))
+    assert default_labels(loaded) == ["lr=0.05"] * 3 + ["lr=0.1"]
+    # the report's arms leave out the same options
+    for key in ("seed", "compile", "cuda_graph", "cpu_kernels", "probe_every",
+                "probe_step_sizes", "device", "workers"):
+        assert key in NOT_ARM_AXES
+
+
+def test_user_models_with_one_file_name_get_distinct_labels():
+    """bn_run/model.pt and nobn_run/model.pt are two models, not two seeds of 'model'."""
+    from bnlab.infer.compare import default_labels
+
+    def labels(*paths):
+        return default_labels([_loaded(p) for p in paths])
+
+    assert labels("x/bn_run/model.pt", "x/nobn_run/model.pt", "x/other.pt") == [
+        "bn_run/model", "nobn_run/model", "other"]
+    assert labels("a/bn/s0/model.pt", "a/nobn/s0/model.pt") == ["bn/s0/model", "nobn/s0/model"]
+    assert labels("net.pt", "net.pth") == ["net.pt", "net.pth"]
+    assert labels("w/net.pt", "net.pt") == ["w/net", "net.pt"]
+    assert labels("net.pt", "./net.pt") == ["net", "net"]  # one file twice: one label
+    run = _loaded("r/checkpoint.pt", _cfg(norm="bn"))
+    assert default_labels([run, _loaded("u/model.pt"), _loaded("v/model.pt")]) == [
+        "norm=bn", "u/model", "v/model"]

@@ -124,3 +124,47 @@ def test_one_run_per_arm_says_n_is_1(study, tmp_path):
     sentences = compare_sentences(compare, tables)
     assert "one run, n = 1: no spread over seeds" in sentences[0]
     assert "Each arm has one run (n = 1), so there is no seed-to-seed agreement" in sentences[1]
+
+
+def _agreement_sentence(between, within_a, within_b):
+    """The finding of a hand-made comparison of arms A and B: between-arm agreement `between`,
+    within-arm (mean, sd, pairs) of each arm."""
+    from bnlab.report.document import Table
+
+    def spread(mean, sd, n):
+        return {"mean": mean, "sd": sd, "n": n}
+
+    rows = [{"kind": "between", "arm_a": "A", "arm_b": "B", "runs_a": 3, "runs_b": 3,
+             "pairs": 9, "agreement": spread(between, 0.01, 9)}]
+    for label, (mean, sd, k) in (("A", within_a), ("B", within_b)):
+        rows.append({"kind": "within", "arm_a": label, "arm_b": label, "runs_a": 3,
+                     "runs_b": 3, "pairs": k, "agreement": spread(mean, sd, k)})
+    compare = {"format": 2, "runs": [{}], "pairs": [{}], "arms": [], "agreement": rows}
+    tables = [Table(1, "arms", [], [], anchor="compare-models"),
+              Table(2, "pairs", [], [], anchor="compare-pairs")]
+    (sentence,) = compare_sentences(compare, tables)
+    return sentence
+
+
+def test_arms_agree_less_than_seeds_only_when_the_gap_exceeds_the_seed_sd():
+    firm = _agreement_sentence(0.80, (0.85, 0.02, 3), (0.86, 0.03, 3))
+    assert ("the mean agreement between the arms is 5.00 points below the mean within A (sd "
+            "over its pairs 2.00), and 6.00 points below the mean within B (sd over its pairs "
+            "3.00): the arms agree less than seeds of either arm do") in firm
+    # lower means, but by less than each arm's seed-to-seed sd: no firm verdict
+    loose = _agreement_sentence(0.80, (0.81, 0.02, 3), (0.815, 0.03, 3))
+    assert "1.00 points below the mean within A (sd over its pairs 2.00)" in loose
+    assert "the arms agree less than seeds of" not in loose
+    assert "no gap exceeds the seed-to-seed sd" in loose
+    # one arm clearly, the other within its variation
+    mixed = _agreement_sentence(0.80, (0.85, 0.02, 3), (0.81, 0.03, 3))
+    assert ("the arms agree less than seeds of A do; below B the gap is within its "
+            "seed-to-seed variation") in mixed
+    # a single within-arm pair has no sd to judge a gap by
+    single = _agreement_sentence(0.80, (0.90, None, 1), (0.90, None, 1))
+    assert "(one pair: no sd)" in single and "arms agree less than seeds of" not in single
+    higher = _agreement_sentence(0.80, (0.78, 0.01, 3), (0.80, 0.01, 3))
+    assert ("2.00 points above the mean within A (sd over its pairs 1.00), and equal to the "
+            "mean within B") in higher
+    assert higher.endswith("the arms agree no less than seeds of one arm do (Table 2, rows 1, "
+                           "2 and 3).")

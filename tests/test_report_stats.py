@@ -231,6 +231,19 @@ def test_p_values_near_alpha_keep_their_side():
     assert pvalue(0.012) == "0.012" and pvalue(0.0004) == "< 0.001" and pvalue(None) == "–"
 
 
+def test_mean_and_sd_are_written_one_way_in_the_report_and_the_terminal():
+    from bnlab.infer.compare_text import _ms
+    from bnlab.report.compare_tables import ms
+    from bnlab.report.fmt import mean_std
+
+    accs = [0.5, 0.75]  # mean 0.625, sample sd 0.25 / sqrt(2)
+    assert mean_std(S.summarize(accs)) == ms({"mean": 0.625, "sd": 0.17677669529663687}) == \
+        "62.50 ± 17.68"
+    assert mean_std(S.summarize([0.5])) == ms({"mean": 0.5, "sd": None, "n": 1}) == "50.00"
+    assert mean_std(S.summarize([])) == ms(None) == "–" and _ms(None) == "-"
+    assert _ms({"mean": 0.625, "sd": 0.125}) == "0.6250 ± 0.1250"
+
+
 def test_labels_leave_out_axes_that_follow_from_earlier_ones():
     from bnlab.report.arms import label_axes
 
@@ -274,13 +287,15 @@ def _tuned_runs(lr, seed, test, val, status="completed"):
     return key, r
 
 
-def _tuned_arms(scores, on):
-    """Arms of norm=none over lr, scores {lr: [(test, val), ...]}, selected on `on`."""
+def _tuned_arms(scores, on, statuses=None):
+    """Arms of norm=none over lr, scores {lr: [(test, val), ...]}, selected on `on`;
+    statuses {lr: {seed: status}} for runs that did not complete."""
     from bnlab.report.arms import _select
 
     arms = []
     for lr, pairs in scores.items():
-        runs = [_tuned_runs(lr, s, t, v) for s, (t, v) in enumerate(pairs)]
+        runs = [_tuned_runs(lr, s, t, v, (statuses or {}).get(lr, {}).get(s, "completed"))
+                for s, (t, v) in enumerate(pairs)]
         arms.append(Arm("cifar10", runs[0][0], [r for _, r in runs], ["lr"]))
     _select(arms, ["lr"], on)
     return {a.value("lr"): a for a in arms}
@@ -315,6 +330,53 @@ def test_a_selected_value_at_the_grid_edge_is_flagged_with_the_way_to_extend():
                     "upward (Table 2, row 3)."]
     assert any("was tuned for norm=none only; norm=bn ran a single value" in s for s in out)
     assert any("not biased by the choice" in s for s in out)
+
+
+def _selection_finding(arms, on_val=True):
+    for i, a in enumerate(arms.values(), 1):
+        a.selection_row = i
+    out = findings(list(arms.values()), TABLE, Table(2, "selection", [], []), on_val=on_val)
+    return next(s for s in out if "gave the highest mean" in s)
+
+
+def test_a_higher_mean_passed_over_for_a_diverged_run_is_named_in_the_finding():
+    """lr=0.05 has the highest mean validation accuracy of its finished runs (0.90, n = 1), but
+    its other run diverged, so the choice is made among the other two values: the finding must
+    not claim lr=0.02 was the highest among all three."""
+    scores = {0.01: [(0.70, 0.70), (0.72, 0.72)], 0.02: [(0.80, 0.80), (0.82, 0.82)],
+              0.05: [(0.90, 0.90), (0.10, 0.10)]}
+    arms = _tuned_arms(scores, "val", {0.05: {1: "diverged"}})
+    assert [lr for lr, a in arms.items() if a.selected] == [0.02]
+    s = _selection_finding(arms)
+    assert "among 3 values" not in s
+    assert ("lr=0.02 gave the highest mean final validation accuracy among the 2 values (of 3) "
+            "with a finished run and none diverged or failed (81.00%) (Table 2, row 2); lr=0.05 "
+            "had a higher one (90.00%, n = 1) but was not eligible: of its 2 runs, 1 diverged "
+            "(Table 2, row 3); its test accuracy") in s
+    # a failed run of a lower value excludes it too, but there is nothing higher to name
+    arms = _tuned_arms(scores | {0.05: [(0.5, 0.5), (0.5, 0.5)]}, "val", {0.05: {0: "failed"}})
+    s = _selection_finding(arms)
+    assert "among the 2 values (of 3) with a finished run and none diverged" in s
+    assert "not eligible" not in s
+    # one eligible value: said in the singular
+    arms = _tuned_arms({0.01: [(0.7, 0.7)], 0.02: [(0.8, 0.8), (0.1, 0.1)]}, "val",
+                       {0.02: {1: "failed"}})
+    s = _selection_finding(arms)
+    assert ("lr=0.01 gave the highest mean final validation accuracy as the only one of the 2 "
+            "values with a finished run and none diverged or failed (70.00%)") in s
+    assert "lr=0.02 had a higher one (80.00%, n = 1) but was not eligible: of its 2 runs, " \
+        "1 failed" in s
+    # every value eligible: among all of them
+    s = _selection_finding(_tuned_arms({0.01: [(0.7, 0.7)], 0.02: [(0.8, 0.8)]}, "test"),
+                           on_val=False)
+    assert "lr=0.02 gave the highest mean final test accuracy among 2 values (80.00%)" in s
+    # every value has a diverged run: chosen among all with a finished run, and said so
+    arms = _tuned_arms({0.01: [(0.7, 0.7), (0.1, 0.1)], 0.02: [(0.8, 0.8), (0.1, 0.1)],
+                        0.05: [(0.1, 0.1)]}, "val",
+                       {0.01: {1: "diverged"}, 0.02: {1: "failed"}, 0.05: {0: "diverged"}})
+    s = _selection_finding(arms)
+    assert ("lr=0.02 gave the highest mean final validation accuracy among the 2 values (of 3) "
+            "with a finished run, each of which had a run diverge or fail (80.00%)") in s
 
 
 def test_a_slow_start_is_reported_but_the_run_counts_as_completed():

@@ -5,6 +5,7 @@ estimated on other data) must be found by diagnose; every bad input is one line,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from bnlab.cli import main
 from bnlab.data import load_data
 from bnlab.data.synthetic import make_synthetic
 from bnlab.infer.diagnose import diagnose
-from bnlab.infer.usermodel import load_user_model
+from bnlab.infer.usermodel import build_entry, load_user_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,3 +179,46 @@ def test_bad_user_models_are_one_line_errors(weights, tmp_path, capsys):
     assert "give a CHECKPOINT" in _error(capsys, ["diagnose"])
     assert "need --weights FILE" in _error(capsys, ["compare", "--model-entry", ENTRY,
                                                 "--dataset", "synthetic"])
+
+
+def test_a_model_file_runs_as_a_script_would(tmp_path, capsys):
+    """path/to/nets.py:make_net with a dataclass under `from __future__ import annotations`
+    (resolved through sys.modules) and imports of a sibling module, at the top and inside the
+    function: it builds, and sys.path is as it was."""
+    folder = tmp_path / "user code"
+    folder.mkdir()
+    (folder / "bnlab_sibling_blocks.py").write_text(
+        "from torch import nn\n\n\ndef block(width):\n    return nn.Linear(width, width)\n")
+    (folder / "nets.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n"
+        "from bnlab_sibling_blocks import block\n\n\n"
+        "@dataclass\nclass Spec:\n    width: int = 4\n\n\n"
+        "def make_net():\n"
+        "    import bnlab_sibling_late\n"
+        "    return nn.Sequential(block(Spec().width), bnlab_sibling_late.norm(Spec().width))\n")
+    (folder / "bnlab_sibling_late.py").write_text(
+        "from torch import nn\n\n\ndef norm(width):\n    return nn.BatchNorm1d(width)\n")
+    (folder / "spec_only.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n\n\n"
+        "@dataclass\nclass Spec:\n    width: int = 4\n\n\n"
+        "def make_net():\n    return nn.Linear(Spec().width, 2)\n")
+    before = list(sys.path)
+    try:
+        assert isinstance(build_entry(f"{folder / 'spec_only.py'}:make_net"), nn.Linear)
+        model = build_entry(f"{folder / 'nets.py'}:make_net")
+        assert [type(m) for m in model] == [nn.Linear, nn.BatchNorm1d]
+        assert sys.path == before
+        # a failing file leaves sys.path and sys.modules as they were, and says why in a line
+        (folder / "bad.py").write_text("raise ValueError('no net')\n")
+        err = _error(capsys, ["fold", "--model-entry", f"{folder / 'bad.py'}:f", "--weights",
+                              str(tmp_path / "w.pt"), "--dataset", "synthetic"])
+        assert "raised ValueError: no net" in err
+        assert sys.path == before and "bnlab_user_bad" not in sys.modules
+    finally:
+        for name in ("bnlab_sibling_blocks", "bnlab_sibling_late", "bnlab_user_nets",
+                     "bnlab_user_spec_only"):
+            sys.modules.pop(name, None)

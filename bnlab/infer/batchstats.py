@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnlab.infer.loading import norm_layers
+from bnlab.infer.loading import Loaded, norm_layers, shuffled_test_batches
 
 
 def uses_batch_statistics(layer: nn.Module) -> bool:
@@ -206,6 +206,12 @@ def adapted_copy(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module
     return with_statistics(model, precise_statistics(model, batches), "pooled")
 
 
-__all__ = ["DEFINITIONS", "LayerStats", "adapted_copy", "batch_stat_layers",
+def adapted_to_test(loaded: Loaded, max_images: int = 0) -> nn.Module:
+    """AdaBN on the clean test images: a copy of the model with the statistics of the first
+    `max_images` (0: all) test images in their fixed shuffled order."""
+    return adapted_copy(loaded.model, shuffled_test_batches(loaded, max_images=max_images))
+
+
+__all__ = ["DEFINITIONS", "LayerStats", "adapted_copy", "adapted_to_test", "batch_stat_layers",
            "batch_statistics_copy", "precise_statistics", "uses_batch_statistics",
            "with_statistics"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bnlab.config import NOT_ARM_KEYS
 from bnlab.errors import UserError
 from bnlab.infer import metrics as M
 from bnlab.infer.compare_figures import write_figures
@@ -23,24 +24,44 @@ from bnlab.infer.predictions import run_predictions, test_fingerprint
 from bnlab.infer.seeds import FORMAT, summarize
 from bnlab.store import RunDir, atomic_write_json
 
-IGNORED_KEYS = {"device", "data_dir", "download", "eval_batch_size", "workers", "probe_every",
-                "tensorboard", "seed"}
-
 
 def default_labels(loaded: list[Loaded]) -> list[str]:
-    """'key=value,...' of the config keys that differ between the bnlab runs, the seed and
-    keys without effect on the model excepted, so seeds of one configuration share a label;
-    'norm=NAME' when only seeds differ; a user's model is labelled by its weights file."""
+    """'key=value,...' of the config keys that differ between the bnlab runs, except
+    config.NOT_ARM_KEYS (the seed and options without effect on the model, the report's arms
+    leave out the same), so seeds of one configuration share a label; 'norm=NAME' when only
+    seeds differ. A user's model is labelled by its weights file (path_labels)."""
     configs = [ld.cfg.to_dict() for ld in loaded if ld.cfg is not None]
-    keys = sorted(k for k in (configs[0] if configs else {}) if k not in IGNORED_KEYS
+    keys = sorted(k for k in (configs[0] if configs else {}) if k not in NOT_ARM_KEYS
                   and len({repr(c.get(k)) for c in configs}) > 1)
+    files = iter(path_labels([ld.path for ld in loaded if ld.cfg is None]))
     out = []
     for ld in loaded:
         if ld.cfg is None:
-            out.append(ld.path.stem)
+            out.append(next(files))
         else:
             c = ld.cfg.to_dict()
             out.append(",".join(f"{k}={c.get(k)}" for k in keys) or f"norm={ld.cfg.norm}")
+    return out
+
+
+def path_labels(paths: list[Path]) -> list[str]:
+    """Each file's name without its extension, with as many of its parent folders as it takes
+    to tell it from every other file given (bn/model.pt and nobn/model.pt: 'bn/model',
+    'nobn/model'): equal labels make one arm, so two files must never share one by accident.
+    The same file given twice keeps one label."""
+    def suffix(p: Path, k: int) -> str:
+        return "/".join((*p.parts[:-1], p.stem)[-k:])
+
+    out = []
+    for p in paths:
+        others = [q for q in paths if q.resolve() != p.resolve()]
+        for k in range(1, len(p.parts) + 1):
+            label = suffix(p, k)
+            if all(suffix(q, k) != label for q in others):
+                break
+        else:  # the paths differ only in the extension or above the shorter one's root
+            label = str(p)
+        out.append(label)
     return out
 
 

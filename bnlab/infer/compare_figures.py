@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from bnlab.infer.seeds import mean_sd
 from bnlab.store import atomic_write_bytes
 
 FIGURES = ("reliability.png", "confidence.png", "corruptions.png")
@@ -43,13 +44,6 @@ def _runs_of(result: dict, arm: dict) -> list[dict]:
     return [r for r in result["runs"] if r["run_id"] in ids and r["arm"] == arm["label"]]
 
 
-def _ms(s: dict | None, digits: int = 3) -> str:
-    if not s or s.get("mean") is None:
-        return "–"
-    sd = s.get("sd")
-    return f"{s['mean']:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
-
-
 def write_figures(result: dict, out_dir: Path) -> list[str]:
     arms = result["arms"]
     written = []
@@ -63,7 +57,7 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
         acc = [a if a is not None else 0.0 for a in r["acc"]]
         ax.bar(centers, acc, width=w, edgecolor="black", linewidth=0.5, label="accuracy")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
-        ax.set(title=f"{_wrap(arm['label'])}\nECE {_ms(arm['ece'])} (n = {arm['n']})",
+        ax.set(title=f"{_wrap(arm['label'])}\nECE {mean_sd(arm['ece'], digits=3)} (n = {arm['n']})",
                xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
     axes[0][0].set_ylabel("accuracy (all seeds pooled)")
     axes[0][0].legend(loc="upper left", fontsize=7)

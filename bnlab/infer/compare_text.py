@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from bnlab.console import format_table
+from bnlab.infer.seeds import mean_sd
 
 
 def _ms(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:
-    """mean ± sd of a spread; the mean alone for n = 1; '-' without values."""
-    if not s or s.get("mean") is None:
-        return "-"
-    text = f"{scale * s['mean']:.{digits}f}"
-    return text + (f" ± {scale * s['sd']:.{digits}f}" if s.get("sd") is not None else "")
+    return mean_sd(s, scale, digits, missing="-")  # plain ASCII in the terminal's tables
 
 
 def arms_table(result: dict) -> str:

@@ -8,7 +8,8 @@ What is measured (each only where the model's norm layers make it meaningful):
   model's running statistics are never modified (a copy runs).
 * accuracy vs inference batch size in train mode, on the test set in one fixed shuffled order
   (seed 0; the stored order may be sorted by class, which would make each batch one class).
-  A trailing batch of a single image is merged into the previous batch. At batch size 1 the
+  A trailing batch of a single image is merged into the previous batch; a batch size above the
+  number of test images n runs, and is reported, as one batch of n. At batch size 1 the
   batch statistics of a conv layer are those of one image (over its H x W positions: instance
   normalization); on a 1x1 map or after a linear layer there is one value per channel and its
   variance is 0: reported as not measurable.
@@ -29,7 +30,7 @@ from torch import nn
 
 from bnlab.infer.batchstats import (
     LayerStats,
-    adapted_copy,
+    adapted_to_test,
     batch_stat_layers,
     batch_statistics_copy,
     precise_statistics,
@@ -40,7 +41,7 @@ from bnlab.infer.loading import (
     EVAL_BATCH,
     Loaded,
     norm_layers,
-    shuffled_test_loader,
+    shuffled_order,
     test_loader,
     train_loader,
 )
@@ -60,7 +61,7 @@ def _test_tensors(loaded: Loaded, limit: int = 0) -> tuple[torch.Tensor, torch.T
     says otherwise, since they are held in memory as float tensors here.
     """
     bundle = loaded.bundle
-    order = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(0))
+    order = shuffled_order(len(bundle.test))  # the order of shuffled_test_loader
     if bundle.streamed:
         order = order[: limit or STREAMED_TEST_LIMIT]
         sub = torch.utils.data.Subset(bundle.test, order.tolist())
@@ -76,6 +77,13 @@ def _test_tensors(loaded: Loaded, limit: int = 0) -> tuple[torch.Tensor, torch.T
     if limit:
         order = order[:limit]
     return x[order], y[order]
+
+
+def effective_batch_sizes(batch_sizes, n: int) -> tuple[list[int], list[int]]:
+    """The batch sizes that run on n test images, each once, and the requested ones above n:
+    those run as one batch of n, and are reported as n, since that is what was measured."""
+    sizes = list(dict.fromkeys(min(int(b), n) for b in batch_sizes))
+    return sizes, [int(b) for b in batch_sizes if int(b) > n]
 
 
 def _batches(n: int, b: int) -> list[tuple[int, int]]:
@@ -152,18 +160,6 @@ def sanity(model: nn.Module) -> list[dict]:
     return out
 
 
-def _shuffled_test_batches(loaded: Loaded, max_images: int):
-    done = 0
-    for x, _ in shuffled_test_loader(loaded).epoch(0):
-        if max_images and done + len(x) > max_images:
-            x = x[: max_images - done]
-        if len(x) > 1:
-            yield x
-        done += len(x)
-        if max_images and done >= max_images:
-            return
-
-
 def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRECISE_BATCHES,
              max_images: int = 0, log=print) -> dict:
     """All diagnostics of one loaded model, as a dict (see the module docstring)."""
@@ -193,7 +189,14 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
         return res
     tm, _ = batch_statistics_copy(model)
     res["train_mode_acc"] = {}
-    for b in batch_sizes:
+    sizes, larger = effective_batch_sizes(batch_sizes, len(y))
+    if larger:
+        many = len(larger) > 1
+        res["batch_size_note"] = (f"batch size{'s' if many else ''} "
+                                  f"{', '.join(str(b) for b in larger)} "
+                                  f"{'are' if many else 'is'} larger than the {len(y)} test "
+                                  f"images: measured as one batch of {len(y)}")
+    for b in sizes:
         try:
             res["train_mode_acc"][str(b)] = batch_accuracy(tm, x, y, b)
         except ValueError as e:
@@ -214,10 +217,10 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
                           "ranking": [g["layer"] for g in sorted(gaps, key=lambda g:
                                                                  -g["kl_mean"])]}
     limit = max_images or (STREAMED_TEST_LIMIT if loaded.bundle.streamed else 0)
-    res["test_stats_acc"] = batch_accuracy(
-        adapted_copy(model, _shuffled_test_batches(loaded, limit)), x, y, EVAL_BATCH)
+    res["test_stats_acc"] = batch_accuracy(adapted_to_test(loaded, limit), x, y, EVAL_BATCH)
     res["answer"] = answer(res)
     return res
 
 
-__all__ = ["diagnose", "format_diagnose", "precise_statistics", "sanity", "stat_gap"]
+__all__ = ["diagnose", "effective_batch_sizes", "format_diagnose", "precise_statistics",
+           "sanity", "stat_gap"]

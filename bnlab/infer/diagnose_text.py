@@ -106,6 +106,8 @@ def format_diagnose(res: dict) -> str:
             rows.append([b, "n/a" if a is None else f"{a:.4f}",
                          f"not measurable: {note}" if note else ""])
         lines.append(format_table(["batch", "accuracy", "note"], rows))
+        if res.get("batch_size_note"):
+            lines.append(f"  ({res['batch_size_note']})")
     if "precise_acc" in res:
         p = res["precise"]
         lines.append(f"PreciseBN ({p['batches']} training batches of {p['batch_size']}): eval "

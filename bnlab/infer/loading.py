@@ -136,15 +136,36 @@ def train_loader(loaded: Loaded, batch_size: int | None = None):
                        augment, seed, 0)
 
 
+def shuffled_order(n: int, seed: int = 0) -> torch.Tensor:
+    """The fixed random order in which the analyses read a test set of n images."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def shuffled_test_loader(loaded: Loaded, batch_size: int = EVAL_BATCH, seed: int = 0):
     """The test set in one fixed random order (stored test sets may be sorted by class, and
     a batch of one class has other statistics than the data)."""
     bundle = loaded.bundle
-    order = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(seed))
+    order = shuffled_order(len(bundle.test), seed)
     test = bundle.test.subset(order) if isinstance(bundle.test, Split) else \
         torch.utils.data.Subset(bundle.test, order.tolist())
     return make_loader(replace(bundle, test=test), False, batch_size, loaded.device, False, 0,
                        0 if isinstance(bundle.test, Split) else min(4, loaded.workers))
+
+
+def shuffled_test_batches(loaded: Loaded, batch_size: int = EVAL_BATCH, max_images: int = 0,
+                          transform=None):
+    """Images of shuffled_test_loader (the first `max_images`, 0: all), each batch through
+    `transform` when given, for estimating batch statistics: a batch of a single image is
+    left out, since after a linear layer or on a 1x1 map it holds one value per channel."""
+    done = 0
+    for x, _ in shuffled_test_loader(loaded, batch_size).epoch(0):
+        if max_images and done + len(x) > max_images:
+            x = x[: max_images - done]
+        if len(x) > 1:
+            yield x if transform is None else transform(x)
+        done += len(x)
+        if max_images and done >= max_images:
+            return
 
 
 @torch.no_grad()

@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 
 from bnlab.infer import metrics as M
-from bnlab.infer.batchstats import adapted_copy, batch_stat_layers
+from bnlab.infer.batchstats import adapted_copy, adapted_to_test, batch_stat_layers
 from bnlab.infer.corrupt import CORRUPTIONS, NOISE_SEED, SEVERITIES, corrupt, noise_generator
 from bnlab.infer.loading import (
     EVAL_BATCH,
     Loaded,
     from_unit,
     predict,
+    shuffled_test_batches,
     shuffled_test_loader,
     test_loader,
     to_unit,
@@ -68,13 +69,6 @@ def _corrupter(loaded: Loaded, name: str, severity: int) -> Callable:
     return tf
 
 
-def _corrupted_batches(loaded: Loaded, name: str, severity: int, batch_size: int):
-    tf = _corrupter(loaded, name, severity)
-    for x, _ in shuffled_test_loader(loaded, batch_size).epoch(0):
-        if len(x) > 1:  # a trailing single image may hold one value per channel
-            yield tf(x)
-
-
 def corruption_accuracy(loaded: Loaded, adabn: bool = False, batch_size: int = EVAL_BATCH,
                         log=print) -> dict[str, list[float]]:
     """Accuracy at severities 1..5 of each corruption, on the test set in its fixed shuffled
@@ -86,7 +80,8 @@ def corruption_accuracy(loaded: Loaded, adabn: bool = False, batch_size: int = E
         for s in range(1, SEVERITIES + 1):
             model = loaded.model
             if adabn:
-                model = adapted_copy(model, _corrupted_batches(loaded, name, s, batch_size))
+                model = adapted_copy(model, shuffled_test_batches(
+                    loaded, batch_size, transform=_corrupter(loaded, name, s)))
             logits, y = predict(model, shuffled_test_loader(loaded, batch_size),
                                 _corrupter(loaded, name, s))
             accs.append(M.accuracy(logits, y))
@@ -139,9 +134,8 @@ def run_predictions(loaded: Loaded, corruptions: bool = True, fingerprint: tuple
     if corruptions:
         out["corruption_acc"] = corruption_accuracy(loaded, log=log)
         if layers:
-            clean = adapted_copy(loaded.model, (x for x, _ in shuffled_test_loader(loaded)
-                                                .epoch(0) if len(x) > 1))
-            out["adabn_clean_acc"] = M.accuracy(*predict(clean, test_loader(loaded)))
+            out["adabn_clean_acc"] = M.accuracy(*predict(adapted_to_test(loaded),
+                                                         test_loader(loaded)))
             out["adabn_acc"] = corruption_accuracy(loaded, adabn=True, log=log)
     if cache is not None:
         keep = logits.numel() <= CACHE_LOGITS_MAX

@@ -32,6 +32,16 @@ def spread(values: Sequence[float | None]) -> dict:
     return {"mean": mean, "sd": sd, "n": n}
 
 
+def mean_sd(s: dict | None, scale: float = 1.0, digits: int = 4, missing: str = "–") -> str:
+    """A spread (or any {"mean", "sd"}) as 'mean ± sd', the mean alone without an sd (n = 1),
+    `missing` without a mean: the one way the terminal, the figures and the report write it."""
+    if not isinstance(s, dict) or not isinstance(s.get("mean"), int | float):
+        return missing
+    sd = s.get("sd")
+    text = f"{scale * s['mean']:.{digits}f}"
+    return text + (f" ± {scale * sd:.{digits}f}" if isinstance(sd, int | float) else "")
+
+
 def _mean(values: Sequence[float]) -> float | None:
     vals = [v for v in values if isinstance(v, int | float)]
     return math.fsum(vals) / len(vals) if vals else None
@@ -152,5 +162,5 @@ def upgrade(compare: dict) -> dict:
     return out
 
 
-__all__ = ["FORMAT", "PAIR_FIELDS", "agreement_rows", "arm_summaries", "pair_fractions",
-           "spread", "summarize", "upgrade"]
+__all__ = ["FORMAT", "PAIR_FIELDS", "agreement_rows", "arm_summaries", "mean_sd",
+           "pair_fractions", "spread", "summarize", "upgrade"]

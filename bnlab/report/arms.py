@@ -59,6 +59,11 @@ class Arm:
     counts: Counter = field(init=False)
     selected: bool = True
     group_size: int = 1
+    pool_size: int = 1  # values of the group the choice was made among (see _select)
+    pool_stable: bool = True  # the pool excluded the values with a diverged or failed run
+    # values with a higher mean on the selection split that were not eligible (a run of theirs
+    # diverged or failed): a finding names them so "highest" is not read as over all values
+    passed_over: list[Arm] = field(default_factory=list)
     no_result_in_group: bool = False
     is_baseline: bool = False
     baseline: Arm | None = None
@@ -83,16 +88,15 @@ class Arm:
 
     def _text(self, keep) -> str:
         named = dict(self.key) if self.label_axes is None else self.label_axes
-        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key
-                         if a in named and keep(a))
+        return key_text(self.key, [a for a in named if keep(a)])
 
     @property
     def label(self) -> str:
-        return self._text(lambda a: True) or "all runs"
+        return key_label(self.key, self.label_axes)
 
     @property
     def full_label(self) -> str:
-        return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in self.key) or "all runs"
+        return key_label(self.key, None)
 
     @property
     def group_label(self) -> str:
@@ -144,16 +148,31 @@ def build_arms(study: Study) -> list[Arm]:
     return sorted(arms, key=lambda a: (order[a.dataset], not a.is_baseline))
 
 
+def key_text(key: tuple[tuple[str, str], ...], named) -> str:
+    return ", ".join(f"{a}={fmt_value(json.loads(v))}" for a, v in key if a in named)
+
+
+def key_label(key: tuple[tuple[str, str], ...], named: tuple[str, ...] | None) -> str:
+    """An arm's label: its values of the `named` axes (None: all), "all runs" for none."""
+    return key_text(key, dict(key) if named is None else named) or "all runs"
+
+
 def label_axes(arms: list[Arm], axes: list[str], keep: list[str]) -> tuple[str, ...]:
     """The axes that labels name: an axis is left out when its value follows from the axes
     before it (like an lr that a case sets for norm=none; the runner lists grid axes first).
     `keep` axes are always named."""
+    return named_axes([(a.dataset, a.key) for a in arms], axes, keep)
+
+
+def named_axes(keys: list[tuple[str, tuple]], axes: list[str],
+               keep: list[str]) -> tuple[str, ...]:
+    """label_axes of arms given as (dataset, key): for exports, which have no Arm objects."""
     named = []
     for i, ax in enumerate(axes):
         seen: dict[tuple, set] = {}
-        for a in arms:
-            k = dict(a.key)
-            seen.setdefault((a.dataset, *(k.get(x) for x in axes[:i])), set()).add(k.get(ax))
+        for dataset, key in keys:
+            k = dict(key)
+            seen.setdefault((dataset, *(k.get(x) for x in axes[:i])), set()).add(k.get(ax))
         if ax in keep or i == 0 or any(len(v) > 1 for v in seen.values()):
             named.append(ax)
     return tuple(named)
@@ -174,10 +193,14 @@ def _select(arms: list[Arm], select_axes: list[str], on: str = "test") -> None:
         for a in members:
             a.selected = a is best
             a.group_size = len(members)
+            a.pool_size = len(pool)
+            a.pool_stable = bool(stable)
             a.no_result_in_group = not pool
             a.tried = {ax: [m.value(ax) for m in members] for ax in select_axes}
         if pool and len(members) > 1:
             best.edges = _edges(best, select_axes)
+            best.passed_over = [a for a in with_result if a not in pool
+                                and score(a).mean > score(best).mean]
 
 
 def _edges(best: Arm, select_axes: list[str]) -> list[Edge]:

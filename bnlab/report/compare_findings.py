@@ -45,12 +45,46 @@ def _ece(compare: dict, tables: list[Table], on: str) -> list[str]:
             f"({ms(a['ece'], 1.0, 4)}; {_over(a['ece'])}) {_cite(tables[0], i)}."]
 
 
-def _baseline(label: str, row: dict | None) -> tuple[str, float | None]:
+def _baseline(label: str, row: dict | None) -> tuple[str, dict | None]:
     if row is None or not row.get("pairs"):
         return f"{label} has one run", None
     k = row["pairs"]
+    known = row["agreement"] if _number(row.get("agreement")) is not None else None
     return (f"two runs of {label} agree on {ms(row['agreement'])}% "
-            f"({k} pair{'s' if k != 1 else ''})", _number(row.get("agreement")))
+            f"({k} pair{'s' if k != 1 else ''})", known)
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _against_seeds(agree: float, within: list[tuple[str, dict]]) -> str:
+    """The mean between-arm agreement against the mean within-arm agreement of each arm that
+    has one. Only a gap larger than that arm's sd over its pairs of seeds is called "less than
+    seeds agree": a smaller one lies inside the seed-to-seed variation."""
+    parts, firm, loose = [], [], []
+    for label, w in within:
+        gap, sd = w["mean"] - agree, w.get("sd")
+        side = "below" if gap > 0 else "above" if gap < 0 else "equal to"
+        spread = (f"sd over its pairs {_points(sd)}" if isinstance(sd, int | float)
+                  else "one pair: no sd")
+        amount = f"{_points(abs(gap))} points {side}" if gap else side
+        parts.append(f"{amount} the mean within {label} ({spread})")
+        if gap > 0 and isinstance(sd, int | float) and gap > sd:
+            firm.append(label)
+        elif gap > 0:
+            loose.append(label)
+    text = "; the mean agreement between the arms is " + ", and ".join(parts)
+    if firm and not loose:
+        return text + (": the arms agree less than seeds of "
+                       + ("either arm do" if len(firm) == 2 else "that arm do"))
+    if firm:
+        return text + (f": the arms agree less than seeds of {firm[0]} do; below {loose[0]} "
+                       "the gap is within its seed-to-seed variation")
+    if loose:
+        return text + (": no gap exceeds the seed-to-seed sd, so this does not show that the "
+                       "arms agree less than seeds do")
+    return text + ": the arms agree no less than seeds of one arm do"
 
 
 def _agreement(compare: dict, tables: list[Table], on: str) -> list[str]:
@@ -77,20 +111,13 @@ def _agreement(compare: dict, tables: list[Table], on: str) -> list[str]:
         ib, wb = within.get(b, (None, None))
         base = [_baseline(a, wa), _baseline(b, wb)]
         cited = [i] + [j for j, w in ((ia, wa), (ib, wb)) if w is not None and w.get("pairs")]
-        known = [v for _, v in base if v is not None]
+        known = [(label, w) for label, (_, w) in zip((a, b), base) if w is not None]
         if not known:
             text += (". Each arm has one run (n = 1), so there is no seed-to-seed agreement "
                      "to read this against")
         else:
             text += ". Within an arm, " + ", and ".join(t for t, _ in base)
-            below = sum(agree < v for v in known)
-            if below == len(known):
-                text += ("; the arms agree less than seeds of "
-                         + ("either arm do" if len(known) == 2 else "that arm do"))
-            elif below == 0:
-                text += "; the arms agree no less than seeds of one arm do"
-            else:
-                text += "; the arms agree less than seeds of one arm but not of the other"
+            text += _against_seeds(agree, known)
         out.append(f"{text} {_cite(table, *cited)}.")
     return out
 

@@ -133,8 +133,12 @@ def _selection_sentences(arms: list[Arm], summary: Table, selection: Table,
             continue
         chosen = a.val_stats if on_val else a.stats
         text = (f"On {a.dataset}, for {a.group_label}, {a.selection_label} gave the highest "
-                f"mean final {split} accuracy among {a.group_size} values "
-                f"({fmt.pct(chosen.mean)}%) {where}; ")
+                f"mean final {split} accuracy {_among(a)} ({fmt.pct(chosen.mean)}%) {where}; ")
+        for m in a.passed_over:
+            score = m.val_stats if on_val else m.stats
+            text += (f"{m.selection_label} had a higher one ({fmt.pct(score.mean)}%, "
+                     f"n = {score.n}) but was not eligible: {_unstable(m)} "
+                     f"{cite(selection, m.selection_row)}; ")
         if on_val:
             text += (f"its test accuracy, {fmt.pct(a.stats.mean)}%, is not biased by the "
                      "choice (the validation images are held out from the training set).")
@@ -157,6 +161,24 @@ def _selection_sentences(arms: list[Arm], summary: Table, selection: Table,
                        f" only; {_listing([a.label for a in fixed])} ran a single value "
                        f"{cite(summary, *(a.row for a in fixed))}.")
     return out
+
+
+def _among(a: Arm) -> str:
+    """Which values of its group the selected arm was chosen among (arms._select): all of
+    them, or those with a finished run and none diverged or failed."""
+    if a.pool_size == a.group_size:
+        return f"among {a.group_size} values"
+    which = ("with a finished run and none diverged or failed" if a.pool_stable else
+             "with a finished run, each of which had a run diverge or fail")
+    if a.pool_size == 1:
+        return f"as the only one of the {a.group_size} values {which}"
+    return f"among the {a.pool_size} values (of {a.group_size}) {which}"
+
+
+def _unstable(a: Arm) -> str:
+    total = len(a.runs)
+    parts = [f"{a.count(s)} {s}" for s in ("diverged", "failed") if a.count(s)]
+    return f"of its {total} run{'s' if total != 1 else ''}, {' and '.join(parts)}"
 
 
 def _listing(items: list[str]) -> str:

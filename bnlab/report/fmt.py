@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bnlab.infer.seeds import mean_sd
 from bnlab.report.stats import ALPHA, Summary
 
 DASH = "–"
@@ -20,11 +21,7 @@ def points(x: float | None, digits: int = 2, sign: bool = True) -> str:
 
 
 def mean_std(s: Summary, scale: float = 100.0, digits: int = 2) -> str:
-    if s.mean is None:
-        return DASH
-    if s.std is None:
-        return f"{scale * s.mean:.{digits}f}"
-    return f"{scale * s.mean:.{digits}f} ± {scale * s.std:.{digits}f}"
+    return mean_sd({"mean": s.mean, "sd": s.std}, scale, digits, DASH)
 
 
 def interval(lo: float | None, hi: float | None, scale: float = 100.0, digits: int = 2,

@@ -4,8 +4,9 @@ Nothing here computes a statistic; it only gathers what the runner and the analy
 decides for every run which arm it belongs to:
 
     dataset  the study's dataset name for the run (values["dataset"], else the config's)
-    arm      the run's values of every varying axis except NOT_ARM_AXES (`seed`, `dataset`, and
-             options such as `probe_every` that leave a run's result unchanged)
+    arm      the run's values of every varying axis except NOT_ARM_AXES (`dataset`, and
+             config.NOT_ARM_KEYS: `seed` and options such as `probe_every` or `compile` that
+             leave a run's result unchanged)
     status   summary.json's status; "missing" when the run folder has no config.json yet
 """
 
@@ -17,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import NOT_IN_ID, dataset_tag
+from bnlab.config import NOT_ARM_KEYS, dataset_tag
 from bnlab.errors import StorageError, UserError
 from bnlab.store import Store, warn
 
-# axes that never make an arm: repetitions (seed), the dataset (arms are per dataset), and
-# options that do not change what a run computes (where and how fast it runs, and the probes,
-# which leave the trajectory unchanged)
-NOT_ARM_AXES = ("seed", "dataset", "probe_every", "probe_step_sizes", *sorted(NOT_IN_ID))
+# axes that never make an arm: config.NOT_ARM_KEYS, and the dataset (arms are per dataset)
+NOT_ARM_AXES = frozenset({"dataset", *NOT_ARM_KEYS})
 DEFAULT_BASELINE = {"norm": "bn"}
 STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "missing")
 
@@ -158,6 +157,21 @@ class Study:
         return list(dict.fromkeys(r.dataset for r in self.runs))
 
 
+def arm_key(values: dict, config: dict | None, arm_axes: list[str]) -> tuple:
+    """A run's arm: its value of every arm axis, the study's value, else its config's."""
+    return tuple((a, canon(values[a] if a in values else (config or {}).get(a)))
+                 for a in arm_axes)
+
+
+def run_dataset(values: dict, config: dict | None, base_dataset: str | None) -> str:
+    """The study's name for a run's dataset: its value, else its config's, else the base's."""
+    if "dataset" in values:
+        return dataset_tag(str(values["dataset"]))
+    if config is not None:
+        return dataset_tag(str(config["dataset"]))
+    return str(base_dataset or "unknown")
+
+
 def load_study(out_dir: str | Path) -> Study:
     root = Path(out_dir)
     if not (root / "study.json").is_file():
@@ -176,7 +190,7 @@ def load_study(out_dir: str | Path) -> Study:
         runs.append(_load_run(store, entry, base_dataset))
     arm_axes = [a for a in axes if a not in NOT_ARM_AXES]
     for r in runs:
-        r.arm = tuple((a, canon(r.value(a))) for a in arm_axes)
+        r.arm = arm_key(r.values, r.config, arm_axes)
     comparisons = _comparisons(store, runs)
     return Study(root=root, name=str(meta.get("name", root.name)),
                  description=str(meta.get("description", "")), spec=spec,
@@ -227,12 +241,7 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
         status = "missing"
     else:
         status = str(summary.get("status", "running"))
-    if "dataset" in values:
-        dataset = dataset_tag(str(values["dataset"]))
-    elif config is not None:
-        dataset = dataset_tag(str(config["dataset"]))
-    else:
-        dataset = str(base_dataset or "unknown")
+    dataset = run_dataset(values, config, base_dataset)
     seed = values.get("seed", (config or {}).get("seed"))
     return Run(run_id=run_id, values=values, dataset=dataset, seed=seed, status=status,
                config=config, env=(stored or {}).get("env"), data=(stored or {}).get("data"),

@@ -2,8 +2,10 @@
 DataFrames of the Python API (bnlab.load_runs, load_metrics, load_probes).
 
 Every record starts with the run's identity: `run_id`, and for a study folder (one with
-study.json) `arm` (the values of every varying axis except seed and dataset, as the report
-labels them, e.g. "norm=bn, lr=0.1"; "all runs" when only seeds vary), `dataset` (the study's
+study.json) `arm` (the arm's label exactly as the report and compare.json give it: the values
+of the varying axes except seed, dataset and options that never make an arm, leaving out an
+axis whose value follows from the axes before it, e.g. "norm=bn, lr=0.1"; "all runs" when
+only seeds vary), `dataset` (the study's
 name for it), `seed` and the value of every other axis; for a plain folder of `bnlab train`
 runs, `dataset`, `model`, `norm` and `seed` from each run's config.
 
@@ -25,7 +27,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bnlab.report.load import NOT_ARM_AXES, fmt_value
+from bnlab.report.arms import key_label, named_axes
+from bnlab.report.load import NOT_ARM_AXES, arm_key, run_dataset
 from bnlab.store import RunDir, Store, open_store
 
 RESULTS = ("status", "epochs_done", "test_acc", "test_loss", "train_acc", "train_loss",
@@ -49,14 +52,27 @@ def _identities(store: Store) -> list[tuple[RunDir, dict[str, Any]]]:
     if isinstance(meta, dict) and isinstance(meta.get("runs"), list):
         axes = list(meta.get("axes") or [])
         arm_axes = [a for a in axes if a not in NOT_ARM_AXES]
-        out = []
+        base_dataset = ((meta.get("spec") or {}).get("base") or {}).get("dataset")
+        runs = []
         for entry in meta["runs"]:
             values = dict(entry.get("values") or {})
             run = store.run(entry["run_id"])
+            # the config only where study.json lacks a value (as load.Run.value reads it)
+            need = any(a not in values for a in ("seed", "dataset", *arm_axes))
+            config = (run.config or {}) if need and run.exists() else {}
+            key = (run_dataset(values, config or None, base_dataset),
+                   arm_key(values, config, arm_axes))
             if "seed" not in values:  # a study whose runs share one seed
-                values["seed"] = (run.config or {}).get("seed") if run.exists() else None
-            label = ", ".join(f"{a}={fmt_value(values.get(a))}" for a in arm_axes)
-            ident = {"run_id": entry["run_id"], "arm": label or "all runs",
+                values["seed"] = config.get("seed")
+            runs.append((entry["run_id"], run, values, key))
+        # the report's labels (load.Study.select_best, arms.label_axes), so that `arm` joins
+        # with the arms of the report's tables and of compare.json
+        analysis = meta.get("analysis") or (meta.get("spec") or {}).get("analysis") or {}
+        keep = [a for a in analysis.get("select_best", []) if a in arm_axes]
+        named = named_axes([key for *_, key in runs], arm_axes, keep)
+        out = []
+        for run_id, run, values, (_, key) in runs:
+            ident = {"run_id": run_id, "arm": key_label(key, named),
                      "dataset": values.get("dataset"), "seed": values["seed"]}
             ident.update({a: values.get(a) for a in axes if a not in ident})
             out.append((run, ident))
