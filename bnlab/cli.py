@@ -326,7 +326,7 @@ def cmd_study(args) -> int:
         return 0
     if args.study_command == "run":
         from bnlab.report.analysis import compare_selected  # lazy
-        from bnlab.study.runner import run_study  # lazy
+        from bnlab.study.runner import run_study, unfinished  # lazy
 
         sp = specs.load_spec(args.spec)
         sets = specs.parse_assignments(args.set, "--set")
@@ -343,7 +343,7 @@ def cmd_study(args) -> int:
         compare_selected(out)
         print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
               + f" -> {out} (next: bnlab study report {out})")
-        return 1 if counts.get("failed") else 0
+        return 1 if unfinished(counts) else 0
     out = status.resolve_out(args.target, args.out)
     if args.study_command == "status":
         if args.format == "table":

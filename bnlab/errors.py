@@ -1,5 +1,6 @@
-"""The exception types for what a user can fix: a bad value (UserError) and a file-system fault
-at a path (StorageError, a kind of UserError).
+"""The exception types for what a user can fix: a bad value (UserError), a file-system fault
+at a path (StorageError) and a run folder trained on other data (DataMismatch), both kinds of
+UserError.
 
 The command line turns a UserError into a single line on stderr and exit code 2; everything else
 is a bug or an environment failure and keeps its traceback.
@@ -19,6 +20,12 @@ class StorageError(UserError):
     """A file-system fault at a path bnlab reads or writes: disk full, read-only, no
     permission, a file where a folder should be. Not a fault of one run: a study stops on it
     (the next run would meet the same disk) instead of recording runs as failed."""
+
+
+class DataMismatch(UserError):
+    """A run folder holds a run trained on other data than the data read now under the same
+    dataset name. Not a fault of one run either: a study stops on it (its other runs read the
+    same data) instead of recording the run as failed."""
 
 
 _HINTS = {

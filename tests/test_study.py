@@ -483,3 +483,86 @@ def cli_text(argv) -> str:
     with contextlib.redirect_stdout(buf):
         assert cli.main(argv) == 0
     return buf.getvalue()
+
+
+def test_a_retried_run_that_fails_again_records_its_new_failure(tmp_path):
+    """Two attempts failing for different reasons before training starts (its data): the
+    stored failure is the second one's."""
+    data = tmp_path / "mnist"
+    cfg = RunConfig(dataset="mnist", data_dir=str(data), model="mlp3x100", epochs=1,
+                    device="cpu")
+    first = run_one(cfg, tmp_path / "out", log=lambda s: None)
+    assert first["status"] == "failed" and "does not exist" in first["error"]
+    data.write_text("")  # a file where the data folder should be
+    second = run_one(cfg, tmp_path / "out", log=lambda s: None)
+    assert second["status"] == "failed" and "is a file, not a folder" in second["error"]
+    store = Store(tmp_path / "out")
+    run = store.run(cfg.run_id())
+    assert run.summary == second
+    assert "is a file, not a folder" in (run.path / "error.txt").read_text()
+    assert len(store.attempts()[cfg.run_id()]) == 2
+
+
+def test_a_run_left_unfinished_makes_the_study_exit_1(tmp_path, capsys, monkeypatch):
+    """Exit 0 means every run ended with a result: a run that a lost worker left interrupted
+    (here: stopped after epoch 1 and returned) gives exit 1, as a failed one does."""
+    import bnlab.study.worker as worker
+
+    real = worker.train_run
+
+    def lose_one(cfg, out, **kw):
+        if not (cfg.norm == "none" and cfg.seed == 1):
+            return real(cfg, out, **kw)
+
+        def stop(line):
+            if "epoch 1/2" in line:  # logged once epoch 1 is stored
+                raise KeyboardInterrupt
+        try:
+            real(cfg, out, **{**kw, "log": stop})
+        except KeyboardInterrupt:
+            pass
+        return Store(out).run(cfg.run_id()).summary
+
+    monkeypatch.setattr(worker, "train_run", lose_one)
+    spec, out = write(tmp_path, TINY), tmp_path / "out"
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 1, stdout
+    ids = [r["run_id"] for r in json.loads((out / "study.json").read_text())["runs"]]
+    statuses = sorted(r["status"] for r in status_rows(Store(out), ids))
+    assert statuses.count("interrupted") == 1 and sum(s in FINAL for s in statuses) == 3
+    monkeypatch.setattr(worker, "train_run", real)
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0 and "3 already finished, 1 to run" in stdout
+
+
+def test_lost_cluster_jobs_are_recorded_and_the_study_exits_1(tmp_path, capsys, monkeypatch):
+    """A job that died without a result is recorded as its run's failure (SlurmExecutor.wait);
+    jobs lost without the executor knowing leave their runs pending: exit 1 either way."""
+    from bnlab.study.executors import SlurmExecutor
+
+    class Lost:
+        job_id = "4242_1"
+
+        def results(self):
+            raise RuntimeError("Job 4242_1 was cancelled\n(preempted)")
+
+    class Done:
+        job_id = "4242_0"
+
+        def results(self):
+            return [{"run_id": "x", "status": "completed"}]
+
+    cfgs = [RunConfig(dataset="synthetic", model="mlp3x100", seed=s, device="cpu")
+            for s in (0, 1)]
+    got = SlurmExecutor.wait([Done(), Lost()], lambda s: None, cfgs, tmp_path)
+    assert got[0] == {"run_id": "x", "status": "completed"}
+    run = Store(tmp_path).run(cfgs[1].run_id())
+    assert got[1] == run.summary and run.summary["status"] == "failed"
+    assert run.summary["error"] == "RuntimeError: job 4242_1 died: Job 4242_1 was cancelled " \
+                                   "(preempted)"
+    assert not Store(tmp_path).run(cfgs[0].run_id()).exists()
+
+    monkeypatch.setattr(SlurmExecutor, "run", lambda self, cfgs, out, log: [])
+    spec, out = write(tmp_path, TINY), tmp_path / "out"
+    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out, "--executor", "node")
+    assert rc == 1 and "4 pending" in stdout

@@ -94,3 +94,31 @@ def test_tensorboard_no_longer_needs_probes_and_is_not_in_the_run_id():
     cfg = from_mapping(dict(BASE, tensorboard=True))
     assert cfg.probe_every == 0
     assert cfg.run_id() == dataclasses.replace(cfg, tensorboard=False).run_id()
+
+
+def test_a_run_starting_from_scratch_hides_what_a_killed_attempt_wrote(tmp_path):
+    """An attempt killed during epoch 1 leaves probe events (and, killed between its event and
+    its checkpoint, an epoch scalar) but no checkpoint: the run starts again at step 0 and
+    each step shows once, with this attempt's value."""
+    cfg = from_mapping(dict(BASE, epochs=2, probe_every=2))
+    folder = event_dir(tmp_path, cfg)
+    stale = summary_writer(folder)
+    stale.add_scalar("metrics/test_acc", 99.0, 1)
+    stale.close()
+    stale = summary_writer(folder / "probes")
+    for step in (0, 2):
+        stale.add_scalar("loss_variation_abs/model", 99.0, step)
+    stale.close()
+    # TensorBoard reads a folder's event files in name order, and names written in the same
+    # second by one process can sort either way (a counter as text: "9" > "10"): named as
+    # the earlier files they stand for
+    for f in [*folder.glob("events.*"), *(folder / "probes").glob("events.*")]:
+        f.rename(f.with_name("events.out.tfevents.0000000001.killed"))
+    train_run(cfg, tmp_path, log=lambda m: None)
+    run = Store(tmp_path).run(cfg.run_id())
+    assert scalars(folder, "metrics/test_acc") == \
+        [(m["epoch"], pytest.approx(m["test_acc"], rel=1e-6)) for m in run.metrics()]
+    probes = [(r["step"], pytest.approx(r["value"], rel=1e-6))
+              for r in run.read_rows("probes.jsonl") if r["metric"] == "loss_variation_abs"]
+    assert [step for step, _ in probes][:2] == [0, 2]  # the stale steps are real steps too
+    assert scalars(folder / "probes", "loss_variation_abs/model") == probes

@@ -203,3 +203,22 @@ def test_validation_split_is_evaluated_every_epoch_and_kept_out_of_training(tmp_
     digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
     assert tiny().run_id().endswith(digest)
     assert dataclasses.replace(tiny(), val_fraction=0.1).run_id() != tiny().run_id()
+
+
+def test_a_failure_after_the_last_epoch_keeps_every_epoch_in_the_summary(tmp_path, monkeypatch):
+    """The last epoch's save writes no summary (finish does): a failure in between must report
+    the epochs the run did, not the stored summary's one fewer."""
+    from bnlab.train.record import RunRecord
+
+    def broken(self, chance=None):
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(RunRecord, "finish", broken)
+    cfg = tiny(model="mlp3x100", epochs=2)
+    with pytest.raises(RuntimeError, match="on fire"):
+        train_run(cfg, tmp_path, log=lambda s: None)
+    run = Store(tmp_path).run(cfg.run_id())
+    rows = run.metrics()
+    assert run.summary["status"] == "failed" and run.summary["epochs_done"] == 2 == len(rows)
+    assert run.summary["test_acc"] == rows[-1]["test_acc"]
+    assert run.summary["error"] == "RuntimeError: disk controller on fire"

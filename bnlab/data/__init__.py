@@ -64,6 +64,16 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
     return hold_out(bundle, val_fraction)
 
 
+def data_for(cfg, bundle: DataBundle | None = None) -> DataBundle:
+    """The data of a run with config `cfg` (a bnlab.config.RunConfig): `bundle` where the
+    caller made one, with cfg's validation split held out as load_data holds it out (unless
+    the bundle has one already), else load_data with the run's options."""
+    if bundle is None:
+        return load_data(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.limit_train,
+                         cfg.limit_test, cfg.augment, cfg.image_size, cfg.val_fraction)
+    return bundle if bundle.val is not None else hold_out(bundle, cfg.val_fraction)
+
+
 _FINGERPRINTS: dict[tuple[str, str], str | None] = {}
 
 
@@ -72,7 +82,7 @@ def fingerprint(name: str, data_dir: str | Path | None = None,
     """What `load_data(name, data_dir).fingerprint` is, computed once per process and dataset:
     a hash of the files' bytes (CIFAR, MNIST), of an image folder's file names and sizes, or
     None for generated data. Run folders store it, so that a run is never resumed, or taken as
-    done, with data other than its own (bnlab.train.record.RunRecord.data_mismatch)."""
+    done, with data other than its own (bnlab.train.record.RunRecord.check_data)."""
     root = Path(data_dir) if data_dir else default_data_dir()
     key = (name, str(root.resolve()))
     if key not in _FINGERPRINTS:
@@ -92,4 +102,5 @@ def _limit(split, limit: int):
     return torch.utils.data.Subset(split, index.tolist())
 
 
-__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "default_data_dir", "fingerprint"]
+__all__ = ["DATASETS", "DataBundle", "Split", "load_data", "data_for", "default_data_dir",
+           "fingerprint"]

@@ -39,7 +39,7 @@ from bnlab.store import FINISHED, Store
 from bnlab.study.options import CLUSTERS, SlurmOptions
 from bnlab.study.progress import Progress
 from bnlab.study.spec import Plan
-from bnlab.study.worker import run_one, run_one_crashed
+from bnlab.study.worker import record_lost, run_one
 from bnlab.train import train_run
 
 RUN_ONE = "bnlab.study.worker:run_one"
@@ -174,7 +174,8 @@ def run_parallel(plan: Plan, store: Store, progress: Progress, jobs: int, wait: 
                 del active[run_id]
                 s = done.pop(run_id, None)
                 if s is None:  # the worker died without a word (segfault, OOM kill, ...)
-                    s = run_one_crashed(store, r.cfg, p.exitcode, progress.log)
+                    s = record_lost(store, r.cfg, f"worker process died with exit code "
+                                    f"{p.exitcode}", progress.log)
                 if s.get("status") == "busy":
                     busy.append(r)
                 else:
@@ -258,7 +259,10 @@ class SlurmExecutor:
 
     def submit(self, cfgs: Sequence[RunConfig], out: str | Path) -> list:
         """One array task per unfinished run; returns the submitit jobs (maybe none)."""
-        todo = self.pending(cfgs, out)
+        return self._submit(self.pending(cfgs, out), out)
+
+    def _submit(self, todo: Sequence[RunConfig], out: str | Path) -> list:
+        """One array task per run of `todo`, in its order."""
         if not todo:
             return []
         ex = self._executor()
@@ -274,26 +278,36 @@ class SlurmExecutor:
         `parallel`); on this node (cluster 'local') `parallel` runs at a time, default 1, since
         every run may take all the GPUs."""
         if self.cluster == "slurm":
-            jobs = self.submit(cfgs, out)
+            todo = self.pending(cfgs, out)
+            jobs = self._submit(todo, out)
             log(f"submitted {len(jobs)} runs as job array "
                 f"{jobs[0].job_id.split('_')[0] if jobs else '-'}; logs in {self.folder}")
-            return self.wait(jobs, log)
+            return self.wait(jobs, log, todo, out)
         todo, results, wave = self.pending(cfgs, out), [], max(1, self.options.parallel)
         for i in range(0, len(todo), wave):
-            results += self.wait(self.submit(todo[i:i + wave], out), log)
+            wave_cfgs = todo[i:i + wave]
+            results += self.wait(self._submit(wave_cfgs, out), log, wave_cfgs, out)
         return results
 
     @staticmethod
-    def wait(jobs: list, log: Callable[[str], None] = print) -> list[dict]:
-        """Each job's summary (rank 0's for a data-parallel run); a job that died without one
-        gives status `failed`."""
+    def wait(jobs: list, log: Callable[[str], None] = print,
+             cfgs: Sequence[RunConfig] | None = None, out: str | Path | None = None
+             ) -> list[dict]:
+        """Each job's summary (rank 0's for a data-parallel run). A job that died without one
+        gives status `failed`; given the jobs' runs (`cfgs`, in the order submitted) and their
+        folder `out`, that is recorded in the run's folder too, unless the run finished or
+        recorded its own failure, so the study's status counts it."""
         results = []
-        for job in jobs:
+        for i, job in enumerate(jobs):
             try:
                 results.append(job.results()[0])
             except Exception as e:  # noqa: BLE001 - a lost job must not hide the others
-                log(f"job {job.job_id} failed: {' '.join(str(e).split())[:300]}")
-                results.append({"job_id": job.job_id, "status": "failed", "error": str(e)})
+                why = f"job {job.job_id} died: {' '.join(str(e).split())[:300]}"
+                log(why)
+                if cfgs is not None and out is not None:
+                    results.append(record_lost(Store(out), cfgs[i], why, log))
+                else:
+                    results.append({"job_id": job.job_id, "status": "failed", "error": str(e)})
         return results
 
 

@@ -39,7 +39,9 @@ def open_study_store(plan: Plan, out: str | Path) -> Store:
 def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
               pack: bool = True, executor: str = "local",
               options: SlurmOptions | None = None) -> dict[str, int]:
-    """Run every run of `plan` into `out`; return {status: count} over the plan's runs.
+    """Run every run of `plan` into `out`; return {status: count} over the plan's runs, read
+    from their folders afterwards (a run whose worker or job was lost counts as it was left:
+    failed where that was recorded, else interrupted or pending; `unfinished(counts)`).
 
     Locally (executor 'local'), with `pack`, CUDA runs that differ only in what
     bnlab.train.packed can vary (seed, lr, ...) train together as packed networks first; the
@@ -80,6 +82,12 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
             progress.log(f"{len(busy)} runs are being trained by another process; waiting")
             execute(True, False, busy)
     return count_statuses(store, plan)
+
+
+def unfinished(counts: dict[str, int]) -> int:
+    """How many runs of a study's counts did not end with a result (bnlab.store.FINISHED):
+    failed, interrupted, pending, or still running elsewhere."""
+    return sum(n for status, n in counts.items() if status not in FINISHED)
 
 
 def _run_packed(store: Store, progress: Progress, todo: list) -> list:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.config import FIELDS, RunConfig, _coerce, validate
+from bnlab.data import DATASETS
 from bnlab.errors import UserError, suggest, unknown
 from bnlab.models import MODELS
 from bnlab.models.init import INITS
@@ -406,7 +407,8 @@ def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[st
 
 
 # -- checks just before running ----------------------------------------------------------------
-KNOWN_DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
+# the dataset registry's plain names; its pattern imagefolder:PATH is checked by its path
+KNOWN_DATASETS = tuple(name for name in DATASETS if ":" not in name)
 
 
 def _registries() -> dict[str, dict]:

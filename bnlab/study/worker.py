@@ -9,8 +9,8 @@ of training any twice.
 
 Two faults are not a run's and stop the study instead (they raise, as one-line UserErrors): the
 file system refusing a write (StorageError: the next run would meet the same full or read-only
-disk), and a run folder holding a run trained on other data than the study now reads (the run id
-names the dataset, not its files; see `check_data`).
+disk), and a run folder holding a run trained on other data than the study now reads
+(DataMismatch: the run id names the dataset, not its files; see `check_data`).
 """
 
 from __future__ import annotations
@@ -19,31 +19,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bnlab.config import RunConfig
-from bnlab.data import DataBundle, fingerprint, load_data
-from bnlab.errors import StorageError, UserError
+from bnlab.data import DataBundle, data_for
+from bnlab.errors import DataMismatch, StorageError
 from bnlab.store import FINISHED, Store
 from bnlab.train import train_run
 from bnlab.train.record import RunRecord, record_failure
 
 
 def check_data(store: Store, cfg: RunConfig) -> None:
-    """Refuse a stored run of `cfg` that was trained on other data than `cfg` reads now.
-
-    Checked at resume and before a finished run is taken as done, rather than made part of the
-    run id: ids then stay computable from the spec alone (status, reports and cluster
-    submission need no data), and the same data read from another place keeps its results.
-    The data is read once per process and dataset, only for runs whose folder holds a
-    fingerprint."""
-    rec = RunRecord(store, cfg)
-    if rec.stored_fingerprint() is None:
-        return
-    why = rec.data_mismatch(fingerprint(cfg.dataset, cfg.data_dir or None, cfg.download))
-    if why:
-        raise UserError(why)
+    """Refuse (DataMismatch) a stored run of `cfg` that was trained on other data than `cfg`
+    reads now (RunRecord.check_data). The data is read once per process and dataset, only for
+    runs whose folder holds a fingerprint."""
+    RunRecord(store, cfg).check_data()
 
 
 DATA_FIELDS = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment",
-               "image_size", "val_fraction")  # what load_data makes a run's data from
+               "image_size", "val_fraction")  # what data_for makes a run's data from
 
 
 def shared_data(cfg: RunConfig, bundles: dict) -> DataBundle:
@@ -53,9 +44,7 @@ def shared_data(cfg: RunConfig, bundles: dict) -> DataBundle:
     key = tuple(repr(getattr(cfg, f)) for f in DATA_FIELDS)
     if key not in bundles:
         bundles.clear()
-        bundles[key] = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
-                                 cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size,
-                                 cfg.val_fraction)
+        bundles[key] = data_for(cfg)
     return bundles[key]
 
 
@@ -86,17 +75,17 @@ def run_one(cfg: RunConfig, out: str | Path, log: Callable[[str], None] = print,
         try:
             bundle = shared_data(cfg, bundles) if bundles is not None else None
             return train_run(cfg, store.root, resume=True, log=log, bundle=bundle)
-        except (KeyboardInterrupt, StorageError):
+        except (KeyboardInterrupt, StorageError, DataMismatch):
             raise
         except Exception as e:  # noqa: BLE001 - a run's failure must not stop the study
             return record_failure(store, cfg, e, log)
 
 
-def run_one_crashed(store: Store, cfg: RunConfig, exitcode: int | None, log) -> dict:
-    """Record a run whose worker process died, unless the run had finished anyway."""
+def record_lost(store: Store, cfg: RunConfig, why: str, log) -> dict:
+    """Record a run whose worker died without a word (a killed process, a lost cluster job:
+    `why`), unless the run had finished anyway, or recorded its own failure."""
     with store.lock(cfg.run_id(), wait=True):
         summary = store.run(cfg.run_id()).summary or {}
         if summary.get("status") in (*FINISHED, "failed"):
             return summary
-        return record_failure(store, cfg, RuntimeError(
-            f"worker process died with exit code {exitcode}"), log)
+        return record_failure(store, cfg, RuntimeError(why), log)

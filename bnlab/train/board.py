@@ -9,8 +9,9 @@ shows every run of an output folder, while they train:
 
 <name> is the run id; for a run of a study (listed in OUT/study.json) it is its arm and seed,
 e.g. `norm=bn,lr=0.1/seed0`: the values of the study's varying axes other than seed, then the
-seed. A resumed run purges what a killed attempt wrote after its last checkpoint, so every
-step shows once. Writers are the optional tensorboard package's (the `tensorboard` extra).
+seed. A run purges what a killed attempt wrote after its last checkpoint (everything, when it
+starts from scratch), so every step shows once. Writers are the optional tensorboard
+package's (the `tensorboard` extra).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def require_tensorboard() -> None:
 
 def summary_writer(folder: Path, purge_step: int | None = None):
     """A SummaryWriter into `folder`; events at steps >= purge_step from an earlier attempt are
-    hidden (None: a new run, nothing to purge)."""
+    hidden (None: nothing hidden, for writers of their own folder only). A run passes its start
+    step even when it starts from scratch: an attempt killed before its first checkpoint
+    has written events already."""
     return _writer_class()(str(folder), purge_step=purge_step)
 
 
@@ -82,8 +85,7 @@ class EpochBoard:
     """The epoch metrics of one run as TensorBoard scalars (written by its RunRecord)."""
 
     def __init__(self, root: str | Path, cfg: RunConfig, start_epoch: int):
-        self.writer = summary_writer(event_dir(root, cfg),
-                                     start_epoch + 1 if start_epoch > 0 else None)
+        self.writer = summary_writer(event_dir(root, cfg), start_epoch + 1)
 
     def add(self, row: dict) -> None:
         """One metrics.jsonl row; flushed at once so a running study shows its last epoch."""

@@ -30,20 +30,31 @@ def evaluate_topk(model: nn.Module, loader, device: torch.device, precision: str
     every process's shard."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, n
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1, top-5
+    n = 0
     for x, y in loader.epoch(0):
         with autocast(device, precision):
             out = model(x if pad_to is None else pad_batch(x, pad_to))[: len(y)].float()
-        top = out.topk(min(5, out.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        sums += batch_sums(out, y)
+        n += len(y)
     model.train(was_training)
+    total = torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64, device=device)])
     if ctx is not None:
-        ctx.sum_(sums)
-    loss, top1, top5, n = sums.tolist()
+        ctx.sum_(total)
+    loss, top1, top5, n = total.tolist()
     return {"loss": loss / n, "acc": top1 / n, "acc5": top5 / n}
+
+
+def batch_sums(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sums over a batch of logits `out` (N, ..., C) with labels `y` (N, ...), in float64:
+    cross-entropy, top-1 hits and top-5 hits (the label among the k = min(5, C) largest
+    logits), shape (3, ...). One model gives (N, C) and (3,); the K runs of a pack give
+    (N, K, C) and (3, K), each run's sums as its own model's (bnlab.train.packed)."""
+    top = out.topk(min(5, out.shape[-1]), dim=-1).indices
+    hits = top == y.unsqueeze(-1)
+    loss = F.cross_entropy(out.movedim(-1, 1), y, reduction="none")
+    return torch.stack([loss.double().sum(0), hits[..., 0].sum(0).double(),
+                        hits.any(-1).sum(0).double()])
 
 
 def chance_threshold(num_classes: int, n_test: int) -> float:

@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from bnlab.config import RunConfig
-from bnlab.data import DataBundle, fingerprint, load_data
-from bnlab.data.bundle import hold_out
+from bnlab.data import DataBundle, data_for
 from bnlab.data.loader import make_loader
-from bnlab.errors import UserError
+from bnlab.errors import DataMismatch, UserError
 from bnlab.fast import step_graph
 from bnlab.fast.accel import FirstBad, mark_step, memory_format_for, prepare, tune_cpu_allocator
 from bnlab.fast.cpu_kernels import use_cpu_kernels
@@ -54,22 +53,13 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
     with session(resolve_device(cfg.device)) as ctx:
         rec, done = _open(cfg, out, resume, ctx)
         if done is not None:  # a finished run is its result only for the data it was run on
-            fp = None
-            if ctx.is_main and rec.stored_fingerprint() is not None:
-                fp = bundle.fingerprint if bundle is not None else fingerprint(
-                    cfg.dataset, cfg.data_dir or None, cfg.download)
-            _same_data(rec, ctx, fp)
+            _same_data(rec, ctx, bundle)
             return done
         if cfg.sync_bn:
             check_sync_bn(ctx.device)
         ctx.check_batch(cfg.batch_size)
-        if bundle is None:
-            bundle = load_data(cfg.dataset, cfg.data_dir or None, cfg.download,
-                               cfg.limit_train, cfg.limit_test, cfg.augment, cfg.image_size,
-                               cfg.val_fraction)
-        elif bundle.val is None:  # a bundle made by the caller: hold out as load_data does
-            bundle = hold_out(bundle, cfg.val_fraction)
-        _same_data(rec, ctx, bundle.fingerprint)
+        bundle = data_for(cfg, bundle)
+        _same_data(rec, ctx, bundle)
         torch.manual_seed(cfg.seed)
         model = build_for(cfg, bundle)
         try:
@@ -92,13 +82,19 @@ def _open(cfg: RunConfig, out: str | Path, resume: bool,
     return rec, verdict
 
 
-def _same_data(rec: RunRecord, ctx: Context, fp: str | None) -> None:
-    """Refuse (on every process) to continue a run with data other than its own: the run id
-    names the dataset, not the files read (--data-dir may point anywhere), so the run folder
-    keeps the data's fingerprint and it is compared here."""
-    why = ctx.from_main(rec.data_mismatch(fp) if ctx.is_main else None)
+def _same_data(rec: RunRecord, ctx: Context, bundle: DataBundle | None) -> None:
+    """Refuse (on every process) to continue a run with data other than its own
+    (RunRecord.check_data; `bundle` None: the data its config names). Rank 0 compares and
+    tells the others, which must not wait for it in a collective it never reaches."""
+    why = None
+    if ctx.is_main:
+        try:
+            rec.check_data(bundle)
+        except DataMismatch as e:
+            why = str(e)
+    why = ctx.from_main(why)
     if why:
-        raise UserError(why)
+        raise DataMismatch(why)
 
 
 @dataclass

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from bnlab.config import FIELDS, RunConfig
-from bnlab.data import DataBundle, Split, load_data, loader
-from bnlab.data.bundle import hold_out
+from bnlab.data import DataBundle, Split, data_for, loader
 from bnlab.data.loader import Normalizer, crop_flip, epoch_plan
-from bnlab.errors import UserError
+from bnlab.errors import DataMismatch, StorageError, UserError
 from bnlab.fast import step_graph
 from bnlab.fast.accel import (
     FirstBad,
@@ -49,10 +48,10 @@ from bnlab.models.grouped import (
 from bnlab.models.vgg import CONFIGS
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
-from bnlab.train.evaluate import chance_threshold
+from bnlab.train.evaluate import batch_sums, chance_threshold
 from bnlab.train.loop import EpochResult, train_run
 from bnlab.train.optim import PackedSGD, lr_rows, single_optimizer
-from bnlab.train.record import RunRecord, checkpoint_state, config_record
+from bnlab.train.record import RunRecord, checkpoint_state, config_record, error_message
 
 PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
            "decay_norm_and_bias", "schedule", "warmup_epochs", "tensorboard")
@@ -184,55 +183,83 @@ def train_packed(cfgs: list[RunConfig], out: str | Path = "runs", resume: bool =
     """Train `cfgs` as packs into `out/<run_id>/` and return their summaries in order.
 
     Finished runs are skipped; runs resuming from different epochs train in separate packs;
-    streamed (large-image) data falls back to training the runs one after another. A failure
-    inside a pack marks each of its runs `failed` (with error.txt) and is not raised.
+    streamed (large-image) data falls back to training the runs one after another. A problem
+    of one run (a run that cannot join the pack, a checkpoint that does not fit its model,
+    another world size on resume) marks that run `failed` (with error.txt), and a failure
+    inside a pack each of its runs, as `train_run` records a lone run's failure; the others go
+    on. Raised: UserError for the call itself (runs that cannot be packed together, an existing
+    run without `resume`), and what stops a study: StorageError, DataMismatch (a stored run
+    trained on other data; checked for every run before any trains), KeyboardInterrupt.
     """
     reason = can_pack(cfgs) if len(cfgs) > 1 else None
     if reason is not None:
         raise UserError(f"these runs cannot be packed: {reason}")
     store = Store(out)
-    members, done = [], {}
+    members, done, refused = [], {}, {}
     for cfg in cfgs:
         m = _Member(cfg, store)
         verdict = m.rec.verdict(resume)
-        if isinstance(verdict, str):
+        if isinstance(verdict, str) and not resume:  # the call's mistake: nothing is touched
             raise UserError(verdict)
-        if verdict is not None:
+        if isinstance(verdict, str):  # this run's own (another world size), as train_run's
+            refused[cfg.run_id()] = (m, UserError(verdict))
+        elif verdict is not None:
             done[cfg.run_id()] = verdict
         else:
             members.append(m)
     if members:
-        c = members[0].cfg
-        if bundle is None:
-            bundle = load_data(c.dataset, c.data_dir or None, c.download, c.limit_train,
-                               c.limit_test, c.augment, val_fraction=c.val_fraction)
-        elif bundle.val is None:  # a bundle made by the caller: hold out as load_data does
-            bundle = hold_out(bundle, c.val_fraction)
-        if bundle.streamed:
-            log("packed training needs in-memory data; training the runs one after another")
-            for m in members:
+        bundle = data_for(members[0].cfg, bundle)
+    for cfg in cfgs:  # a finished run, too, is its result only for the data it was run on
+        RunRecord(store, cfg).check_data(bundle)
+    for m, e in refused.values():
+        done[m.cfg.run_id()] = _fail(m, e, log)
+    if members and bundle.streamed:
+        log("packed training needs in-memory data; training the runs one after another")
+        for m in members:
+            try:
                 done[m.cfg.run_id()] = train_run(m.cfg, out, resume=resume, log=log,
                                                  bundle=bundle)
-            members = []
+            except _STOP:
+                raise
+            except Exception as e:  # noqa: BLE001 - as inside a pack: recorded, the rest go on
+                done[m.cfg.run_id()] = _fail(m, e, log)
+        members = []
     device = resolve_device(members[0].cfg.device) if members else None
+    entered = []
     for m in members:
-        _enter(m, bundle, device, log)
+        try:
+            _enter(m, bundle, device, log)
+        except _STOP:
+            raise
+        except Exception as e:  # noqa: BLE001 - this run's problem, recorded; the rest go on
+            done[m.cfg.run_id()] = _fail(m, e, log)
+        else:
+            entered.append(m)
     by_epoch: dict[int, list[_Member]] = {}
-    for m in members:
+    for m in entered:
         by_epoch.setdefault(m.rec.epoch, []).append(m)
     for group in by_epoch.values():
         try:
             _train_pack(group, bundle, device, log)
-        except (KeyboardInterrupt, UserError):
+        except _STOP:
             raise
         except Exception as e:  # noqa: BLE001 - recorded in each run's folder, as train_run does
             for m in group:
                 if m.status == "running":
-                    m.status = "failed"
-                    m.rec.fail(e)
+                    _fail(m, e, log)
         for m in group:
             done[m.cfg.run_id()] = m.rec.run.summary
     return [done[c.run_id()] for c in cfgs]
+
+
+# what stops a study rather than failing a run (bnlab.study.worker)
+_STOP = (KeyboardInterrupt, StorageError, DataMismatch)
+
+
+def _fail(m: _Member, e: Exception, log: Callable[[str], None]) -> dict:
+    m.status = "failed"
+    log(f"{m.rec.run_id}: failed: {error_message(e)}")
+    return m.rec.fail(e)
 
 
 def _enter(m: _Member, bundle: DataBundle, device: torch.device, log) -> None:
@@ -382,18 +409,18 @@ def _train_pack(members: list[_Member], bundle: DataBundle, device: torch.device
         pack, results = train_pack_epoch(pack, train, bundle, epoch, spe, fmt, log)
         if not pack.members:
             return
-        test_loss, test_acc = _evaluate(pack, test, bundle, device, fmt)
+        tests = _evaluate(pack, test, bundle, device, fmt)
         k = len(pack.members)
-        val_loss, val_acc = (_evaluate(pack, val, bundle, device, fmt) if val is not None
-                             else ([None] * k, [None] * k))
+        vals = _evaluate(pack, val, bundle, device, fmt) if val is not None else None
         epoch_time = time.perf_counter() - t0
         pack.sync_members()
         for i, (m, res) in enumerate(zip(pack.members, results)):
             row = {"epoch": epoch, "step": res.step, "lr": res.lr,
                    "train_loss": res.train_loss, "train_acc": res.train_acc,
-                   "test_loss": test_loss[i], "test_acc": test_acc[i]}
-            if val is not None:
-                row |= {"val_loss": val_loss[i], "val_acc": val_acc[i]}
+                   "test_loss": tests[i]["loss"], "test_acc": tests[i]["acc"],
+                   "test_acc5": tests[i]["acc5"]}
+            if vals is not None:
+                row |= {"val_loss": vals[i]["loss"], "val_acc": vals[i]["acc"]}
             row |= {"epoch_time": epoch_time, "train_images_per_s": res.images / res.seconds,
                     "packed": k}
             m.rec.add_epoch(row, chance)
@@ -484,14 +511,14 @@ def train_pack_epoch(pack: _Pack, train: Split, bundle: DataBundle, epoch: int, 
 
 @torch.no_grad()
 def _evaluate(pack: _Pack, test: Split, bundle: DataBundle, device: torch.device, fmt
-              ) -> tuple[list[float], list[float]]:
-    """Each member's mean test cross-entropy and accuracy (every run sees the same images)."""
+              ) -> list[dict[str, float]]:
+    """Each member's mean test cross-entropy, top-1 and top-5 accuracy (every run sees the same
+    images), summed by evaluate_topk's own routine (batch_sums)."""
     k = len(pack.members)
     cfg = pack.members[0].cfg
     norm = Normalizer(bundle.mean, bundle.std, device, fmt)
     pack.model.eval()
-    loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
-    correct = torch.zeros(k, dtype=torch.int64, device=device)
+    sums = torch.zeros(3, k, dtype=torch.float64, device=device)  # loss, top-1, top-5 per run
     n, eb = len(test.y), cfg.eval_batch_size
     for lo in range(0, n, eb):
         x, y = norm(test.x[lo:lo + eb]), test.y[lo:lo + eb]
@@ -500,9 +527,7 @@ def _evaluate(pack: _Pack, test: Split, bundle: DataBundle, device: torch.device
             x = pad_batch(x, eb)
         with autocast(device, cfg.precision):
             out = pack.fast(x)[: len(y)]
-        out = out.float().reshape(len(y), k, -1)
-        yk = y[:, None].expand(-1, k)
-        loss_sum += F.cross_entropy(out.permute(0, 2, 1), yk, reduction="none").sum(0).double()
-        correct += (out.argmax(2) == yk).sum(0)
+        sums += batch_sums(out.float().reshape(len(y), k, -1), y[:, None].expand(-1, k))
     pack.model.train()
-    return (loss_sum / n).tolist(), (correct.double() / n).tolist()
+    return [{"loss": loss / n, "acc": top1 / n, "acc5": top5 / n}
+            for loss, top1, top5 in sums.T.tolist()]

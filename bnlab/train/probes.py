@@ -372,7 +372,8 @@ def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, ru
                 start_epoch: int = 0, start_step: int = 0) -> Prober:
     """The prober of a run: default layers, earlier rows kept on resume (epochs <= start_epoch),
     TensorBoard scalars and histograms when cfg.tensorboard (in the run's event folder under
-    OUT/tensorboard, board.py, subfolder probes; a resume at `start_step` purges later steps)."""
+    OUT/tensorboard, board.py, subfolder probes; a run starting at `start_step`, 0 included,
+    purges the steps from there that a killed attempt wrote)."""
     rows = []
     if run is not None and start_epoch > 0:
         rows = [r for r in run.read_rows("probes.jsonl") if r["epoch"] <= start_epoch]
@@ -382,4 +383,4 @@ def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, ru
     return Prober(model, opt, criterion, cfg.probe_every, default_layers(cfg, model),
                   cfg.precision, run, rows, tb, seed=cfg.seed, grad_clip=cfg.grad_clip,
                   steps=step_sizes(cfg.probe_step_sizes),
-                  purge_step=start_step if start_step > 0 else None)
+                  purge_step=start_step)

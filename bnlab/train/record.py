@@ -3,7 +3,7 @@ bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runn
 
     verdict()     before training: train it (new or resumed), return its finished summary, or
                   refuse (it exists and resume was not asked for, or another world size)
-    data_mismatch() why the run cannot go on with this data (it was trained on other data)
+    check_data()  refuse (DataMismatch) to resume or reuse a run trained on other data
     load_checkpoint() the last checkpoint; a damaged one is moved aside and the run starts
                   again from scratch, which its summary records (`restarted`)
     resume_from() take epoch, step, wall time, flags and metrics from a loaded checkpoint
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from bnlab.config import RunConfig
-from bnlab.errors import StorageError, UserError, storage_error
+from bnlab.data import DataBundle, fingerprint
+from bnlab.errors import DataMismatch, StorageError, UserError, storage_error
 from bnlab.models import count_parameters
 from bnlab.runtime import environment
 from bnlab.store import CHECKPOINT_KEYS, FINISHED, RunDir, Store, final_status, warn
@@ -147,17 +148,28 @@ class RunRecord:
             return None
         return (self._stored().get("data") or {}).get("fingerprint")
 
-    def data_mismatch(self, fingerprint: str | None) -> str | None:
-        """Why this run cannot be continued or reused with data whose fingerprint is
-        `fingerprint` (bnlab.data): it was trained on other data. None when it can (same data,
-        or no fingerprint to compare: a new run, data made in memory, an older record)."""
+    def check_data(self, bundle: DataBundle | None = None) -> None:
+        """Raise DataMismatch when this run folder holds a run trained on other data than
+        `bundle` (bnlab.data fingerprints), or, without a bundle, than the data its config names
+        (read only when the folder holds a fingerprint to compare with). Nothing to compare (a
+        new run, data made in memory, an older record) passes.
+
+        Checked wherever a stored run is resumed or taken as done, rather than made part of the
+        run id: ids then stay computable from the config alone (status, reports and cluster
+        submission need no data), and the same data read from another place keeps its
+        results."""
         stored = self.stored_fingerprint()
-        if stored is None or fingerprint is None or stored == fingerprint:
-            return None
-        return (f"run {self.run_id!r} in {str(self.store.root)!r} was trained on other data "
-                f"(fingerprint {stored}; the data of {self.cfg.dataset!r} here is "
-                f"{fingerprint}): point --data-dir at the data it was trained on, or give "
-                "another --out")
+        if stored is None:
+            return
+        cfg = self.cfg
+        fp = bundle.fingerprint if bundle is not None else fingerprint(
+            cfg.dataset, cfg.data_dir or None, cfg.download)
+        if fp is None or fp == stored:
+            return
+        raise DataMismatch(
+            f"run {self.run_id!r} in {str(self.store.root)!r} was trained on other data "
+            f"(fingerprint {stored}; the data of {cfg.dataset!r} here is {fp}): point "
+            "--data-dir at the data it was trained on, or give another --out")
 
     def load_checkpoint(self, map_location="cpu") -> dict | None:
         """The run's last checkpoint, or None for a new run (or on a non-writing process).
@@ -273,8 +285,11 @@ class RunRecord:
         if not run.exists():
             run.write_json("config.json", {"config": self.cfg.to_dict(), "env": None})
         run.write_text("error.txt", "".join(traceback.format_exception(e)))
-        summary = {**self.summary("failed"), **(run.summary or {}), "status": "failed",
-                   "error": error_message(e)}
+        stored, own = run.summary or {}, self.summary("failed")
+        # the progress of a record that trained is newer than the folder's (the last epoch's
+        # save writes no summary: finish does); a record that trained nothing knows less
+        summary = {**stored, **own} if self.metrics else {**own, **stored}
+        summary |= {"status": "failed", "error": error_message(e)}
         run.write_json("summary.json", summary)
         self.store.record(run)
         return summary
@@ -290,10 +305,12 @@ class RunRecord:
 def record_failure(store: Store, cfg: RunConfig, e: BaseException,
                    log: Callable[[str], None]) -> dict:
     """A study's record of a run that raised: the run's own `failed` summary when training
-    recorded one, else a new one (its config kept even when the folder did not exist)."""
+    recorded this error already, else a new one (its config kept even when the folder did not
+    exist). An earlier attempt's failure is replaced: a retry can fail for another reason
+    before training records anything (its data, its model)."""
     rec = RunRecord(store, cfg)
     summary = rec.run.summary or {}
-    if summary.get("status") != "failed":
+    if summary.get("status") != "failed" or summary.get("error") != error_message(e):
         summary = rec.fail(e)
     log(f"{rec.run_id}: failed: {error_message(e)}")
     return summary
