@@ -99,3 +99,24 @@ def test_downsampling_shortcut_gives_slice_and_pad_values_in_the_inputs_layout(f
     assert type(y.grad_fn).__name__ == "_SubsamplePadBackward"
     assert torch.equal(y, want) and torch.equal(gx, g_want)
     assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("norm,refused", [("bn", True), ("bn_ref", True), ("batch_renorm", True),
+                                          ("layer", False), ("none", False)])
+def test_batch_of_one_on_the_mlp_is_refused_for_batch_statistics(norm, refused):
+    import dataclasses
+
+    from bnlab.config import RunConfig
+    from bnlab.data.synthetic import make_synthetic
+    from bnlab.errors import UserError
+    from bnlab.models.build import build_for
+
+    bundle = make_synthetic(n_train=8, n_test=8)
+    cfg = RunConfig(dataset="synthetic", model="mlp3x100", norm=norm, batch_size=1)
+    if refused:
+        with pytest.raises(UserError, match=f"norm '{norm}' normalizes each feature"):
+            build_for(cfg, bundle)
+    else:
+        model = build_for(cfg, bundle).train()
+        model(bundle.train.x[:1].float())  # one example trains
+    build_for(dataclasses.replace(cfg, batch_size=2), bundle)  # two examples are enough

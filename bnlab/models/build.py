@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from bnlab.config import RunConfig
@@ -22,6 +23,7 @@ from bnlab.models.torchvision_swap import (
     is_torchvision_name,
 )
 from bnlab.models.vgg import CONFIGS, LETTERS, CifarVGG
+from bnlab.norm import make_norm
 
 if TYPE_CHECKING:  # a type only: models do not depend on the data package
     from bnlab.data.bundle import DataBundle
@@ -103,7 +105,23 @@ def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
         why = input_refusal(model, bundle.in_channels, bundle.image_size)
         if why:
             raise UserError(why)
+    if isinstance(model, MLP) and cfg.batch_size < 2 and not _trains_on_one_example(cfg):
+        raise UserError(f"norm {cfg.norm!r} normalizes each feature with batch statistics, "
+                        f"which a batch of 1 does not have on {cfg.model}: use batch_size >= 2, "
+                        "or a norm without batch statistics (e.g. layer, none)")
     return model
+
+
+def _trains_on_one_example(cfg: RunConfig) -> bool:
+    """Whether the norm of `cfg`, on (N, C) features, takes a training step on one example
+    (a per-feature batch statistic of one value is refused by torch and by bnlab's norms);
+    tried on a small separate layer, so the run's model is left untouched."""
+    probe = make_norm(cfg.norm, 4, dim=1, **cfg.norm_options).train()
+    try:
+        probe(torch.zeros(1, 4))
+    except ValueError:
+        return False
+    return True
 
 
 def count_parameters(model: nn.Module) -> int:
