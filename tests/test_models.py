@@ -120,3 +120,20 @@ def test_batch_of_one_on_the_mlp_is_refused_for_batch_statistics(norm, refused):
         model = build_for(cfg, bundle).train()
         model(bundle.train.x[:1].float())  # one example trains
     build_for(dataclasses.replace(cfg, batch_size=2), bundle)  # two examples are enough
+
+
+@pytest.mark.parametrize("batch,refused", [(3, True), (5, True), (4, False), (1, True)])
+def test_ghost_that_would_leave_a_virtual_batch_of_one_on_the_mlp_is_refused(batch, refused):
+    from bnlab.config import RunConfig
+    from bnlab.data.synthetic import make_synthetic
+    from bnlab.errors import UserError
+    from bnlab.models.build import build_for
+
+    bundle = make_synthetic(n_train=8, n_test=8)
+    cfg = RunConfig(dataset="synthetic", model="mlp3x100", norm="ghost", batch_size=batch,
+                    norm_options={"virtual_batch_size": 2})
+    if refused:
+        with pytest.raises(UserError, match="single example|batch of 1"):
+            build_for(cfg, bundle)
+    else:
+        build_for(cfg, bundle).train()(bundle.train.x[:batch].float())

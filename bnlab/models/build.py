@@ -105,20 +105,27 @@ def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
         why = input_refusal(model, bundle.in_channels, bundle.image_size)
         if why:
             raise UserError(why)
-    if isinstance(model, MLP) and cfg.batch_size < 2 and not _trains_on_one_example(cfg):
-        raise UserError(f"norm {cfg.norm!r} normalizes each feature with batch statistics, "
-                        f"which a batch of 1 does not have on {cfg.model}: use batch_size >= 2, "
-                        "or a norm without batch statistics (e.g. layer, none)")
+    if isinstance(model, MLP) and not _trains_on_its_batch(cfg):
+        if cfg.batch_size == 1:
+            raise UserError(f"norm {cfg.norm!r} normalizes each feature with batch statistics, "
+                            f"which a batch of 1 does not have on {cfg.model}: use batch_size "
+                            ">= 2, or a norm without batch statistics (e.g. layer, none)")
+        raise UserError(f"norm {cfg.norm!r} with options {cfg.norm_options} cuts a batch of "
+                        f"{cfg.batch_size} into virtual batches one of which holds a single "
+                        f"example, which has no batch statistics on {cfg.model}: use a batch "
+                        "size that leaves every virtual batch 2 or more examples (an even one "
+                        "for virtual_batch_size 2)")
     return model
 
 
-def _trains_on_one_example(cfg: RunConfig) -> bool:
-    """Whether the norm of `cfg`, on (N, C) features, takes a training step on one example
-    (a per-feature batch statistic of one value is refused by torch and by bnlab's norms);
-    tried on a small separate layer, so the run's model is left untouched."""
+def _trains_on_its_batch(cfg: RunConfig) -> bool:
+    """Whether the norm of `cfg`, on (N, C) features, takes a training step on a batch of
+    cfg.batch_size (a per-feature batch statistic of one value, from a batch or a virtual batch
+    of one example, is refused by torch and by bnlab's norms); tried on a small separate layer,
+    so the run's model is left untouched."""
     probe = make_norm(cfg.norm, 4, dim=1, **cfg.norm_options).train()
     try:
-        probe(torch.zeros(1, 4))
+        probe(torch.zeros(cfg.batch_size, 4))
     except ValueError:
         return False
     return True
