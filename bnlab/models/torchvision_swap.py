@@ -48,6 +48,10 @@ class Family:
     kwargs: tuple[tuple[str, object], ...] = ()  # builder arguments bnlab sets
 
 
+LAYERNORM_ONLY = ("it normalizes with LayerNorm, not BatchNorm, so --norm has nothing to "
+                  "replace")
+
+
 FAMILIES = (
     Family("resnet", r"resnet\d+", "resnet18", ("BasicBlock", "Bottleneck")),
     Family("resnext", r"resnext\d+_\d+x\d+d", "resnext50_32x4d", ("Bottleneck",)),
@@ -72,14 +76,11 @@ FAMILIES = (
     Family("no_norm", r"alexnet|vgg\d+|squeezenet\d_\d", "squeezenet1_1", ("Fire",),
            has_bn=False),
     Family("convnext", r"convnext_\w+", "convnext_tiny",
-           refused="it normalizes with LayerNorm, not BatchNorm, so --norm has nothing to "
-                   "replace"),
+           refused=LAYERNORM_ONLY),
     Family("vit", r"vit_\w+", "vit_b_32",
-           refused="it normalizes with LayerNorm, not BatchNorm, so --norm has nothing to "
-                   "replace"),
+           refused=LAYERNORM_ONLY),
     Family("swin", r"swin_(v2_)?[tsb]", "swin_t",
-           refused="it normalizes with LayerNorm, not BatchNorm, so --norm has nothing to "
-                   "replace"),
+           refused=LAYERNORM_ONLY),
     Family("maxvit", r"maxvit_t", "maxvit_t",
            refused="it normalizes its attention layers with LayerNorm, which --norm would "
                    "leave in place next to the swapped BatchNorms"),

@@ -52,7 +52,8 @@ class Rate:
 LONE = {
     ("cifar-resnet", "cpu"): Rate(
         1050, 128, "ResNet-20, batch 128, fp32 with the fused CPU kernels: 4 runs of 5,000 "
-        "images x 4 epochs (+ 2,000 test images an epoch) in 20-23 s each (README main job)"),
+        "images x 4 epochs (+ 2,000 test images an epoch) in 20-23 s each (an earlier, "
+        "4-epoch recipe of the quick study)"),
     ("cifar-resnet", "gpu"): Rate(
         55_800, 128, "ResNet-20, batch 128, bf16, one CUDA graph per step (docs/speed.md, "
         "bnlab bench, training steps)"),
