@@ -20,8 +20,8 @@ from bnlab.report.gradratio import grad_ratio_table
 from bnlab.report.load import Study, fmt_value
 from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
-from bnlab.report.tuning import tuning_table
 from bnlab.report.stats import ALPHA
+from bnlab.report.tuning import tuning_table
 
 COMPARE_CAPTIONS = {
     "reliability.png": "Reliability diagram of each compared arm, the predictions of all its "

@@ -6,9 +6,8 @@ Statuses come from the runs' own summaries; on top of bnlab.store's, a run never
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 from bnlab.console import format_table
 from bnlab.errors import UserError
