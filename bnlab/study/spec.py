@@ -26,14 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.config import FIELDS, NOT_ARM_KEYS, RunConfig, _coerce, validate
-from bnlab.data import DATASETS
 from bnlab.errors import UserError, suggest, unknown
-from bnlab.models import MODELS
-from bnlab.models.init import INITS
-from bnlab.norm import FORMULAS
-from bnlab.runtime import resolve_device
 from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
-from bnlab.train.board import require_tensorboard
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "tune", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
@@ -523,12 +517,21 @@ def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[st
 
 
 # -- checks just before running ----------------------------------------------------------------
-# the dataset registry's plain names; its pattern imagefolder:PATH is checked by its path
-KNOWN_DATASETS = tuple(name for name in DATASETS if ":" not in name)
+# The registries below import torch: loaded when a plan is checked before running, so that
+# reading and expanding specs (`bnlab study list`) stays free of torch's start-up time.
+def known_datasets() -> tuple[str, ...]:
+    """The dataset registry's plain names; its pattern imagefolder:PATH is checked by its path."""
+    from bnlab.data import DATASETS
+
+    return tuple(name for name in DATASETS if ":" not in name)
 
 
 def _registries() -> dict[str, dict]:
     """The name registries of the model, norm and init factories."""
+    from bnlab.models import MODELS
+    from bnlab.models.init import INITS
+    from bnlab.norm import FORMULAS
+
     return {"model": MODELS, "norm": FORMULAS, "init": INITS}
 
 
@@ -540,12 +543,16 @@ def preflight(plan: Plan) -> None:
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
     """
+    from bnlab.runtime import resolve_device
+    from bnlab.train.board import require_tensorboard
+
+    known = known_datasets()
     for r in plan.all_runs:
         ds = r.cfg.dataset
-        if ds not in KNOWN_DATASETS and not ds.startswith("imagefolder:"):
+        if ds not in known and not ds.startswith("imagefolder:"):
             raise UserError(f"dataset {ds!r} of study {plan.spec.name!r} is not a dataset "
-                            f"name{suggest(ds, KNOWN_DATASETS)}: map it with --data-map "
-                            f"{ds}=imagefolder:PATH (or one of {', '.join(KNOWN_DATASETS)})")
+                            f"name{suggest(ds, known)}: map it with --data-map "
+                            f"{ds}=imagefolder:PATH (or one of {', '.join(known)})")
     for ds in dict.fromkeys(r.cfg.dataset for r in plan.all_runs):
         path = ds.removeprefix("imagefolder:")
         if ds.startswith("imagefolder:") and not Path(path).expanduser().exists():
