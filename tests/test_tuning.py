@@ -175,3 +175,34 @@ def test_builtin_studies_with_a_tune_section_plan_their_tuning():
     assert {r.cfg.seed for r in plan.tune_runs} == {0}
     assert {r.cfg.epochs for r in plan.tune_runs} == {2}
     assert len(plan.waiting) == 3
+
+
+def test_estimate_uses_the_folders_own_rates_and_leaves_out_finished_runs(tmp_path):
+    """A study begun: its runs left are estimated at the rate its finished runs of the same
+    network, norm, init, precision and batch measured (images over wall time), the others from
+    the table; finished runs are not counted."""
+    from bnlab.study import estimate as E
+    from bnlab.study.status import estimate_line, remaining
+
+    spec = parse_spec({"name": "e", "base": {"dataset": "cifar10", "limit_train": 5000,
+                                             "limit_test": 2000, "epochs": 4, "device": "cpu"},
+                       "grid": {"norm": ["bn", "none"], "seed": [0, 1]}}, source="table")
+    plan = expand(spec)
+    per_run = 4 * (5000 + 2000 / 3)  # training-image equivalents of one run
+    store = Store(tmp_path)
+    done = next(r for r in plan.runs if r.cfg.norm == "bn" and r.cfg.seed == 0)
+    store.run(done.run_id).write_json("summary.json", {
+        "run_id": done.run_id, "status": "completed", "epochs_done": 4,
+        "wall_time": per_run / 250.0})  # 250 images/s, measured here
+    todo, own = remaining(plan, store)
+    assert len(todo) == 3 and done.cfg not in todo
+    assert own == {E.rate_key(done.cfg): pytest.approx(250.0)}
+    est = E.estimate(todo, "cpu", None, own)
+    # one BN run at the folder's own 250 images/s, two no-BN runs at the table's 1,050
+    assert est.minutes == pytest.approx((per_run / 250 + 2 * per_run / 1050) / 60)
+    line = estimate_line(plan, store)
+    assert "3 runs left" in line and "own finished runs" in line
+    # a diverged run says nothing of a whole run's cost
+    store.run(done.run_id).write_json("summary.json", {
+        "run_id": done.run_id, "status": "diverged", "epochs_done": 1, "wall_time": 1.0})
+    assert remaining(plan, store)[1] == {}
