@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-
 from bnlab.errors import StorageError, UserError, storage_error
 
 STATUSES = ("running", "completed", "diverged", "no_learning", "failed")
