@@ -136,9 +136,13 @@ def test_builtin_sizes():
     sizes = {n: len(expand(load_spec(n)).runs) for n in builtin_names()}
     assert sizes["quick"] == 9  # bn, none at bn's lr, fixup x 3 seeds
     assert sizes["bn-paper-mnist"] >= 2
-    # datasets x (bn + none at BN's lr + none x 4 tuned lrs + fixup) x 3 seeds
-    assert sizes["seed"] == 3 * (1 + 1 + 4 + 1) * 3
-    assert sizes["variants"] == (len(NORMS) - 1 + 4) * 3  # the no-norm arm over 4 lrs
+    # datasets x (bn + none at BN's lr + none at its tuned lr + fixup) x 3 seeds, and the 4
+    # tuning runs (seed 0, short) of the tuned arm on each dataset
+    plan = expand(load_spec("seed"))
+    assert len(plan.runs) + len(plan.waiting) == 3 * 4 * 3 and len(plan.tune_runs) == 3 * 4
+    assert sizes["seed"] == 3 * 4 * 3 - 3 * 3  # the tuned arm waits for its tuning
+    variants = expand(load_spec("variants"))
+    assert len(variants.all_runs) == len(NORMS) * 3 + 4  # every norm x 3 seeds + 4 tuning runs
 
 
 @pytest.mark.parametrize("text,expected", [

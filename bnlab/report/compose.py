@@ -21,6 +21,7 @@ from bnlab.report.load import Study, fmt_value
 from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA
+from bnlab.report.tuning import tuning_table
 
 COMPARE_CAPTIONS = {
     "reliability.png": "Reliability diagram of each compared arm, the predictions of all its "
@@ -62,6 +63,9 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     selection = T.selection_table(study, arms, num.table + 1)
     if selection:
         num.next_table()
+    tuned = tuning_table(study, num.table + 1)
+    if tuned:
+        num.next_table()
     gap, gap_rows = T.gap_table(study, arms, num.table + 1)
     if gap:
         num.next_table()
@@ -95,6 +99,8 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     doc.add(Heading(2, "Results", "results"), Paragraph(_intro(study)), summary)
     if selection:
         doc.add(selection)
+    if tuned:
+        doc.add(tuned)
     doc.add(Heading(2, "Findings", "findings"),
             Paragraph("Generated from the numbers in the tables of this report; each sentence "
                       f"cites the row it comes from. Significance: two-sided Welch's t-test at "
@@ -158,6 +164,9 @@ def _intro(study: Study) -> str:
                  if study.select_on == "val" else "test accuracy")
         text += (f" Within each arm, {', '.join(study.select_best)} was chosen from several "
                  f"values by mean final {split}.")
+    if study.tuning.get("protocol"):
+        text += (f" One arm's {study.tuning.get('protocol')} (the tuning table), then every "
+                 "seed trained at the chosen value.")
     return text
 
 

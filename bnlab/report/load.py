@@ -128,6 +128,7 @@ class Study:
     runs: list[Run]
     comparisons: list[Comparison] = field(default_factory=list)
     store: Store | None = field(default=None, repr=False)
+    tuning: dict[str, Any] = field(default_factory=dict)  # study.json's [tune] outcome
 
     @property
     def compare(self) -> dict[str, Any] | None:
@@ -197,7 +198,8 @@ def load_study(out_dir: str | Path) -> Study:
                  sets=dict(meta.get("sets") or {}), only=dict(meta.get("only") or {}),
                  data_map=dict(meta.get("data_map") or {}), axes=axes,
                  analysis=dict(meta.get("analysis") or spec.get("analysis") or {}),
-                 runs=runs, comparisons=comparisons, store=store)
+                 runs=runs, comparisons=comparisons, store=store,
+                 tuning=meta["tuning"] if isinstance(meta.get("tuning"), dict) else {})
 
 
 def _comparisons(store: Store, runs: list[Run]) -> list[Comparison]:

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 from bnlab.errors import StorageError, UserError, storage_error
 
 STATUSES = ("running", "completed", "diverged", "no_learning", "failed")
@@ -199,6 +197,8 @@ class RunDir:
     def save_checkpoint(self, state: dict) -> None:
         """Serialize in memory, then write like every other file (temporary name, fsync,
         rename): a full disk is then an OSError at a known path, never a half-written zip."""
+        import torch  # lazy: reading a store's records (study list, status) needs no torch
+
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.checkpoint_path, buf.getbuffer())
@@ -216,6 +216,8 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
+    import torch  # lazy, as in save_checkpoint
+
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle of forbidden types, ...

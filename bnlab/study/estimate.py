@@ -130,15 +130,55 @@ class Estimate:
     scaled: bool = False  # some rate was scaled from another model's measurement
 
 
+def rate_key(cfg: RunConfig) -> tuple:
+    """What a measured rate of one run carries over to: runs of the same network, norm, init,
+    precision, batch and device, with or without probes."""
+    return (cfg.model, cfg.norm, cfg.init, cfg.precision, cfg.batch_size, cfg.device,
+            bool(cfg.probe_every), cfg.cpu_kernels)
+
+
+def own_rates(runs: Iterable[tuple[RunConfig, dict | None]],
+              sizes: dict[str, tuple] | None = None) -> dict[tuple, float]:
+    """Training-image equivalents per second (as `images` counts them: evaluation, probes and
+    start-up included, being in the run's wall time) of the runs of an output folder that
+    finished training, averaged per rate_key. Diverged runs stop early and say nothing of a
+    whole run's cost; runs of a dataset of unknown size are left out."""
+    by_key: dict[tuple, list[float]] = {}
+    for cfg, summary in runs:
+        s = summary or {}
+        wall, done = s.get("wall_time"), s.get("epochs_done")
+        if s.get("status") not in ("completed", "no_learning") or not isinstance(
+                wall, int | float) or wall <= 0 or not isinstance(done, int) or done < 1:
+            continue
+        n = images(cfg, sizes or {})
+        if n is None:
+            continue
+        by_key.setdefault(rate_key(cfg), []).append(n * min(done, cfg.epochs) / cfg.epochs
+                                                     / wall)
+    return {k: sum(v) / len(v) for k, v in by_key.items()}
+
+
+OWN_SOURCE = "this output folder's own finished runs of the same network, norm, precision and batch"
+
+
 def estimate(cfgs: Iterable[RunConfig], device: str,
-             sizes: dict[str, tuple[int, int]] | None = None) -> Estimate:
+             sizes: dict[str, tuple[int, int]] | None = None,
+             own: dict[tuple, float] | None = None) -> Estimate:
     """Minutes to train `cfgs` one after another on `device` ('cpu' or 'gpu'); on a GPU the
-    packable runs as the study runner packs them."""
+    packable runs as the study runner packs them. `own` (own_rates of an output folder) gives
+    CPU runs of a measured rate_key that rate instead of the table's."""
     cfgs = list(cfgs)
     sizes = sizes or {}
+    own = own or {}
     groups = pack_groups(cfgs, max_k=16) if device == "gpu" else [[c] for c in cfgs]
     seconds, sources, scaled = 0.0, [], False
     for group in groups:
+        mine = own.get(rate_key(group[0])) if device == "cpu" else None
+        n = images(group[0], sizes)
+        if mine is not None and n is not None:
+            seconds += n / mine
+            sources.append(OWN_SOURCE)
+            continue
         fam, cost = family(group[0].model)
         table = LONE
         if len(group) > 1 and (fam, device) in PACKED:

@@ -30,7 +30,7 @@ class Progress:
         self.out = sys.stdout if self.stream is sys.stderr else self.stream
         self.lock = threading.Lock()
         self.t0 = time.monotonic()
-        self.total = sum(r.cfg.epochs for r in plan.runs)
+        self.total = sum(r.cfg.epochs for r in plan.all_runs)
         self.done0 = None
         self.bar: tqdm | None = None
         self._stop = threading.Event()
@@ -40,7 +40,7 @@ class Progress:
         """(runs finished, epochs done, seconds left or None)."""
         rows = {r["run_id"]: r for r in self.store.rows()}
         runs_done, done = 0, 0
-        for r in self.plan.runs:
+        for r in self.plan.all_runs:
             row = rows.get(r.run_id)
             if row is None:
                 continue
@@ -69,7 +69,7 @@ class Progress:
     def _update(self) -> None:
         runs_done, done, eta = self.measure()
         self.bar.n = done
-        self.bar.set_postfix_str(f"{runs_done}/{len(self.plan.runs)} runs, ETA {fmt_time(eta)}",
+        self.bar.set_postfix_str(f"{runs_done}/{len(self.plan.all_runs)} runs, ETA {fmt_time(eta)}",
                                  refresh=False)
         self.bar.refresh()
 
@@ -80,7 +80,7 @@ class Progress:
         wall = summary.get("wall_time")
         wall_s = f", {wall:.1f} s" if isinstance(wall, int | float) else ""
         runs_done, _, eta = self.measure()
-        self.log(f"[{runs_done}/{len(self.plan.runs)}] {summary.get('run_id')}: "
+        self.log(f"[{runs_done}/{len(self.plan.all_runs)}] {summary.get('run_id')}: "
                  f"{summary.get('status')}{acc_s}{wall_s}; study ETA {fmt_time(eta)}")
 
     def __enter__(self):

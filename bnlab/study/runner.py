@@ -18,7 +18,8 @@ from bnlab.study.executors import SlurmExecutor, run_parallel, run_serial
 from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.progress import Progress
 from bnlab.study.spec import Plan
-from bnlab.study.status import count_statuses
+from bnlab.study.status import count_statuses, estimate_line
+from bnlab.study.tuning import CHOOSABLE, choose, group_key
 from bnlab.study.worker import check_data
 from bnlab.train.packed import pack_groups, train_packed
 
@@ -53,34 +54,50 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     store = open_study_store(plan, out)
+    if plan.groups:  # choices already made by an earlier runner
+        plan = _with_choices(plan, store)
+        store.write_meta("study.json", plan.study_json())
     progress = Progress(plan, store, tty=tty)
-    finished = {r.run_id for r in plan.runs
+    finished = {r.run_id for r in plan.all_runs
                 if (store.run(r.run_id).summary or {}).get("status") in FINISHED}
-    for r in plan.runs:  # a finished run counts as done only if it was run on this data
+    for r in plan.all_runs:  # a finished run counts as done only if it was run on this data
         if r.run_id in finished:
             check_data(store, r.cfg)
-    todo = [r for r in plan.runs if r.run_id not in finished]
+    todo = [r for r in plan.all_runs if r.run_id not in finished]
     how = f"--jobs {jobs}" if executor == "local" else f"--executor {executor}"
-    progress.log(f"study {plan.spec.name}: {len(plan.runs)} runs, {len(finished)} already "
-                 f"finished, {len(todo)} to run, {how} -> {store.root}")
-    if executor != "local":
-        ex = SlurmExecutor(store.root / "slurm", options,
-                           cluster="slurm" if executor == "slurm" else "local")
-        ex.run([r.cfg for r in todo], store.root, progress.log)
-        return count_statuses(store, plan)
+    tuning = f" ({len(plan.tune_runs)} of them tuning runs)" if plan.tune_runs else ""
+    progress.log(f"study {plan.spec.name}: {len(plan.all_runs)} runs{tuning}, "
+                 f"{len(finished)} already finished, {len(todo)} to run, {how} -> {store.root}")
+    progress.log(estimate_line(plan, store))
 
-    def execute(wait: bool, retry_failed: bool, runs) -> list:
+    def execute(runs, wait: bool = False, retry_failed: bool = True) -> list:
+        if executor != "local":
+            ex = SlurmExecutor(store.root / "slurm", options,
+                               cluster="slurm" if executor == "slurm" else "local")
+            ex.run([r.cfg for r in runs], store.root, progress.log)
+            return []
         if jobs == 1:
             return run_serial(store, progress, wait, retry_failed, runs)
         return run_parallel(plan, store, progress, jobs, wait, retry_failed, runs)
 
-    with progress:
-        if pack:
-            todo = _run_packed(store, progress, todo)
-        busy = execute(False, True, todo)
+    def phase(runs) -> None:
+        if pack and executor == "local":
+            runs = _run_packed(store, progress, runs)
+        busy = execute(runs)
         if busy:  # held by another runner: wait for it, and take over if it dies
             progress.log(f"{len(busy)} runs are being trained by another process; waiting")
-            execute(True, False, busy)
+            execute(busy, True, False)
+
+    with progress:
+        if plan.waiting:  # tuning first: the tuned runs' value comes from it
+            tune_ids = {r.run_id for r in plan.tune_runs}
+            phase([r for r in todo if r.run_id in tune_ids])
+            plan = _with_choices(plan, store, log=progress.log)
+            store.write_meta("study.json", plan.study_json())
+            progress.plan = plan
+            todo = [r for r in plan.runs if r.run_id not in finished
+                    and (store.run(r.run_id).summary or {}).get("status") not in FINISHED]
+        phase([r for r in todo if r.run_id in {p.run_id for p in plan.runs + plan.tune_runs}])
     return count_statuses(store, plan)
 
 
@@ -88,6 +105,37 @@ def unfinished(counts: dict[str, int]) -> int:
     """How many runs of a study's counts did not end with a result (bnlab.store.FINISHED):
     failed, interrupted, pending, or still running elsewhere."""
     return sum(n for status, n in counts.items() if status not in FINISHED)
+
+
+def _with_choices(plan: Plan, store: Store, log=None) -> Plan:
+    """`plan` with the values its groups' ended tuning runs choose (bnlab.study.tuning),
+    each choice said in `log`; a group none of whose tuning runs finished training has no
+    value, and its tuned runs are left out (said too)."""
+    tune = plan.spec.tune
+    chosen, dead = {}, set()
+    for g in plan.groups:
+        c = choose(store, g.key, [r.cfg for r in g.tuning], tune)
+        if c.value is not None:
+            chosen[g.key] = c.value
+        elif c.ended:
+            dead.add(g.key)
+        if log is None or not c.ended:
+            continue
+        shown = ", ".join(f"{k}={v}" for k, v in g.label.items())
+        trials = "; ".join(f"{t['value']}: " + (f"val acc {t['val_acc']:.4f}"
+                           if t["status"] in CHOOSABLE and t["val_acc"] is not None
+                           else t["status"]) for t in c.trials)
+        if c.value is None:
+            log(f"tuning {tune.axis} for ({shown}): no value chosen, no tuning run finished "
+                f"training ({trials}); its runs are left out")
+        else:
+            edge = (f", the {c.edge} value tried (the values may need extending)"
+                    if c.edge else "")
+            log(f"tuning {tune.axis} for ({shown}) on seed {tune.seed}: {c.value} chosen"
+                f"{edge} ({trials})")
+    new = plan.with_choices(chosen)
+    new.waiting = [r for r in new.waiting if group_key(r.cfg, tune) not in dead]
+    return new
 
 
 def _run_packed(store: Store, progress: Progress, todo: list) -> list:

@@ -25,16 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import FIELDS, RunConfig, _coerce, validate
-from bnlab.data import DATASETS
+from bnlab.config import FIELDS, NOT_ARM_KEYS, RunConfig, _coerce, validate
 from bnlab.errors import UserError, suggest, unknown
-from bnlab.models import MODELS
-from bnlab.models.init import INITS
-from bnlab.norm import FORMULAS
-from bnlab.runtime import resolve_device
-from bnlab.train.board import require_tensorboard
+from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
 
-SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
+SECTIONS = ("name", "description", "base", "grid", "cases", "tune", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
 ANALYSIS_KEYS = ("select_best", "select_on", "compare", "corruptions", "baseline")
 SELECT_ON = ("val", "test")  # the split select_best chooses on
@@ -76,6 +71,7 @@ class Spec:
     cases: list[Case]
     analysis: dict[str, Any]
     estimate: dict[str, Any]  # sizes: {dataset: (train, test)}; minutes given by the spec
+    tune: Tune | None = None  # [tune]: one value of an arm chosen on one seed first
 
 
 def load_spec(text: str) -> Spec:
@@ -184,8 +180,37 @@ def parse_spec(data: dict, source: str = "built-in", default_name: str = "study"
                           grid=_axes(c.get("grid", {}), f"{where} grid")))
 
     analysis = _parse_analysis(_table(data.get("analysis", {}), f"{label} [analysis]"), label)
+    tune = _parse_tune(_table(data["tune"], f"{label} [tune]"), label) if "tune" in data else None
     return Spec(name, description, source, data, base, grid, cases, analysis,
-                _parse_estimate(_table(data.get("estimate", {}), f"{label} [estimate]"), label))
+                _parse_estimate(_table(data.get("estimate", {}), f"{label} [estimate]"), label),
+                tune)
+
+
+def _parse_tune(table: dict, label: str) -> Tune:
+    """[tune]: where (the tuned runs), axis, values (at least two), seed (default 0) and set
+    (what makes a tuning run short)."""
+    where = f"{label} [tune]"
+    _keys(table, TUNE_KEYS, where)
+    for k in ("where", "axis", "values"):
+        if k not in table:
+            raise UserError(f"{where} needs {k} (e.g. where = {{ norm = \"none\" }}, "
+                            "axis = \"lr\", values = [0.01, 0.02, 0.04])")
+    axis = field_name(table["axis"], f"{where} axis") if isinstance(table["axis"], str) else None
+    if axis is None or axis == "seed":
+        raise UserError(f"{where} axis must be the name of a run option other than seed, got "
+                        f"{table['axis']!r}")
+    values = _axes({axis: table["values"]}, where)[axis]
+    if len(values) < 2 or len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
+        raise UserError(f"{where} values must be at least two different values, got "
+                        f"{table['values']!r}")
+    seed = table.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"{where} seed must be an integer >= 0, got {seed!r}")
+    sets = _values(table.get("set", {}), f"{where} set")
+    if "seed" in sets or axis in sets:
+        raise UserError(f"{where} set may not change seed or {axis} (the tuning runs' seed is "
+                        "tune.seed, their value the one tried)")
+    return Tune(_values(table["where"], f"{where} where"), axis, tuple(values), seed, sets)
 
 
 def _parse_estimate(est: dict, label: str) -> dict[str, Any]:
@@ -247,21 +272,59 @@ class PlannedRun:
 
 
 @dataclass
+class TuneGroup:
+    """The tuned runs of a [tune] section that differ only in seed: their tuning runs, and the
+    value chosen for them (None until it is)."""
+
+    key: str
+    dataset: str  # the dataset name in the spec
+    tuning: list[PlannedRun]
+    chosen: Any = None
+    label: dict[str, Any] = field(default_factory=dict)  # the group's values of the axes
+
+
+@dataclass
 class Plan:
     spec: Spec
-    runs: list[PlannedRun]
+    runs: list[PlannedRun]  # every run whose configuration is known (tuned ones once chosen)
     axes: list[str]
     sets: dict[str, Any]
     only: dict[str, Any]
     data_map: dict[str, str]
+    groups: list[TuneGroup] = field(default_factory=list)  # [tune]: one per tuned group
+    waiting: list[PlannedRun] = field(default_factory=list)  # tuned runs before their choice
+    args: tuple = ()  # expand()'s arguments, to expand again with the choices
+
+    @property
+    def tune_runs(self) -> list[PlannedRun]:
+        return [r for g in self.groups for r in g.tuning]
+
+    @property
+    def all_runs(self) -> list[PlannedRun]:
+        """Every run the plan will train: tuning runs, runs, runs waiting for their choice."""
+        return [*self.tune_runs, *self.runs, *self.waiting]
+
+    def with_choices(self, chosen: dict[str, Any]) -> Plan:
+        """The plan expanded again with `chosen` ({group key: value}) for the tuned runs."""
+        return expand(*self.args, chosen=chosen)
 
     def study_json(self) -> dict[str, Any]:
         """The OUT/study.json document (see the contract in docs/studies.md)."""
-        return {"name": self.spec.name, "description": self.spec.description,
-                "spec": self.spec.raw, "sets": self.sets, "only": self.only,
-                "data_map": self.data_map, "axes": self.axes,
-                "runs": [{"run_id": r.run_id, "values": r.values} for r in self.runs],
-                "analysis": self.spec.analysis}
+        doc = {"name": self.spec.name, "description": self.spec.description,
+               "spec": self.spec.raw, "sets": self.sets, "only": self.only,
+               "data_map": self.data_map, "axes": self.axes,
+               "runs": [{"run_id": r.run_id, "values": r.values} for r in self.runs],
+               "analysis": self.spec.analysis}
+        t = self.spec.tune
+        if t is not None:
+            doc["tuning"] = {
+                "axis": t.axis, "values": list(t.values), "seed": t.seed, "set": t.set,
+                "where": t.where, "protocol": t.describe(), "waiting": len(self.waiting),
+                "groups": [{"group": g.key, "dataset": g.dataset, "values": g.label,
+                            "chosen": g.chosen,
+                            "runs": [{"run_id": r.run_id, "value": getattr(r.cfg, t.axis)}
+                                     for r in g.tuning]} for g in self.groups]}
+        return doc
 
 
 def _product(axes: dict[str, list]) -> list[dict[str, Any]]:
@@ -330,8 +393,16 @@ def parse_data_map(items: list[str] | None) -> dict[str, str]:
 
 def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
            only: list[tuple[str, Any]] | None = None,
-           data_map: dict[str, str] | None = None) -> Plan:
-    """The runs of `spec` after --set (applied last, to every run), --data-map and --only."""
+           data_map: dict[str, str] | None = None,
+           chosen: dict[str, Any] | None = None) -> Plan:
+    """The runs of `spec` after --set (applied last, to every run), --data-map and --only.
+
+    With a [tune] section, the tuned runs (those matching its `where`) whose group has a value
+    in `chosen` take it; the others wait (Plan.waiting) and their groups' tuning runs are
+    planned (Plan.groups; bnlab.study.tuning). --only keeps tuned runs, not tuning runs: a
+    tuned run needs its group's tuning whatever its seed."""
+    args = (spec, sets, only, data_map)
+    chosen = chosen or {}
     sets_d = dict(sets or [])
     data_map = dict(data_map or {})
     only_d: dict[str, list] = {}
@@ -352,30 +423,58 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
                             f"{spec.name!r}{suggest(name, logical)}; its datasets: "
                             f"{', '.join(logical)}")
 
+    tune = spec.tune
     runs: list[PlannedRun] = []
+    waiting: list[PlannedRun] = []
+    groups: dict[str, TuneGroup] = {}
     seen: set[str] = set()
+    tuned_any = False
     for r in raw:
         overrides = {**r, **sets_d}
         cfg = dataclasses.replace(base, **overrides)
         name = cfg.dataset
         cfg = dataclasses.replace(cfg, dataset=data_map.get(name, name))
+        shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
         try:
             cfg = validate(cfg)
         except UserError as e:
-            shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
             raise UserError(f"run ({shown}) of spec {spec.name!r}: {e}") from None
+        tuned = tune is not None and all(
+            _same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
+            for k, v in tune.where.items())
+        tuned_any = tuned_any or tuned
+        key = group_key(cfg, tune) if tuned else ""
+        if tuned and key in chosen:
+            try:
+                cfg = validate(dataclasses.replace(cfg, **{tune.axis: chosen[key]}))
+            except UserError as e:
+                raise UserError(f"run ({shown}) of spec {spec.name!r} at the chosen "
+                                f"{tune.axis}: {e}") from None
         if cfg.run_id() in seen:
             continue
         seen.add(cfg.run_id())
         keep = all(any(_same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
                        for v in vals) for k, vals in only_d.items())
-        if keep:
-            runs.append(PlannedRun(cfg, name))
-    if not runs:
+        if not keep:
+            continue
+        if tuned and key not in groups:
+            groups[key] = TuneGroup(key, name, [PlannedRun(_tuning_cfg(c, spec), name)
+                                                for c in tuning_configs(cfg, tune)],
+                                    chosen.get(key))
+        (waiting if tuned and key not in chosen else runs).append(PlannedRun(cfg, name))
+    if tune is not None and not tuned_any:
+        shown = ", ".join(f"{k}={v!r}" for k, v in tune.where.items())
+        raise UserError(f"[tune] of spec {spec.name!r} (where {shown}) matches no run")
+    if not runs and not waiting:
         shown = " ".join(f"{k}={v!r}" for k, vals in only_d.items() for v in vals)
         raise UserError(f"no run of study {spec.name!r} matches --only {shown}")
 
     analysis = spec.analysis
+    bad = next((r for g in groups.values() for r in g.tuning if not r.cfg.val_fraction), None)
+    if bad is not None:
+        raise UserError(f"study {spec.name!r} tunes {tune.axis} on a validation split, but "
+                        f"tuning run {bad.run_id} has val_fraction 0: set val_fraction (e.g. "
+                        "[base] val_fraction = 0.1)")
     if analysis["select_best"] and analysis["select_on"] == "val":
         bad = next((r for r in runs if not r.cfg.val_fraction), None)
         if bad is not None:
@@ -383,12 +482,23 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
                             f"on a validation split, but run {bad.run_id} has val_fraction 0: "
                             "set val_fraction (e.g. [base] val_fraction = 0.1), or select on "
                             "the test set with [analysis] select_on = \"test\"")
-    axes = _varying(spec, runs, list(sets_d))
-    for r in runs:
+    axes = _varying(spec, runs + waiting, list(sets_d))
+    for r in runs + waiting + [t for g in groups.values() for t in g.tuning]:
         r.values = {k: (r.dataset if k == "dataset" else getattr(r.cfg, k)) for k in axes}
         r.values.setdefault("dataset", r.dataset)
+    for g in groups.values():
+        g.label = {k: v for k, v in g.tuning[0].values.items()
+                   if k not in NOT_ARM_KEYS and k != tune.axis}
     only_out = {k: v[0] if len(v) == 1 else v for k, v in only_d.items()}
-    return Plan(spec, runs, axes, sets_d, only_out, data_map)
+    return Plan(spec, runs, axes, sets_d, only_out, data_map, list(groups.values()), waiting,
+                args)
+
+
+def _tuning_cfg(cfg: RunConfig, spec: Spec) -> RunConfig:
+    try:
+        return validate(cfg)
+    except UserError as e:
+        raise UserError(f"a tuning run of spec {spec.name!r} ([tune] set): {e}") from None
 
 
 def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[str]:
@@ -407,12 +517,21 @@ def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[st
 
 
 # -- checks just before running ----------------------------------------------------------------
-# the dataset registry's plain names; its pattern imagefolder:PATH is checked by its path
-KNOWN_DATASETS = tuple(name for name in DATASETS if ":" not in name)
+# The registries below import torch: loaded when a plan is checked before running, so that
+# reading and expanding specs (`bnlab study list`) stays free of torch's start-up time.
+def known_datasets() -> tuple[str, ...]:
+    """The dataset registry's plain names; its pattern imagefolder:PATH is checked by its path."""
+    from bnlab.data import DATASETS
+
+    return tuple(name for name in DATASETS if ":" not in name)
 
 
 def _registries() -> dict[str, dict]:
     """The name registries of the model, norm and init factories."""
+    from bnlab.models import MODELS
+    from bnlab.models.init import INITS
+    from bnlab.norm import FORMULAS
+
     return {"model": MODELS, "norm": FORMULAS, "init": INITS}
 
 
@@ -424,23 +543,27 @@ def preflight(plan: Plan) -> None:
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
     """
-    for r in plan.runs:
+    from bnlab.runtime import resolve_device
+    from bnlab.train.board import require_tensorboard
+
+    known = known_datasets()
+    for r in plan.all_runs:
         ds = r.cfg.dataset
-        if ds not in KNOWN_DATASETS and not ds.startswith("imagefolder:"):
+        if ds not in known and not ds.startswith("imagefolder:"):
             raise UserError(f"dataset {ds!r} of study {plan.spec.name!r} is not a dataset "
-                            f"name{suggest(ds, KNOWN_DATASETS)}: map it with --data-map "
-                            f"{ds}=imagefolder:PATH (or one of {', '.join(KNOWN_DATASETS)})")
-    for ds in dict.fromkeys(r.cfg.dataset for r in plan.runs):
+                            f"name{suggest(ds, known)}: map it with --data-map "
+                            f"{ds}=imagefolder:PATH (or one of {', '.join(known)})")
+    for ds in dict.fromkeys(r.cfg.dataset for r in plan.all_runs):
         path = ds.removeprefix("imagefolder:")
         if ds.startswith("imagefolder:") and not Path(path).expanduser().exists():
             raise UserError(f"image folder {path!r} of study {plan.spec.name!r} does not "
                             "exist: give --data-map NAME=imagefolder:PATH a folder in the "
                             "ImageNet layout (train/, val/ or test/) or a .tar/.tar.gz of one")
     for kind, names in _registries().items():
-        for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.runs):
+        for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.all_runs):
             if value not in names:
                 raise unknown(kind, value, names)
-    for device in sorted({r.cfg.device for r in plan.runs}):
+    for device in sorted({r.cfg.device for r in plan.all_runs}):
         resolve_device(device)
-    if any(r.cfg.tensorboard for r in plan.runs):
+    if any(r.cfg.tensorboard for r in plan.all_runs):
         require_tensorboard()

@@ -6,18 +6,20 @@ Statuses come from the runs' own summaries; on top of bnlab.store's, a run never
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from bnlab.console import format_table
 from bnlab.errors import UserError
-from bnlab.store import Store, open_store
-from bnlab.study.estimate import DEVICES, estimate
+from bnlab.runtime import resolve_device
+from bnlab.store import FINISHED, Store, open_store
+from bnlab.study.estimate import DEVICES, OWN_SOURCE, estimate, own_rates
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
 def count_statuses(store: Store, plan: Plan) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for row in status_rows(store, [r.run_id for r in plan.runs]):
+    for row in status_rows(store, [r.run_id for r in plan.all_runs]):
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     return counts
 
@@ -115,14 +117,51 @@ def fmt_minutes(m: float | None) -> str:
     return f"{m:.0f} min" if m < 120 else f"{m / 60:.1f} h"
 
 
-def study_estimate(spec, device: str) -> str:
-    """The spec's own minutes for `device` if it gives them, else the estimate from measured
-    throughput."""
+def remaining(plan: Plan, store: Store | None) -> tuple[list, dict[tuple, float]]:
+    """The runs of `plan` still to train (every run but those with a result in `store`), each
+    config with the spec's dataset name (whose size the estimate knows), and the rates measured
+    by the finished runs of `store` (estimate.own_rates)."""
+    sizes = plan.spec.estimate.get("sizes")
+    named = [(dataclasses.replace(r.cfg, dataset=r.dataset), r.run_id) for r in plan.all_runs]
+    if store is None:
+        return [c for c, _ in named], {}
+    summaries = {rid: store.run(rid).summary for _, rid in named}
+    todo = [c for c, rid in named if (summaries[rid] or {}).get("status") not in FINISHED]
+    return todo, own_rates(((c, summaries[rid]) for c, rid in named), sizes)
+
+
+def study_estimate(plan: Plan, device: str, store: Store | None = None) -> str:
+    """The spec's own minutes for `device` if it gives them (for a study not begun), else the
+    estimate of the runs left: from the output folder's own measured throughput where it has
+    finished runs like them, else from bnlab's table of measured rates."""
+    spec = plan.spec
     given = spec.estimate.get(f"{device}_minutes")
-    if given is not None:
+    todo, own = remaining(plan, store)
+    if given is not None and len(todo) == len(plan.all_runs):
         return fmt_minutes(given) + " (spec)"
-    est = estimate([r.cfg for r in expand(spec).runs], device, spec.estimate.get("sizes"))
-    return fmt_minutes(est.minutes) + (" (scaled)" if est.scaled else "")
+    if not todo:
+        return "done"
+    est = estimate(todo, device, spec.estimate.get("sizes"), own)
+    mark = " (scaled)" if est.scaled else (" (own)" if OWN_SOURCE in est.sources else "")
+    return fmt_minutes(est.minutes) + mark
+
+
+def estimate_line(plan: Plan, store: Store) -> str:
+    """study run's estimate of the runs left, and where its rates come from."""
+    cuda = any(resolve_device(r.cfg.device).type == "cuda" for r in plan.all_runs)
+    device = "gpu" if cuda else "cpu"
+    todo, own = remaining(plan, store)
+    if not todo:
+        return "estimate: nothing left to train"
+    est = estimate(todo, device, plan.spec.estimate.get("sizes"), own)
+    if est.minutes is None:
+        return f"estimate: none for {len(todo)} runs left ({est.missing})"
+    where = ("this folder's own finished runs" if est.sources == (OWN_SOURCE,) else
+             "this folder's own finished runs and bnlab's table of measured rates"
+             if OWN_SOURCE in est.sources else "bnlab's table of measured rates")
+    return (f"estimate: {fmt_minutes(est.minutes)} of training and evaluation for the "
+            f"{len(todo)} runs left on {DEVICES[device]}, from {where}"
+            + (" (scaled)" if est.scaled else ""))
 
 
 def list_text() -> str:
@@ -130,12 +169,16 @@ def list_text() -> str:
     class bnlab was measured on."""
     rows = []
     for name in builtin_names():
-        sp = load_spec(name)
-        rows.append([name, str(len(expand(sp).runs)), study_estimate(sp, "cpu"),
-                     study_estimate(sp, "gpu"), sp.description])
+        plan = expand(load_spec(name))
+        folder = DEFAULT_ROOT / name  # a study begun here: what is left, at its own rates
+        store = (open_store(folder, readonly=None) if (folder / "study.json").is_file()
+                 else None)
+        rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", store),
+                     study_estimate(plan, "gpu", store), plan.spec.description])
     notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
              f"{DEVICES['cpu']}, GPU = {DEVICES['gpu']} with GPU runs packed as the runner packs "
-             "them; (scaled): from the measurement of a smaller model of the family by its "
-             "layers; unmeasured: no measurement of that model on that device."]
+             "them; (own): a study begun in studies-out/NAME, its runs left at the rates its "
+             "finished runs measured; (scaled): from the measurement of a smaller model of the "
+             "family by its layers; unmeasured: no measurement of that model on that device."]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
