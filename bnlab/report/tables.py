@@ -244,12 +244,21 @@ class ProbeRow:
     row: int = 0
 
     @property
-    def abs_change(self) -> Summary:
-        return summarize([abs(d.p50_change) for d in self.drifts])
+    def p50_change(self) -> Summary:
+        return summarize([d.p50_change for d in self.drifts])
 
     @property
-    def p50_range(self) -> Summary:
-        return summarize([d.p50_range for d in self.drifts])
+    def width_change(self) -> Summary:
+        return summarize([d.width_change for d in self.drifts])
+
+    @property
+    def unit_change(self) -> Summary:
+        return summarize([d.unit_abs_change for d in self.drifts
+                          if d.unit_abs_change is not None])
+
+    @property
+    def window(self) -> int:
+        return min(d.window for d in self.drifts)
 
     def mean_at(self, end: str, metric: str) -> float:
         vals = [getattr(d, end)[metric] for d in self.drifts]
@@ -275,25 +284,32 @@ def probe_table(rows_in: list[ProbeRow], number: int) -> Table | None:
     if not rows_in:
         return None
     head = ["Dataset", "Arm", "Layer", "n", "Steps", "p15 first → last", "p50 first → last",
-            "p85 first → last", "|Δ p50|", "p50 range"]
+            "p85 first → last", "Δ p50", "Δ (p85 − p15)", "per unit |Δ p50|"]
     rows = []
     for i, p in enumerate(rows_in, 1):
         p.row = i
         steps = f"{p.drifts[0].first_step}–{max(d.last_step for d in p.drifts)}"
         cells = [f"{fmt.num(p.mean_at('first', m), 3)} → {fmt.num(p.mean_at('last', m), 3)}"
                  for m in ("act_p15", "act_p50", "act_p85")]
+        unit = fmt.value_sd(p.unit_change) if p.unit_change.n else fmt.DASH
         rows.append([p.arm.dataset, arm_label(p.arm), p.layer, str(len(p.drifts)), steps,
-                     *cells, fmt.mean_std(p.abs_change, 1.0, 3),
-                     fmt.mean_std(p.p50_range, 1.0, 3)])
+                     *cells, fmt.signed_sd(p.p50_change),
+                     fmt.signed_sd(p.width_change), unit])
+    window = min(p.window for p in rows_in)
     notes = ["Percentiles of the layer's input activations pooled over all its units, as "
-             "recorded by the probes (Ioffe & Szegedy 2015, Fig. 1(b, c) follows single units: "
-             "see the per-unit figure); first/last: values at the first and last recorded "
-             "step, averaged over the n seeds that recorded probes.",
-             "|Δ p50|: absolute change of the median from the first to the last recorded step; "
-             "p50 range: max − min of the median over all recorded steps; both mean ± std over "
-             "seeds. Larger values mean the input distribution of the layer moved more."]
+             "recorded by the probes on their fixed batch of held-out images (the same "
+             "images at every step, in every arm and seed; runs recorded before the probes "
+             "had one measured on each step's training batch). Ioffe & Szegedy 2015, "
+             "Fig. 1(b, c) follows single units: see the per-unit figure.",
+             f"first / last: mean over the first and over the last {window} recorded probes "
+             "of a run (fewer in a short run: at most a quarter of its probes), averaged over "
+             "the n seeds. Δ: last − first, mean ± std over seeds; Δ (p85 − p15): change of "
+             "the spread; per unit |Δ p50|: the absolute change of the median of each "
+             "followed unit, averaged over the run's units, mean ± std over seeds. Averaging "
+             "the ends keeps probe-to-probe noise out of the drift (max − min over all probes "
+             "would grow with it)."]
     return Table(number, "Input distribution of one layer over training", head, rows, notes,
-                 numeric=[False, False, False] + [True] * 7, anchor="probes")
+                 numeric=[False, False, False] + [True] * 8, anchor="probes")
 
 
 def runs_table(study: Study, arms: list[Arm], number: int) -> Table:

@@ -37,6 +37,7 @@ from bnlab.train.distributed import (
 )
 from bnlab.train.evaluate import chance_threshold, evaluate_topk
 from bnlab.train.optim import lr_factor, make_sgd, peak_lr
+from bnlab.train.probe_batch import probe_batch
 from bnlab.train.probes import Prober, make_prober
 from bnlab.train.record import RunRecord, checkpoint_state, config_record
 
@@ -173,8 +174,12 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # probes (bnlab/train/probes.py): None when off; they never change the trajectory
-    prober = (make_prober(cfg, model, opt, criterion, rec.run, rec.epoch, rec.step)
-              if cfg.probe_every else None)
+    prober = None
+    if cfg.probe_every:
+        batch = probe_batch(bundle, cfg.probe_images, device, fmt)
+        prober = make_prober(cfg, model, opt, criterion, rec.run, rec.epoch, rec.step, batch)
+        where = batch.describe() if batch else "each probe step's own training batch"
+        log(f"probes every {cfg.probe_every} steps; activations on {where}")
     graphed = (cfg.cuda_graph and step_graph.supported(device) and prober is None
                and not ctx.env.enabled and not (cfg.compile and cfg.dropout > 0))
     fast = prepare(net, device, cfg.compile, whole_step_graph=graphed)
