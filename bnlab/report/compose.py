@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from bnlab.report import figures as F
 from bnlab.report import tables as T
-from bnlab.report.arms import build_arms
+from bnlab.report.arms import build_arms, compare_picks, compare_skip
 from bnlab.report.compare_tables import compare_tables
 from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
@@ -21,6 +21,7 @@ from bnlab.report.load import Study, fmt_value
 from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA
+from bnlab.store import FINISHED
 
 COMPARE_CAPTIONS = {
     "reliability.png": "Reliability diagram of each compared arm, the predictions of all its "
@@ -126,8 +127,11 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
             add_figures(F.ics(ds, here))
             add_figures(F.model_probe_metrics(ds, here))
     shown = [(c, tables) for c, tables in compared if tables or c.data.get("figures")]
-    if shown:
+    skipped = _compare_skipped(study, arms)
+    if shown or skipped:
         doc.add(Heading(2, "Prediction comparison", "compare"))
+    for why in skipped:
+        doc.add(Paragraph(why[0].upper() + why[1:] + "."))
     for i, (c, tables) in enumerate(shown):
         if len(shown) > 1:
             doc.add(Heading(3, f"On {c.dataset or c.folder}", f"compare-{i + 1}"))
@@ -144,6 +148,20 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     doc.add(Heading(2, "All runs", "runs"), runs)
     doc.add(*provenance(study, arms))
     return Composed(doc, images)
+
+
+def _compare_skipped(study: Study, arms) -> list[str]:
+    """Why analysis.compare, asked for by the spec, compared nothing on a dataset (once every
+    run has ended; until then the comparison has not been tried)."""
+    if not study.analysis.get("compare") or not study.runs or \
+            any(r.status not in (*FINISHED, "failed") for r in study.runs):
+        return []
+    out = []
+    for ds in study.datasets:
+        why = compare_skip(arms, ds, [label for _, label in compare_picks(arms, ds)])
+        if why:
+            out.append(why)
+    return out
 
 
 def _intro(study: Study) -> str:

@@ -338,6 +338,8 @@ def _note(r: Run) -> str:
         return "not started"
     if "diverged_step" in s:
         return f"loss non-finite at step {s['diverged_step']}"
+    if "test_loss_nonfinite_epoch" in s:
+        return f"test loss non-finite after epoch {s['test_loss_nonfinite_epoch']}"
     stall = r.slow_start
     if stall is not None:
         return f"slow start: at chance until epoch {stall}"

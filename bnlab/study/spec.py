@@ -32,6 +32,7 @@ from bnlab.models import MODELS
 from bnlab.models.init import INITS
 from bnlab.norm import FORMULAS
 from bnlab.runtime import resolve_device
+from bnlab.store import warn
 from bnlab.train.board import require_tensorboard
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "analysis", "estimate")
@@ -353,7 +354,8 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
                             f"{', '.join(logical)}")
 
     runs: list[PlannedRun] = []
-    seen: set[str] = set()
+    seen: dict[str, dict] = {}  # run id -> the grid point that planned it first
+    repeated: list[tuple[dict, dict]] = []  # (first, repeat): grid points that are one run
     for r in raw:
         overrides = {**r, **sets_d}
         cfg = dataclasses.replace(base, **overrides)
@@ -365,12 +367,15 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
             shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
             raise UserError(f"run ({shown}) of spec {spec.name!r}: {e}") from None
         if cfg.run_id() in seen:
+            repeated.append((seen[cfg.run_id()], r))
             continue
-        seen.add(cfg.run_id())
+        seen[cfg.run_id()] = r
         keep = all(any(_same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
                        for v in vals) for k, vals in only_d.items())
         if keep:
             runs.append(PlannedRun(cfg, name))
+    if repeated:
+        warn(_repeat_warning(spec.name, repeated))
     if not runs:
         shown = " ".join(f"{k}={v!r}" for k, vals in only_d.items() for v in vals)
         raise UserError(f"no run of study {spec.name!r} matches --only {shown}")
@@ -389,6 +394,22 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
         r.values.setdefault("dataset", r.dataset)
     only_out = {k: v[0] if len(v) == 1 else v for k, v in only_d.items()}
     return Plan(spec, runs, axes, sets_d, only_out, data_map)
+
+
+def _repeat_warning(name: str, repeated: list[tuple[dict, dict]]) -> str:
+    """One line: grid points of spec `name` that are the same run as an earlier one (a value
+    listed twice in an axis, a case or --set making two points equal) and so run once."""
+    first, again = repeated[0]
+    shown = ", ".join(f"{k}={v!r}" for k, v in again.items())
+    if _same(first, again):
+        how = f"({shown}) is listed more than once"
+    else:
+        other = ", ".join(f"{k}={v!r}" for k, v in first.items())
+        how = f"({shown}) is the same run as ({other})"
+    n = len(repeated)
+    return (f"study {name!r}: {n} grid point{'s' if n != 1 else ''} repeat{'' if n != 1 else 's'}"
+            f" a run already planned and {'are' if n != 1 else 'is'} run once, e.g. {how}; a "
+            "repeated seed adds no repetition")
 
 
 def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[str]:

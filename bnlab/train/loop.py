@@ -25,6 +25,7 @@ from bnlab.fast import step_graph
 from bnlab.fast.accel import FirstBad, mark_step, memory_format_for, prepare, tune_cpu_allocator
 from bnlab.fast.cpu_kernels import use_cpu_kernels
 from bnlab.models import build_for
+from bnlab.models.norm_summary import norm_note
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
 from bnlab.train.distributed import (
@@ -169,6 +170,9 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         log(f"resuming {cfg.run_id()} at epoch {rec.epoch}/{cfg.epochs}")
     rec.begin(lambda: {**config_record(cfg, bundle, model, device, len(train_loader)),
                        "distributed": ctx.describe(cfg.batch_size, cfg.sync_bn)})
+    note = norm_note(model, cfg.norm, cfg.norm_options)
+    if note and ctx.is_main:
+        log(note)
     if ctx.banner(cfg.batch_size, cfg.sync_bn):
         log(ctx.banner(cfg.batch_size, cfg.sync_bn))
 
@@ -284,6 +288,10 @@ def _train(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         log(f"{cfg.run_id()} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc "
             f"{row['test_acc']:.4f}  {row['train_images_per_s']:.0f} img/s")
+        if "test_loss_nonfinite_epoch" in rec.flags:
+            log(f"{cfg.run_id()}: test loss non-finite after epoch {epoch} (train loss "
+                f"{row['train_loss']:.3g}); stopping (status diverged)")
+            break
     if t.prober is not None:
         t.prober.close()
     summary = rec.finish(chance)
