@@ -367,7 +367,10 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
             shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
             raise UserError(f"run ({shown}) of spec {spec.name!r}: {e}") from None
         if cfg.run_id() in seen:
-            repeated.append((seen[cfg.run_id()], r))
+            first = seen[cfg.run_id()]
+            if not any(k in sets_d for k in set(first) ^ set(r) | {
+                    k for k in set(first) & set(r) if not _same(first[k], r[k])}):
+                repeated.append((first, r))  # not a --set that fixed a varied option
             continue
         seen[cfg.run_id()] = r
         keep = all(any(_same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
