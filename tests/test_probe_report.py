@@ -8,8 +8,8 @@ import pytest
 
 from bnlab.config import RunConfig
 from bnlab.report.compose import compose
-from bnlab.report.figures import unit_percentile_figure
 from bnlab.report.load import load_study
+from bnlab.report.probe_figures import unit_percentile_figure
 from bnlab.report.probedata import series, units_of
 from bnlab.report.tables import probe_rows
 from bnlab.store import Store

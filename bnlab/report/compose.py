@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bnlab.report import figures as F
+from bnlab.report import probe_figures as P
 from bnlab.report import tables as T
 from bnlab.report.arms import build_arms, compare_picks, compare_skip
 from bnlab.report.compare_tables import compare_tables
@@ -121,11 +122,11 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
             doc.add(ratio)
         for ds in study.datasets:
             here = [a for a in arms if a.dataset == ds]
-            add_figures(F.unit_percentiles(ds, probe_rows))
-            add_figures(F.percentiles(ds, probe_rows))
-            add_figures(F.grad_norms(ds, here))
-            add_figures(F.ics(ds, here))
-            add_figures(F.model_probe_metrics(ds, here))
+            add_figures(P.unit_percentiles(ds, probe_rows))
+            add_figures(P.percentiles(ds, probe_rows))
+            add_figures(P.grad_norms(ds, here))
+            add_figures(P.ics(ds, here))
+            add_figures(P.model_probe_metrics(ds, here))
     shown = [(c, tables) for c, tables in compared if tables or c.data.get("figures")]
     skipped = _compare_skipped(study, arms)
     if shown or skipped:
