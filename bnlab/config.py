@@ -100,6 +100,10 @@ class RunConfig:
     sync_bn: bool = _f(False, "data-parallel on GPUs: BatchNorm statistics over the global "
                        "batch (SyncBatchNorm) instead of each device's share")
     probe_every: int = _f(0, "record probes every N steps (0 = off)", "steps")
+    probe_images: int = _f(1000, "the activation probes are taken on one fixed batch of this "
+                           "many images, drawn once from the validation split (the test split "
+                           "without one), the same for every step, arm and seed; 0 = on each "
+                           "probe step's own training batch", "images")
     probe_step_sizes: str = _f(PROBE_STEP_SIZES, "absolute step sizes along -gradient of the "
                                "smoothness probes, comma-separated; keep them the same for "
                                "every arm of a study", "per step")
@@ -124,8 +128,9 @@ class RunConfig:
         runs had before the field existed: their ids stay valid)."""
         canon = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_ID
                  and not (k in OPTIONAL_IN_ID and v == FIELDS[k].default)}
-        if self.probe_every == 0:  # the step sizes of probes change nothing without probes
+        if self.probe_every == 0:  # the probes' options change nothing without probes
             canon.pop("probe_step_sizes", None)
+            canon.pop("probe_images", None)
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
         model = self.model.replace(":", "-")  # torchvision:NAME; a colon is no path character
@@ -149,7 +154,8 @@ NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "te
 # options that never tell two arms apart: the repetition (seed), the options that do not change
 # what a run computes, and the probes, which measure without changing the trajectory. The report
 # groups a study's runs into arms by the other options, and `compare` labels its runs by them.
-NOT_ARM_KEYS = frozenset({"seed", "probe_every", "probe_step_sizes", *NOT_IN_ID})
+NOT_ARM_KEYS = frozenset({"seed", "probe_every", "probe_step_sizes", "probe_images",
+                          *NOT_IN_ID})
 # options added later whose default is the earlier behaviour: in the id only when set
 OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes"}
 INT_MAX = 2**63 - 1  # torch's int64: every integer option must fit
@@ -277,7 +283,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not v > 0:
             raise UserError(f"{name} must be > 0, got {v!r}")
     for name in ("limit_train", "limit_test", "weight_decay", "warmup_epochs", "momentum",
-                 "workers", "probe_every", "image_size", "grad_clip", "first_k"):
+                 "workers", "probe_every", "probe_images", "image_size", "grad_clip", "first_k"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
     if not 0.0 <= cfg.val_fraction <= 0.5:

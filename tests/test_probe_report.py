@@ -8,8 +8,8 @@ import pytest
 
 from bnlab.config import RunConfig
 from bnlab.report.compose import compose
-from bnlab.report.figures import unit_percentile_figure
 from bnlab.report.load import load_study
+from bnlab.report.probe_figures import unit_percentile_figure
 from bnlab.report.probedata import series, units_of
 from bnlab.report.tables import probe_rows
 from bnlab.store import Store
@@ -127,3 +127,24 @@ def test_absolute_smoothness_is_not_compared_when_arms_used_different_steps(tmp_
              if type(b).__name__ == "Figure" and b.file.startswith("probes-synthetic")]
     assert "_abs" not in " ".join(f.alt for f in model)
     assert "differ between the arms" in " ".join(f.caption for f in model)
+
+
+def test_drift_is_the_change_between_the_ends_of_the_planted_series(shared):
+    """4 probes: one at each end (drift_window); a no-BN unit moves by 0.05 per step over the
+    30 steps, a BN unit and the pooled percentiles not at all."""
+    from bnlab.report.arms import build_arms
+
+    rows = {p.arm.label: p for p in probe_rows(build_arms(shared))}
+    assert set(rows) == {"norm=bn", "norm=none"}
+    for label, moved in (("norm=bn", 0.0), ("norm=none", 0.05 * 30)):
+        p = rows[label]
+        assert p.window == 1 and p.unit_change.n == 2
+        assert p.unit_change.mean == pytest.approx(moved) and p.unit_change.std == \
+            pytest.approx(0.0, abs=1e-12)
+        assert p.p50_change.mean == pytest.approx(0.0) and p.width_change.mean == \
+            pytest.approx(0.0)
+        for d in p.drifts:
+            assert d.first["act_p85"] == pytest.approx(35 / 20) == d.last["act_p85"]
+    text = " ".join(str(b) for b in compose(shared).document.blocks)
+    assert "from the first probe to the last" in text
+    assert "a single unit's median 1.500 ± 0.000 either way" in text

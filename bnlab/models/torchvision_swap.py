@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ import torchvision
 from torch import nn
 
 from bnlab.errors import UserError, suggest
+from bnlab.models.norm_summary import swap_line
 from bnlab.norm import OPTIONS, has_bias_substitute, make_norm
 
 PREFIX = "torchvision:"
@@ -187,7 +189,10 @@ class TorchvisionNet(nn.Module):
                 in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                 device=conv.weight.device))
+        before = Counter(type(m).__name__ for m in net.modules() if isinstance(m, SWAPPED))
         swap_norms(net, norm, opts)
+        # logged once by the training run, with the options each layer resolved to
+        self.swap_summary = swap_line(self.arch, dict(before), net, norm, opts)
         if has_bias_substitute(norm, opts):
             for m in net.modules():
                 if isinstance(m, nn.Conv2d) and m.bias is None:

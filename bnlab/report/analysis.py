@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bnlab.infer.compare import compare_runs
 from bnlab.infer.seeds import FORMAT
-from bnlab.report.arms import INCLUDED, build_arms
+from bnlab.report.arms import build_arms, compare_picks, compare_skip
 from bnlab.report.load import load_study
 from bnlab.runtime import resolve_device
 from bnlab.store import FINISHED
@@ -33,15 +33,11 @@ def compare_selected(root: str | Path, log: Callable[[str], None] = print) -> No
     device = resolve_device((study.runs[0].config or {}).get("device", "auto")).type
     first = True
     for dataset in dict.fromkeys(a.dataset for a in arms):
-        here = [a for a in arms if a.dataset == dataset]
-        unique = len({a.label for a in here}) == len(here)
-        picks = []  # (run_id, arm label)
-        for a in here:
-            done = [r for r in a.runs if r.status in INCLUDED
-                    and store.run(r.run_id).checkpoint_path.is_file()]
-            label = a.label if unique else a.full_label
-            picks += [(r.run_id, label) for r in done]
-        if len({label for _, label in picks}) < 2:
+        picks = [(r.run_id, label) for r, label in compare_picks(
+            arms, dataset, lambda r: store.run(r.run_id).checkpoint_path.is_file())]
+        why = compare_skip(arms, dataset, [label for _, label in picks])
+        if why:
+            log(why[0].upper() + why[1:])
             continue
         folder = store.root / "analysis" if first else store.root / "analysis" / dataset
         first = False

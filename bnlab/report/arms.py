@@ -237,3 +237,27 @@ def status_counts(arms: list[Arm]) -> Counter:
     for a in arms:
         total.update(a.counts)
     return Counter({s: total[s] for s in STATUS_ORDER if total[s]})
+
+
+def compare_picks(arms: list[Arm], dataset: str, usable=lambda run: True) -> list[tuple[Run, str]]:
+    """analysis.compare's runs on `dataset`: every finished run (INCLUDED, and `usable`, e.g.
+    with a checkpoint) of each selected arm, with its arm's label (the full label where two
+    arms share a short one). Fewer than two distinct labels: nothing to compare."""
+    here = [a for a in arms if a.selected and a.dataset == dataset]
+    unique = len({a.label for a in here}) == len(here)
+    return [(r, a.label if unique else a.full_label) for a in here for r in a.runs
+            if r.status in INCLUDED and usable(r)]
+
+
+def compare_skip(arms: list[Arm], dataset: str, labels: list[str]) -> str:
+    """Why analysis.compare has nothing to compare on `dataset` ('' when it has), given the arm
+    labels of its picks (compare_picks)."""
+    labels = list(dict.fromkeys(labels))
+    if len(labels) >= 2:
+        return ""
+    here = [a for a in arms if a.selected and a.dataset == dataset]
+    which = f" ({labels[0]})" if labels and len(here) > 1 else ""
+    return (f"the prediction comparison (analysis.compare) was skipped on {dataset}: "
+            f"{len(labels)} of its {len(here)} arm{'s' if len(here) != 1 else ''} "
+            f"{'has' if len(labels) == 1 else 'have'} a finished run{which}, and comparing "
+            "predictions needs two (diverged and failed runs have no predictions to compare)")

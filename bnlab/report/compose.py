@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bnlab.report import figures as F
+from bnlab.report import probe_figures as P
 from bnlab.report import tables as T
-from bnlab.report.arms import build_arms
+from bnlab.report.arms import build_arms, compare_picks, compare_skip
 from bnlab.report.compare_tables import compare_tables
 from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
@@ -22,6 +23,7 @@ from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA
 from bnlab.report.tuning import tuning_table
+from bnlab.store import FINISHED
 
 COMPARE_CAPTIONS = {
     "reliability.png": "Reliability diagram of each compared arm, the predictions of all its "
@@ -126,14 +128,17 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
             doc.add(ratio)
         for ds in study.datasets:
             here = [a for a in arms if a.dataset == ds]
-            add_figures(F.unit_percentiles(ds, probe_rows))
-            add_figures(F.percentiles(ds, probe_rows))
-            add_figures(F.grad_norms(ds, here))
-            add_figures(F.ics(ds, here))
-            add_figures(F.model_probe_metrics(ds, here))
+            add_figures(P.unit_percentiles(ds, probe_rows))
+            add_figures(P.percentiles(ds, probe_rows))
+            add_figures(P.grad_norms(ds, here))
+            add_figures(P.ics(ds, here))
+            add_figures(P.model_probe_metrics(ds, here))
     shown = [(c, tables) for c, tables in compared if tables or c.data.get("figures")]
-    if shown:
+    skipped = _compare_skipped(study, arms)
+    if shown or skipped:
         doc.add(Heading(2, "Prediction comparison", "compare"))
+    for why in skipped:
+        doc.add(Paragraph(why[0].upper() + why[1:] + "."))
     for i, (c, tables) in enumerate(shown):
         if len(shown) > 1:
             doc.add(Heading(3, f"On {c.dataset or c.folder}", f"compare-{i + 1}"))
@@ -150,6 +155,20 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     doc.add(Heading(2, "All runs", "runs"), runs)
     doc.add(*provenance(study, arms))
     return Composed(doc, images)
+
+
+def _compare_skipped(study: Study, arms) -> list[str]:
+    """Why analysis.compare, asked for by the spec, compared nothing on a dataset (once every
+    run has ended; until then the comparison has not been tried)."""
+    if not study.analysis.get("compare") or not study.runs or \
+            any(r.status not in (*FINISHED, "failed") for r in study.runs):
+        return []
+    out = []
+    for ds in study.datasets:
+        why = compare_skip(arms, ds, [label for _, label in compare_picks(arms, ds)])
+        if why:
+            out.append(why)
+    return out
 
 
 def _intro(study: Study) -> str:

@@ -203,11 +203,27 @@ def _gap_sentences(gap: Table | None, rows: list[GapRow]) -> list[str]:
 def _probe_sentences(probe: Table | None, rows: list[ProbeRow]) -> list[str]:
     out = []
     for ds in dict.fromkeys(p.arm.dataset for p in rows):
-        here = sorted((p for p in rows if p.arm.dataset == ds),
-                      key=lambda p: p.p50_range.mean, reverse=True)
-        parts = [f"{fmt.num(p.p50_range.mean, 3)} in {p.arm.label} (n = {p.p50_range.n})"
-                 for p in here]
-        layer = here[0].layer
-        out.append(f"On {ds}, the median of the input of layer {layer} varies over training by "
-                   f"(max − min) {'; '.join(parts)} {cite(probe, *(p.row for p in here))}.")
+        here = sorted((p for p in rows if p.arm.dataset == ds and p.drifts),
+                      key=lambda p: abs(p.p50_change.mean or 0.0), reverse=True)
+        none = [p for p in rows if p.arm.dataset == ds and not p.drifts]
+        parts = []
+        for p in here:
+            part = (f"{fmt.signed_sd(p.p50_change)} in {p.arm.label} (spread p85 − p15 "
+                    f"{fmt.signed_sd(p.width_change)}")
+            if p.unit_change.n:
+                part += f"; a single unit's median {fmt.value_sd(p.unit_change)} either way"
+            parts.append(part + f"; n = {p.p50_change.n})")
+        gaps = "; ".join(f"{p.arm.label} has none ({'; '.join(p.left_out)})" for p in none)
+        if not here:
+            out.append(f"On {ds}, no arm has a drift of its input percentiles (a drift needs "
+                       f"two probe steps of a run that did not diverge): {gaps} "
+                       f"{cite(probe, *(p.row for p in none))}.")
+            continue
+        layer, k = here[0].layer, min(p.window for p in here)
+        ends = ("from the first probe to the last" if k == 1 else
+                f"from the mean of the first {k} probes to the mean of the last {k}")
+        out.append(f"On {ds}, {ends}, the median of the input of layer {layer} (pooled over "
+                   f"its units, on the probes' fixed batch) moves by {'; '.join(parts)}"
+                   + (f"; {gaps}" if gaps else "")
+                   + f" {cite(probe, *(p.row for p in here + none))}.")
     return out

@@ -57,3 +57,19 @@ def seconds(x: float | None) -> str:
     if x is None:
         return DASH
     return f"{x:.1f}"
+
+
+def signed_sd(s: Summary, digits: int = 3) -> str:
+    """A signed mean ± sd ('+0.512 ± 0.031'); without '± sd' for a single value."""
+    if s.mean is None:
+        return DASH
+    text = f"{s.mean:+.{digits}f}"
+    return text if s.std is None else f"{text} ± {s.std:.{digits}f}"
+
+
+def value_sd(s: Summary, digits: int = 3) -> str:
+    """A mean ± sd ('0.512 ± 0.031'); without '± sd' for a single value."""
+    if s.mean is None:
+        return DASH
+    text = f"{s.mean:.{digits}f}"
+    return text if s.std is None else f"{text} ± {s.std:.{digits}f}"

@@ -16,6 +16,7 @@ compared between arms.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from bnlab.report.load import Run, number
@@ -71,30 +72,67 @@ def comparable_model_metrics(rows: list[dict]) -> list[str]:
     return [m for m in model_metrics(rows) if not lr_relative(m)]
 
 
+DRIFT_PROBES = 5  # probes averaged at each end of a run for the drift of a percentile
+
+
+def drift_window(n: int) -> int:
+    """Probes averaged at each end of a series of n: DRIFT_PROBES, fewer for a short series (at
+    most a quarter of it, at least 1), so the two ends never overlap."""
+    return max(1, min(DRIFT_PROBES, n // 4))
+
+
+def window_drift(values: list[float], k: int | None = None) -> float:
+    """Mean of the last k values minus mean of the first k (k = drift_window(len(values))).
+    Unlike max − min, which grows with the probe-to-probe noise even when nothing moves, its
+    noise shrinks as 1/sqrt(k) and is centred on the true change."""
+    k = drift_window(len(values)) if k is None else k
+    return math.fsum(values[-k:]) / k - math.fsum(values[:k]) / k
+
+
 @dataclass
 class PercentileDrift:
-    """One run's percentile series of one layer: first and last values and the range of p50."""
+    """One run's percentile series of one layer: the means of its first and last `window`
+    probes of the pooled percentiles, and each followed unit's change of median."""
 
     layer: str
     first_step: int
     last_step: int
-    first: dict[str, float]  # metric -> value at the first recorded step
-    last: dict[str, float]
-    p50_range: float  # max - min of act_p50 over all recorded steps
+    window: int  # probes averaged at each end
+    first: dict[str, float]  # metric -> mean over the first `window` probes
+    last: dict[str, float]  # metric -> mean over the last `window` probes
+    unit_changes: dict[int, float]  # unit -> window_drift of its unit_p50
 
     @property
     def p50_change(self) -> float:
         return self.last["act_p50"] - self.first["act_p50"]
+
+    @property
+    def width_change(self) -> float:
+        """Change of the spread p85 − p15 (the paper's "mean and variance")."""
+        return ((self.last["act_p85"] - self.last["act_p15"])
+                - (self.first["act_p85"] - self.first["act_p15"]))
+
+    @property
+    def unit_abs_change(self) -> float | None:
+        """Mean over the followed units of |change of the unit's median| (None: no units)."""
+        if not self.unit_changes:
+            return None
+        return math.fsum(abs(v) for v in self.unit_changes.values()) / len(self.unit_changes)
 
 
 def percentile_drift(run: Run, layer: str) -> PercentileDrift | None:
     got = {m: series(run.probes, layer, m) for m in PERCENTILES}
     if any(not steps for steps, _ in got.values()):
         return None
-    steps50, vals50 = got["act_p50"]
+    steps50, _ = got["act_p50"]
+    k = min(drift_window(len(vals)) for _, vals in got.values())
+    units = {}
+    for u in units_of(run.probes, layer):
+        _, vals = series(run.probes, layer, "unit_p50", u)
+        if vals:
+            units[u] = window_drift(vals, min(k, drift_window(len(vals))))
     return PercentileDrift(
-        layer=layer, first_step=steps50[0], last_step=steps50[-1],
-        first={m: vals[0] for m, (_, vals) in got.items()},
-        last={m: vals[-1] for m, (_, vals) in got.items()},
-        p50_range=max(vals50) - min(vals50))
-
+        layer=layer, first_step=steps50[0], last_step=steps50[-1], window=k,
+        first={m: math.fsum(vals[:k]) / k for m, (_, vals) in got.items()},
+        last={m: math.fsum(vals[-k:]) / k for m, (_, vals) in got.items()},
+        unit_changes=units)

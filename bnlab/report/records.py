@@ -32,7 +32,8 @@ from bnlab.report.load import NOT_ARM_AXES, arm_key, run_dataset
 from bnlab.store import RunDir, Store, open_store
 
 RESULTS = ("status", "epochs_done", "test_acc", "test_loss", "train_acc", "train_loss",
-           "val_acc", "val_loss", "wall_time", "diverged_step", "at_chance_until_epoch", "error")
+           "val_acc", "val_loss", "wall_time", "diverged_step", "test_loss_nonfinite_epoch",
+           "at_chance_until_epoch", "error")
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 PLAIN_KEYS = ("dataset", "model", "norm", "seed")  # identity of a run outside a study
 

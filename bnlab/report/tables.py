@@ -12,7 +12,7 @@ from bnlab.report import fmt
 from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.document import Table
 from bnlab.report.load import Run, Study, fmt_value, number
-from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer
+from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer, series
 from bnlab.report.references import Reference, matches
 from bnlab.report.stats import (
     ALPHA,
@@ -236,27 +236,52 @@ def gap_table(study: Study, arms: list[Arm], number: int) -> tuple[Table | None,
                   numeric=[False, False] + [True] * 5, anchor="gap"), out)
 
 
+def diverged_at(run: Run) -> str:
+    """'diverged at step N' (or after epoch E, when its test loss was non-finite)."""
+    s = run.summary
+    if "diverged_step" in s:
+        return f"diverged at step {s['diverged_step']}"
+    if "test_loss_nonfinite_epoch" in s:
+        return f"diverged after epoch {s['test_loss_nonfinite_epoch']} (test loss non-finite)"
+    return "diverged"
+
+
 @dataclass
 class ProbeRow:
+    """One arm's percentile drift on `layer`: from its probed runs that did not diverge and
+    recorded at least two probe steps (a drift needs two); `left_out` says why the others
+    were left out."""
+
     arm: Arm
     layer: str
     drifts: list[PercentileDrift] = field(default_factory=list)
     row: int = 0
+    left_out: list[str] = field(default_factory=list)  # "seed 0: diverged at step 2"
 
     @property
-    def abs_change(self) -> Summary:
-        return summarize([abs(d.p50_change) for d in self.drifts])
+    def p50_change(self) -> Summary:
+        return summarize([d.p50_change for d in self.drifts])
 
     @property
-    def p50_range(self) -> Summary:
-        return summarize([d.p50_range for d in self.drifts])
+    def width_change(self) -> Summary:
+        return summarize([d.width_change for d in self.drifts])
 
-    def mean_at(self, end: str, metric: str) -> float:
+    @property
+    def unit_change(self) -> Summary:
+        return summarize([d.unit_abs_change for d in self.drifts
+                          if d.unit_abs_change is not None])
+
+    @property
+    def window(self) -> int:
+        return min((d.window for d in self.drifts), default=0)
+
+    def mean_at(self, end: str, metric: str) -> float | None:
         vals = [getattr(d, end)[metric] for d in self.drifts]
-        return sum(vals) / len(vals)
+        return sum(vals) / len(vals) if vals else None
 
 
 def probe_rows(arms: list[Arm]) -> list[ProbeRow]:
+    """A row per selected arm with percentile probes (with or without a drift)."""
     out = []
     for a in arms:
         if not a.selected:
@@ -265,9 +290,17 @@ def probe_rows(arms: list[Arm]) -> list[ProbeRow]:
         layer = next((x for x in (percentile_layer(r.probes) for r in runs) if x), None)
         if layer is None:
             continue
-        drifts = [d for d in (percentile_drift(r, layer) for r in runs) if d is not None]
-        if drifts:
-            out.append(ProbeRow(a, layer, drifts))
+        row = ProbeRow(a, layer)
+        for r in runs:
+            d = percentile_drift(r, layer) if r.status != "diverged" else None
+            if d is not None and d.last_step > d.first_step:
+                row.drifts.append(d)
+            else:
+                probes = len(series(r.probes, layer, "act_p50")[0])
+                why = diverged_at(r) + ", " if r.status == "diverged" else ""
+                row.left_out.append(f"seed {fmt_value(r.seed)}: {why}{probes} probe step"
+                                    f"{'s' if probes != 1 else ''}")
+        out.append(row)
     return out
 
 
@@ -275,25 +308,38 @@ def probe_table(rows_in: list[ProbeRow], number: int) -> Table | None:
     if not rows_in:
         return None
     head = ["Dataset", "Arm", "Layer", "n", "Steps", "p15 first → last", "p50 first → last",
-            "p85 first → last", "|Δ p50|", "p50 range"]
+            "p85 first → last", "Δ p50", "Δ (p85 − p15)", "per unit |Δ p50|"]
     rows = []
     for i, p in enumerate(rows_in, 1):
         p.row = i
-        steps = f"{p.drifts[0].first_step}–{max(d.last_step for d in p.drifts)}"
+        steps = (f"{min(d.first_step for d in p.drifts)}–{max(d.last_step for d in p.drifts)}"
+                 if p.drifts else fmt.DASH)
         cells = [f"{fmt.num(p.mean_at('first', m), 3)} → {fmt.num(p.mean_at('last', m), 3)}"
-                 for m in ("act_p15", "act_p50", "act_p85")]
+                 if p.drifts else fmt.DASH for m in ("act_p15", "act_p50", "act_p85")]
+        unit = fmt.value_sd(p.unit_change) if p.unit_change.n else fmt.DASH
         rows.append([p.arm.dataset, arm_label(p.arm), p.layer, str(len(p.drifts)), steps,
-                     *cells, fmt.mean_std(p.abs_change, 1.0, 3),
-                     fmt.mean_std(p.p50_range, 1.0, 3)])
+                     *cells, fmt.signed_sd(p.p50_change),
+                     fmt.signed_sd(p.width_change), unit])
+    window = min((p.window for p in rows_in if p.drifts), default=0)
     notes = ["Percentiles of the layer's input activations pooled over all its units, as "
-             "recorded by the probes (Ioffe & Szegedy 2015, Fig. 1(b, c) follows single units: "
-             "see the per-unit figure); first/last: values at the first and last recorded "
-             "step, averaged over the n seeds that recorded probes.",
-             "|Δ p50|: absolute change of the median from the first to the last recorded step; "
-             "p50 range: max − min of the median over all recorded steps; both mean ± std over "
-             "seeds. Larger values mean the input distribution of the layer moved more."]
+             "recorded by the probes on their fixed batch of held-out images (the same "
+             "images at every step, in every arm and seed; runs recorded before the probes "
+             "had one measured on each step's training batch). Ioffe & Szegedy 2015, "
+             "Fig. 1(b, c) follows single units: see the per-unit figure.",
+             f"first / last: mean over the first and over the last {window} recorded probes "
+             "of a run (fewer in a short run: at most a quarter of its probes), averaged over "
+             "the n seeds. Δ: last − first, mean ± std over seeds; Δ (p85 − p15): change of "
+             "the spread; per unit |Δ p50|: the absolute change of the median of each "
+             "followed unit, averaged over the run's units, mean ± std over seeds. Averaging "
+             "the ends keeps probe-to-probe noise out of the drift (max − min over all probes "
+             "would grow with it)."]
+    left = [f"{arm_label(p.arm)}: {'; '.join(p.left_out)}" for p in rows_in if p.left_out]
+    if left:
+        notes.append("Runs without a drift (a diverged run's values are from before its loss "
+                     "became non-finite; a drift needs two probe steps), left out of n: "
+                     + "; ".join(left) + ".")
     return Table(number, "Input distribution of one layer over training", head, rows, notes,
-                 numeric=[False, False, False] + [True] * 7, anchor="probes")
+                 numeric=[False, False, False] + [True] * 8, anchor="probes")
 
 
 def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
@@ -322,6 +368,8 @@ def _note(r: Run) -> str:
         return "not started"
     if "diverged_step" in s:
         return f"loss non-finite at step {s['diverged_step']}"
+    if "test_loss_nonfinite_epoch" in s:
+        return f"test loss non-finite after epoch {s['test_loss_nonfinite_epoch']}"
     stall = r.slow_start
     if stall is not None:
         return f"slow start: at chance until epoch {stall}"

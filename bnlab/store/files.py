@@ -31,10 +31,11 @@ def warn(text: str) -> None:
 
 def final_status(flags: dict, at_chance: bool) -> str:
     """The status of a run that trained to its end or stopped at a non-finite loss: diverged
-    (a `diverged_step` flag), no_learning (its last test accuracy at chance: `at_chance`), else
-    completed. It describes how the run ended; an early stall that the run recovered from is
-    kept as the flag `at_chance_until_epoch`, not as a status."""
-    if "diverged_step" in flags:
+    (a `diverged_step` flag, or `test_loss_nonfinite_epoch`: its test loss was non-finite),
+    no_learning (its last test accuracy at chance: `at_chance`), else completed. It describes
+    how the run ended; an early stall that the run recovered from is kept as the flag
+    `at_chance_until_epoch`, not as a status."""
+    if "diverged_step" in flags or "test_loss_nonfinite_epoch" in flags:
         return "diverged"
     return "no_learning" if at_chance else "completed"
 

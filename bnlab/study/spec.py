@@ -28,6 +28,7 @@ from typing import Any
 from bnlab.config import FIELDS, NOT_ARM_KEYS, RunConfig, _coerce, validate
 from bnlab.errors import UserError, suggest, unknown
 from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
+from bnlab.store import warn
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "tune", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
@@ -427,8 +428,9 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
     runs: list[PlannedRun] = []
     waiting: list[PlannedRun] = []
     groups: dict[str, TuneGroup] = {}
-    seen: set[str] = set()
     tuned_any = False
+    seen: dict[str, dict] = {}  # run id -> the grid point that planned it first
+    repeated: list[tuple[dict, dict]] = []  # (first, repeat): grid points that are one run
     for r in raw:
         overrides = {**r, **sets_d}
         cfg = dataclasses.replace(base, **overrides)
@@ -451,8 +453,12 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
                 raise UserError(f"run ({shown}) of spec {spec.name!r} at the chosen "
                                 f"{tune.axis}: {e}") from None
         if cfg.run_id() in seen:
+            first = seen[cfg.run_id()]
+            if not any(k in sets_d for k in set(first) ^ set(r) | {
+                    k for k in set(first) & set(r) if not _same(first[k], r[k])}):
+                repeated.append((first, r))  # not a --set that fixed a varied option
             continue
-        seen.add(cfg.run_id())
+        seen[cfg.run_id()] = r
         keep = all(any(_same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
                        for v in vals) for k, vals in only_d.items())
         if not keep:
@@ -465,6 +471,8 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
     if tune is not None and not tuned_any:
         shown = ", ".join(f"{k}={v!r}" for k, v in tune.where.items())
         raise UserError(f"[tune] of spec {spec.name!r} (where {shown}) matches no run")
+    if repeated:
+        warn(_repeat_warning(spec.name, repeated))
     if not runs and not waiting:
         shown = " ".join(f"{k}={v!r}" for k, vals in only_d.items() for v in vals)
         raise UserError(f"no run of study {spec.name!r} matches --only {shown}")
@@ -499,6 +507,22 @@ def _tuning_cfg(cfg: RunConfig, spec: Spec) -> RunConfig:
         return validate(cfg)
     except UserError as e:
         raise UserError(f"a tuning run of spec {spec.name!r} ([tune] set): {e}") from None
+
+
+def _repeat_warning(name: str, repeated: list[tuple[dict, dict]]) -> str:
+    """One line: grid points of spec `name` that are the same run as an earlier one (a value
+    listed twice in an axis, a case or --set making two points equal) and so run once."""
+    first, again = repeated[0]
+    shown = ", ".join(f"{k}={v!r}" for k, v in again.items())
+    if _same(first, again):
+        how = f"({shown}) is listed more than once"
+    else:
+        other = ", ".join(f"{k}={v!r}" for k, v in first.items())
+        how = f"({shown}) is the same run as ({other})"
+    n = len(repeated)
+    return (f"study {name!r}: {n} grid point{'s' if n != 1 else ''} repeat{'' if n != 1 else 's'}"
+            f" a run already planned and {'are' if n != 1 else 'is'} run once, e.g. {how}; a "
+            "repeated seed adds no repetition")
 
 
 def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[str]:

@@ -25,6 +25,7 @@ from bnlab.fast import step_graph
 from bnlab.fast.accel import FirstBad, mark_step, memory_format_for, prepare, tune_cpu_allocator
 from bnlab.fast.cpu_kernels import use_cpu_kernels
 from bnlab.models import build_for
+from bnlab.models.norm_summary import norm_note
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
 from bnlab.train.distributed import (
@@ -37,6 +38,7 @@ from bnlab.train.distributed import (
 )
 from bnlab.train.evaluate import chance_threshold, evaluate_topk
 from bnlab.train.optim import lr_factor, make_sgd, peak_lr
+from bnlab.train.probe_batch import probe_batch
 from bnlab.train.probes import Prober, make_prober
 from bnlab.train.record import RunRecord, checkpoint_state, config_record
 
@@ -168,13 +170,20 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         log(f"resuming {cfg.run_id()} at epoch {rec.epoch}/{cfg.epochs}")
     rec.begin(lambda: {**config_record(cfg, bundle, model, device, len(train_loader)),
                        "distributed": ctx.describe(cfg.batch_size, cfg.sync_bn)})
+    note = norm_note(model, cfg.norm, cfg.norm_options)
+    if note and ctx.is_main:
+        log(note)
     if ctx.banner(cfg.batch_size, cfg.sync_bn):
         log(ctx.banner(cfg.batch_size, cfg.sync_bn))
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # probes (bnlab/train/probes.py): None when off; they never change the trajectory
-    prober = (make_prober(cfg, model, opt, criterion, rec.run, rec.epoch, rec.step)
-              if cfg.probe_every else None)
+    prober = None
+    if cfg.probe_every:
+        batch = probe_batch(bundle, cfg.probe_images, device, fmt)
+        prober = make_prober(cfg, model, opt, criterion, rec.run, rec.epoch, rec.step, batch)
+        where = batch.describe() if batch else "each probe step's own training batch"
+        log(f"probes every {cfg.probe_every} steps; activations on {where}")
     graphed = (cfg.cuda_graph and step_graph.supported(device) and prober is None
                and not ctx.env.enabled and not (cfg.compile and cfg.dropout > 0))
     fast = prepare(net, device, cfg.compile, whole_step_graph=graphed)
@@ -279,6 +288,10 @@ def _train(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         log(f"{cfg.run_id()} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc "
             f"{row['test_acc']:.4f}  {row['train_images_per_s']:.0f} img/s")
+        if "test_loss_nonfinite_epoch" in rec.flags:
+            log(f"{cfg.run_id()}: test loss non-finite after epoch {epoch} (train loss "
+                f"{row['train_loss']:.3g}); stopping (status diverged)")
+            break
     if t.prober is not None:
         t.prober.close()
     summary = rec.finish(chance)

@@ -12,8 +12,11 @@ of probes.jsonl:
 
 activations, at the input of every norm position (a norm layer, or the nn.Identity that stands
 where a norm would be in a no-norm model) and at every block output; for mlp3x100 at the input
-of each sigmoid (the norm's output, Ioffe & Szegedy 2015 Fig. 1, layer "hidden.<i>.sigmoid"):
-    act_mean, act_std   mean and population std over all elements of the training forward pass
+of each sigmoid (the norm's output, Ioffe & Szegedy 2015 Fig. 1, layer "hidden.<i>.sigmoid"),
+measured on the fixed probe batch (bnlab.train.probe_batch: RunConfig.probe_images held-out
+images, one extra forward pass at W_t in training mode, before the step's own forward; with
+probe_images 0, on the step's own training batch during its forward):
+    act_mean, act_std   mean and population std over all elements of that forward pass
     act_p15/p50/p85     15th/50th/85th percentiles pooled over all elements: exact up to 2^16
                         elements, else on 2^16 positions drawn uniformly at random
                         (bnlab.train.probe_stats, which states the sampling error)
@@ -67,6 +70,7 @@ from bnlab.models.cifar_resnet import BasicBlock
 from bnlab.models.mlp import Hidden
 from bnlab.norm import is_norm_layer
 from bnlab.train.board import event_dir, summary_writer
+from bnlab.train.probe_batch import ProbeBatch, measure_on
 from bnlab.train.probe_stats import (
     MAX_QUANTILE_ELEMENTS,
     UNITS_PER_LAYER,
@@ -147,7 +151,8 @@ class Prober:
                  rows: list[dict] | None = None, tensorboard_dir=None, seed: int = 0,
                  grad_clip: float = 0.0,
                  steps: tuple[float, ...] = step_sizes(PROBE_STEP_SIZES),
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, probe_batch: ProbeBatch | None = None):
+        self.probe_batch = probe_batch  # None: activations of the training batch
         self.model, self.opt, self.criterion, self.every = model, opt, criterion, every
         self.layers, self.precision, self.run = layers, precision, run
         self.seed, self.grad_clip, self.steps = seed, grad_clip, tuple(steps)
@@ -197,6 +202,14 @@ class Prober:
                 h = m.register_forward_hook(
                     lambda _m, _a, out, row_name=row_name: self._record_act(row_name, out))
             self._handles.append(h)
+        if self.probe_batch is not None:  # measured now, on the fixed batch, at W_t
+            measure_on(self.model, self.probe_batch, self.precision)
+            self._remove_act_hooks()
+
+    def _remove_act_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def gradients_ready(self) -> None:
         """Call after the backward pass, before anything changes the gradients (clipping): the
@@ -258,9 +271,7 @@ class Prober:
     def _before_update(self, opt, args, kwargs) -> None:
         if not self.armed:
             return
-        for h in self._handles:  # the extra passes must not record activations
-            h.remove()
-        self._handles = []
+        self._remove_act_hooks()  # the extra passes must not record activations
         self.lr = float(opt.param_groups[0]["lr"])
         if self.g is None:  # nothing ran between the backward pass and the update
             self.g = self._grads()
@@ -369,7 +380,8 @@ def _norm(ts: list[torch.Tensor]) -> float:
 
 
 def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, run=None,
-                start_epoch: int = 0, start_step: int = 0) -> Prober:
+                start_epoch: int = 0, start_step: int = 0,
+                probe_batch: ProbeBatch | None = None) -> Prober:
     """The prober of a run: default layers, earlier rows kept on resume (epochs <= start_epoch),
     TensorBoard scalars and histograms when cfg.tensorboard (in the run's event folder under
     OUT/tensorboard, board.py, subfolder probes; a run starting at `start_step`, 0 included,
@@ -383,4 +395,4 @@ def make_prober(cfg, model: nn.Module, opt: torch.optim.Optimizer, criterion, ru
     return Prober(model, opt, criterion, cfg.probe_every, default_layers(cfg, model),
                   cfg.precision, run, rows, tb, seed=cfg.seed, grad_clip=cfg.grad_clip,
                   steps=step_sizes(cfg.probe_step_sizes),
-                  purge_step=start_step)
+                  purge_step=start_step, probe_batch=probe_batch)

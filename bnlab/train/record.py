@@ -28,6 +28,7 @@ again. A failure to write (disk full, read-only) is a StorageError that leaves t
 
 from __future__ import annotations
 
+import math
 import os
 import traceback
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from bnlab.config import RunConfig
 from bnlab.data import DataBundle, fingerprint
 from bnlab.errors import DataMismatch, StorageError, UserError, storage_error
 from bnlab.models import count_parameters
+from bnlab.models.norm_summary import norm_layers
 from bnlab.runtime import environment
 from bnlab.store import CHECKPOINT_KEYS, FINISHED, RunDir, Store, final_status, warn
 from bnlab.train.board import EpochBoard
@@ -54,7 +56,9 @@ def config_record(cfg: RunConfig, bundle, model: nn.Module, device: torch.device
                  "n_val": 0 if bundle.val is None else len(bundle.val),
                  "mean": bundle.mean, "std": bundle.std, "streamed": bundle.streamed,
                  "fingerprint": bundle.fingerprint},
-        "model": {"parameters": count_parameters(model), "steps_per_epoch": steps_per_epoch}}
+        "model": {"parameters": count_parameters(model), "steps_per_epoch": steps_per_epoch,
+                  # the norm layers as built, with the options each resolved to (GroupNorm(8))
+                  "norm_layers": norm_layers(model)}}
 
 
 def checkpoint_state(cfg: RunConfig, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
@@ -236,6 +240,12 @@ class RunRecord:
         self.metrics.append(row)
         self.epoch, self.step = row["epoch"], row["step"]
         self.wall += row["epoch_time"]
+        loss = row.get("test_loss")
+        if isinstance(loss, float) and not math.isfinite(loss) \
+                and "diverged_step" not in self.flags:
+            # the model's outputs on the test set overflow (a train loss of 3e10 stays finite,
+            # its logits do not): the run diverged, though no training loss was non-finite
+            self.flags.setdefault("test_loss_nonfinite_epoch", row["epoch"])
         stalled = all(m["test_acc"] <= chance for m in self.metrics)
         if stalled:
             self.flags["at_chance_until_epoch"] = row["epoch"]

@@ -1,0 +1,143 @@
+"""Probe figures that stay readable when an arm diverges, on a study written straight into a
+store: the diverged arm is a marker or a note, never data; values spanning decades get a log
+axis; titles fit their panels; whole-model metrics fill their figures; a one-probe arm has no
+drift in the findings."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnlab.config import RunConfig
+from bnlab.report.arms import build_arms
+from bnlab.report.compose import compose
+from bnlab.report.load import load_study
+from bnlab.report.probe_figures import (
+    TITLE_CHARS,
+    _rows_of,
+    grad_norms,
+    ics,
+    model_probe_metrics,
+    percentiles,
+    unit_percentile_figure,
+)
+from bnlab.report.tables import probe_rows
+from bnlab.store import Store
+
+LAYER = "blocks.8.n2"
+STEPS = [0, 10, 20, 30]
+HUGE = 1.6e24  # a diverged run's last probe values
+
+
+def _rows(steps, scale):
+    rows = []
+
+    def add(step, layer, metric, value, unit=None):
+        rows.append({"step": step, "epoch": 1, "layer": layer, "metric": metric,
+                     "value": value, **({} if unit is None else {"unit": unit})})
+
+    for step in steps:
+        for q in (15, 50, 85):
+            add(step, LAYER, f"act_p{q}", scale * (q - 50) / 35)
+            add(step, LAYER, f"unit_p{q}", scale * (q - 50) / 35 + 0.01 * step, 3)
+        for layer in ("conv1", "fc"):
+            add(step, layer, "grad_norm", scale * (1 + step))
+            add(step, layer, "ics_l2", scale * 10.0 ** (-step / 10))
+            add(step, layer, "ics_cos", 0.5)
+        for metric in ("grad_norm", "weight_norm", "loss_variation_abs", "grad_predictiveness_abs",
+                       "beta_smoothness_abs"):
+            add(step, "", metric, scale * 10.0 ** (-step / 10))
+    return rows
+
+
+def write_study(out):
+    store = Store(out)
+    entries = []
+    for norm, seeds in (("bn", (0, 1)), ("none", (0,))):
+        for seed in seeds:
+            cfg = RunConfig(dataset="synthetic", norm=norm, seed=seed, probe_every=10)
+            run = store.run(cfg.run_id())
+            run.write_json("config.json", {"config": cfg.to_dict()})
+            diverged = norm == "none"
+            summary = {"status": "diverged", "diverged_step": 2, "epochs_done": 0} if diverged \
+                else {"status": "completed", "test_acc": 0.5, "train_acc": 0.6, "epochs_done": 1}
+            run.write_json("summary.json", summary)
+            run.write_rows("metrics.jsonl", [] if diverged else [
+                {"epoch": 1, "step": 30, "test_acc": 0.5, "train_acc": 0.6, "train_loss": 1.0,
+                 "test_loss": 1.1}])
+            run.write_rows("probes.jsonl", _rows([0], HUGE) if diverged else _rows(STEPS, 1.0))
+            entries.append({"run_id": cfg.run_id(),
+                            "values": {"norm": norm, "seed": seed, "dataset": "synthetic"}})
+    store.write_meta("study.json", {"name": "div", "description": "", "spec": {},
+                                    "sets": {}, "only": {}, "data_map": {},
+                                    "axes": ["norm", "seed"], "runs": entries,
+                                    "analysis": {"baseline": {"norm": "bn"}}})
+
+
+@pytest.fixture
+def arms(tmp_path):
+    write_study(tmp_path)
+    return build_arms(load_study(tmp_path))
+
+
+def test_a_diverged_arm_is_a_marker_not_data(arms, monkeypatch):
+    import bnlab.report.probe_figures as P
+
+    figs = []
+    real = P._render
+    monkeypatch.setattr(P, "_render", lambda fig: figs.append(fig) or real(fig))
+    ics("synthetic", arms)
+    model_probe_metrics("synthetic", arms)
+    assert len(figs) == 1 + 2  # ICS; five metrics as 3 + 2 panels
+    for fig in figs:
+        for ax in fig.axes:
+            if not ax.get_visible() or not ax.get_lines():
+                continue
+            ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+            assert max(abs(float(y)) for y in ys if y == y) < 1e3  # never the 1e24 values
+            marks = [line for line in ax.get_lines()
+                     if "diverged at step 2" in str(line.get_label())]
+            assert len(marks) == 1 and list(marks[0].get_xdata()) == [2, 2]
+    # the values that span decades (10^0 .. 10^-3) are on a log axis, cos(G, G') is not
+    by_title = {ax.get_title(): ax for fig in figs for ax in fig.axes}
+    assert by_title["ICS: ‖G − G′‖₂ (mean over layers)"].get_yscale() == "log"
+    assert by_title["ICS: cos(G, G′) (mean over layers)"].get_yscale() == "linear"
+    assert by_title["loss_variation_abs"].get_yscale() == "log"
+    # the five metrics fill their figures: no hidden panel
+    assert [len(fig.axes) for fig in figs[1:]] == [3, 2]
+    assert all(ax.get_visible() for fig in figs for ax in fig.axes)
+
+
+def test_per_arm_panels_of_a_diverged_arm_say_why_they_are_empty(arms, monkeypatch):
+    import bnlab.report.probe_figures as P
+
+    figs = []
+    real = P._render
+    monkeypatch.setattr(P, "_render", lambda fig: figs.append(fig) or real(fig))
+    rows = probe_rows(arms)
+    percentiles("synthetic", rows)
+    grad_norms("synthetic", arms)
+    fig, _ = unit_percentile_figure("synthetic", rows)
+    figs.append(fig)
+    for fig in figs:
+        empty = [ax for ax in fig.axes if ax.get_visible() and not ax.axison]
+        assert len(empty) == 1  # the no-BN arm's panel
+        (note,) = empty[0].texts
+        assert "diverged at step 2" in note.get_text() and not empty[0].get_lines()
+        for ax in fig.axes:  # the drawn panels hold the bn run's values only
+            assert all(abs(float(y)) < 1e3 for line in ax.get_lines() for y in line.get_ydata())
+        panels = fig.axes[0].get_gridspec().get_geometry()[1]  # columns
+        for ax in fig.axes:  # wrapped to the panel's share of the width
+            for line in ax.get_title().split("\n"):
+                assert len(line) <= max(12, TITLE_CHARS // panels)
+
+
+def test_panels_per_figure_are_even():
+    assert [_rows_of(n) for n in (1, 2, 3, 4, 5, 7)] == [[1], [2], [3], [2, 2], [3, 2],
+                                                         [3, 2, 2]]
+
+
+def test_a_diverged_arm_has_no_drift_in_the_findings(tmp_path):
+    write_study(tmp_path)
+    text = " ".join(str(b) for b in compose(load_study(tmp_path)).document.blocks)
+    assert "norm=none has none (seed 0: diverged at step 2, 1 probe step)" in text
+    assert "+0.000 in norm=none" not in text
