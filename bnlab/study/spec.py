@@ -27,8 +27,8 @@ from typing import Any
 
 from bnlab.config import FIELDS, NOT_ARM_KEYS, RunConfig, _coerce, validate
 from bnlab.errors import UserError, suggest, unknown
-from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
 from bnlab.store import warn
+from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "tune", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
