@@ -109,8 +109,10 @@ class RunConfig:
                                "smoothness probes, comma-separated; keep them the same for "
                                "every arm of a study", "per step")
     tensorboard: bool = _f(False, "also write TensorBoard event files under OUT/tensorboard: "
-                           "the epoch metrics, and with probe_every > 0 the probes as scalars "
-                           "and histograms (needs the tensorboard package)")
+                           "the epoch metrics, the first epoch's step losses, the run's "
+                           "options and status for the HParams tab, and with probe_every > 0 "
+                           "the probes as scalars and histograms (needs the tensorboard "
+                           "package)")
     compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
                        "steps are slower while it compiles")
     cuda_graph: bool = _f(True, "on a GPU, capture the whole training step (forward, backward, "
