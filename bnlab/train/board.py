@@ -176,7 +176,8 @@ class EpochBoard:
 
     def add_step(self, step: int, loss: float) -> None:
         """The training loss of optimizer step `step` of the first epoch (a non-finite loss
-        too: the curve ends where the run diverged)."""
+        too: the curve ends where the run diverged); under data-parallel training, that of
+        rank 0's share of the batch (the process that writes)."""
         if not self.first_epoch:
             return
         if self.steps is None:
