@@ -6,7 +6,7 @@ The Python API (bnlab/api.py, docs/api.md) is reached from here, loaded on first
 
 __version__ = "0.1.0"
 
-API = ("Run", "Study", "bench_speed", "compare", "diagnose", "fold", "list_studies",
+API = ("NormFactory", "Run", "Study", "bench_speed", "compare", "diagnose", "fold", "list_studies",
        "load_metrics", "load_probes", "load_runs", "train_run", "write_report")
 
 

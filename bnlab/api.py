@@ -30,6 +30,7 @@ from bnlab.infer.compare import compare_runs
 from bnlab.infer.diagnose import diagnose as diagnose_model
 from bnlab.infer.fold_report import fold_command
 from bnlab.infer.loading import load_model
+from bnlab.models.entry import NormFactory
 from bnlab.report import write_report as report_to
 from bnlab.report.analysis import compare_selected
 from bnlab.report.records import metric_records, probe_records, run_records
@@ -328,6 +329,6 @@ def bench_speed(variants: Iterable[str] = ("textbook", "eager", "compiled", "pac
     return _frame(run_all(a, variants, precisions, timeout, log, str(out) if out else None))
 
 
-__all__ = ["Run", "Study", "UserError", "bench_speed", "compare", "diagnose", "fold",
+__all__ = ["NormFactory", "Run", "Study", "UserError", "bench_speed", "compare", "diagnose", "fold",
            "list_studies", "load_metrics", "load_probes", "load_runs", "train_run",
            "write_report"]

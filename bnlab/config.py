@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.errors import StorageError, UserError, suggest
+from bnlab.usercode import ENTRY, NOT_FOR_ENTRIES, model_tag, resolve_entry
 
 
 def _f(default, help: str, unit: str = "", choices: tuple = (), **kw):
@@ -59,7 +60,11 @@ class RunConfig:
     # model
     model: str = _f("resnet20", "resnet20|32|44|56|110 | plain20|32|44|56|110 | "
                     "vgg11|13|16|19 | mlp3x100 | resnet18 | resnet50 | torchvision:NAME "
-                    "(see `bnlab models`)")
+                    "(see `bnlab models`) | entry:MODULE:FUNCTION (your own network: a "
+                    "function of num_classes and norm, docs/models.md)")
+    model_source: str = _f("", "set by bnlab for an entry: model (leave it unset): the first 16 "
+                           "hex digits of the sha256 of the entry's module file, part of the "
+                           "run id, so that an edited file makes new runs")
     norm: str = _f("bn", "normalization layer (see `bnlab norms`)")
     norm_options: dict = _f({}, "extra options for the norm layer, e.g. '{\"momentum\": 0.01}'")
     placement: str = _f("post_conv", "where norms sit in a CIFAR ResNet, plain net or VGG",
@@ -108,8 +113,10 @@ class RunConfig:
                                "smoothness probes, comma-separated; keep them the same for "
                                "every arm of a study", "per step")
     tensorboard: bool = _f(False, "also write TensorBoard event files under OUT/tensorboard: "
-                           "the epoch metrics, and with probe_every > 0 the probes as scalars "
-                           "and histograms (needs the tensorboard package)")
+                           "the epoch metrics, the first epoch's step losses, the run's "
+                           "options and status for the HParams tab, and with probe_every > 0 "
+                           "the probes as scalars and histograms (needs the tensorboard "
+                           "package)")
     compile: bool = _f(False, "torch.compile the model (with CUDA graphs on a GPU); the first "
                        "steps are slower while it compiles")
     cuda_graph: bool = _f(True, "on a GPU, capture the whole training step (forward, backward, "
@@ -133,8 +140,7 @@ class RunConfig:
             canon.pop("probe_images", None)
         digest = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:8]
         ds = dataset_tag(self.dataset)
-        model = self.model.replace(":", "-")  # torchvision:NAME; a colon is no path character
-        return f"{model}-{self.norm}-{ds}-s{self.seed}-{digest}"
+        return f"{model_tag(self.model)}-{self.norm}-{ds}-s{self.seed}-{digest}"
 
 
 def dataset_tag(dataset: str) -> str:
@@ -157,7 +163,7 @@ NOT_IN_ID = {"device", "data_dir", "download", "eval_batch_size", "workers", "te
 NOT_ARM_KEYS = frozenset({"seed", "probe_every", "probe_step_sizes", "probe_images",
                           *NOT_IN_ID})
 # options added later whose default is the earlier behaviour: in the id only when set
-OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes"}
+OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes", "model_source"}
 INT_MAX = 2**63 - 1  # torch's int64: every integer option must fit
 SEED_MAX = 2**32 - 1  # data-order generators are seeded with seed * 1_000_003 + epoch < 2**64
 # model, norm, init: a plain name (a model may name its family: torchvision:NAME)
@@ -272,7 +278,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in FIELDS:
         _coerce(name, getattr(cfg, name))
     for name in ("model", "norm", "init"):
-        if not NAME_RE.match(getattr(cfg, name)):
+        if not (name == "model" and cfg.model.startswith(ENTRY)
+                or NAME_RE.match(getattr(cfg, name))):
             raise UserError(f"{name} {getattr(cfg, name)!r} is not a name (letters, digits, "
                             "'_', '.', '+', '-')")
     if not 0 <= cfg.seed <= SEED_MAX:
@@ -301,7 +308,23 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UserError(f"{name} {v!r} is not accepted{suggest(v, choices)}; "
                             f"accepted: {', '.join(choices)}")
     step_sizes(cfg.probe_step_sizes)
-    return cfg
+    return _with_entry_source(cfg)
+
+
+def _with_entry_source(cfg: RunConfig) -> RunConfig:
+    """An entry: model's config with its .py path made absolute and its model_source filled in
+    (bnlab.usercode.resolve_entry); a model_source on another model is refused."""
+    if not cfg.model.startswith(ENTRY):
+        if cfg.model_source:
+            raise UserError(f"model_source is set by bnlab for entry: models only; model "
+                            f"{cfg.model!r} takes none (got {cfg.model_source!r})")
+        return cfg
+    options = {k: (getattr(cfg, k), {} if k == "init_options" else FIELDS[k].default)
+               for k in NOT_FOR_ENTRIES}
+    model, digest = resolve_entry(cfg.model, cfg.model_source, options)
+    if (model, digest) == (cfg.model, cfg.model_source):
+        return cfg
+    return dataclasses.replace(cfg, model=model, model_source=digest)
 
 
 def step_sizes(text: str) -> tuple[float, ...]:

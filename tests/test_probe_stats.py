@@ -122,11 +122,14 @@ def test_sampling_leaves_the_global_rng_alone_and_repeats_with_its_seed():
     assert activation_stats(t, generator(5)) == a and unit_stats(t, [1, 2], generator(5)) == b
 
 
-def test_units_are_fixed_by_seed_and_layer():
-    a = choose_units(0, "hidden.2.sigmoid", 100)
-    assert a == choose_units(0, "hidden.2.sigmoid", 100) == sorted(a)
+def test_units_are_fixed_by_the_layer_alone():
+    a = choose_units("hidden.2.sigmoid", 100)
+    assert a == choose_units("hidden.2.sigmoid", 100) == sorted(a)
     assert len(set(a)) == 3 and all(0 <= u < 100 for u in a)
-    assert choose_units(0, "x", 2) == [0, 1]  # fewer units than asked for: all of them
+    assert choose_units("x", 2) == [0, 1]  # fewer units than asked for: all of them
+    # another layer of the same width draws its own units (independent permutations agree
+    # on all three of 100 with probability 1 / C(100, 3))
+    assert choose_units("hidden.1.sigmoid", 100) != a
 
 
 # -- forward order ---------------------------------------------------------------------------

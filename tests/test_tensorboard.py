@@ -4,6 +4,7 @@ checked against metrics.jsonl and probes.jsonl."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import textwrap
 
 import pytest
@@ -122,3 +123,84 @@ def test_a_run_starting_from_scratch_hides_what_a_killed_attempt_wrote(tmp_path)
               for r in run.read_rows("probes.jsonl") if r["metric"] == "loss_variation_abs"]
     assert [step for step, _ in probes][:2] == [0, 2]  # the stale steps are real steps too
     assert scalars(folder / "probes", "loss_variation_abs/model") == probes
+
+
+def hparams_data(folder) -> dict:
+    """The HParams plugin's records of an event folder: {"start": SessionStartInfo, "end": ...}."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    out = {}
+    for tag, kind in ((metadata.SESSION_START_INFO_TAG, "start"),
+                      (metadata.SESSION_END_INFO_TAG, "end")):
+        if tag in content:
+            data = plugin_data_pb2.HParamsPluginData.FromString(content[tag])
+            out[kind] = getattr(data, f"session_{kind}_info")
+    return out
+
+
+def start_values(start) -> dict:
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+            for k, v in start.hparams.items()}
+
+
+SEEDS_SPEC = SPEC.replace("seed = [0]", "seed = [0, 1]").replace("epochs = 2", "epochs = 1")
+
+
+def test_hparams_group_the_seeds_of_each_arm_and_units_match_across_seeds(tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SEEDS_SPEC))
+    out = tmp_path / "out"
+    assert cli.main(["study", "run", str(spec), "--out", str(out), "--tensorboard"]) == 0
+    store = Store(out)
+    unit_tags = {}
+    for r in store.read_meta("study.json")["runs"]:
+        norm, seed = r["values"]["norm"], r["values"]["seed"]
+        board = out / "tensorboard" / f"norm={norm}" / f"seed{seed}"
+        hp = hparams_data(board)
+        # what tells the arm apart, one session group per arm (its seeds together)
+        assert start_values(hp["start"]) == {"norm": norm}
+        assert hp["start"].group_name == f"norm={norm}"
+        run = store.run(r["run_id"])
+        assert run.summary["status"] in ("completed", "no_learning")
+        assert hp["end"].status == api_pb2.STATUS_SUCCESS
+        # the step losses of the first epoch: one per step, averaging to its train_loss
+        # (equal batches of 16: the sample-weighted mean of metrics.jsonl is the plain one)
+        steps = scalars(board / "steps", "first_epoch/train_loss")
+        assert [s for s, _ in steps] == [0, 1, 2, 3]
+        first = run.metrics()[0]
+        assert sum(v for _, v in steps) / 4 == pytest.approx(first["train_loss"], rel=1e-5)
+        acc = EventAccumulator(str(board / "probes"), size_guidance={"scalars": 0})
+        acc.Reload()
+        unit_tags[(norm, seed)] = {t for t in acc.Tags()["scalars"] if "[" in t}
+        rows = {(row["layer"], row["unit"]) for row in run.read_rows("probes.jsonl")
+                if "unit" in row}
+        assert {f"unit_p50/{layer}[{u}]" for layer, u in rows} == \
+            {t for t in unit_tags[(norm, seed)] if t.startswith("unit_p50/")}
+    # the same unit indices in every seed and arm, so the curves of one tag overlay
+    tags = list(unit_tags.values())
+    assert tags[0] and all(t == tags[0] for t in tags)
+
+
+def test_a_lone_run_has_its_options_as_hparams_and_a_divergence_shows_on_the_step_curve(
+        tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    cfg = from_mapping(dict(BASE, epochs=1, norm="none", lr=1e20, cpu_kernels=False))
+    summary = train_run(cfg, tmp_path, log=lambda m: None)
+    assert summary["status"] == "diverged"
+    bad = summary["diverged_step"]
+    folder = event_dir(tmp_path, cfg)
+    hp = hparams_data(folder)
+    assert start_values(hp["start"]) == {
+        "model": "mlp3x100", "norm": "none", "dataset": "synthetic", "seed": 0.0, "lr": 1e20,
+        "limit_train": 64.0, "limit_test": 32.0, "batch_size": 16.0, "epochs": 1.0}
+    assert hp["start"].group_name == "" and hp["end"].status == api_pb2.STATUS_FAILURE
+    steps = scalars(folder / "steps", "first_epoch/train_loss")
+    values = dict(steps)
+    assert all(math.isfinite(values[s]) for s in range(bad))
+    assert bad > 0 and not math.isfinite(values[bad])  # the curve shows where it diverged

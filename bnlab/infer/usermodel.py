@@ -3,7 +3,8 @@
 `--model-entry package.module:function` (or `path/to/file.py:function`) names a function that
 takes no arguments and returns a torch.nn.Module; the module is imported as Python would from
 the current folder, a file as `python path/to/file.py` would run it (its folder first on
-sys.path, so it imports its siblings). The weights come from a state_dict file read with
+sys.path, so it imports its siblings; bnlab.usercode, which training's entry models share).
+The weights come from a state_dict file read with
 torch.load(weights_only=True) (a dict of tensors; one nested under "state_dict" or "model" is
 accepted too). The dataset is any bnlab dataset spec; the model receives its images normalized
 by the training set's per-channel mean and std, as bnlab's own models do.
@@ -13,11 +14,6 @@ Every way this can go wrong is a UserError of one line naming the bad value.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,79 +23,22 @@ from bnlab.data import load_data
 from bnlab.errors import UserError
 from bnlab.infer.loading import USER_BATCH, Loaded, test_loader
 from bnlab.runtime import resolve_device
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-@contextmanager
-def _script_folder(module: str):
-    """For path/to/file.py: its folder first on sys.path while the file is imported and its
-    function called, as `python path/to/file.py` would have it, so that the file imports its
-    sibling modules; sys.path is restored afterwards."""
-    folder = str(Path(module).resolve().parent) if module.endswith(".py") else None
-    if folder is None or folder in sys.path:
-        yield
-        return
-    sys.path.insert(0, folder)
-    try:
-        yield
-    finally:
-        if folder in sys.path:
-            sys.path.remove(folder)
-
-
-def _import(module: str, entry: str):
-    if module.endswith(".py"):
-        path = Path(module)
-        if not path.is_file():
-            raise UserError(f"--model-entry {entry!r}: file {module!r} does not exist")
-        name = f"bnlab_user_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        # registered before it runs, as an import would: dataclasses and typing resolve the
-        # module's names through sys.modules[cls.__module__]
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception as e:  # noqa: BLE001 - anything the user's file raises
-            sys.modules.pop(name, None)
-            raise UserError(f"--model-entry {entry!r}: importing {module!r} raised "
-                            f"{_first_line(e)}") from None
-        return mod
-    if os.getcwd() not in sys.path:  # as `python -c "import MODULE"` would find it
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - ImportError or whatever the module raises
-        raise UserError(f"--model-entry {entry!r}: cannot import module {module!r}: "
-                        f"{_first_line(e)}") from None
+from bnlab.usercode import first_line as _first_line
+from bnlab.usercode import load_function, script_folder, split_entry
 
 
 def build_entry(entry: str) -> nn.Module:
     """Call the function `entry` names and check that it returned an nn.Module."""
-    module, sep, name = entry.rpartition(":")
-    if not sep or not module or not name.isidentifier():
-        raise UserError(f"--model-entry {entry!r} is not MODULE:FUNCTION (e.g. "
-                        "mypackage.models:make_net or path/to/file.py:make_net)")
-    with _script_folder(module):
-        fn = getattr(_import(module, entry), name, None)
-        if fn is None:
-            raise UserError(f"--model-entry {entry!r}: module {module!r} has no attribute "
-                            f"{name!r}")
-        if not callable(fn):
-            raise UserError(f"--model-entry {entry!r}: {name!r} is a {type(fn).__name__}, "
-                            "not a function")
+    label = f"--model-entry {entry!r}"
+    module, name = split_entry(entry, label)
+    with script_folder(module):
+        fn = load_function(module, name, label)
         try:
             model = fn()
         except Exception as e:  # noqa: BLE001 - anything the user's function raises
-            raise UserError(f"--model-entry {entry!r}: calling {name}() raised "
-                            f"{_first_line(e)}") from None
+            raise UserError(f"{label}: calling {name}() raised {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"--model-entry {entry!r} returned a {type(model).__name__}, not a "
-                        "torch.nn.Module")
+        raise UserError(f"{label} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

@@ -8,6 +8,7 @@ mlp.py           Ioffe & Szegedy 2015's 3x100 sigmoid MLP
 torchvision_swap.py  any torchvision classification model with its BatchNorms swapped
 imagenet.py      Fixup for torchvision's ResNets
 init.py          weight initializations by name (`init_weights`, `INITS`)
+entry.py         the user's own network, model = "entry:MODULE:FUNCTION" (`NormFactory`)
 grouped.py       K networks of one architecture as one grouped network (packed training)
 """
 

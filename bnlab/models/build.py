@@ -11,6 +11,7 @@ from torch import nn
 from bnlab.config import RunConfig
 from bnlab.errors import UserError, unknown
 from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS, CifarResNet
+from bnlab.models.entry import build_entry_model
 from bnlab.models.init import init_weights
 from bnlab.models.mlp import MLP
 from bnlab.models.torchvision_swap import (
@@ -24,6 +25,7 @@ from bnlab.models.torchvision_swap import (
 )
 from bnlab.models.vgg import CONFIGS, LETTERS, CifarVGG
 from bnlab.norm import make_norm
+from bnlab.usercode import ENTRY, first_line
 
 if TYPE_CHECKING:  # a type only: models do not depend on the data package
     from bnlab.data.bundle import DataBundle
@@ -31,11 +33,12 @@ if TYPE_CHECKING:  # a type only: models do not depend on the data package
 
 class ModelNames(dict):
     """name -> description; `in` also accepts 'torchvision:NAME' for every torchvision
-    classification model, which the listing shows as one entry."""
+    classification model and every 'entry:MODULE:FUNCTION' (checked when it is built), which
+    the listing shows as one entry each."""
 
     def __contains__(self, name) -> bool:
-        return dict.__contains__(self, name) or (isinstance(name, str)
-                                                 and is_torchvision_name(name))
+        return dict.__contains__(self, name) or (isinstance(name, str) and (
+            is_torchvision_name(name) or name.startswith(ENTRY)))
 
 
 MODELS = ModelNames({
@@ -49,6 +52,8 @@ MODELS = ModelNames({
     "resnet50": "torchvision ResNet-50 (ImageNet-style data)",
     f"{PREFIX}NAME": "a torchvision classification model, its BatchNorms swapped for --norm "
                      "(the families `bnlab models` lists)",
+    f"{ENTRY}MODULE:FUNCTION": "your own network: FUNCTION(num_classes, norm) returns an "
+                               "nn.Module whose norm layers are norm(channels) (docs/models.md)",
 })
 PLACEMENT_MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS)  # the models that take every placement
 
@@ -69,7 +74,11 @@ def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaim
                 in_channels: int = 3, image_size: int = 32, placement: str = "post_conv",
                 first_k: int = 1, dropout: float = 0.0, norm_options: dict | None = None,
                 init_options: dict | None = None) -> nn.Module:
-    """Build and initialize a model; the norm and init are chosen by name."""
+    """Build and initialize a model; the norm and init are chosen by name. An entry: model is
+    built by its own function (bnlab.models.entry), which initializes it; placement, first_k,
+    dropout and init are refused for it by the run config (bnlab.config)."""
+    if name.startswith(ENTRY):
+        return build_entry_model(name, num_classes, norm, norm_options, in_channels, image_size)
     if name in DEPTHS or name in PLAIN_DEPTHS:
         depth = DEPTHS.get(name) or PLAIN_DEPTHS[name]
         model = CifarResNet(depth, num_classes, in_channels, norm, placement, first_k,
@@ -97,6 +106,11 @@ def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaim
 
 def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
     """The model of run config `cfg` for the data of `bundle` (its classes, channels, size)."""
+    if cfg.model.startswith(ENTRY):
+        model = build_entry_model(cfg.model, bundle.num_classes, cfg.norm, cfg.norm_options,
+                                  bundle.in_channels, bundle.image_size, cfg.model_source)
+        _check_logits(model, cfg.model, bundle)
+        return model
     model = build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
                         in_channels=bundle.in_channels, image_size=bundle.image_size,
                         placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
@@ -116,6 +130,28 @@ def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
                         "size that leaves every virtual batch 2 or more examples (an even one "
                         "for virtual_batch_size 2)")
     return model
+
+
+def _check_logits(model: nn.Module, name: str, bundle: DataBundle) -> None:
+    """Two blank images of the run's data through the model (evaluation mode, no gradient, RNG
+    state kept): refuse, in one line, a model that fails on them or does not return logits of
+    shape (2, classes), before a run folder exists."""
+    x = torch.zeros(2, bundle.in_channels, bundle.image_size, bundle.image_size)
+    was_training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = model.eval()(x)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything the user's forward raises
+        raise UserError(f"model {name!r} fails on images of dataset {bundle.name!r} (shape "
+                        f"{tuple(x.shape)}): {first_line(e)}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, bundle.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"model {name!r} returns {shape} for 2 images of dataset "
+                        f"{bundle.name!r}; it needs logits of shape (2, {bundle.num_classes})")
 
 
 def _trains_on_its_batch(cfg: RunConfig) -> bool:

@@ -29,6 +29,7 @@ from bnlab.config import FIELDS, NOT_ARM_KEYS, RunConfig, _coerce, validate
 from bnlab.errors import UserError, suggest, unknown
 from bnlab.store import warn
 from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
+from bnlab.usercode import ENTRY
 
 SECTIONS = ("name", "description", "base", "grid", "cases", "tune", "analysis", "estimate")
 CASE_KEYS = ("where", "set", "grid")
@@ -562,11 +563,13 @@ def _registries() -> dict[str, dict]:
 def preflight(plan: Plan) -> None:
     """Refuse, before anything is trained, names that nothing knows: unmapped placeholder
     datasets, image folders that do not exist, models, norms and inits missing from their
-    registries, an unavailable device, TensorBoard output without the tensorboard package.
+    registries (and for an entry: model, its module and function), an unavailable device,
+    TensorBoard output without the tensorboard package.
 
     Only names are checked: a combination a factory refuses (say, options of one norm) is a run
     that fails at run time, recorded as failed while the rest of the study goes on.
     """
+    from bnlab.models.entry import check_entry
     from bnlab.runtime import resolve_device
     from bnlab.train.board import require_tensorboard
 
@@ -587,6 +590,8 @@ def preflight(plan: Plan) -> None:
         for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.all_runs):
             if value not in names:
                 raise unknown(kind, value, names)
+            if kind == "model" and value.startswith(ENTRY):
+                check_entry(value)  # its module and function, before anything trains
     for device in sorted({r.cfg.device for r in plan.all_runs}):
         resolve_device(device)
     if any(r.cfg.tensorboard for r in plan.all_runs):

@@ -28,6 +28,7 @@ from bnlab.models import build_for
 from bnlab.models.norm_summary import norm_note
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
+from bnlab.train.board import EpochBoard
 from bnlab.train.distributed import (
     Context,
     check_probes,
@@ -114,6 +115,7 @@ class Training:
     device: torch.device
     ctx: Context
     prober: Prober | None
+    board: EpochBoard | None  # TensorBoard output of rank 0 (run option tensorboard)
     lr_now: torch.Tensor | None  # the graphed step reads its learning rate from here
     lr: float  # the learning rate set last
 
@@ -208,7 +210,7 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
         for g in opt.param_groups:
             g["lr"] = lr_now
     return Training(cfg, model, fast, step_fn, opt, train_loader, test_loader, val_loader,
-                    device, ctx, prober, lr_now, peak_lr(cfg))
+                    device, ctx, prober, rec.board, lr_now, peak_lr(cfg))
 
 
 def train_one_epoch(t: Training, epoch: int, step: int) -> EpochResult:
@@ -238,6 +240,8 @@ def train_one_epoch(t: Training, epoch: int, step: int) -> EpochResult:
         detached, hits = t.step_fn(x, y)
         ctx.average_buffers(t.model)  # running statistics over all shards (distributed.py)
         watch.update(detached, step)
+        if t.board is not None and epoch == 1:  # step losses of the first epoch (board.py)
+            t.board.add_step(step, float(detached))
         loss_sum.add_(detached, alpha=len(y))  # one kernel, summed in float64
         correct += hits
         seen += len(y)

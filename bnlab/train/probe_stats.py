@@ -79,7 +79,9 @@ def unit_stats(t: torch.Tensor, units: list[int],
             for u, row in zip(units, rows)}
 
 
-def choose_units(seed: int, layer: str, n_units: int, k: int = UNITS_PER_LAYER) -> list[int]:
-    """k of the n_units unit indices (all when n_units <= k), fixed by (seed, layer), sorted."""
-    perm = torch.randperm(n_units, generator=generator(stable_seed("units", seed, layer)))
+def choose_units(layer: str, n_units: int, k: int = UNITS_PER_LAYER) -> list[int]:
+    """k of the n_units unit indices (all when n_units <= k), fixed by the layer's name and
+    width alone, sorted: every seed and arm of a study follows the same units, so their curves
+    overlay (in TensorBoard, one tag per unit)."""
+    perm = torch.randperm(n_units, generator=generator(stable_seed("units", layer)))
     return sorted(int(u) for u in perm[:k])

@@ -22,8 +22,9 @@ probe_images 0, on the step's own training batch during its forward):
                         (bnlab.train.probe_stats, which states the sampling error)
     unit_p15/p50/p85    the same percentiles of each of UNITS_PER_LAYER units (row key "unit":
                         the feature index of an (N, C) activation, the channel of an
-                        (N, C, H, W) one, all N*H*W values of it), chosen once from the run's
-                        seed and the layer name; Ioffe & Szegedy's Fig. 1(b, c) follows one unit
+                        (N, C, H, W) one, all N*H*W values of it), chosen once from the layer
+                        name alone, so every seed and arm of a study follows the same unit
+                        indices; Ioffe & Szegedy's Fig. 1(b, c) follows one unit
 per conv/linear layer (named by module): grad_norm = ||dL/dW||_2 (W = its weight),
     weight_norm = ||W||_2; layer "" gives both over all parameters. Gradients are read right
     after the backward pass, before gradient clipping; with grad_clip > 0, grad_norm_clipped on
@@ -251,7 +252,7 @@ class Prober:
             self._add(layer, k, v)
         if t.dim() >= 2 and t.shape[1] > 0:
             if layer not in self._units:
-                self._units[layer] = choose_units(self.seed, layer, t.shape[1])
+                self._units[layer] = choose_units(layer, t.shape[1])
             for u, stats in unit_stats(t, self._units[layer], gen).items():
                 for k, v in stats.items():
                     self._add(layer, k, v, unit=u)

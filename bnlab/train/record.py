@@ -275,14 +275,15 @@ class RunRecord:
     def finish(self, chance: float | None = None) -> dict:
         """Write and return the final summary; `chance` decides whether the last test accuracy
         is at chance (status no_learning; not asked of a run that diverged)."""
-        self._close_board()
         last = self.metrics[-1]["test_acc"] if self.metrics else None
         at_chance = chance is not None and last is not None and last <= chance
-        return self._write_summary(final_status(self.flags, at_chance))
+        status = final_status(self.flags, at_chance)
+        self._close_board(status)
+        return self._write_summary(status)
 
-    def _close_board(self) -> None:
+    def _close_board(self, status: str) -> None:
         if self.board is not None:
-            self.board.close()
+            self.board.close(status)
             self.board = None
 
     def fail(self, e: BaseException) -> dict:
@@ -290,7 +291,7 @@ class RunRecord:
         a run that failed before its folder existed keeps at least its config."""
         if self.run is None:
             return {"run_id": self.run_id, "status": "failed", "error": error_message(e)}
-        self._close_board()
+        self._close_board("failed")
         run = self.run
         if not run.exists():
             run.write_json("config.json", {"config": self.cfg.to_dict(), "env": None})
