@@ -27,11 +27,21 @@ from bnlab.data import load_data
 from bnlab.errors import UserError
 from bnlab.infer.loading import USER_BATCH, Loaded, test_loader
 from bnlab.runtime import resolve_device
+from bnlab.store import load_tensors
 
 
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, SystemExit):  # sys.exit(), exit() or quit() in the user's code
+        return f"SystemExit (it called exit({'' if e.code is None else repr(e.code)}))"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# What user code may raise and still be reported in one line: anything, SystemExit (sys.exit,
+# exit) included, which would otherwise end bnlab silently with the user's exit code; only
+# Ctrl-C (KeyboardInterrupt) goes on as the user's wish to stop
+def _user_failure(e: BaseException) -> bool:
+    return not isinstance(e, KeyboardInterrupt)
 
 
 @contextmanager
@@ -64,8 +74,10 @@ def _import(module: str, entry: str):
         sys.modules[name] = mod
         try:
             spec.loader.exec_module(mod)
-        except Exception as e:  # noqa: BLE001 - anything the user's file raises
+        except BaseException as e:
             sys.modules.pop(name, None)
+            if not _user_failure(e):
+                raise
             raise UserError(f"--model-entry {entry!r}: importing {module!r} raised "
                             f"{_first_line(e)}") from None
         return mod
@@ -73,7 +85,9 @@ def _import(module: str, entry: str):
         sys.path.insert(0, os.getcwd())
     try:
         return importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - ImportError or whatever the module raises
+    except BaseException as e:  # ImportError or whatever the module raises, exit included
+        if not _user_failure(e):
+            raise
         raise UserError(f"--model-entry {entry!r}: cannot import module {module!r}: "
                         f"{_first_line(e)}") from None
 
@@ -94,7 +108,9 @@ def build_entry(entry: str) -> nn.Module:
                             "not a function")
         try:
             model = fn()
-        except Exception as e:  # noqa: BLE001 - anything the user's function raises
+        except BaseException as e:  # anything the user's function raises, exit included
+            if not _user_failure(e):
+                raise
             raise UserError(f"--model-entry {entry!r}: calling {name}() raised "
                             f"{_first_line(e)}") from None
     if not isinstance(model, nn.Module):
@@ -105,13 +121,12 @@ def build_entry(entry: str) -> nn.Module:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--weights {str(p)!r} is a folder; give the state_dict file saved "
+                        "by torch.save (for a bnlab run, its checkpoint.pt)")
     if not p.is_file():
         raise UserError(f"--weights {str(p)!r} does not exist")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise UserError(f"--weights {str(p)!r} cannot be read with "
-                        f"torch.load(weights_only=True): {_first_line(e)}") from None
+    state = load_tensors(p, "--weights")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -144,7 +159,9 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
     try:
         with torch.no_grad():
             out = loaded.model(x)
-    except Exception as e:  # noqa: BLE001 - anything the user's forward raises
+    except BaseException as e:  # anything the user's forward raises, exit included
+        if not _user_failure(e):
+            raise
         raise UserError(f"the model of {entry!r} fails on images of dataset {dataset!r} "
                         f"(shape {tuple(x.shape)}): {_first_line(e)}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != bundle.num_classes:

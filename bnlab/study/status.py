@@ -10,7 +10,8 @@ from pathlib import Path
 
 from bnlab.console import format_table
 from bnlab.errors import UserError
-from bnlab.store import Store, open_store
+from bnlab.runtime import resolve_device
+from bnlab.store import FINISHED, RunDir, Store, open_store
 from bnlab.study.estimate import DEVICES, estimate
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
@@ -139,3 +140,41 @@ def list_text() -> str:
              "layers; unmeasured: no measurement of that model on that device."]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
+
+
+# -- before a study starts ---------------------------------------------------------------------
+LARGE_STUDY = 1000  # runs to train above which `study run` asks for --yes (or max_runs)
+
+
+def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
+    """(the line `study run` prints before it starts: how many runs are left to train and how
+    long they take by bnlab.study.estimate, the number of runs left). Read from the run
+    folders without writing anything; a folder that cannot be read counts as not finished."""
+    def finished(run_id: str) -> bool:
+        try:
+            return (RunDir(Path(out) / run_id).summary or {}).get("status") in FINISHED
+        except UserError:
+            return False
+
+    todo = [r.cfg for r in plan.runs if not finished(r.run_id)]
+    line = f"study {plan.spec.name}: {len(todo)} of {len(plan.runs)} runs to train"
+    if not todo:
+        return line, 0
+    device = "gpu" if resolve_device(todo[0].device).type == "cuda" else "cpu"
+    est = estimate(todo, device, plan.spec.estimate.get("sizes"))
+    if est.minutes is None:
+        return f"{line}; their time is unmeasured ({est.missing})", len(todo)
+    scaled = " (scaled from a smaller model)" if est.scaled else ""
+    return (f"{line}, estimated {fmt_minutes(est.minutes)}{scaled} on {DEVICES[device]}",
+            len(todo))
+
+
+def confirm_size(plan: Plan, todo: int, yes: bool) -> None:
+    """Refuse to start more than the spec's `max_runs` (LARGE_STUDY by default) runs unless
+    `yes`: a typo in an axis (10,000 values) must not start days of training unasked."""
+    limit = plan.spec.raw.get("max_runs", LARGE_STUDY)
+    if todo > limit and not yes:
+        whose = "the spec's max_runs" if "max_runs" in plan.spec.raw else "the limit"
+        raise UserError(f"study {plan.spec.name} would train {todo} runs, more than {whose} "
+                        f"of {limit}: pass --yes to start them, set max_runs = {todo} (or "
+                        "more) in the spec, or narrow the grid with --only AXIS=VALUE")
