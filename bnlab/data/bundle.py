@@ -77,16 +77,16 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 def usable_std(name: str, std: tuple[float, ...]) -> tuple[float, ...]:
     """`std` with every channel that never varies in the training images (std 0, where
     normalizing would divide by zero and make every loss NaN) taken as 1, with one warning
-    line naming the channel: such a channel is centred, and reaches the model as zeros."""
-    out = list(std)
-    for c, s in enumerate(std):
-        if not s > 0:  # 0, or NaN from a damaged cache entry
-            label = CHANNEL_NAMES.get(len(std), ())[c:c + 1]
-            warn(f"channel {c}{f' ({label[0]})' if label else ''} of the training images of "
-                 f"{name!r} never varies (std {s}): normalized with std 1 instead of dividing "
-                 "by zero, so it reaches the model as zeros")
-            out[c] = 1.0
-    return tuple(out)
+    line naming the channels: such a channel is centred, and reaches the model as zeros."""
+    flat = [c for c, s in enumerate(std) if not s > 0]  # 0, or NaN from a damaged entry
+    if not flat:
+        return tuple(std)
+    names = CHANNEL_NAMES.get(len(std), ())
+    said = ", ".join(f"{c} ({names[c]})" if c < len(names) else str(c) for c in flat)
+    warn(f"channel{'s' if len(flat) > 1 else ''} {said} of the training images of {name!r} "
+         f"never var{'y' if len(flat) > 1 else 'ies'} (std 0): normalized with std 1 instead "
+         "of dividing by zero, so the model sees zeros there")
+    return tuple(1.0 if c in flat else s for c, s in enumerate(std))
 
 
 def fixed_subset(n_total: int, limit: int) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ import os
 import pickletools
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -294,7 +295,9 @@ def load_tensors(path: Path, what: str, map_location="cpu") -> Any:
     a file that holds other objects than tensors (a pickled class or function, which could
     run code) is not loaded, and a file that is no torch file at all says so."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it may not read:
+            warnings.simplefilter("ignore", UserWarning)  # the outcome is said below
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind, zip errors, ...
         if "global" in str(e).lower() or _names_objects(path):
             raise UserError(f"{what} {str(path)!r} holds objects other than tensors and is not "
