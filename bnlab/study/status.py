@@ -156,7 +156,8 @@ def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
         except UserError:
             return False
 
-    todo = [r.cfg for r in plan.runs if not finished(r.run_id)]
+    fresh = not Path(out).is_dir()  # a new study: no run id to hash and look up
+    todo = [r.cfg for r in plan.runs if fresh or not finished(r.run_id)]
     line = f"study {plan.spec.name}: {len(todo)} of {len(plan.runs)} runs to train"
     if not todo:
         return line, 0
