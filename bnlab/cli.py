@@ -338,6 +338,9 @@ def cmd_study(args) -> int:
                             specs.parse_data_map(args.data_map))
         specs.preflight(plan)
         out = args.out or str(specs.DEFAULT_ROOT / sp.name)
+        line, todo = status.plan_estimate(plan, out)
+        print(line, flush=True)  # before anything starts, and before a refusal
+        status.confirm_size(plan, todo, args.yes)
         counts = run_study(plan, out, jobs=args.jobs, pack=not args.no_pack,
                            executor=args.executor, options=_slurm_options(args))
         compare_selected(out)
@@ -513,6 +516,9 @@ def build_parser() -> Parser:
     sr.add_argument("--data-map", action="append", metavar="NAME=DATASET",
                     help="use DATASET wherever the spec says NAME, e.g. "
                     "cifar10=imagefolder:PATH (repeatable)")
+    sr.add_argument("--yes", action="store_true",
+                    help="start a study of more runs than its max_runs (default 1000) "
+                    "without refusing")
     sr.add_argument("--tensorboard", action="store_true",
                     help="write every run's TensorBoard event files (epoch metrics; probes "
                     "where probe_every > 0) to OUT/tensorboard/<arm>/seed<k>, to watch the "

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 
 
 def format_table(head: list[str], rows: list[list[str]]) -> str:
@@ -31,13 +32,29 @@ def fmt_time(seconds: float | None) -> str:
 FORMATS = ("table", "csv", "json")  # --format of `bnlab runs` and `bnlab study status`
 
 
+# A spreadsheet takes a cell that starts with one of these for a formula (OWASP, "CSV
+# Injection"); a dataset path or a run's name can start with one
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def safe_cell(v):
+    """A CSV cell that no spreadsheet runs as a formula: text starting with = + - @, a tab or a
+    carriage return gets a leading single quote, as OWASP recommends (a spreadsheet shows the
+    text as it was); numbers, and text that is just a number ("-0.5"), are left as they are."""
+    if isinstance(v, str) and v.startswith(FORMULA_START) and not _NUMBER.match(v):
+        return "'" + v
+    return v
+
+
 def csv_text(head: list[str], rows: list[list]) -> str:
     """RFC 4180 CSV with a header line; None is an empty cell, other values as str() gives them
-    (floats at full precision)."""
+    (floats at full precision), text through `safe_cell`. Every CSV file bnlab writes is made
+    here."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(head)
-    w.writerows([["" if v is None else v for v in r] for r in rows])
+    w.writerow([safe_cell(str(h)) for h in head])
+    w.writerows([["" if v is None else safe_cell(v) for v in r] for r in rows])
     return buf.getvalue()
 
 

@@ -31,8 +31,17 @@ ENTRY = "entry:"  # a run's model "entry:MODULE:FUNCTION": the user's own networ
 
 def first_line(e: BaseException) -> str:
     """An exception as one line: its type and the first line of its text (at most 200 chars)."""
+    if isinstance(e, SystemExit):  # sys.exit(), exit() or quit() in the user's code
+        return f"SystemExit (it called exit({'' if e.code is None else repr(e.code)}))"
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# What user code may raise and still be reported in one line: anything, SystemExit (sys.exit,
+# exit) included, which would otherwise end bnlab silently with the user's exit code; only
+# Ctrl-C (KeyboardInterrupt) goes on as the user's wish to stop
+def user_failure(e: BaseException) -> bool:
+    return not isinstance(e, KeyboardInterrupt)
 
 
 def split_entry(entry: str, label: str, example: str = "make_net") -> tuple[str, str]:
@@ -60,7 +69,9 @@ def source_file(module: str, label: str) -> Path:
     _on_path_of_cwd()
     try:
         spec = importlib.util.find_spec(module)
-    except Exception as e:  # noqa: BLE001 - a parent package that fails to import
+    except BaseException as e:  # a parent package that fails to import, or exits
+        if not user_failure(e):
+            raise
         raise UserError(f"{label}: cannot import module {module!r}: {first_line(e)}") from None
     if spec is None:
         raise UserError(f"{label}: cannot import module {module!r}: no module of that name "
@@ -110,14 +121,18 @@ def import_module(module: str, label: str):
         sys.modules[name] = mod
         try:
             spec.loader.exec_module(mod)
-        except Exception as e:  # noqa: BLE001 - anything the user's file raises
+        except BaseException as e:  # anything the user's file raises, exit included
             sys.modules.pop(name, None)
+            if not user_failure(e):
+                raise
             raise UserError(f"{label}: importing {module!r} raised {first_line(e)}") from None
         return mod
     _on_path_of_cwd()
     try:
         return importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - ImportError or whatever the module raises
+    except BaseException as e:  # ImportError or whatever the module raises, exit included
+        if not user_failure(e):
+            raise
         raise UserError(f"{label}: cannot import module {module!r}: {first_line(e)}") from None
 
 

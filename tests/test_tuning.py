@@ -182,7 +182,7 @@ def test_estimate_uses_the_folders_own_rates_and_leaves_out_finished_runs(tmp_pa
     network, norm, init, precision and batch measured (images over wall time), the others from
     the table; finished runs are not counted."""
     from bnlab.study import estimate as E
-    from bnlab.study.status import estimate_line, remaining
+    from bnlab.study.status import plan_estimate, remaining
 
     spec = parse_spec({"name": "e", "base": {"dataset": "cifar10", "limit_train": 5000,
                                              "limit_test": 2000, "epochs": 4, "device": "cpu"},
@@ -194,15 +194,15 @@ def test_estimate_uses_the_folders_own_rates_and_leaves_out_finished_runs(tmp_pa
     store.run(done.run_id).write_json("summary.json", {
         "run_id": done.run_id, "status": "completed", "epochs_done": 4,
         "wall_time": per_run / 250.0})  # 250 images/s, measured here
-    todo, own = remaining(plan, store)
+    todo, own = remaining(plan, tmp_path)
     assert len(todo) == 3 and done.cfg not in todo
     assert own == {E.rate_key(done.cfg): pytest.approx(250.0)}
     est = E.estimate(todo, "cpu", None, own)
     # one BN run at the folder's own 250 images/s, two no-BN runs at the table's 1,050
     assert est.minutes == pytest.approx((per_run / 250 + 2 * per_run / 1050) / 60)
-    line = estimate_line(plan, store)
-    assert "3 runs left" in line and "own finished runs" in line
+    line, left = plan_estimate(plan, tmp_path)
+    assert left == 3 and "3 of 4 runs to train" in line and "own finished runs" in line
     # a diverged run says nothing of a whole run's cost
     store.run(done.run_id).write_json("summary.json", {
         "run_id": done.run_id, "status": "diverged", "epochs_done": 1, "wall_time": 1.0})
-    assert remaining(plan, store)[1] == {}
+    assert remaining(plan, tmp_path)[1] == {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bnlab.data.bundle import DataBundle, Split, fixed_subset, hold_out
+from bnlab.data.bundle import DataBundle, Split, fixed_subset, hold_out, usable_std
 from bnlab.data.cifar import load_cifar
 from bnlab.data.imagefolder import folder_fingerprint, load_imagefolder
 from bnlab.data.mnist import load_mnist
@@ -59,6 +59,7 @@ def load_data(name: str, data_dir: str | Path | None = None, download: bool = Fa
                         f"study: --data-map {name}=imagefolder:PATH)")
     else:
         raise unknown("dataset", name, DATASETS)
+    bundle.std = usable_std(bundle.name, bundle.std)
     bundle.train = _limit(bundle.train, limit_train)
     bundle.test = _limit(bundle.test, limit_test)
     return hold_out(bundle, val_fraction)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import lzma
+import posixpath
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -39,14 +41,39 @@ class ArchiveOfLargeImages(Exception):
     """The archive's first image is larger than the small-image limit: extract it instead."""
 
 
-def _decode(data: bytes, shown: str) -> Image.Image:
+def decode_image(source, shown: str, mode: str = "RGB") -> Image.Image:
+    """Open and fully decode an image (a path or a binary file), converted to `mode`, or raise
+    a UserError naming it. An image above Pillow's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS) is refused in that one line, whether Pillow would only have
+    warned (up to twice the limit, two lines of its own on stderr) or refused."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                im.load()
+                return im.convert(mode)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise UserError(f"image {shown!r} is too large to decode safely: {e} (Pillow's limit "
+                        "against decompression bombs)") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise UserError(f"corrupt image {shown!r}: {e}") from None
+
+
+def _decode(data: bytes, shown: str) -> Image.Image:
+    return decode_image(io.BytesIO(data), shown)
+
+
+def member_parts(name: str, archive: Path) -> tuple[str, ...]:
+    """The folders and file name of archive member `name` below the archive's root, as
+    extracting it places it ("ds/train/../x.png" is "ds/x.png", "./a" is "a"): the one
+    reading of a member's path that both readers use. A member that would land outside the
+    root (an absolute path, or one that climbs out with "..") is refused, naming it."""
+    norm = posixpath.normpath(name) if name else "."
+    if name.startswith("/") or norm == ".." or norm.startswith("../"):
+        raise UserError(f"{str(archive)!r} holds the member {name!r}, a path outside the "
+                        "archive's folder (absolute, or climbing out with '..'); bnlab reads "
+                        "no such archive")
+    return () if norm == "." else tuple(norm.split("/"))
 
 
 def unreadable(archive: Path, e: BaseException, doing: str = "read") -> UserError:
@@ -92,7 +119,7 @@ def read_small_images(archive: Path, extensions: set[str], small_max: int,
     try:
         with tarfile.open(archive) as tf:
             for m in tf:
-                parts = PurePosixPath(m.name).parts
+                parts = member_parts(m.name, archive)
                 if not parts:
                     continue
                 # root/train/<class>/<file>, root "" or a single top folder
@@ -103,7 +130,7 @@ def read_small_images(archive: Path, extensions: set[str], small_max: int,
                 if len(rel) >= 3 or m.isdir():
                     folders.add((top, rel[0], rel[1]))
                 if len(rel) != 3 or not m.isfile() or \
-                        PurePosixPath(m.name).suffix.lower() not in extensions:
+                        PurePosixPath(rel[2]).suffix.lower() not in extensions:
                     continue
                 if prefix is None:
                     prefix = top

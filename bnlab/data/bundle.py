@@ -9,6 +9,9 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from bnlab.errors import UserError
+from bnlab.store import warn
+
+CHANNEL_NAMES = {1: ("grey",), 3: ("red", "green", "blue")}
 
 
 @dataclass
@@ -69,6 +72,21 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
         means.append(mean / 255.0)
         stds.append(max(var, 0.0) ** 0.5 / 255.0)
     return tuple(means), tuple(stds)
+
+
+def usable_std(name: str, std: tuple[float, ...]) -> tuple[float, ...]:
+    """`std` with every channel that never varies in the training images (std 0, where
+    normalizing would divide by zero and make every loss NaN) taken as 1, with one warning
+    line naming the channels: such a channel is centred, and reaches the model as zeros."""
+    flat = [c for c, s in enumerate(std) if not s > 0]  # 0, or NaN from a damaged entry
+    if not flat:
+        return tuple(std)
+    names = CHANNEL_NAMES.get(len(std), ())
+    said = ", ".join(f"{c} ({names[c]})" if c < len(names) else str(c) for c in flat)
+    warn(f"channel{'s' if len(flat) > 1 else ''} {said} of the training images of {name!r} "
+         f"never var{'y' if len(flat) > 1 else 'ies'} (std 0): normalized with std 1 instead "
+         "of dividing by zero, so the model sees zeros there")
+    return tuple(1.0 if c in flat else s for c, s in enumerate(std))
 
 
 def fixed_subset(n_total: int, limit: int) -> torch.Tensor | None:

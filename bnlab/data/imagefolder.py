@@ -13,6 +13,7 @@ asks for a size (`image_size`), to which each one is then resized.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
@@ -30,7 +31,9 @@ from bnlab.data.archive import (
     READ_ERRORS,
     ArchiveOfLargeImages,
     check_end,
+    decode_image,
     identity_of,
+    member_parts,
     no_eval_split,
     no_images,
     no_train,
@@ -40,7 +43,7 @@ from bnlab.data.archive import (
     too_few_classes,
     unreadable,
 )
-from bnlab.data.bundle import DataBundle, Split, channel_stats
+from bnlab.data.bundle import DataBundle, Split, channel_stats, usable_std
 from bnlab.data.cache import key_of, load_arrays, load_json, save_arrays, save_json
 from bnlab.errors import UserError, storage_error
 
@@ -54,13 +57,7 @@ COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: what tar
 
 def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """Open and fully decode an image, or raise a UserError naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as e:
-        raise UserError(f"corrupt image {str(path)!r}: {e}") from None
+    return decode_image(path, str(path), mode)
 
 
 def extract_archive(archive: Path) -> Path:
@@ -75,7 +72,7 @@ def extract_archive(archive: Path) -> Path:
             raise storage_error(dest.parent, e) from None
         try:
             with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")
+                tf.extractall(tmp, filter=lambda m, dest: _member_filter(m, dest, archive))
                 check_end(tf, archive)
             os.replace(tmp, dest)
         except UserError:
@@ -89,6 +86,14 @@ def extract_archive(archive: Path) -> Path:
                 raise storage_error(tmp, e) from None  # the cache's disk, not the archive
             raise unreadable(archive, e, "extract") from None
     return find_root(dest, archive)
+
+
+def _member_filter(member: tarfile.TarInfo, dest: str, archive: Path) -> tarfile.TarInfo:
+    """tarfile's `data` filter (no links out of the folder, no device files), after refusing a
+    member path the direct reader refuses too (bnlab.data.archive.member_parts): the data
+    filter alone would silently strip an absolute path's leading "/"."""
+    member_parts(member.name, archive)
+    return tarfile.data_filter(member, dest)
 
 
 def is_archive(path: Path) -> bool:
@@ -330,6 +335,7 @@ def load_imagefolder(spec: str, augment: bool = True, image_size: int = 0) -> Da
         return DataBundle(name, classes, 3, size[0], mean, std, train, test,
                           fingerprint=fingerprint)
     mean, std = _stream_stats(train_items, key_of(root.resolve(), _fingerprint(train_items)))
+    std = usable_std(name, std)  # before the transforms take it
     side = image_size or LARGE_SIZE
     train_ds = StreamedImages(train_items, large_transforms(mean, std, True, augment, side))
     test_ds = StreamedImages(test_items, large_transforms(mean, std, False, augment, side))
@@ -360,22 +366,35 @@ def _small_archive(archive: Path, spec: str, image_size: int) -> DataBundle | No
     the cache; None when its images are large (they are extracted and streamed)."""
     cpath = cache_root() / "decoded" / f"archive-{_archive_key(archive, image_size)}.npz"
     a = load_arrays(cpath)
-    if a is None or not all(k in a for k in ("xtr", "ytr", "xte", "yte", "mean", "std",
-                                              "classes", "identity")):
+    classes = _class_names(a)
+    if classes is None or not all(k in a for k in ("xtr", "ytr", "xte", "yte", "mean", "std",
+                                                    "identity")):
         try:
             got = read_small_images(archive, EXTENSIONS, SMALL_MAX, image_size)
         except ArchiveOfLargeImages:
             return None
         (xtr, ytr), (xte, yte) = got["train"], got["test"]
         mean, std = channel_stats(torch.from_numpy(xtr))
+        classes = got["classes"]
+        # the class names as JSON: any name a folder can have survives, a newline included
         a = {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "mean": np.array(mean),
              "std": np.array(std), "identity": np.frombuffer(got["identity"].encode(), np.uint8),
-             "classes": np.frombuffer("\n".join(got["classes"]).encode(), np.uint8)}
+             "class_names": np.frombuffer(json.dumps(classes).encode(), np.uint8)}
         save_arrays(cpath, **a)
         save_json(_archive_identity_path(archive), {"identity": got["identity"]})
-    classes = bytes(a["classes"]).decode().split("\n")
     train = Split(torch.from_numpy(a["xtr"]), torch.from_numpy(a["ytr"]))
     test = Split(torch.from_numpy(a["xte"]), torch.from_numpy(a["yte"]))
     return DataBundle(f"imagefolder:{spec}", classes, 3, train.x.shape[-1],
                       tuple(a["mean"].tolist()), tuple(a["std"].tolist()), train, test,
                       fingerprint=f"imagefolder:{bytes(a['identity']).decode()}")
+
+
+def _class_names(a: dict | None) -> list[str] | None:
+    """The class names a cache entry holds (None: an entry without them, or of an older
+    layout, which is read again from the archive)."""
+    try:
+        names = json.loads(bytes(a["class_names"]).decode())
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return names if ok else None

@@ -23,8 +23,9 @@ from bnlab.data import load_data
 from bnlab.errors import UserError
 from bnlab.infer.loading import USER_BATCH, Loaded, test_loader
 from bnlab.runtime import resolve_device
+from bnlab.store import load_tensors
 from bnlab.usercode import first_line as _first_line
-from bnlab.usercode import load_function, script_folder, split_entry
+from bnlab.usercode import load_function, script_folder, split_entry, user_failure
 
 
 def build_entry(entry: str) -> nn.Module:
@@ -35,8 +36,11 @@ def build_entry(entry: str) -> nn.Module:
         fn = load_function(module, name, label)
         try:
             model = fn()
-        except Exception as e:  # noqa: BLE001 - anything the user's function raises
-            raise UserError(f"{label}: calling {name}() raised {_first_line(e)}") from None
+        except BaseException as e:  # anything the user's function raises, exit included
+            if not user_failure(e):
+                raise
+            raise UserError(f"--model-entry {entry!r}: calling {name}() raised "
+                            f"{_first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{label} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -44,13 +48,12 @@ def build_entry(entry: str) -> nn.Module:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--weights {str(p)!r} is a folder; give the state_dict file saved "
+                        "by torch.save (for a bnlab run, its checkpoint.pt)")
     if not p.is_file():
         raise UserError(f"--weights {str(p)!r} does not exist")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        raise UserError(f"--weights {str(p)!r} cannot be read with "
-                        f"torch.load(weights_only=True): {_first_line(e)}") from None
+    state = load_tensors(p, "--weights")
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -83,7 +86,9 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
     try:
         with torch.no_grad():
             out = loaded.model(x)
-    except Exception as e:  # noqa: BLE001 - anything the user's forward raises
+    except BaseException as e:  # anything the user's forward raises, exit included
+        if not user_failure(e):
+            raise
         raise UserError(f"the model of {entry!r} fails on images of dataset {dataset!r} "
                         f"(shape {tuple(x.shape)}): {_first_line(e)}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != bundle.num_classes:

@@ -30,6 +30,7 @@ from bnlab.usercode import (
     source_file,
     source_hash,
     split_model_entry,
+    user_failure,
 )
 
 GIVEN = ("num_classes", "norm")  # what every entry function receives
@@ -134,7 +135,9 @@ def build_entry_model(model: str, num_classes: int, norm: str = "bn",
             net = fn(**kwargs)
         except UserError:  # the norm factory's own refusal (an option, a dimension)
             raise
-        except Exception as e:  # noqa: BLE001 - anything the user's function raises
+        except BaseException as e:  # anything the user's function raises, exit included
+            if not user_failure(e):
+                raise
             shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             raise UserError(f"{label}: calling {name}({shown}) raised {first_line(e)}") from None
     if not isinstance(net, nn.Module):

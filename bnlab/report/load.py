@@ -230,7 +230,7 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
     values = dict(entry.get("values") or {})
     rd = store.run(run_id)
     try:
-        stored = rd.read_json("config.json") if rd.exists() else None
+        stored = rd.stored() if rd.exists() else None
     except StorageError:
         raise
     except UserError as e:  # a damaged config: the run is reported as missing

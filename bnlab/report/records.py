@@ -27,9 +27,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bnlab.errors import StorageError, UserError
 from bnlab.report.arms import key_label, named_axes
 from bnlab.report.load import NOT_ARM_AXES, arm_key, run_dataset
-from bnlab.store import RunDir, Store, open_store
+from bnlab.store import RunDir, Store, open_store, warn
 
 RESULTS = ("status", "epochs_done", "test_acc", "test_loss", "train_acc", "train_loss",
            "val_acc", "val_loss", "wall_time", "diverged_step", "test_loss_nonfinite_epoch",
@@ -46,6 +47,16 @@ def _open(out: str | Path) -> Store:
     return open_store(out, must_exist=True)  # the same refusal as `bnlab runs`
 
 
+def _config(run: RunDir) -> dict:
+    """The run's stored config; {} where its config.json is damaged (run_records warns)."""
+    try:
+        return run.config or {}
+    except StorageError:
+        raise
+    except UserError:
+        return {}
+
+
 def _identities(store: Store) -> list[tuple[RunDir, dict[str, Any]]]:
     """(run folder, identity columns) of every run: a study's planned runs in plan order, else
     the index's runs in id order."""
@@ -60,7 +71,7 @@ def _identities(store: Store) -> list[tuple[RunDir, dict[str, Any]]]:
             run = store.run(entry["run_id"])
             # the config only where study.json lacks a value (as load.Run.value reads it)
             need = any(a not in values for a in ("seed", "dataset", *arm_axes))
-            config = (run.config or {}) if need and run.exists() else {}
+            config = _config(run) if need and run.exists() else {}
             key = (run_dataset(values, config or None, base_dataset),
                    arm_key(values, config, arm_axes))
             if "seed" not in values:  # a study whose runs share one seed
@@ -90,7 +101,13 @@ def run_records(out: str | Path) -> list[dict[str, Any]]:
     store = _open(out)
     records = []
     for run, ident in _identities(store):
-        stored = run.read_json("config.json") if run.exists() else None
+        try:
+            stored = run.stored() if run.exists() else None
+        except StorageError:
+            raise
+        except UserError as e:  # damaged as the report and `bnlab runs` read it: left out
+            warn(f"{e}; run {run.run_id} left out")
+            continue
         summary = run.summary or {}
         rec = dict(ident)
         status = "pending" if stored is None else summary.get("status", "running")

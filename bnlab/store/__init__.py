@@ -40,6 +40,7 @@ from bnlab.store.files import (
     final_status,
     is_run_id,
     load_checkpoint_file,
+    load_tensors,
     read_json_file,
     warn,
 )
@@ -47,4 +48,4 @@ from bnlab.store.index import Store, open_store, row_of
 
 __all__ = ["CHECKPOINT_KEYS", "FINISHED", "STATUSES", "RunDir", "Store", "atomic_write",
            "atomic_write_bytes", "atomic_write_json", "final_status", "is_run_id",
-           "load_checkpoint_file", "open_store", "read_json_file", "row_of", "warn"]
+           "load_checkpoint_file", "load_tensors", "open_store", "read_json_file", "row_of", "warn"]

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import io
 import json
 import math
 import os
+import pickletools
 import sys
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from bnlab.config import FIELDS
 from bnlab.errors import StorageError, UserError, storage_error
 
 STATUSES = ("running", "completed", "diverged", "no_learning", "failed")
@@ -51,10 +56,27 @@ def _unlink(path: str | Path) -> None:
         os.unlink(path)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    read it by setting it, which another thread could see in between)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temporary file beside `path`, then rename it over `path`, so a
     reader sees the old file or the whole new one; a StorageError (path and cause) when the
-    file system refuses, with the old file left as it was."""
+    file system refuses, with the old file left as it was. The file gets the mode a plain
+    open() would give it (0666 less the umask), not mkstemp's 0600, so a study in a shared
+    folder can be read by those the umask lets read it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -62,6 +84,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise _folder_error(path.parent, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -118,6 +141,36 @@ def read_json_file(path: Path) -> Any | None:
         raise UserError(f"{str(path)!r} is not valid JSON (damaged or cut short)") from None
 
 
+def _kind_of(default) -> tuple[tuple[type, ...], str]:
+    """The JSON types a stored config value of a field with this default may have, in words."""
+    if isinstance(default, bool):
+        return (bool,), "true or false"
+    if isinstance(default, int):
+        return (int,), "an integer"
+    if isinstance(default, float):
+        return (int, float), "a number"
+    return (str,), "text"
+
+
+def config_problem(config: dict) -> str | None:
+    """What is wrong with the types of a stored run config (config.json's `config` table), or
+    None: each option bnlab knows must hold its own type (an `epochs` of "x" is damage, not
+    a run to list). Options this version does not know are left to the code that reads them."""
+    for key, value in config.items():
+        field = FIELDS.get(key)
+        if field is None:
+            continue
+        if field.default_factory is not dataclasses.MISSING:
+            types, words = (dict,), "a table"
+        else:
+            types, words = _kind_of(field.default)
+        wrong = isinstance(value, bool) and bool not in types
+        if wrong or not isinstance(value, types) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            return f"{key} = {json.dumps(value)}, where {words} belongs"
+    return None
+
+
 class RunDir:
     """One run's folder."""
 
@@ -165,11 +218,24 @@ class RunDir:
                 warn(f"{str(p)!r} line {i} is not a JSON object (torn by a crash?); ignored")
         return rows
 
+    def stored(self) -> dict | None:
+        """config.json as a whole ({"config": ..., "env": ...}); None when there is none; a
+        UserError naming the file when it is damaged: not JSON, no `config` table, or an
+        option of the wrong type in it (`config_problem`)."""
+        c = self.read_json("config.json")
+        if c is None:
+            return None
+        where = str(self.path / "config.json")
+        if not (isinstance(c, dict) and isinstance(c.get("config"), dict)):
+            raise UserError(f"{where!r} holds no run config")
+        problem = config_problem(c["config"])
+        if problem:
+            raise UserError(f"{where!r} is damaged: it holds {problem}")
+        return c
+
     @property
     def config(self) -> dict | None:
-        c = self.read_json("config.json")
-        if c is not None and not (isinstance(c, dict) and isinstance(c.get("config"), dict)):
-            raise UserError(f"{str(self.path / 'config.json')!r} holds no run config")
+        c = self.stored()
         return None if c is None else c["config"]
 
     @property
@@ -210,6 +276,40 @@ class RunDir:
         return load_checkpoint_file(self.checkpoint_path, map_location)
 
 
+def _names_objects(path: Path) -> bool:
+    """Whether the file is a whole pickle (the legacy format of torch.save) that names a class
+    or function: what torch refuses to load as weights because loading it could run code."""
+    if zipfile.is_zipfile(path):
+        return False  # torch names the global itself for its zip format
+    try:
+        with open(path, "rb") as f:
+            names = False
+            for op, _, _ in pickletools.genops(f):
+                names = names or op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ")
+            return names
+    except Exception:  # noqa: BLE001 - not a whole pickle (random bytes, cut short)
+        return False
+
+
+def load_tensors(path: Path, what: str, map_location="cpu") -> Any:
+    """torch.load(path, weights_only=True), or bnlab's own one line naming `what` and the file:
+    a file that holds other objects than tensors (a pickled class or function, which could
+    run code) is not loaded, and a file that is no torch file at all says so."""
+    import torch  # lazy, as in save_checkpoint
+
+    try:
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it may not read:
+            warnings.simplefilter("ignore", UserWarning)  # the outcome is said below
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind, zip errors, ...
+        if "global" in str(e).lower() or _names_objects(path):
+            raise UserError(f"{what} {str(path)!r} holds objects other than tensors and is not "
+                            "loaded (bnlab reads only tensors, numbers, strings and containers "
+                            "of them, so that no file can run code)") from None
+        raise UserError(f"{what} {str(path)!r} is not a file saved by torch.save (damaged, cut "
+                        f"short, or of another format; torch says {type(e).__name__})") from None
+
+
 def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
     """Load a bnlab checkpoint with weights_only=True, or raise a UserError naming the file."""
     p = Path(path)
@@ -217,15 +317,7 @@ def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
-    import torch  # lazy, as in save_checkpoint
-
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, pickle of forbidden types, ...
-        raise UserError(f"{str(p)!r} is not a readable bnlab checkpoint "
-                        f"({type(e).__name__})") from None
+    state = load_tensors(p, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{str(p)!r} is not a bnlab checkpoint (no model/config entries)")
     return state
-
-

@@ -150,8 +150,9 @@ class Store:
             db.executescript(SCHEMA)
             return had[0]
 
+        existed = self.index_path.exists()
         if not self._query(create) and self._folders():
-            self._heal("it holds no table of runs", move_aside=False)
+            self._heal("it holds no table of runs" if existed else None, move_aside=False)
 
     def _folders(self) -> list[RunDir]:
         """Every run folder of the root (a plain name holding a config.json), sorted."""
@@ -162,7 +163,9 @@ class Store:
         return [RunDir(self.root / n) for n in names
                 if is_run_id(n) and (self.root / n / "config.json").is_file()]
 
-    def _folder_rows(self, runs: list[RunDir]) -> list[dict]:
+    def _folder_rows(self, runs: list[RunDir], damaged: set[str] | None = None) -> list[dict]:
+        """The index rows of `runs`; a run whose config.json is damaged is left out with a
+        warning (and its id added to `damaged`)."""
         rows = []
         for run in runs:
             try:
@@ -171,6 +174,8 @@ class Store:
                 raise
             except UserError as e:
                 warn(f"{e}; left out of the index")
+                if damaged is not None:
+                    damaged.add(run.run_id)
                 continue
             if row is not None:
                 rows.append(row)
@@ -181,14 +186,18 @@ class Store:
         with self.lock("index", wait=True, prefix=".index-"):
             yield
 
-    def _heal(self, why: str, move_aside: bool = True) -> None:
+    def _heal(self, why: str | None, move_aside: bool = True) -> None:
         """Rebuild a damaged index from the run folders, once across processes (the first to
-        take the lock rebuilds, the others find a good index)."""
+        take the lock rebuilds, the others find a good index). why=None: there was no index
+        file at all (a copy of the run folders alone, or one deleted), which is not damage."""
         with self._index_lock():
             if move_aside and self._index_readable():
                 return
             kept = self._move_aside() if move_aside else None
             n = self._fill(self._folder_rows(self._folders()))
+        if why is None:
+            warn(f"{str(self.root)!r} has no index yet; built from its {n} run folder(s)")
+            return
         warn(f"the index {str(self.index_path)!r} was damaged ({why}); rebuilt from {n} run "
              f"folder(s)" + (f", the damaged file kept as {kept.name}" if kept else ""))
 
@@ -284,7 +293,8 @@ class Store:
         or holds out of date (status, epochs) taken from the folder. A writable index is
         brought up to date, with one warning line saying how many rows were missing or stale."""
         rows = {r["run_id"]: r for r in self.rows()}
-        folders = self._folder_rows(self._folders())
+        damaged: set[str] = set()
+        folders = self._folder_rows(self._folders(), damaged)
         missing = [f for f in folders if f["run_id"] not in rows]
         stale = [f for f in folders if f["run_id"] in rows and any(
             rows[f["run_id"]][k] != f[k] for k in ("status", "epochs_done"))]
@@ -295,10 +305,12 @@ class Store:
             if not self.readonly:
                 for f in missing + stale:
                     self.record(RunDir(self.root / f["run_id"]))
-        gone = [r for r in rows if not (self.root / r / "config.json").is_file()]
+        # a row whose folder was removed, or whose config.json is damaged: the folder is the
+        # truth, and a damaged one is listed nowhere (as the report leaves it out)
+        gone = [r for r in rows if r in damaged or not (self.root / r / "config.json").is_file()]
         for f in missing + stale:
             rows[f["run_id"]] = f
-        for r in gone:  # a row whose folder was removed: the folder is the truth
+        for r in gone:
             del rows[r]
         return [rows[k] for k in sorted(rows)]
 

@@ -18,7 +18,7 @@ from bnlab.study.executors import SlurmExecutor, run_parallel, run_serial
 from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.progress import Progress
 from bnlab.study.spec import Plan
-from bnlab.study.status import count_statuses, estimate_line
+from bnlab.study.status import count_statuses
 from bnlab.study.tuning import CHOOSABLE, choose, group_key
 from bnlab.study.worker import check_data
 from bnlab.train.packed import pack_groups, train_packed
@@ -68,7 +68,6 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     tuning = f" ({len(plan.tune_runs)} of them tuning runs)" if plan.tune_runs else ""
     progress.log(f"study {plan.spec.name}: {len(plan.all_runs)} runs{tuning}, "
                  f"{len(finished)} already finished, {len(todo)} to run, {how} -> {store.root}")
-    progress.log(estimate_line(plan, store))
 
     def execute(runs, wait: bool = False, retry_failed: bool = True) -> list:
         if executor != "local":

@@ -31,7 +31,8 @@ from bnlab.store import warn
 from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
 from bnlab.usercode import ENTRY
 
-SECTIONS = ("name", "description", "base", "grid", "cases", "tune", "analysis", "estimate")
+SECTIONS = ("name", "description", "max_runs", "base", "grid", "cases", "tune", "analysis",
+            "estimate")
 CASE_KEYS = ("where", "set", "grid")
 ANALYSIS_KEYS = ("select_best", "select_on", "compare", "corruptions", "baseline")
 SELECT_ON = ("val", "test")  # the split select_best chooses on
@@ -160,6 +161,11 @@ def parse_spec(data: dict, source: str = "built-in", default_name: str = "study"
     description = data.get("description", "")
     if not isinstance(description, str):
         raise UserError(f"{label}: description must be a string, got {description!r}")
+
+    max_runs = data.get("max_runs", 1)  # runs `study run` starts without --yes
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise UserError(f"{label}: max_runs must be a whole number of runs >= 1, got "
+                        f"{max_runs!r}")
 
     base = _values(data.get("base", {}), f"{label} [base]")
     grid = _axes(data.get("grid", {}), f"{label} [grid]")

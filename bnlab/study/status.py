@@ -12,7 +12,7 @@ from pathlib import Path
 from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.runtime import resolve_device
-from bnlab.store import FINISHED, Store, open_store
+from bnlab.store import FINISHED, RunDir, Store, open_store
 from bnlab.study.estimate import DEVICES, OWN_SOURCE, estimate, own_rates
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
@@ -117,26 +117,40 @@ def fmt_minutes(m: float | None) -> str:
     return f"{m:.0f} min" if m < 120 else f"{m / 60:.1f} h"
 
 
-def remaining(plan: Plan, store: Store | None) -> tuple[list, dict[tuple, float]]:
-    """The runs of `plan` still to train (every run but those with a result in `store`), each
-    config with the spec's dataset name (whose size the estimate knows), and the rates measured
-    by the finished runs of `store` (estimate.own_rates)."""
+def _summaries(plan: Plan, out: str | Path | None) -> dict[str, dict | None]:
+    """The stored summary of every run of `plan` in the folder `out`, read from the run folders
+    without writing anything (a folder that cannot be read counts as not begun); {} for a
+    folder that does not exist (a new study: no run id to look up)."""
+    if out is None or not Path(out).is_dir():
+        return {}
+
+    def summary(run_id: str) -> dict | None:
+        try:
+            return RunDir(Path(out) / run_id).summary
+        except UserError:
+            return None
+
+    return {r.run_id: summary(r.run_id) for r in plan.all_runs}
+
+
+def remaining(plan: Plan, out: str | Path | None) -> tuple[list, dict[tuple, float]]:
+    """The runs of `plan` still to train (every run but those with a result in the folder
+    `out`), each config with the spec's dataset name (whose size the estimate knows), and the
+    rates the folder's finished runs measured (estimate.own_rates)."""
     sizes = plan.spec.estimate.get("sizes")
+    summaries = _summaries(plan, out)
     named = [(dataclasses.replace(r.cfg, dataset=r.dataset), r.run_id) for r in plan.all_runs]
-    if store is None:
-        return [c for c, _ in named], {}
-    summaries = {rid: store.run(rid).summary for _, rid in named}
-    todo = [c for c, rid in named if (summaries[rid] or {}).get("status") not in FINISHED]
-    return todo, own_rates(((c, summaries[rid]) for c, rid in named), sizes)
+    todo = [c for c, rid in named if (summaries.get(rid) or {}).get("status") not in FINISHED]
+    return todo, own_rates(((c, summaries.get(rid)) for c, rid in named), sizes)
 
 
-def study_estimate(plan: Plan, device: str, store: Store | None = None) -> str:
+def study_estimate(plan: Plan, device: str, out: str | Path | None = None) -> str:
     """The spec's own minutes for `device` if it gives them (for a study not begun), else the
     estimate of the runs left: from the output folder's own measured throughput where it has
     finished runs like them, else from bnlab's table of measured rates."""
     spec = plan.spec
     given = spec.estimate.get(f"{device}_minutes")
-    todo, own = remaining(plan, store)
+    todo, own = remaining(plan, out)
     if given is not None and len(todo) == len(plan.all_runs):
         return fmt_minutes(given) + " (spec)"
     if not todo:
@@ -146,24 +160,6 @@ def study_estimate(plan: Plan, device: str, store: Store | None = None) -> str:
     return fmt_minutes(est.minutes) + mark
 
 
-def estimate_line(plan: Plan, store: Store) -> str:
-    """study run's estimate of the runs left, and where its rates come from."""
-    cuda = any(resolve_device(r.cfg.device).type == "cuda" for r in plan.all_runs)
-    device = "gpu" if cuda else "cpu"
-    todo, own = remaining(plan, store)
-    if not todo:
-        return "estimate: nothing left to train"
-    est = estimate(todo, device, plan.spec.estimate.get("sizes"), own)
-    if est.minutes is None:
-        return f"estimate: none for {len(todo)} runs left ({est.missing})"
-    where = ("this folder's own finished runs" if est.sources == (OWN_SOURCE,) else
-             "this folder's own finished runs and bnlab's table of measured rates"
-             if OWN_SOURCE in est.sources else "bnlab's table of measured rates")
-    return (f"estimate: {fmt_minutes(est.minutes)} of training and evaluation for the "
-            f"{len(todo)} runs left on {DEVICES[device]}, from {where}"
-            + (" (scaled)" if est.scaled else ""))
-
-
 def list_text() -> str:
     """`bnlab study list`: every built-in study with its size and estimated time on each device
     class bnlab was measured on."""
@@ -171,10 +167,9 @@ def list_text() -> str:
     for name in builtin_names():
         plan = expand(load_spec(name))
         folder = DEFAULT_ROOT / name  # a study begun here: what is left, at its own rates
-        store = (open_store(folder, readonly=None) if (folder / "study.json").is_file()
-                 else None)
-        rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", store),
-                     study_estimate(plan, "gpu", store), plan.spec.description])
+        folder = folder if (folder / "study.json").is_file() else None
+        rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", folder),
+                     study_estimate(plan, "gpu", folder), plan.spec.description])
     notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
              f"{DEVICES['cpu']}, GPU = {DEVICES['gpu']} with GPU runs packed as the runner packs "
              "them; (own): a study begun in studies-out/NAME, its runs left at the rates its "
@@ -182,3 +177,40 @@ def list_text() -> str:
              "family by its layers; unmeasured: no measurement of that model on that device."]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
+
+
+# -- before a study starts ---------------------------------------------------------------------
+LARGE_STUDY = 1000  # runs to train above which `study run` asks for --yes (or max_runs)
+
+
+def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
+    """(the line `study run` prints before it starts: how many runs are left to train and how
+    long they take by bnlab.study.estimate, at the folder's own measured rates where it has
+    finished runs like them; the number of runs left)."""
+    todo, own = remaining(plan, out)
+    total = len(plan.all_runs)
+    tuning = f" ({len(plan.tune_runs)} of them tuning runs)" if plan.tune_runs else ""
+    line = f"study {plan.spec.name}: {len(todo)} of {total} runs{tuning} to train"
+    if not todo:
+        return line, 0
+    device = "gpu" if resolve_device(todo[0].device).type == "cuda" else "cpu"
+    est = estimate(todo, device, plan.spec.estimate.get("sizes"), own)
+    if est.minutes is None:
+        return f"{line}; their time is unmeasured ({est.missing})", len(todo)
+    where = ("this folder's own finished runs" if est.sources == (OWN_SOURCE,) else
+             "this folder's own finished runs and bnlab's table of measured rates"
+             if OWN_SOURCE in est.sources else "bnlab's table of measured rates")
+    scaled = ", scaled from a smaller model" if est.scaled else ""
+    return (f"{line}, estimated {fmt_minutes(est.minutes)} of training and evaluation on "
+            f"{DEVICES[device]} (from {where}{scaled})", len(todo))
+
+
+def confirm_size(plan: Plan, todo: int, yes: bool) -> None:
+    """Refuse to start more than the spec's `max_runs` (LARGE_STUDY by default) runs unless
+    `yes`: a typo in an axis (10,000 values) must not start days of training unasked."""
+    limit = plan.spec.raw.get("max_runs", LARGE_STUDY)
+    if todo > limit and not yes:
+        whose = "the spec's max_runs" if "max_runs" in plan.spec.raw else "the limit"
+        raise UserError(f"study {plan.spec.name} would train {todo} runs, more than {whose} "
+                        f"of {limit}: pass --yes to start them, set max_runs = {todo} (or "
+                        "more) in the spec, or narrow the grid with --only AXIS=VALUE")

@@ -137,9 +137,10 @@ class RunRecord:
         return None
 
     def _stored(self) -> dict:
-        """config.json as stored ({} when missing or damaged: begin() writes it again)."""
+        """config.json as stored ({} when missing or damaged, an option of the wrong type
+        included: begin() writes it again)."""
         try:
-            stored = self.run.read_json("config.json")
+            stored = self.run.stored()
         except StorageError:
             raise
         except UserError:
