@@ -31,6 +31,7 @@ from bnlab.report.probedata import (
     units_of,
 )
 from bnlab.report.tables import ProbeRow, arm_label
+from bnlab.store import EpochRow
 
 STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
@@ -110,12 +111,12 @@ def mean_band(per_run: list[dict[int, float]]) -> tuple[list[int], list[float], 
     return xs, mean, lo, hi
 
 
-def _epoch_series(run: Run, get: Callable[[dict], float | None]) -> dict[int, float]:
+def _epoch_series(run: Run, get: Callable[[EpochRow], float | None]) -> dict[int, float]:
     out = {}
     for m in run.metrics:
         v = get(m)
         if v is not None:
-            out[int(m["epoch"])] = v
+            out[m.epoch] = v
     return out
 
 
@@ -172,8 +173,8 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     losses = []
     for a, color in zip(shown, _colors(len(shown))):
         runs = _included(a)
-        acc = [_epoch_series(r, lambda m: number(m.get("test_acc"))) for r in runs]
-        loss = [_epoch_series(r, lambda m: number(m.get("train_loss"))) for r in runs]
+        acc = [_epoch_series(r, lambda m: number(m.test_acc)) for r in runs]
+        loss = [_epoch_series(r, lambda m: number(m.train_loss)) for r in runs]
         losses += [v for d in loss for v in d.values()]
         _plot_band(ax_acc, acc, color, arm_label(a), scale=100.0)
         _plot_band(ax_loss, loss, color, arm_label(a))
@@ -200,7 +201,7 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
         return []
     fig, (ax,) = _new(1, height=3.0)
     for a, color in zip(shown, _colors(len(shown))):
-        per_run = [_epoch_series(r, lambda m: _diff(m.get("train_acc"), m.get("test_acc")))
+        per_run = [_epoch_series(r, lambda m: _diff(m.train_acc, m.test_acc))
                    for r in _included(a)]
         _plot_band(ax, per_run, color, arm_label(a), scale=100.0)
     ax.axhline(0.0, color="0.4", linewidth=0.6)
