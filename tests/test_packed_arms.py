@@ -14,7 +14,6 @@ import dataclasses
 import math
 
 import pytest
-import torch
 
 from bnlab.config import RunConfig
 from bnlab.data.synthetic import make_synthetic
