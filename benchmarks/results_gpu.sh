@@ -23,8 +23,9 @@
 # Dry run of the same code path on a CPU (every arm inside packs: `--pack-cpu`; tiny epochs
 # and image limits; about a minute on an idle 2-core machine once the archive is decoded):
 #   PYTHONPATH=. bash benchmarks/results_gpu.sh --dry-run ../shared/data/cifar10-jpg.tar.gz
-# It differs from the GPU call only in device, sizes and compile (off: inductor's CPU compile
-# takes minutes); EPOCHS, LIMIT_TRAIN, LIMIT_TEST, COMPILE and RESULTS override its values.
+# It differs from the GPU call only in device, sizes (batch included) and compile (off:
+# inductor's CPU compile takes minutes); EPOCHS, LIMIT_TRAIN, LIMIT_TEST, BATCH, COMPILE and
+# RESULTS override its values.
 set -u
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
@@ -34,7 +35,8 @@ INET=${2:-}
 [ -z "$INET" ] || [ -e "$INET" ] || { echo "results_gpu: $INET does not exist" >&2; exit 2; }
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu; EPOCHS=${EPOCHS:-2}; EPOCHS_INET=${EPOCHS_INET:-2}
-  LIMIT_TRAIN=${LIMIT_TRAIN:-256}; LIMIT_TEST=${LIMIT_TEST:-128}; IMAGE_SIZE=${IMAGE_SIZE:-32}
+  LIMIT_TRAIN=${LIMIT_TRAIN:-128}; LIMIT_TEST=${LIMIT_TEST:-64}; IMAGE_SIZE=${IMAGE_SIZE:-32}
+  BATCH=${BATCH:-32}  # a probe step costs ~18 passes of one batch: kept small on a CPU
   COMPILE=${COMPILE:-false}; RESULTS=${RESULTS:-/tmp/results-gpu-dry}
   BNLAB_CACHE=${BNLAB_CACHE:-$HOME/.cache/bnlab}  # the archive decoded once, as on a GPU box
 fi
@@ -54,6 +56,7 @@ REPORT_S=${REPORT_S:-45}              # seconds kept for part 1's status and rep
 DRY=()
 [ -n "${LIMIT_TRAIN:-}" ] && DRY+=(--set "limit_train=$LIMIT_TRAIN")
 [ -n "${LIMIT_TEST:-}" ] && DRY+=(--set "limit_test=$LIMIT_TEST")
+[ -n "${BATCH:-}" ] && DRY+=(--set "batch_size=$BATCH")
 PACK=()
 [ "$DEVICE" = cpu ] && PACK+=(--pack-cpu)
 START=$(date +%s)
