@@ -127,3 +127,50 @@ def test_a_lone_and_a_packed_run_write_rows_of_one_type(trained):
         lone = ss.run(c.run_id()).metrics()[-1]
         packed = sp.run(c.run_id()).metrics()[-1]
         assert set(packed) == {*lone, "packed"}  # `packed`: the size of its pack
+
+
+SEED_LIKE = """
+name = "seed-like"
+description = "the seed study's arms at tiny sizes"
+[base]
+dataset = "synthetic"
+model = "resnet20"
+limit_train = 32
+limit_test = 16
+batch_size = 8
+epochs = 1
+lr = 0.002              # low enough that no arm diverges in its first steps
+device = "cpu"
+[grid]
+norm = ["bn", "none"]
+seed = [0, 1]
+[[cases]]
+where = { norm = "none" }
+grid = { init = ["kaiming", "fixup"] }
+[[cases]]
+where = { seed = 0 }
+set = { probe_every = 3 }
+"""
+
+
+def test_the_study_runner_packs_every_arm_with_pack_cpu(tmp_path):
+    """run_study(pack_cpu=True) (`study run --pack-cpu`) takes the GPU path on the CPU: BN,
+    no-BN and Fixup runs, probed and not, all train in one pack (rows with `packed`), and the
+    probed ones write probes."""
+    from bnlab.study.runner import run_study
+    from bnlab.study.spec import expand, load_spec
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SEED_LIKE)
+    out = tmp_path / "out"
+    counts = run_study(expand(load_spec(str(spec))), out, tty=False, pack_cpu=True)
+    assert sum(counts.values()) == 6 and not counts.get("failed")
+    store = Store(out)
+    runs = [store.run(r["run_id"]) for r in store.rows()]
+    assert len(runs) == 6
+    for run in runs:
+        rows = run.metrics()
+        assert rows and all(r["packed"] == 6 for r in rows), run.run_id
+        probed = run.config["probe_every"] == 3
+        assert bool(run.read_rows("probes.jsonl")) == probed, run.run_id
+    assert {run.config["init"] for run in runs} == {"kaiming", "fixup"}
