@@ -200,7 +200,8 @@ class Study:
         return _frame([{"run_id": r.run_id, **r.values} for r in self.plan.runs], ["run_id"])
 
     def run(self, jobs: int = 1, out: Folder | None = None, pack: bool = True,
-            executor: str = "local", slurm: SlurmOptions | dict | None = None) -> dict[str, int]:
+            executor: str = "local", slurm: SlurmOptions | dict | None = None,
+            pack_cpu: bool = False) -> dict[str, int]:
         """`bnlab study run`: every run not finished yet (resumable, same folders), then the
         study's analysis (prediction comparison); returns {status: count}."""
         specs.preflight(self.plan)
@@ -213,7 +214,7 @@ class Study:
             options = (slurm if isinstance(slurm, SlurmOptions)
                        else SlurmOptions(**(slurm or {}))).validate()
         counts = run_study(self.plan, self.out, jobs=jobs, pack=pack, executor=executor,
-                           options=options)
+                           options=options, pack_cpu=pack_cpu)
         compare_selected(self.out)
         return counts
 

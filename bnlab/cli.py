@@ -342,7 +342,8 @@ def cmd_study(args) -> int:
         print(line, flush=True)  # before anything starts, and before a refusal
         status.confirm_size(plan, todo, args.yes)
         counts = run_study(plan, out, jobs=args.jobs, pack=not args.no_pack,
-                           executor=args.executor, options=_slurm_options(args))
+                           executor=args.executor, options=_slurm_options(args),
+                           pack_cpu=args.pack_cpu)
         compare_selected(out)
         print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
               + f" -> {out} (next: bnlab study report {out})")
@@ -504,6 +505,9 @@ def build_parser() -> Parser:
     sr.add_argument("--no-pack", action="store_true",
                     help="train every run alone (by default CUDA runs that differ only in "
                          "seed, lr, ... train packed into one network)")
+    sr.add_argument("--pack-cpu", action="store_true",
+                    help="pack CPU runs too (slower than lone runs on a CPU: for a dry run of "
+                         "the GPU path at tiny sizes)")
     sr.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="runs trained at once, each in its own process (one GPU each when "
                     "several exist)")

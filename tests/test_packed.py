@@ -272,15 +272,14 @@ def test_can_pack_reasons():
     assert "same run" in can_pack([_base(), _base()])
     assert "batch_size differs" in can_pack([_base(seed=0), _base(seed=1, batch_size=16)])
     assert "dropout" in can_pack([_base(seed=0, dropout=0.1), _base(seed=1, dropout=0.1)])
-    assert "probe_every" in can_pack([_base(seed=0, probe_every=5),
-                                      _base(seed=1, probe_every=5)])
+    assert can_pack([_base(seed=0, probe_every=5), _base(seed=1)]) is None  # probed per run
     assert "resnet18" in can_pack([_base(seed=0, model="resnet18"),
                                    _base(seed=1, model="resnet18")])
     assert can_pack([_base(seed=0, lr=0.1, init="kaiming"), _base(seed=1, lr=0.3)]) is None
     assert "KerasBatchNorm" in can_pack([_base(seed=0, norm_options={"convention": "keras"}),
                                          _base(seed=1, norm_options={"convention": "keras"})])
-    assert "scale" in can_pack([_base(seed=0, init="fixup", norm="none"),
-                                _base(seed=1, norm="none")])
+    assert can_pack([_base(seed=0, init="fixup", norm="none"), _base(seed=1, norm="none"),
+                     _base(seed=2, init="skipinit", norm="none"), _base(seed=3)]) is None
     assert can_pack([_base(seed=0, init="xavier"), _base(seed=1, init="zero_residual")]) is None
     with pytest.raises(UserError, match="cannot be packed"):
         train_packed([_base(seed=0), _base(seed=1, epochs=3)], "unused")

@@ -19,7 +19,7 @@ from bnlab.models import build_model
 from bnlab.store import Store
 from bnlab.train import train_run
 from bnlab.train.evaluate import evaluate
-from bnlab.train.packed import _batches, _Member
+from bnlab.train.pack_model import Member, packed_batches
 
 
 def test_first_bad_keeps_the_first_non_finite_step_per_run():
@@ -95,9 +95,9 @@ def test_packed_batches_are_each_runs_own_batches(augment, chunk, monkeypatch):
     bundle = make_synthetic(n_train=40, n_test=8, size=8)
     dev = torch.device("cpu")
     cfgs = [RunConfig(dataset="synthetic", seed=s, batch_size=8) for s in (0, 5, 9)]
-    members = [_Member(c, None) for c in cfgs]
+    members = [Member(c, None) for c in cfgs]
     norm = Normalizer(bundle.mean * 3, bundle.std * 3, dev)
-    packed = list(_batches(members, bundle.train, norm, 2, 5, 8, augment, True, dev))
+    packed = list(packed_batches(members, bundle.train, norm, 2, 5, 8, augment, True, dev))
     for k, c in enumerate(cfgs):
         own = MemoryLoader(bundle.train, bundle, 8, dev, True, augment, c.seed)
         for (x, y), (xk, yk) in zip(packed, own.epoch(2), strict=True):

@@ -100,13 +100,15 @@ def test_no_learning_is_recorded_but_the_run_finishes(tmp_path):
 def test_status_describes_the_end_and_a_slow_start_is_a_flag(tmp_path):
     """A run at chance after its first quarter that learns later ends `completed`, with the
     stall kept as a flag; one that falls back to chance at the end is `no_learning`."""
+    from bnlab.store import EpochRow
     from bnlab.train.record import RunRecord
 
     chance = 0.2
     def run(accs):
         rec = RunRecord(Store(tmp_path / str(accs)), tiny(epochs=len(accs)))
         for e, acc in enumerate(accs, 1):
-            rec.add_epoch({"epoch": e, "step": 10 * e, "epoch_time": 1.0, "test_acc": acc},
+            rec.add_epoch(EpochRow(epoch=e, step=10 * e, lr=0.1, train_loss=1.0,
+                                   train_acc=0.5, test_loss=1.0, test_acc=acc, epoch_time=1.0),
                           chance)
         return rec.finish(chance)
 

@@ -78,8 +78,19 @@ class ShortcutA(nn.Module):
         return x
 
 
+BRANCH_SCALARS = ("bias1a", "bias1b", "bias2a", "bias2b", "scale")  # add_branch_scalars
+
+
+def per_run(p: nn.Parameter, x: torch.Tensor) -> torch.Tensor:
+    """A branch scalar shaped to act on x: as it is for one run (shape (1,)); for the K runs of
+    a pack (shape (K,), bnlab.models.grouped) entry k repeated over run k's channel block."""
+    if p.numel() == 1:
+        return p
+    return p.repeat_interleave(x.shape[1] // p.numel()).view(1, -1, *([1] * (x.ndim - 2)))
+
+
 def _maybe_add(p: nn.Parameter | None, x: torch.Tensor) -> torch.Tensor:
-    return x if p is None else x + p
+    return x if p is None else x + per_run(p, x)
 
 
 class BasicBlock(nn.Module):
@@ -118,7 +129,7 @@ class BasicBlock(nn.Module):
         """Add a learnable scalar multiplier on the branch (and Fixup's four scalar biases)."""
         dev = self.conv1.weight.device
         if biases:
-            for name in ("bias1a", "bias1b", "bias2a", "bias2b"):
+            for name in BRANCH_SCALARS[:4]:
                 setattr(self, name, nn.Parameter(torch.zeros(1, device=dev)))
         self.scale = nn.Parameter(torch.full((1,), float(scale), device=dev))
 
@@ -131,7 +142,7 @@ class BasicBlock(nn.Module):
             out = F.relu(_maybe_add(self.bias1b, self.n1(out)))
             out = self.n2(self.conv2(_maybe_add(self.bias2a, out)))
         if self.scale is not None:
-            out = out * self.scale
+            out = out * per_run(self.scale, out)
         return _maybe_add(self.bias2b, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,12 @@ following norm carry a bias. The pack holds the union: a bias on every such laye
 for the runs that have none; `PackedSGD` leaves those entries alone) and, where only some runs
 normalize, a `PartialBatchNorm` that passes the other runs' channels through unchanged
 (`torch.where`, so their values and gradients are exactly those of an identity).
+
+The scalar parameters of a residual branch (Fixup's four biases and multiplier, SkipInit's
+multiplier: `BasicBlock.add_branch_scalars`) become one entry per run, a parameter of shape (K,)
+under the same name; the block adds or multiplies entry k into channel block k
+(`bnlab.models.cifar_resnet.per_run`). Runs without them hold the identity's values (bias 0,
+multiplier 1: x + 0 and x * 1 are x exactly, in value and gradient) and never update them.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.models.cifar_resnet import BasicBlock, CifarResNet, ShortcutA
+from bnlab.models.cifar_resnet import BRANCH_SCALARS, BasicBlock, CifarResNet, ShortcutA
 from bnlab.models.mlp import MLP, Hidden
 from bnlab.models.vgg import CifarVGG, ConvUnit
 
@@ -121,7 +127,10 @@ def _packed_layer(m: nn.Module, k: int) -> nn.Module | None:
     if isinstance(m, nn.Dropout) and m.p == 0:
         return None
     if type(m) in STRUCTURAL:
-        if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)):
+        own = {n for n, _ in m.named_parameters(recurse=False)}
+        if type(m) is BasicBlock and own <= set(BRANCH_SCALARS):
+            return None  # its branch scalars become per-run vectors (_add_branch_scalars)
+        if own or list(m.buffers(recurse=False)):
             names = [n for n, _ in m.named_parameters(recurse=False)]
             raise NotPackable(f"{type(m).__name__} holds its own parameters "
                               f"({', '.join(names) or 'buffers'}), which have no packed form")
@@ -154,6 +163,10 @@ def _union_layer(layers: list[nn.Module], k: int) -> nn.Module | None:
     if len(kinds) > 1:
         names = ", ".join(sorted(t.__name__ for t in kinds))
         raise NotPackable(f"the runs differ in layer types ({names})")
+    if isinstance(first, BasicBlock):
+        for m in layers:
+            _packed_layer(m, k)  # refuses parameters other than the branch scalars
+        return None
     if isinstance(first, nn.Conv2d | nn.Linear) and any(m.bias is not None for m in layers):
         if first.bias is None:
             first = next(m for m in layers if m.bias is not None)
@@ -173,12 +186,24 @@ def empty_pack(models: nn.Module | list[nn.Module], k: int | None = None) -> nn.
         if any(x is None for x in layers):
             raise NotPackable(f"layer {name!r} is missing in one of the runs")
         new = _union_layer(layers, k)
+        if isinstance(m, BasicBlock):
+            _add_branch_scalars(m, layers, k)
         if new is not None:
             ref = next(iter(m.parameters(recurse=False)), None)
             if ref is not None:
                 new = new.to(device=ref.device, dtype=ref.dtype)
             packed.set_submodule(name, new)
     return packed
+
+
+def _add_branch_scalars(block: BasicBlock, layers: list[nn.Module], k: int) -> None:
+    """Give the packed `block` one entry per run of every branch scalar any run has (values
+    loaded later by pack_state; runs without it get the identity's, identity_fill)."""
+    ref = block.conv1.weight
+    for name in BRANCH_SCALARS:
+        if any(getattr(m, name) is not None for m in layers):
+            setattr(block, name, nn.Parameter(torch.zeros(k, device=ref.device,
+                                                          dtype=ref.dtype)))
 
 
 def pack_models(models: list[nn.Module]) -> nn.Module:
@@ -190,8 +215,10 @@ def pack_models(models: list[nn.Module]) -> nn.Module:
 
 def identity_fill(key: str, ref: torch.Tensor) -> torch.Tensor:
     """A run's entries for a state key its own network lacks: a norm layer it does not have
-    (scale and running variance 1, shift and running mean 0) or a bias it does not have (0)."""
-    one = key.endswith(("weight", "running_var"))  # every conv/linear weight exists in all runs
+    (scale and running variance 1, shift and running mean 0), a bias it does not have (0), or
+    a branch scalar it does not have (multiplier 1, biases 0)."""
+    # every conv/linear weight exists in all runs
+    one = key.endswith(("weight", "running_var", ".scale"))
     return torch.ones_like(ref) if one else torch.zeros_like(ref)
 
 

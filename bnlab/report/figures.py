@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.load import Run, number
 from bnlab.report.tables import arm_label
+from bnlab.store import EpochRow
 
 STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
@@ -101,12 +102,12 @@ def mean_band(per_run: list[dict[int, float]]) -> tuple[list[int], list[float], 
     return xs, mean, lo, hi
 
 
-def _epoch_series(run: Run, get: Callable[[dict], float | None]) -> dict[int, float]:
+def _epoch_series(run: Run, get: Callable[[EpochRow], float | None]) -> dict[int, float]:
     out = {}
     for m in run.metrics:
         v = get(m)
         if v is not None:
-            out[int(m["epoch"])] = v
+            out[m.epoch] = v
     return out
 
 
@@ -181,8 +182,8 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
                               f"{', '.join(steps)}), not drawn")
             continue
         runs = _included(a)
-        acc = [_epoch_series(r, lambda m: number(m.get("test_acc"))) for r in runs]
-        loss = [_epoch_series(r, lambda m: number(m.get("train_loss"))) for r in runs]
+        acc = [_epoch_series(r, lambda m: number(m.test_acc)) for r in runs]
+        loss = [_epoch_series(r, lambda m: number(m.train_loss)) for r in runs]
         losses += [v for d in loss for v in d.values()]
         _plot_band(ax_acc, acc, color, arm_label(a), scale=100.0)
         _plot_band(ax_loss, loss, color, arm_label(a))
@@ -209,7 +210,7 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
         return []
     fig, (ax,) = _new(1, height=3.0)
     for a, color in zip(shown, _colors(len(shown))):
-        per_run = [_epoch_series(r, lambda m: _diff(m.get("train_acc"), m.get("test_acc")))
+        per_run = [_epoch_series(r, lambda m: _diff(m.train_acc, m.test_acc))
                    for r in _included(a)]
         _plot_band(ax, per_run, color, arm_label(a), scale=100.0)
     ax.axhline(0.0, color="0.4", linewidth=0.6)

@@ -20,7 +20,7 @@ from typing import Any
 
 from bnlab.config import NOT_ARM_KEYS, dataset_tag
 from bnlab.errors import StorageError, UserError
-from bnlab.store import Store, warn
+from bnlab.store import EpochRow, Store, warn
 
 # axes that never make an arm: config.NOT_ARM_KEYS, and the dataset (arms are per dataset)
 NOT_ARM_AXES = frozenset({"dataset", *NOT_ARM_KEYS})
@@ -71,7 +71,7 @@ class Run:
     data: dict[str, Any] | None
     model: dict[str, Any] | None
     summary: dict[str, Any]
-    metrics: list[dict]
+    metrics: list[EpochRow]  # metrics.jsonl, one typed row per epoch
     probes: list[dict]
     arm: tuple[tuple[str, str], ...] = ()
     distributed: dict[str, Any] | None = None  # config.json's batch split (bnlab.train.distributed)
@@ -248,6 +248,6 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
     return Run(run_id=run_id, values=values, dataset=dataset, seed=seed, status=status,
                config=config, env=(stored or {}).get("env"), data=(stored or {}).get("data"),
                model=(stored or {}).get("model"), summary=summary,
-               metrics=rd.metrics() if config is not None else [],
+               metrics=rd.epoch_rows() if config is not None else [],
                probes=rd.read_rows("probes.jsonl") if config is not None else [],
                distributed=(stored or {}).get("distributed"))

@@ -124,10 +124,10 @@ def run_records(out: str | Path) -> list[dict[str, Any]]:
 def metric_records(out: str | Path) -> list[dict[str, Any]]:
     records = []
     for run, ident in _identities(_open(out)):
-        for row in run.metrics():
-            for k, v in row.items():
+        for row in run.epoch_rows():
+            for k, v in row.to_dict().items():
                 if k not in ("epoch", "step"):
-                    records.append({**ident, "epoch": row.get("epoch"), "step": row.get("step"),
+                    records.append({**ident, "epoch": row.epoch, "step": row.step,
                                     "metric": k, "value": _number(v)})
     return records
 

@@ -14,7 +14,8 @@ Layout of an output root:
                                 lock when that process dies, even by SIGKILL
     OUT/index.sqlite.damaged    an index SQLite could not read, kept after it was rebuilt
 
-files.py has the run folders (atomic writes, reading, checkpoints), index.py the index.
+files.py has the run folders (atomic writes, reading, checkpoints), index.py the index, rows.py
+the type of a metrics.jsonl row (`EpochRow`), written by the training loops and read by reports.
 
 Every file is written to a temporary name and renamed over the old one, so a reader (or a run
 killed at any moment) sees either the previous complete file or the new complete file. A write
@@ -45,7 +46,8 @@ from bnlab.store.files import (
     warn,
 )
 from bnlab.store.index import Store, open_store, row_of
+from bnlab.store.rows import EpochRow
 
-__all__ = ["CHECKPOINT_KEYS", "FINISHED", "STATUSES", "RunDir", "Store", "atomic_write",
+__all__ = ["CHECKPOINT_KEYS", "FINISHED", "EpochRow", "STATUSES", "RunDir", "Store", "atomic_write",
            "atomic_write_bytes", "atomic_write_json", "final_status", "is_run_id",
            "load_checkpoint_file", "load_tensors", "open_store", "read_json_file", "row_of", "warn"]

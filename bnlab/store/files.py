@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 from bnlab.config import FIELDS
 from bnlab.errors import StorageError, UserError, storage_error
+from bnlab.store.rows import EpochRow
 
 STATUSES = ("running", "completed", "diverged", "no_learning", "failed")
 FINISHED = ("completed", "diverged", "no_learning")  # outcomes that are results, never redone
@@ -256,6 +257,10 @@ class RunDir:
     def metrics(self) -> list[dict]:
         return [r for r in self.read_rows("metrics.jsonl")
                 if isinstance(r.get("epoch"), int) and not isinstance(r.get("epoch"), bool)]
+
+    def epoch_rows(self) -> list[EpochRow]:
+        """metrics.jsonl as typed rows (bnlab.store.rows; older files included)."""
+        return [EpochRow.from_dict(r) for r in self.metrics()]
 
     @property
     def checkpoint_path(self) -> Path:

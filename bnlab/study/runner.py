@@ -39,7 +39,7 @@ def open_study_store(plan: Plan, out: str | Path) -> Store:
 
 def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
               pack: bool = True, executor: str = "local",
-              options: SlurmOptions | None = None) -> dict[str, int]:
+              options: SlurmOptions | None = None, pack_cpu: bool = False) -> dict[str, int]:
     """Run every run of `plan` into `out`; return {status: count} over the plan's runs, read
     from their folders afterwards (a run whose worker or job was lost counts as it was left:
     failed where that was recorded, else interrupted or pending; `unfinished(counts)`).
@@ -47,6 +47,8 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     Locally (executor 'local'), with `pack`, CUDA runs that differ only in what
     bnlab.train.packed can vary (seed, lr, ...) train together as packed networks first; the
     rest go to the executor one by one ('slurm' or 'node': submitit, with `options`).
+    `pack_cpu` packs CPU runs too: slower than lone runs on a CPU, it is there to run the GPU
+    path (every arm inside packs) at tiny sizes on a machine without a GPU.
     """
     if executor not in EXECUTORS:
         raise UserError(f"executor {executor!r} is not accepted; accepted: "
@@ -81,7 +83,8 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
 
     def phase(runs) -> None:
         if pack and executor == "local":
-            runs = _run_packed(store, progress, runs)
+            devices = PACK_DEVICES | ({"cpu"} if pack_cpu else set())
+            runs = _run_packed(store, progress, runs, devices)
         busy = execute(runs)
         if busy:  # held by another runner: wait for it, and take over if it dies
             progress.log(f"{len(busy)} runs are being trained by another process; waiting")
@@ -137,14 +140,17 @@ def _with_choices(plan: Plan, store: Store, log=None) -> Plan:
     return new
 
 
-def _run_packed(store: Store, progress: Progress, todo: list) -> list:
-    """Train the packable CUDA runs of `todo` in packs of up to 16; return the runs left.
+def _run_packed(store: Store, progress: Progress, todo: list,
+                devices: set[str] = PACK_DEVICES) -> list:
+    """Train the packable runs of `todo` on `devices` in packs of up to 16; return the runs
+    left.
 
     Packing pays on GPUs only (on the CPU a grouped network costs more per model-image, see
-    docs/speed.md), so CPU runs are never packed. A pack takes every member's lock without
-    waiting; if another runner holds one of them, the group is left to the usual path.
+    docs/speed.md), so CPU runs are packed only when asked (run_study's pack_cpu). A pack
+    takes every member's lock without waiting; if another runner holds one of them, the group
+    is left to the usual path.
     """
-    packable = [r for r in todo if resolve_device(r.cfg.device).type in PACK_DEVICES]
+    packable = [r for r in todo if resolve_device(r.cfg.device).type in devices]
     done: set[str] = set()
     for group in pack_groups([r.cfg for r in packable], max_k=16):
         if len(group) < 2:

@@ -22,8 +22,7 @@ from bnlab.data import DataBundle, data_for
 from bnlab.data.loader import make_loader
 from bnlab.errors import DataMismatch, UserError
 from bnlab.fast import step_graph
-from bnlab.fast.accel import FirstBad, mark_step, memory_format_for, prepare, tune_cpu_allocator
-from bnlab.fast.cpu_kernels import use_cpu_kernels
+from bnlab.fast.accel import FirstBad, mark_step, prepare
 from bnlab.models import build_for
 from bnlab.models.norm_summary import norm_note
 from bnlab.runtime import autocast, resolve_device
@@ -37,6 +36,7 @@ from bnlab.train.distributed import (
     detect,
     session,
 )
+from bnlab.train.epoch import EpochResult, epoch_line, epoch_row, prepare_device
 from bnlab.train.evaluate import chance_threshold, evaluate_topk
 from bnlab.train.optim import lr_factor, make_sgd, peak_lr
 from bnlab.train.probe_batch import probe_batch
@@ -124,28 +124,12 @@ class Training:
         return len(self.train_loader)
 
 
-@dataclass
-class EpochResult:
-    """One epoch's training side: sums over the global batch, or the step that diverged."""
-
-    train_loss: float = float("nan")
-    train_acc: float = float("nan")
-    images: int = 0
-    seconds: float = 0.0
-    step: int = 0  # optimizer steps done after this epoch
-    lr: float = 0.0  # learning rate of the epoch's last step
-    diverged_step: int | None = None
-
-
 def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
            log: Callable[[str], None]) -> Training:
     """Device, layout, loaders and optimizer; the checkpoint loaded (resume) or the run
     folder begun; probes and the step function."""
     cfg, device = rec.cfg, ctx.device
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    use_cpu_kernels(cfg.cpu_kernels and device.type == "cpu", log)
-    fmt = memory_format_for(device, cfg.model)
+    fmt = prepare_device(cfg, device, log)
     model = model.to(device=device, memory_format=fmt)
     if cfg.sync_bn:
         model = convert_sync_bn(model, device)
@@ -192,18 +176,8 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
     lr_now = torch.full((), peak_lr(cfg), dtype=torch.float32, device=device) if graphed else None
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, loss, backward and update on one batch: (loss, correct predictions)."""
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, cfg.precision, cache=not graphed):
-            out = fast(x)
-            loss = criterion(out.float(), y)
-        loss.backward()
-        if prober is not None:
-            prober.gradients_ready()  # probes read the gradient before clipping
-        if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        return loss.detach(), (out.detach().argmax(1) == y).sum()
+        return sgd_step(fast, model, opt, criterion, cfg, device, prober, x, y,
+                        cache=not graphed)
 
     step_fn = step_graph.StepGraph(train_step, device, log=log) if graphed else train_step
     if graphed:  # the graph reads the learning rate from a device tensor
@@ -211,6 +185,25 @@ def _setup(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
             g["lr"] = lr_now
     return Training(cfg, model, fast, step_fn, opt, train_loader, test_loader, val_loader,
                     device, ctx, prober, rec.board, lr_now, peak_lr(cfg))
+
+
+def sgd_step(net: Callable, model: nn.Module, opt: torch.optim.Optimizer, criterion,
+             cfg: RunConfig, device: torch.device, prober: Prober | None, x: torch.Tensor,
+             y: torch.Tensor, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (through `net`: the model or its wrapped or compiled form), loss, backward and
+    update of `model` on one batch: (loss, correct predictions). The one training step of a
+    lone run, also taken by a probed run of a pack at its probe steps (bnlab.train.packed)."""
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, cfg.precision, cache=cache):
+        out = net(x)
+        loss = criterion(out.float(), y)
+    loss.backward()
+    if prober is not None:
+        prober.gradients_ready()  # probes read the gradient before clipping
+    if cfg.grad_clip:  # after DDP's all-reduce, so every process clips the same norm
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.detach(), (out.detach().argmax(1) == y).sum()
 
 
 def train_one_epoch(t: Training, epoch: int, step: int) -> EpochResult:
@@ -276,25 +269,18 @@ def _train(rec: RunRecord, model: nn.Module, bundle: DataBundle, ctx: Context,
             break
         pad = cfg.eval_batch_size if cfg.compile else None
         ev = evaluate_topk(t.fast, t.test_loader, t.device, cfg.precision, ctx, pad)
-        row = {"epoch": epoch, "step": res.step, "lr": res.lr, "train_loss": res.train_loss,
-               "train_acc": res.train_acc, "test_loss": ev["loss"], "test_acc": ev["acc"],
-               "test_acc5": ev["acc5"]}
-        if t.val_loader is not None:
-            val = evaluate_topk(t.fast, t.val_loader, t.device, cfg.precision, ctx, pad)
-            row |= {"val_loss": val["loss"], "val_acc": val["acc"]}
-        row |= {"epoch_time": time.perf_counter() - t0,
-                "train_images_per_s": res.images / res.seconds}
+        val = None if t.val_loader is None else evaluate_topk(
+            t.fast, t.val_loader, t.device, cfg.precision, ctx, pad)
+        row = epoch_row(epoch, res, ev, val, time.perf_counter() - t0)
         rec.add_epoch(row, chance)
         if t.prober is not None:
             t.prober.flush()
         rec.save(checkpoint_state(cfg, t.model, t.opt, epoch, rec.step, rec.wall, rec.flags,
                                   t.device))
-        log(f"{cfg.run_id()} epoch {epoch}/{cfg.epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc "
-            f"{row['test_acc']:.4f}  {row['train_images_per_s']:.0f} img/s")
+        log(epoch_line(cfg.run_id(), cfg.epochs, row))
         if "test_loss_nonfinite_epoch" in rec.flags:
             log(f"{cfg.run_id()}: test loss non-finite after epoch {epoch} (train loss "
-                f"{row['train_loss']:.3g}); stopping (status diverged)")
+                f"{row.train_loss:.3g}); stopping (status diverged)")
             break
     if t.prober is not None:
         t.prober.close()

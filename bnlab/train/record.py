@@ -8,7 +8,8 @@ bnlab.train.loop, and each run of a pack, bnlab.train.packed) and the study runn
                   again from scratch, which its summary records (`restarted`)
     resume_from() take epoch, step, wall time, flags and metrics from a loaded checkpoint
     begin()       config.json and an empty metrics.jsonl for a new run; a `running` summary
-    add_epoch()   one epoch's metrics row, in memory (and the flag of an early stall)
+    add_epoch()   one epoch's metrics row (bnlab.store.EpochRow), in memory (and the flag of
+                  an early stall)
     save()        metrics.jsonl, checkpoint.pt and the `running` summary, each atomically (and
                   the epoch's TensorBoard scalars with the run option tensorboard, board.py)
     diverged()    the step whose loss was not finite
@@ -42,7 +43,15 @@ from bnlab.errors import DataMismatch, StorageError, UserError, storage_error
 from bnlab.models import count_parameters
 from bnlab.models.norm_summary import norm_layers
 from bnlab.runtime import environment
-from bnlab.store import CHECKPOINT_KEYS, FINISHED, RunDir, Store, final_status, warn
+from bnlab.store import (
+    CHECKPOINT_KEYS,
+    FINISHED,
+    EpochRow,
+    RunDir,
+    Store,
+    final_status,
+    warn,
+)
 from bnlab.train.board import EpochBoard
 
 
@@ -233,23 +242,23 @@ class RunRecord:
         self._write_summary("running")
 
     # -- during training -----------------------------------------------------------------------
-    def add_epoch(self, row: dict, chance: float) -> None:
-        """Keep one finished epoch's row ({"epoch", "step", "epoch_time", "test_acc", ...}).
+    def add_epoch(self, row: EpochRow, chance: float) -> None:
+        """Keep one finished epoch's row (stored as metrics.jsonl's object, row.to_dict()).
         While every epoch so far has been at or below `chance`, the flag
         `at_chance_until_epoch` follows the epochs: it stays as the record of a slow start
         once the run learns."""
-        self.metrics.append(row)
-        self.epoch, self.step = row["epoch"], row["step"]
-        self.wall += row["epoch_time"]
-        loss = row.get("test_loss")
+        self.metrics.append(row.to_dict())
+        self.epoch, self.step = row.epoch, row.step
+        self.wall += row.epoch_time
+        loss = row.test_loss
         if isinstance(loss, float) and not math.isfinite(loss) \
                 and "diverged_step" not in self.flags:
             # the model's outputs on the test set overflow (a train loss of 3e10 stays finite,
             # its logits do not): the run diverged, though no training loss was non-finite
-            self.flags.setdefault("test_loss_nonfinite_epoch", row["epoch"])
+            self.flags.setdefault("test_loss_nonfinite_epoch", row.epoch)
         stalled = all(m["test_acc"] <= chance for m in self.metrics)
         if stalled:
-            self.flags["at_chance_until_epoch"] = row["epoch"]
+            self.flags["at_chance_until_epoch"] = row.epoch
 
     def save(self, checkpoint: dict) -> None:
         """metrics.jsonl, the checkpoint and (before the last epoch) a `running` summary."""
