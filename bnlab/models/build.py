@@ -13,6 +13,7 @@ from bnlab.errors import UserError, unknown
 from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS, CifarResNet
 from bnlab.models.init import init_weights
 from bnlab.models.mlp import MLP
+from bnlab.models.norm_act import use_fused_norm_act
 from bnlab.models.torchvision_swap import (
     FAMILIES,
     PREFIX,
@@ -68,8 +69,10 @@ def family_lines() -> list[tuple[str, str]]:
 def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaiming",
                 in_channels: int = 3, image_size: int = 32, placement: str = "post_conv",
                 first_k: int = 1, dropout: float = 0.0, norm_options: dict | None = None,
-                init_options: dict | None = None) -> nn.Module:
-    """Build and initialize a model; the norm and init are chosen by name."""
+                init_options: dict | None = None, cpu_kernels: bool = False) -> nn.Module:
+    """Build and initialize a model; the norm and init are chosen by name. cpu_kernels=True
+    runs each norm-ReLU(-add) step with bnlab's fused CPU kernel where they can be built
+    (bnlab.models.norm_act); the model's parameters and initialization are the same."""
     if name in DEPTHS or name in PLAIN_DEPTHS:
         depth = DEPTHS.get(name) or PLAIN_DEPTHS[name]
         model = CifarResNet(depth, num_classes, in_channels, norm, placement, first_k,
@@ -92,15 +95,20 @@ def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaim
         model = TorchvisionNet(name, num_classes, in_channels, norm, dropout, norm_options)
     else:
         raise unknown("model", name, MODELS)
-    return init_weights(model, init, **(init_options or {}))
+    model = init_weights(model, init, **(init_options or {}))
+    if cpu_kernels:
+        use_fused_norm_act(model)
+    return model
 
 
-def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
-    """The model of run config `cfg` for the data of `bundle` (its classes, channels, size)."""
+def build_for(cfg: RunConfig, bundle: DataBundle, cpu_kernels: bool = False) -> nn.Module:
+    """The model of run config `cfg` for the data of `bundle` (its classes, channels, size);
+    `cpu_kernels` as in build_model (a run passes cfg.cpu_kernels on the CPU)."""
     model = build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
                         in_channels=bundle.in_channels, image_size=bundle.image_size,
                         placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
-                        norm_options=cfg.norm_options, init_options=cfg.init_options)
+                        norm_options=cfg.norm_options, init_options=cfg.init_options,
+                        cpu_kernels=cpu_kernels)
     if isinstance(model, TorchvisionNet):
         why = input_refusal(model, bundle.in_channels, bundle.image_size)
         if why:

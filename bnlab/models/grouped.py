@@ -29,11 +29,12 @@ from torch import nn
 
 from bnlab.models.cifar_resnet import BasicBlock, CifarResNet, ShortcutA
 from bnlab.models.mlp import MLP, Hidden
+from bnlab.models.norm_act import FusedNormAct, NormAct
 from bnlab.models.vgg import CifarVGG, ConvUnit
 
 # modules that hold no parameters and act on each channel (or each feature) alone
 STRUCTURAL = (nn.Sequential, nn.Identity, nn.ReLU, nn.MaxPool2d, CifarResNet, BasicBlock, MLP,
-              Hidden, CifarVGG, ConvUnit)
+              Hidden, CifarVGG, ConvUnit, NormAct, FusedNormAct)
 
 
 class NotPackable(ValueError):
