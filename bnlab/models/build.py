@@ -24,7 +24,7 @@ from bnlab.models.torchvision_swap import (
     is_torchvision_name,
 )
 from bnlab.models.vgg import CONFIGS, LETTERS, CifarVGG
-from bnlab.norm import make_norm
+from bnlab.norm import make_norm, norm_spec
 
 if TYPE_CHECKING:  # a type only: models do not depend on the data package
     from bnlab.data.bundle import DataBundle
@@ -131,6 +131,8 @@ def _trains_on_its_batch(cfg: RunConfig) -> bool:
     cfg.batch_size (a per-feature batch statistic of one value, from a batch or a virtual batch
     of one example, is refused by torch and by bnlab's norms); tried on a small separate layer,
     so the run's model is left untouched."""
+    if not norm_spec(cfg.norm).batch_stats:
+        return True
     probe = make_norm(cfg.norm, 4, dim=1, **cfg.norm_options).train()
     try:
         probe(torch.zeros(cfg.batch_size, 4))

@@ -46,6 +46,7 @@ from bnlab.models.grouped import (
     zero_fill,
 )
 from bnlab.models.vgg import CONFIGS
+from bnlab.norm import PACKABLE_NORMS
 from bnlab.runtime import autocast, resolve_device
 from bnlab.store import Store
 from bnlab.train.evaluate import batch_sums, chance_threshold
@@ -60,8 +61,7 @@ SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "val_f
           "augment", "model", "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
           "compile", "cuda_graph", "cpu_kernels")
-MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS, "mlp3x100")
-NORMS = ("bn", "none")
+PACKABLE_MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS, "mlp3x100")
 
 
 def can_pack(cfgs: list[RunConfig]) -> str | None:
@@ -84,12 +84,13 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
     if first.model.startswith("torchvision:") or first.model in ("resnet18", "resnet50"):
         return (f"model {first.model!r} is not packable: the grouped network is built and "
                 "tested for bnlab's own models, not for torchvision's block types (packable: "
-                f"{', '.join(MODELS)})")
-    if first.model not in MODELS:
-        return f"model {first.model!r} is not packable (packable: {', '.join(MODELS)})"
+                f"{', '.join(PACKABLE_MODELS)})")
+    if first.model not in PACKABLE_MODELS:
+        return (f"model {first.model!r} is not packable (packable: "
+                f"{', '.join(PACKABLE_MODELS)})")
     for c in cfgs:
-        if c.norm not in NORMS:
-            return f"norm {c.norm!r} is not packable (packable: {', '.join(NORMS)})"
+        if c.norm not in PACKABLE_NORMS:
+            return f"norm {c.norm!r} is not packable (packable: {', '.join(PACKABLE_NORMS)})"
     if first.model == "mlp3x100" and first.placement != "post_conv":
         return "mlp3x100 supports placement post_conv only"
     return _structure_reason(cfgs)
