@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.config import PLACEMENTS
 from bnlab.errors import UserError, unknown
 from bnlab.models.norm_act import NormAct
 from bnlab.norm import has_bias_substitute, make_norm
 
-PLACEMENTS = ("post_conv", "post_act", "first_k")
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 PLAIN_DEPTHS = {f"plain{d}": d for d in DEPTHS.values()}
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.config import PLACEMENTS
 from bnlab.errors import UserError, unknown
-from bnlab.models.cifar_resnet import PLACEMENTS
 from bnlab.models.norm_act import NormAct
 from bnlab.norm import has_bias_substitute, make_norm
 

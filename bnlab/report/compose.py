@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from bnlab.numbers import fmt_value
 from bnlab.report import figures as F
 from bnlab.report import tables as T
 from bnlab.report.arms import build_arms
@@ -17,7 +18,7 @@ from bnlab.report.compare_tables import compare_tables
 from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
 from bnlab.report.gradratio import grad_ratio_table
-from bnlab.report.load import Study, fmt_value
+from bnlab.report.load import Study
 from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA

@@ -11,7 +11,7 @@ from pathlib import Path
 from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.store import Store, open_store
-from bnlab.study.estimate import DEVICES, estimate
+from bnlab.study.estimate import MEASURED_ON, estimate
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -134,8 +134,8 @@ def list_text() -> str:
         rows.append([name, str(len(expand(sp).runs)), study_estimate(sp, "cpu"),
                      study_estimate(sp, "gpu"), sp.description])
     notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
-             f"{DEVICES['cpu']}, GPU = {DEVICES['gpu']} with GPU runs packed as the runner packs "
-             "them; (scaled): from the measurement of a smaller model of the family by its "
-             "layers; unmeasured: no measurement of that model on that device."]
+             f"{MEASURED_ON['cpu']}, GPU = {MEASURED_ON['gpu']} with GPU runs packed as the "
+             "runner packs them; (scaled): from the measurement of a smaller model of the "
+             "family by its layers; unmeasured: no measurement of that model on that device."]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
