@@ -140,8 +140,9 @@ def _say(message: str, log: Callable[[str], None] | None) -> None:
 
 
 def use_cpu_kernels(on: bool, log: Callable[[str], None] | None = None) -> str:
-    """What a run calls first: switch the fused path on (building it if needed) or off; returns
-    `describe()` for the run's record."""
+    """What a run calls first: switch the kernels on (building them if needed) or off for what is
+    not part of its model (the loader's batch making, `bn_act`); the model's own norm steps were
+    chosen when it was built (bnlab.models.norm_act). Returns `describe()` for the record."""
     set_enabled(on)
     if on:
         prepare(log)
@@ -149,12 +150,13 @@ def use_cpu_kernels(on: bool, log: Callable[[str], None] | None = None) -> str:
 
 
 def set_enabled(flag: bool) -> None:
-    """Switch the fused path on or off for this process (the run option `cpu_kernels`)."""
+    """Switch the loader's fused batch making and `bn_act` on or off for this process (the run
+    option `cpu_kernels`); a model built with FusedNormAct steps keeps them."""
     _state["enabled"] = bool(flag)
 
 
 def active() -> bool:
-    """True when `bn_act` can take the fused path (built, loaded and switched on)."""
+    """True when the loader and `bn_act` take the fused path (built, loaded and switched on)."""
     return _state["enabled"] and _state["ops"] is not None
 
 

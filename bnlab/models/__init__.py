@@ -9,6 +9,7 @@ torchvision_swap.py  any torchvision classification model with its BatchNorms sw
 imagenet.py      Fixup for torchvision's ResNets
 init.py          weight initializations by name (`init_weights`, `INITS`)
 grouped.py       K networks of one architecture as one grouped network (packed training)
+norm_act.py      the norm-ReLU(-add) step of the forwards: torch's ops, or fused when built so
 """
 
 from bnlab.models.build import MODELS, build_for, build_model, count_parameters, family_lines

@@ -86,8 +86,7 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
                 "tested for bnlab's own models, not for torchvision's block types (packable: "
                 f"{', '.join(PACKABLE_MODELS)})")
     if first.model not in PACKABLE_MODELS:
-        return (f"model {first.model!r} is not packable (packable: "
-                f"{', '.join(PACKABLE_MODELS)})")
+        return f"model {first.model!r} is not packable (packable: {', '.join(PACKABLE_MODELS)})"
     for c in cfgs:
         if c.norm not in PACKABLE_NORMS:
             return f"norm {c.norm!r} is not packable (packable: {', '.join(PACKABLE_NORMS)})"
