@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
-from bnlab.config import RunConfig
+from bnlab.config import DEVICES, RunConfig
 from bnlab.data import fingerprint, load_data
 from bnlab.data.imagefolder import extract_archive, find_root
 from bnlab.data.synthetic import make_synthetic
@@ -51,8 +51,6 @@ from bnlab.train.packed import train_packed
 
 VARIANTS = ("textbook", "eager", "compiled", "packed", "packed-compiled")
 
-
-DEVICES = ("auto", "cpu", "cuda")
 # "" is bnlab's default for the device; the rest are torch.compile's modes
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

@@ -134,7 +134,7 @@ def test_units_are_fixed_by_the_layer_alone():
 
 # -- forward order ---------------------------------------------------------------------------
 def _fixup_block(i: int) -> list[str]:
-    """BasicBlock.branch with Fixup's scalars: conv1(x + bias1a), + bias1b, relu,
+    """BasicBlock.forward with Fixup's scalars: conv1(x + bias1a), + bias1b, relu,
     conv2(. + bias2a), * scale, + bias2b (the no-norm convs carry biases)."""
     b = f"blocks.{i}."
     return [b + "bias1a", b + "conv1.weight", b + "conv1.bias", b + "bias1b", b + "bias2a",

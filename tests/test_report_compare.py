@@ -13,8 +13,9 @@ from bnlab import cli
 from bnlab.infer.compare import compare_runs
 from bnlab.report import write_report
 from bnlab.report.compare_findings import compare_sentences
-from bnlab.report.compare_tables import BETWEEN, WITHIN, compare_tables, ms
+from bnlab.report.compare_tables import BETWEEN, WITHIN, compare_tables
 from bnlab.report.compose import compose
+from bnlab.report.fmt import mean_std as ms
 from bnlab.report.load import load_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")

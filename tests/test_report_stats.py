@@ -21,7 +21,7 @@ def _half_width(n: int) -> float:
     """t_{0.975, n-1} as summarize's CI gives it: half-width / (s / sqrt(n))."""
     xs = [float(i % 2) for i in range(n)]  # any sample with spread
     s = S.summarize(xs)
-    return (s.ci_high - s.mean) / (s.std / math.sqrt(n))
+    return (s.ci_high - s.mean) / (s.sd / math.sqrt(n))
 
 
 @pytest.mark.parametrize("level", [0.5, 0.8, 0.95, 0.99])
@@ -34,7 +34,7 @@ def test_ci_quantiles_closed_forms_df1_df2(level):
         xs = [0.25, 0.75, 0.5][:n]
         s = S.summarize(xs, level)
         half = (s.ci_high - s.ci_low) / 2
-        assert half == pytest.approx(ref * s.std / math.sqrt(n), rel=1e-12)
+        assert half == pytest.approx(ref * s.sd / math.sqrt(n), rel=1e-12)
 
 
 @pytest.mark.parametrize("df,value", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),
@@ -49,7 +49,7 @@ def test_summarize_matches_numpy_and_scipy():
     s = S.summarize(xs)
     assert s.n == 4
     assert s.mean == pytest.approx(np.mean(xs), rel=1e-15)
-    assert s.std == pytest.approx(np.std(xs, ddof=1), rel=1e-13)
+    assert s.sd == pytest.approx(np.std(xs, ddof=1), rel=1e-13)
     lo, hi = sps.t.interval(0.95, 3, loc=np.mean(xs), scale=sps.sem(xs))
     assert (s.ci_low, s.ci_high) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
 
@@ -58,7 +58,7 @@ def test_summarize_edge_cases():
     assert S.summarize([]) == S.Summary(0, None, None, None, None)
     assert S.summarize([0.7]) == S.Summary(1, 0.7, None, None, None)
     s = S.summarize([0.5, 0.5, 0.5])
-    assert (s.mean, s.std, s.ci_low, s.ci_high) == (0.5, 0.0, 0.5, 0.5)
+    assert (s.mean, s.sd, s.ci_low, s.ci_high) == (0.5, 0.0, 0.5, 0.5)
 
 
 # -- Welch -------------------------------------------------------------------------------------
@@ -233,8 +233,9 @@ def test_p_values_near_alpha_keep_their_side():
 
 def test_mean_and_sd_are_written_one_way_in_the_report_and_the_terminal():
     from bnlab.infer.compare_text import _ms
-    from bnlab.report.compare_tables import ms
     from bnlab.report.fmt import mean_std
+
+    ms = mean_std  # a stored spread (a dict) and a Summary are written by the same call
 
     accs = [0.5, 0.75]  # mean 0.625, sample sd 0.25 / sqrt(2)
     assert mean_std(S.summarize(accs)) == ms({"mean": 0.625, "sd": 0.17677669529663687}) == \

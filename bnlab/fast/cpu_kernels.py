@@ -9,16 +9,19 @@ AVX-512 where the CPU has it): docs/speed.md has the measurements.
 
 The kernels are C++, compiled once per machine, torch version and source on first use
 (`prepare()`, a few seconds, through torch.utils.cpp_extension: it needs a C++ compiler and
-ninja) into the bnlab cache (`$BNLAB_CACHE/ext`). Where they cannot be built, or are switched
-off (`set_enabled(False)`, run option `cpu_kernels=false`, or `BNLAB_CPU_KERNELS=0` in the
-environment for every run of a process), `bn_act` runs the same computation
-with torch's own ops; both give the same result up to float rounding (tests/test_cpu_kernels.py
-compares them with a float64 reference).
+ninja) into the bnlab cache (`$BNLAB_CACHE/ext`). A model uses them when it is built with them
+(`build_model(..., cpu_kernels=True)`, the run option `cpu_kernels`): the builder swaps each
+`NormAct` step of its forward (bnlab.models.norm_act) for a `FusedNormAct`, the same call, and
+keeps the plain step where the kernels cannot be built or are switched off
+(`BNLAB_CPU_KERNELS=0` in the environment for every run of a process). Both give the same result
+up to float rounding (tests/test_cpu_kernels.py compares them with a float64 reference).
 
-The fused path is taken only where it is the same computation: a plain `nn.BatchNorm2d` in
-training mode with affine parameters and running statistics, a float32 or bfloat16 CPU tensor in
-channels_last layout, no forward or backward hook on the norm (forward pre-hooks are called, as
-probes use them), and not while torch.compile or a tracer is recording the model.
+A `FusedNormAct` takes the fused kernel only where it is the same computation, which it checks
+at each call because a model can change after it is built: a plain `nn.BatchNorm2d` in training
+mode with affine parameters and running statistics, a float32 or bfloat16 CPU tensor in
+channels_last layout (autocast gives bfloat16), no forward or backward hook on the norm (forward
+pre-hooks are called, as probes use them), and not while torch.compile or a tracer is recording
+the model. Elsewhere it runs torch's ops, exactly the plain step.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
     Idempotent and process-wide. A failed build is reported once through `log` and leaves the
     torch-op path in place; it is not retried in this process."""
     if _state["ops"] is not None or _state["error"] is not None:
+        if log and _state.get("news"):  # built or refused earlier, before a log was given
+            log(_state.pop("news"))
         return _state["ops"] is not None
     if os.environ.get("BNLAB_CPU_KERNELS", "1") == "0":
         _state["error"] = "switched off by BNLAB_CPU_KERNELS=0"
@@ -119,17 +124,25 @@ def prepare(log: Callable[[str], None] | None = None) -> bool:
     except Exception as e:  # a compiler, ninja or header problem: fall back, say why once
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _state["error"] = f"{type(e).__name__}: {first}"[:300]
-        if log:
-            log(f"fused CPU kernels unavailable ({_state['error']}); using torch's ops")
+        _say(f"fused CPU kernels unavailable ({_state['error']}); using torch's ops", log)
         return False
-    if log and _state["built"]:
-        log(f"fused CPU kernels built in {time.perf_counter() - t0:.1f} s ({path})")
+    if _state["built"]:
+        _say(f"fused CPU kernels built in {time.perf_counter() - t0:.1f} s ({path})", log)
     return True
 
 
+def _say(message: str, log: Callable[[str], None] | None) -> None:
+    """Log now, or keep it for the first `prepare` call that has a log (a run's)."""
+    if log:
+        log(message)
+    else:
+        _state["news"] = message
+
+
 def use_cpu_kernels(on: bool, log: Callable[[str], None] | None = None) -> str:
-    """What a run calls first: switch the fused path on (building it if needed) or off; returns
-    `describe()` for the run's record."""
+    """What a run calls first: switch the kernels on (building them if needed) or off for what is
+    not part of its model (the loader's batch making, `bn_act`); the model's own norm steps were
+    chosen when it was built (bnlab.models.norm_act). Returns `describe()` for the record."""
     set_enabled(on)
     if on:
         prepare(log)
@@ -137,12 +150,13 @@ def use_cpu_kernels(on: bool, log: Callable[[str], None] | None = None) -> str:
 
 
 def set_enabled(flag: bool) -> None:
-    """Switch the fused path on or off for this process (the run option `cpu_kernels`)."""
+    """Switch the loader's fused batch making and `bn_act` on or off for this process (the run
+    option `cpu_kernels`); a model built with FusedNormAct steps keeps them."""
     _state["enabled"] = bool(flag)
 
 
 def active() -> bool:
-    """True when `bn_act` can take the fused path (built, loaded and switched on)."""
+    """True when the loader and `bn_act` take the fused path (built, loaded and switched on)."""
     return _state["enabled"] and _state["ops"] is not None
 
 
@@ -177,7 +191,10 @@ class BnActFunction(torch.autograd.Function):
 
 
 def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return (active() and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+    """Whether relu(bn(x) + residual) is the kernel's computation for this call. The hook
+    dictionaries are torch's own: no public call says whether a module has hooks, and a hook
+    needs the module's own call (a pre-hook is called here, as nn.Module.__call__ would)."""
+    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine
             and bn.track_running_stats and x.device.type == "cpu" and x.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16)
             and x.is_contiguous(memory_format=torch.channels_last)
@@ -193,10 +210,29 @@ def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> b
                                       and residual.device == x.device)))
 
 
+class FusedNormAct(nn.Module):
+    """relu(norm(x) + residual) (residual optional) as one kernel where `_fusable` holds, else
+    torch's ops: the call of bnlab.models.norm_act.NormAct, which the model builder swaps for
+    this one when the kernels are in use. It holds no parameters: the norm stays the model's
+    own module (its name, state and hooks unchanged)."""
+
+    def forward(self, norm: nn.Module, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        return _fused_or_torch(norm, x, residual, True)
+
+
 def bn_act(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
            relu: bool = True) -> torch.Tensor:
-    """relu(bn(x) + residual) (residual and relu optional): fused on the CPU where it applies,
-    else exactly `bn(x)`, `+ residual`, `F.relu` with torch's ops."""
+    """relu(bn(x) + residual) (residual and relu optional) as a function: fused where the
+    kernels are `active()` and the call applies, else exactly `bn(x)`, `+ residual`, `F.relu`
+    with torch's ops."""
+    if not active():
+        return _torch_ops(bn, x, residual, relu)
+    return _fused_or_torch(bn, x, residual, relu)
+
+
+def _fused_or_torch(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                    relu: bool) -> torch.Tensor:
     if isinstance(x, torch.fx.Proxy) or not _fusable(bn, x, residual):  # FX traces torch's ops
         return _torch_ops(bn, x, residual, relu)
     for hook in bn._forward_pre_hooks.values():  # what nn.Module.__call__ would run first

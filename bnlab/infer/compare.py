@@ -21,7 +21,7 @@ from bnlab.infer.compare_figures import write_figures
 from bnlab.infer.compare_text import format_compare
 from bnlab.infer.loading import Loaded, load_model
 from bnlab.infer.predictions import run_predictions, test_fingerprint
-from bnlab.infer.seeds import FORMAT, summarize
+from bnlab.infer.seeds import FORMAT, summarize_comparison
 from bnlab.store import RunDir, atomic_write_json
 
 
@@ -132,7 +132,7 @@ def compare_models(loaded: list[Loaded], out_dir: Path, labels: list[str] | None
                           "arm_b": b["arm"], **M.flips(logits[i], logits[j], y),
                           "kl_ab": M.kl(logits[i], logits[j]),
                           "kl_ba": M.kl(logits[j], logits[i]), "js": M.js(logits[i], logits[j])})
-    result = summarize({"format": FORMAT, "classes": list(loaded[0].bundle.classes),
+    result = summarize_comparison({"format": FORMAT, "classes": list(loaded[0].bundle.classes),
                         "n_test": len(y), "ece_bins": M.ECE_BINS, "runs": runs, "pairs": pairs,
                         "figures": []})
     out_dir = Path(out_dir)

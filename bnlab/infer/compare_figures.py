@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from bnlab.infer.seeds import mean_sd
+from bnlab.numbers import mean_sd
 from bnlab.store import atomic_write_bytes
 
 FIGURES = ("reliability.png", "confidence.png", "corruptions.png")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bnlab.console import format_table
-from bnlab.infer.seeds import mean_sd
+from bnlab.numbers import mean_sd
 
 
 def _ms(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:

@@ -8,9 +8,9 @@ compare.json), so a stored comparison can be summarized again without its models
   (run i of arm A against run j of arm B), and per arm the within-arm (seed-to-seed) numbers
   over its n (n - 1) / 2 pairs of runs, the baseline the between-arm numbers are read against.
 
-A spread is {"mean", "sd", "n"}: the sample standard deviation (divisor n - 1; None for n < 2)
-of the n values. Pairs of runs share runs, so their spread describes the pairs, not an
-independent sample.
+A spread is {"mean", "sd", "n"} (bnlab.numbers.spread): the sample standard deviation
+(divisor n - 1; None for n < 2) of the n values. Pairs of runs share runs, so their spread
+describes the pairs, not an independent sample.
 """
 
 from __future__ import annotations
@@ -18,28 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from bnlab.numbers import spread
+
 FORMAT = 2  # compare.json layout; format 1 had one run per label ("models") and no summaries
 PAIR_FIELDS = ("agreement", "flips", "right_to_wrong", "wrong_to_right", "kl_ab", "kl_ba", "js")
-
-
-def spread(values: Sequence[float | None]) -> dict:
-    vals = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    n = len(vals)
-    if not n:
-        return {"mean": None, "sd": None, "n": 0}
-    mean = math.fsum(vals) / n
-    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "sd": sd, "n": n}
-
-
-def mean_sd(s: dict | None, scale: float = 1.0, digits: int = 4, missing: str = "–") -> str:
-    """A spread (or any {"mean", "sd"}) as 'mean ± sd', the mean alone without an sd (n = 1),
-    `missing` without a mean: the one way the terminal, the figures and the report write it."""
-    if not isinstance(s, dict) or not isinstance(s.get("mean"), int | float):
-        return missing
-    sd = s.get("sd")
-    text = f"{scale * s['mean']:.{digits}f}"
-    return text + (f" ± {scale * sd:.{digits}f}" if isinstance(sd, int | float) else "")
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -139,7 +121,7 @@ def _flipped(p: dict) -> dict:
             "kl_ab": p.get("kl_ba"), "kl_ba": p.get("kl_ab"), "js": p.get("js")}
 
 
-def summarize(result: dict) -> dict:
+def summarize_comparison(result: dict) -> dict:
     """`result` with its "arms" and "agreement" summaries (re)computed from runs and pairs."""
     arms = arm_summaries(result["runs"])
     return {**result, "arms": arms, "agreement": agreement_rows(result["pairs"], arms)}
@@ -156,11 +138,11 @@ def upgrade(compare: dict) -> dict:
     pairs = [{**p, "arm_a": arm_of.get(p.get("a")), "arm_b": arm_of.get(p.get("b"))}
              for p in compare.get("pairs") or [] if isinstance(p, dict)]
     rest = {k: v for k, v in compare.items() if k not in ("models", "pairs")}
-    out = summarize({**rest, "format": FORMAT, "runs": runs, "pairs": pairs})
+    out = summarize_comparison({**rest, "format": FORMAT, "runs": runs, "pairs": pairs})
     for a in out["arms"]:
         a["adapts"] = None  # format 1 did not measure AdaBN: unknown, not "nothing to adapt"
     return out
 
 
-__all__ = ["FORMAT", "PAIR_FIELDS", "agreement_rows", "arm_summaries", "mean_sd",
-           "pair_fractions", "spread", "summarize", "upgrade"]
+__all__ = ["FORMAT", "PAIR_FIELDS", "agreement_rows", "arm_summaries", "pair_fractions",
+           "summarize_comparison", "upgrade"]

@@ -10,6 +10,7 @@ imagenet.py      Fixup for torchvision's ResNets
 init.py          weight initializations by name (`init_weights`, `INITS`)
 entry.py         the user's own network, model = "entry:MODULE:FUNCTION" (`NormFactory`)
 grouped.py       K networks of one architecture as one grouped network (packed training)
+norm_act.py      the norm-ReLU(-add) step of the forwards: torch's ops, or fused when built so
 """
 
 from bnlab.models.build import MODELS, build_for, build_model, count_parameters, family_lines

@@ -14,6 +14,7 @@ from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS, CifarResNet
 from bnlab.models.entry import build_entry_model
 from bnlab.models.init import init_weights
 from bnlab.models.mlp import MLP
+from bnlab.models.norm_act import use_fused_norm_act
 from bnlab.models.torchvision_swap import (
     FAMILIES,
     PREFIX,
@@ -24,7 +25,7 @@ from bnlab.models.torchvision_swap import (
     is_torchvision_name,
 )
 from bnlab.models.vgg import CONFIGS, LETTERS, CifarVGG
-from bnlab.norm import make_norm
+from bnlab.norm import make_norm, norm_spec
 from bnlab.usercode import ENTRY, first_line
 
 if TYPE_CHECKING:  # a type only: models do not depend on the data package
@@ -73,10 +74,12 @@ def family_lines() -> list[tuple[str, str]]:
 def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaiming",
                 in_channels: int = 3, image_size: int = 32, placement: str = "post_conv",
                 first_k: int = 1, dropout: float = 0.0, norm_options: dict | None = None,
-                init_options: dict | None = None) -> nn.Module:
+                init_options: dict | None = None, cpu_kernels: bool = False) -> nn.Module:
     """Build and initialize a model; the norm and init are chosen by name. An entry: model is
     built by its own function (bnlab.models.entry), which initializes it; placement, first_k,
-    dropout and init are refused for it by the run config (bnlab.config)."""
+    dropout and init are refused for it by the run config (bnlab.config). cpu_kernels=True
+    runs each norm-ReLU(-add) step of bnlab's own models with the fused CPU kernel where it can
+    be built (bnlab.models.norm_act); the model's parameters and initialization are the same."""
     if name.startswith(ENTRY):
         return build_entry_model(name, num_classes, norm, norm_options, in_channels, image_size)
     if name in DEPTHS or name in PLAIN_DEPTHS:
@@ -101,11 +104,15 @@ def build_model(name: str, num_classes: int, norm: str = "bn", init: str = "kaim
         model = TorchvisionNet(name, num_classes, in_channels, norm, dropout, norm_options)
     else:
         raise unknown("model", name, MODELS)
-    return init_weights(model, init, **(init_options or {}))
+    model = init_weights(model, init, **(init_options or {}))
+    if cpu_kernels:
+        use_fused_norm_act(model)
+    return model
 
 
-def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
-    """The model of run config `cfg` for the data of `bundle` (its classes, channels, size)."""
+def build_for(cfg: RunConfig, bundle: DataBundle, cpu_kernels: bool = False) -> nn.Module:
+    """The model of run config `cfg` for the data of `bundle` (its classes, channels, size);
+    `cpu_kernels` as in build_model (a run passes cfg.cpu_kernels on the CPU)."""
     if cfg.model.startswith(ENTRY):
         model = build_entry_model(cfg.model, bundle.num_classes, cfg.norm, cfg.norm_options,
                                   bundle.in_channels, bundle.image_size, cfg.model_source)
@@ -114,7 +121,8 @@ def build_for(cfg: RunConfig, bundle: DataBundle) -> nn.Module:
     model = build_model(cfg.model, bundle.num_classes, norm=cfg.norm, init=cfg.init,
                         in_channels=bundle.in_channels, image_size=bundle.image_size,
                         placement=cfg.placement, first_k=cfg.first_k, dropout=cfg.dropout,
-                        norm_options=cfg.norm_options, init_options=cfg.init_options)
+                        norm_options=cfg.norm_options, init_options=cfg.init_options,
+                        cpu_kernels=cpu_kernels)
     if isinstance(model, TorchvisionNet):
         why = input_refusal(model, bundle.in_channels, bundle.image_size)
         if why:
@@ -159,6 +167,8 @@ def _trains_on_its_batch(cfg: RunConfig) -> bool:
     cfg.batch_size (a per-feature batch statistic of one value, from a batch or a virtual batch
     of one example, is refused by torch and by bnlab's norms); tried on a small separate layer,
     so the run's model is left untouched."""
+    if not norm_spec(cfg.norm).batch_stats:
+        return True
     probe = make_norm(cfg.norm, 4, dim=1, **cfg.norm_options).train()
     try:
         probe(torch.zeros(cfg.batch_size, 4))

@@ -13,19 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.config import PLACEMENTS
 from bnlab.errors import UserError, unknown
-from bnlab.fast.cpu_kernels import bn_act
+from bnlab.models.norm_act import NormAct
 from bnlab.norm import has_bias_substitute, make_norm
 
-PLACEMENTS = ("post_conv", "post_act", "first_k")
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 PLAIN_DEPTHS = {f"plain{d}": d for d in DEPTHS.values()}
-
-
-def _on_cpu(x: torch.Tensor) -> bool:
-    """Where bnlab.fast.cpu_kernels may apply; elsewhere (GPUs, FX tracing) the layers run exactly
-    the torch ops they always ran."""
-    return not isinstance(x, torch.fx.Proxy) and x.device.type == "cpu"
 
 
 class _SubsamplePad(torch.autograd.Function):
@@ -66,8 +60,9 @@ class ShortcutA(nn.Module):
         self.stride, self.pad = stride, cout - cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # CPU only: the GPU path stays the one measured in docs/speed.md
-        if ((self.stride > 1 or self.pad) and _on_cpu(x)
+        # CPU only (not under FX tracing): the GPU path stays the one measured in docs/speed.md
+        if ((self.stride > 1 or self.pad) and not isinstance(x, torch.fx.Proxy)
+                and x.device.type == "cpu"
                 and x.requires_grad and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             return _SubsamplePad.apply(x, self.stride, self.pad // 2, self.pad - self.pad // 2)
@@ -106,7 +101,9 @@ class BasicBlock(nn.Module):
     the branch before n2.
     The scalar parameters (`bias1a` ... `scale`) exist only after `add_branch_scalars`, used by
     the Fixup and SkipInit initializations; a norm of 'none' is an nn.Identity kept in place so
-    that probes find the same positions in every variant.
+    that probes find the same positions in every variant. In post_conv each norm, its ReLU (and
+    the add) are one step, `act1`/`act2` (bnlab.models.norm_act), which a model built with the
+    fused CPU kernels runs as one kernel.
     """
 
     def __init__(self, cin: int, cout: int, stride: int, norm: str, placement: str,
@@ -119,6 +116,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
         self.n2 = make_norm(norm, cout, **norm_options)
         self.shortcut = ShortcutA(cin, cout, stride) if shortcut else None
+        self.act1, self.act2 = NormAct(), NormAct()
         self.bias1a = self.bias1b = self.bias2a = self.bias2b = self.scale = None
 
     @property
@@ -133,30 +131,26 @@ class BasicBlock(nn.Module):
                 setattr(self, name, nn.Parameter(torch.zeros(1, device=dev)))
         self.scale = nn.Parameter(torch.full((1,), float(scale), device=dev))
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(_maybe_add(self.bias1a, x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.placement == "post_act":
+            out = self.conv1(_maybe_add(self.bias1a, x))
             out = self.n1(F.relu(_maybe_add(self.bias1b, out)))
-            out = self.n2(F.relu(self.conv2(_maybe_add(self.bias2a, out))))
-        else:
-            out = F.relu(_maybe_add(self.bias1b, self.n1(out)))
-            out = self.n2(self.conv2(_maybe_add(self.bias2a, out)))
+            out = self._scaled(self.n2(F.relu(self.conv2(_maybe_add(self.bias2a, out)))))
+            return self._add_shortcut(out, x)
+        out = self.act1(self.n1, self.conv1(_maybe_add(self.bias1a, x)), self.bias1b)
+        out = self.conv2(_maybe_add(self.bias2a, out))
+        if self.scale is None:
+            return self.act2(self.n2, out, None if self.shortcut is None else self.shortcut(x))
+        # the branch's scalars sit between its last norm and the add
+        return F.relu(self._add_shortcut(self._scaled(self.n2(out)), x))
+
+    def _add_shortcut(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out if self.shortcut is None else out + self.shortcut(x)
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
             out = out * per_run(self.scale, out)
         return _maybe_add(self.bias2b, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.placement == "post_conv" and self.scale is None and self.bias1a is None
-                and _on_cpu(x)):
-            # relu(n2(conv2(relu(n1(conv1(x))))) + shortcut(x)), with each norm, its ReLU and
-            # the residual add fused into one CPU kernel where that applies (bnlab.fast.cpu_kernels)
-            out = bn_act(self.n1, self.conv1(x))
-            return bn_act(self.n2, self.conv2(out),
-                          residual=None if self.shortcut is None else self.shortcut(x))
-        out = self.branch(x)
-        if self.shortcut is not None:
-            out = out + self.shortcut(x)
-        return out if self.placement == "post_act" else F.relu(out)
 
 
 class CifarResNet(nn.Module):
@@ -180,6 +174,7 @@ class CifarResNet(nn.Module):
         self.placement, self.norm, self.norm_options = placement, norm, opts
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=has_bias_substitute(norm, opts))
         self.n1 = make_norm(norm, 16, **opts)
+        self.act1 = NormAct()
         blocks, cin, index = [], 16, 0
         for stage, cout in enumerate((16, 32, 64)):
             for i in range(n):
@@ -198,10 +193,8 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.placement == "post_act":
             x = self.n1(F.relu(self.conv1(x)))
-        elif _on_cpu(x):
-            x = bn_act(self.n1, self.conv1(x))
         else:
-            x = F.relu(self.n1(self.conv1(x)))
+            x = self.act1(self.n1, self.conv1(x))
         x = self.blocks(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(self.dropout(x))

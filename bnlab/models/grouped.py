@@ -35,11 +35,12 @@ from torch import nn
 
 from bnlab.models.cifar_resnet import BRANCH_SCALARS, BasicBlock, CifarResNet, ShortcutA
 from bnlab.models.mlp import MLP, Hidden
+from bnlab.models.norm_act import FusedNormAct, NormAct
 from bnlab.models.vgg import CifarVGG, ConvUnit
 
 # modules that hold no parameters and act on each channel (or each feature) alone
 STRUCTURAL = (nn.Sequential, nn.Identity, nn.ReLU, nn.MaxPool2d, CifarResNet, BasicBlock, MLP,
-              Hidden, CifarVGG, ConvUnit)
+              Hidden, CifarVGG, ConvUnit, NormAct, FusedNormAct)
 
 
 class NotPackable(ValueError):
@@ -107,7 +108,7 @@ class PartialBatchNorm2d(_PartialBatchNorm, nn.BatchNorm2d):
 
 
 PARTIAL = {nn.BatchNorm1d: PartialBatchNorm1d, nn.BatchNorm2d: PartialBatchNorm2d}
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)  # the layers of PACKABLE_NORMS
 
 
 def _packed_layer(m: nn.Module, k: int) -> nn.Module | None:
@@ -149,12 +150,12 @@ def _union_layer(layers: list[nn.Module], k: int) -> nn.Module | None:
     in some, an identity in others) and, for convolutions and linear layers, in having a bias."""
     first = layers[0]
     kinds = {type(m) for m in layers}
-    norms = [m for m in layers if type(m) in NORMS]
+    norms = [m for m in layers if type(m) in NORM_TYPES]
     if norms and len(norms) < len(layers):
         if kinds - {type(norms[0]), nn.Identity}:
             raise NotPackable("a norm layer faces a layer other than an identity in another run")
         bn = norms[0]
-        mask = torch.tensor([type(m) in NORMS for m in layers]).repeat_interleave(
+        mask = torch.tensor([type(m) in NORM_TYPES for m in layers]).repeat_interleave(
             bn.num_features)
         layer = PARTIAL[type(bn)](k * bn.num_features, bn.eps, bn.momentum, bn.affine,
                                   bn.track_running_stats)
@@ -178,7 +179,7 @@ def empty_pack(models: nn.Module | list[nn.Module], k: int | None = None) -> nn.
     as the module docstring says); its parameters are still to be loaded."""
     models = [models] * (k or 1) if isinstance(models, nn.Module) else list(models)
     k = len(models)
-    base = next((m for m in models if any(type(x) in NORMS for x in m.modules())), models[0])
+    base = next((m for m in models if any(type(x) in NORM_TYPES for x in m.modules())), models[0])
     packed = copy.deepcopy(base)
     others = [dict(m.named_modules()) for m in models]
     for name, m in list(packed.named_modules()):

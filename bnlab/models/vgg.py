@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab.config import PLACEMENTS
 from bnlab.errors import UserError, unknown
-from bnlab.fast.cpu_kernels import bn_act
-from bnlab.models.cifar_resnet import PLACEMENTS, _on_cpu
+from bnlab.models.norm_act import NormAct
 from bnlab.norm import has_bias_substitute, make_norm
 
 POOL = "M"
@@ -52,13 +52,12 @@ class ConvUnit(nn.Module):
         self.placement, self.norm_name = placement, norm
         self.conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=has_bias_substitute(norm, norm_options))
         self.norm = make_norm(norm, cout, **norm_options)
+        self.act = NormAct()  # norm and ReLU as one step (one CPU kernel when built fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.placement == "post_act":
             return self.norm(F.relu(self.conv(x)))
-        if _on_cpu(x):  # norm and ReLU as one fused CPU kernel where that applies
-            return bn_act(self.norm, self.conv(x))
-        return F.relu(self.norm(self.conv(x)))
+        return self.act(self.norm, self.conv(x))
 
 
 class CifarVGG(nn.Module):

@@ -26,7 +26,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from bnlab.report.load import STATUS_ORDER, Run, Study, fmt_value, same
+from bnlab.numbers import fmt_value
+from bnlab.report.load import STATUS_ORDER, Run, Study, same
 from bnlab.report.stats import Summary, Welch, summarize, welch
 
 INCLUDED = ("completed", "no_learning")

@@ -7,8 +7,8 @@ arms; a number that rests on one run per arm says so (n = 1).
 from __future__ import annotations
 
 from bnlab.infer.seeds import upgrade
-from bnlab.report.compare_tables import ms
 from bnlab.report.document import Table
+from bnlab.report.fmt import mean_std as ms
 
 
 def _cite(table: Table | None, *rows: int) -> str:

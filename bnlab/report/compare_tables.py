@@ -9,17 +9,13 @@ the earlier one-run-per-model layout is read as arms of one run (bnlab.infer.see
 
 from __future__ import annotations
 
-from bnlab.infer.seeds import mean_sd, upgrade
+from bnlab.infer.seeds import upgrade
 from bnlab.report import fmt
 from bnlab.report.document import Table
+from bnlab.report.fmt import mean_std as ms
 
 WITHIN = "within arm (seeds)"
 BETWEEN = "between arms"
-
-
-def ms(s: dict | None, scale: float = 100.0, digits: int = 2) -> str:
-    """A stored spread as 'mean ± sd' (the mean alone for n = 1), in percent by default."""
-    return mean_sd(s, scale, digits, fmt.DASH)
 
 
 def _corruption_names(arms: list[dict]) -> list[str]:

@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from bnlab.numbers import fmt_value
 from bnlab.report import figures as F
 from bnlab.report import probe_figures as P
 from bnlab.report import tables as T
@@ -18,7 +19,7 @@ from bnlab.report.compare_tables import compare_tables
 from bnlab.report.document import Bullets, Document, Figure, Heading, Paragraph
 from bnlab.report.findings import findings
 from bnlab.report.gradratio import grad_ratio_table
-from bnlab.report.load import Study, fmt_value
+from bnlab.report.load import Study
 from bnlab.report.provenance import provenance
 from bnlab.report.references import Reference
 from bnlab.report.stats import ALPHA

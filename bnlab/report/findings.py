@@ -7,11 +7,11 @@ words follow the Welch p-value at ALPHA; no conclusion is written in advance.
 
 from __future__ import annotations
 
+from bnlab.numbers import fmt_value
 from bnlab.report import fmt
 from bnlab.report.arms import Arm, status_counts
 from bnlab.report.compare_findings import compare_sentences
 from bnlab.report.document import Table
-from bnlab.report.load import fmt_value
 from bnlab.report.stats import ALPHA
 from bnlab.report.tables import GapRow, ProbeRow, arm_label
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from bnlab.infer.seeds import mean_sd
+from bnlab.numbers import DASH, mean_sd
 from bnlab.report.stats import ALPHA, Summary
-
-DASH = "–"
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -20,8 +18,10 @@ def points(x: float | None, digits: int = 2, sign: bool = True) -> str:
     return f"{100.0 * x:+.{digits}f}" if sign else f"{100.0 * abs(x):.{digits}f}"
 
 
-def mean_std(s: Summary, scale: float = 100.0, digits: int = 2) -> str:
-    return mean_sd({"mean": s.mean, "sd": s.std}, scale, digits, DASH)
+def mean_std(s: Summary | dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    """A Summary or a stored spread as 'mean ± sd' (the mean alone for n = 1), in percent by
+    default."""
+    return mean_sd(s, scale, digits, DASH)
 
 
 def interval(lo: float | None, hi: float | None, scale: float = 100.0, digits: int = 2,

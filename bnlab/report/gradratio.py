@@ -58,9 +58,9 @@ def run_ratio(run: Run) -> RunRatio | None:
 def _cell(s: Summary) -> str:
     if s.mean is None:
         return DASH
-    if s.std is None:
+    if s.sd is None:
         return f"{s.mean:.3g}"
-    return f"{s.mean:.3g} ± {s.std:.2g}"
+    return f"{s.mean:.3g} ± {s.sd:.2g}"
 
 
 def _summary(values: list[float | None]) -> Summary:

@@ -42,16 +42,6 @@ def same(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def fmt_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}={fmt_value(x)}" for k, x in sorted(v.items())) + "}"
-    return str(v)
-
-
 def number(v: Any) -> float | None:
     """A finite float, or None (the store writes non-finite numbers as strings)."""
     if isinstance(v, bool) or not isinstance(v, int | float):

@@ -10,9 +10,10 @@ import json
 import math
 import re
 
+from bnlab.numbers import fmt_value
 from bnlab.report.arms import Arm
 from bnlab.report.document import Block, Code, Heading, KeyValues, Paragraph
-from bnlab.report.load import Study, fmt_value
+from bnlab.report.load import Study
 
 ENV_KEYS = ("bnlab", "git_commit", "torch", "cuda", "python", "platform", "device",
             "device_name", "torch_threads")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from bnlab.numbers import mean_and_sd
+
 ALPHA = 0.05  # significance level of every test in the report (two-sided)
 BOOTSTRAP_MIN_N = 5  # runs per arm before a bootstrap interval is given
 BOOTSTRAP_RESAMPLES = 9999
@@ -31,7 +33,7 @@ class Summary:
 
     n: int
     mean: float | None
-    std: float | None
+    sd: float | None
     ci_low: float | None
     ci_high: float | None
 
@@ -39,12 +41,9 @@ class Summary:
 def summarize(values: Sequence[float], level: float = 0.95) -> Summary:
     xs = [float(v) for v in values]
     n = len(xs)
-    if n == 0:
-        return Summary(0, None, None, None, None)
-    m = math.fsum(xs) / n
-    if n == 1:
-        return Summary(1, m, None, None, None)
-    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+    m, s = mean_and_sd(xs)
+    if n < 2:
+        return Summary(n, m, None, None, None)
     half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * s / math.sqrt(n)
     return Summary(n, m, s, m - half, m + half)
 
@@ -86,7 +85,7 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Welch:
     diff = sa.mean - sb.mean
     if sa.n < 2 or sb.n < 2:
         return Welch(diff, sa.n, sb.n, reason="n = 1 in an arm")
-    va, vb = sa.std ** 2 / sa.n, sb.std ** 2 / sb.n
+    va, vb = sa.sd ** 2 / sa.n, sb.sd ** 2 / sb.n
     if va + vb == 0.0:
         return Welch(diff, sa.n, sb.n, reason="both arms have zero variance")
     with warnings.catch_warnings():

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bnlab.numbers import fmt_value
 from bnlab.report import fmt
 from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.document import Table
-from bnlab.report.load import Run, Study, fmt_value, number
+from bnlab.report.load import Run, Study, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer, series
 from bnlab.report.references import Reference, matches
 from bnlab.report.stats import (

@@ -24,7 +24,7 @@ from bnlab.models.cifar_resnet import DEPTHS
 from bnlab.train.packed import pack_groups
 
 EVAL_COST = 1 / 3  # a forward pass of an evaluation image, in training images
-DEVICES = {"cpu": "a 2-core x86 CPU (AVX-512)", "gpu": "one NVIDIA H200"}
+MEASURED_ON = {"cpu": "a 2-core x86 CPU (AVX-512)", "gpu": "one NVIDIA H200"}
 
 # the standard datasets: (training images, test images, side in px)
 SIZES = {"cifar10": (50_000, 10_000, 32), "cifar100": (50_000, 10_000, 32),
@@ -187,11 +187,11 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
             table = NO_GRAPH
         rate = table.get((fam, device))  # a pack without a packed rate: its runs one by one
         if rate is None:
-            return Estimate(None, f"{group[0].model} unmeasured on {DEVICES[device]}")
+            return Estimate(None, f"{group[0].model} unmeasured on {MEASURED_ON[device]}")
         off = [c.batch_size for c in group if not rate.batch / 2 <= c.batch_size <= rate.batch * 2]
         if off:
             return Estimate(None, f"{group[0].model} at batch {off[0]} unmeasured on "
-                                  f"{DEVICES[device]} (measured at {rate.batch})")
+                                  f"{MEASURED_ON[device]} (measured at {rate.batch})")
         total = 0.0
         for c in group:
             n, known = images(c, sizes), dataset_size(c, sizes)

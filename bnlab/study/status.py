@@ -13,7 +13,7 @@ from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.runtime import resolve_device
 from bnlab.store import FINISHED, RunDir, Store, open_store
-from bnlab.study.estimate import DEVICES, OWN_SOURCE, estimate, own_rates
+from bnlab.study.estimate import MEASURED_ON, OWN_SOURCE, estimate, own_rates
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -171,10 +171,11 @@ def list_text() -> str:
         rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", folder),
                      study_estimate(plan, "gpu", folder), plan.spec.description])
     notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
-             f"{DEVICES['cpu']}, GPU = {DEVICES['gpu']} with GPU runs packed as the runner packs "
-             "them; (own): a study begun in studies-out/NAME, its runs left at the rates its "
-             "finished runs measured; (scaled): from the measurement of a smaller model of the "
-             "family by its layers; unmeasured: no measurement of that model on that device."]
+             f"{MEASURED_ON['cpu']}, GPU = {MEASURED_ON['gpu']} with GPU runs packed as the "
+             "runner packs them; (own): a study begun in studies-out/NAME, its runs left at "
+             "the rates its finished runs measured; (scaled): from the measurement of a smaller "
+             "model of the family by its layers; unmeasured: no measurement of that model on "
+             "that device."]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
 
@@ -202,7 +203,7 @@ def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
              if OWN_SOURCE in est.sources else "bnlab's table of measured rates")
     scaled = ", scaled from a smaller model" if est.scaled else ""
     return (f"{line}, estimated {fmt_minutes(est.minutes)} of training and evaluation on "
-            f"{DEVICES[device]} (from {where}{scaled})", len(todo))
+            f"{MEASURED_ON[device]} (from {where}{scaled})", len(todo))
 
 
 def confirm_size(plan: Plan, todo: int, yes: bool) -> None:

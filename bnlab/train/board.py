@@ -36,6 +36,7 @@ from pathlib import Path
 
 from bnlab.config import FIELDS, NOT_IN_ID, RunConfig
 from bnlab.errors import UserError
+from bnlab.numbers import fmt_value
 
 BOARD_DIR = "tensorboard"
 NOT_IN_NAME = ("seed",)  # the seed is the name's last part; every other varying axis names the arm
@@ -45,13 +46,10 @@ SUCCESS = ("completed", "no_learning")  # statuses that end a session as a succe
 
 
 def _text(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return f"{v:g}"
+    """A value in a run's folder name: fmt_value's text, a dict as compact JSON (no spaces)."""
     if isinstance(v, dict):
         return json.dumps(v, sort_keys=True, separators=(",", ":"))
-    return str(v)
+    return fmt_value(v)
 
 
 def _study_values(root: str | Path, cfg: RunConfig) -> tuple[list[str], dict] | None:

@@ -64,7 +64,7 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
         bundle = data_for(cfg, bundle)
         _same_data(rec, ctx, bundle)
         torch.manual_seed(cfg.seed)
-        model = build_for(cfg, bundle)
+        model = build_for(cfg, bundle, cpu_kernels=cfg.cpu_kernels and ctx.device.type == "cpu")
         try:
             return _train(rec, model, bundle, ctx, ctx.log(log))
         except (KeyboardInterrupt, UserError):

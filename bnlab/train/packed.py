@@ -138,7 +138,7 @@ def _fail(m: Member, e: Exception, log: Callable[[str], None]) -> dict:
 def _enter(m: Member, bundle: DataBundle, device: torch.device, log) -> None:
     """Build the run's model as train_run would (same seed, same init) and load its checkpoint."""
     torch.manual_seed(m.cfg.seed)
-    model = build_for(m.cfg, bundle)
+    model = build_for(m.cfg, bundle, cpu_kernels=m.cfg.cpu_kernels and device.type == "cpu")
     m.rng_cpu = torch.get_rng_state()
     m.rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:

@@ -17,6 +17,7 @@ from bnlab.models import build_model
 from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS
 from bnlab.models.grouped import NotPackable, check_packable, empty_pack
 from bnlab.models.vgg import CONFIGS
+from bnlab.norm import PACKABLE_NORMS
 
 PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
            "decay_norm_and_bias", "schedule", "warmup_epochs", "tensorboard", "probe_every",
@@ -27,7 +28,6 @@ SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "val_f
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
           "compile", "cuda_graph", "cpu_kernels")
 PACKABLE_MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS, "mlp3x100")
-PACKABLE_NORMS = ("bn", "none")
 
 
 def can_pack(cfgs: list[RunConfig]) -> str | None:
