@@ -137,9 +137,19 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
         lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
         raise UserError(f"--weights {str(weights)!r} does not fit the model of {entry!r}: "
                         f"{' '.join(lines[:2])[:240]}") from None
+    return with_dataset(model, Path(weights), entry, dataset, data_dir, device, batch_size,
+                        limit_test)
+
+
+def with_dataset(model: nn.Module, path: Path, entry: str, dataset: str,
+                 data_dir: str | None = None, device: str = "cpu",
+                 batch_size: int = USER_BATCH, limit_test: int = 0) -> Loaded:
+    """A model (moved to `device`, eval mode) with the dataset it is analysed on, checked on
+    two test images: its output must be logits of shape (2, classes). `path` and `entry` name
+    it in messages and results."""
     bundle = load_data(dataset, data_dir, False, 0, limit_test, False)
     dev = resolve_device(device)
-    loaded = Loaded(Path(weights), None, model.to(dev).eval(), bundle, dev, entry, batch_size)
+    loaded = Loaded(path, None, model.to(dev).eval(), bundle, dev, entry, batch_size)
     x, _ = next(iter(test_loader(loaded, 2).epoch(0)))
     try:
         with torch.no_grad():
@@ -155,4 +165,4 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
     return loaded
 
 
-__all__ = ["build_entry", "load_user_model", "read_state_dict"]
+__all__ = ["build_entry", "load_user_model", "read_state_dict", "with_dataset"]

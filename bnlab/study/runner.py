@@ -38,7 +38,7 @@ def open_study_store(plan: Plan, out: str | Path) -> Store:
 
 def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
               pack: bool = True, executor: str = "local",
-              options: SlurmOptions | None = None) -> dict[str, int]:
+              options: SlurmOptions | None = None, quiet: bool = False) -> dict[str, int]:
     """Run every run of `plan` into `out`; return {status: count} over the plan's runs, read
     from their folders afterwards (a run whose worker or job was lost counts as it was left:
     failed where that was recorded, else interrupted or pending; `unfinished(counts)`).
@@ -46,6 +46,7 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     Locally (executor 'local'), with `pack`, CUDA runs that differ only in what
     bnlab.train.packed can vary (seed, lr, ...) train together as packed networks first; the
     rest go to the executor one by one ('slurm' or 'node': submitit, with `options`).
+    `quiet`: a progress bar and no log lines.
     """
     if executor not in EXECUTORS:
         raise UserError(f"executor {executor!r} is not accepted; accepted: "
@@ -53,7 +54,7 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
     store = open_study_store(plan, out)
-    progress = Progress(plan, store, tty=tty)
+    progress = Progress(plan, store, tty=True if quiet else tty, quiet=quiet)
     finished = {r.run_id for r in plan.runs
                 if (store.run(r.run_id).summary or {}).get("status") in FINISHED}
     for r in plan.runs:  # a finished run counts as done only if it was run on this data
