@@ -1,7 +1,8 @@
 """Records as pandas DataFrames with the dtypes their values have: a column of whole numbers
 is an integer column (pandas' nullable Int64 where some rows have none, e.g. `unit` of pooled
-probe rows), a column of flags is boolean, a column of measurements is float64 even when
-every row is empty (`val_acc` of runs without a validation split), text stays object."""
+probe rows), a column of flags is bool (nullable boolean where some rows have none), a column
+of measurements is float64 even when every row is empty (`val_acc` of runs without a
+validation split), text stays text."""
 
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def frame(records: list[dict], columns: Iterable[str] = (), first: Iterable[str]
             continue
         if kind == "float64":
             df[name] = pd.to_numeric(df[name], errors="coerce").astype("float64")
-        elif kind == "Int64" and all(v is not None and v == v for v in values):
-            df[name] = df[name].astype("int64")
+        elif kind in ("Int64", "boolean") and all(v is not None and v == v for v in values):
+            df[name] = df[name].astype("int64" if kind == "Int64" else "bool")
         else:
             df[name] = df[name].astype(kind)
     return df
