@@ -11,6 +11,7 @@ passed in is never changed: the tools work on a copy.
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,14 @@ from bnlab.api.frames import frame
 from bnlab.errors import UserError
 from bnlab.infer.batchstats import DEFINITIONS, precise_statistics, with_statistics
 from bnlab.infer.compare import compare_models, format_compare
-from bnlab.infer.diagnose import BATCH_SIZES, PRECISE_BATCHES
+from bnlab.infer.diagnose import BATCH_SIZES, PRECISE_BATCHES, train_batches
 from bnlab.infer.diagnose import diagnose as diagnose_loaded
 from bnlab.infer.diagnose_text import format_diagnose
 from bnlab.infer.fold_report import OneBatch, failure, fold_and_time, fold_result, format_fold
 from bnlab.infer.loading import USER_BATCH, Loaded, load_model
 from bnlab.infer.usermodel import load_user_model, with_dataset
 from bnlab.runtime import resolve_device
-from bnlab.store import RunDir
+from bnlab.store import RunDir, atomic_write_bytes
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -54,8 +55,9 @@ def _data(data: Any) -> str | None:
 
 
 def _loaded(model: Any, data: str | None, data_dir: str | None, device: str,
-            batch_size: int, index: int | None = None) -> Loaded:
-    """The model, loaded for analysis (a copy when it is an nn.Module)."""
+            batch_size: int, index: int | None = None, mean=None, std=None) -> Loaded:
+    """The model, loaded for analysis (a copy when it is an nn.Module); `mean`/`std` replace
+    the normalization of your own model's images."""
     if isinstance(model, nn.Module):
         if data is None:
             raise UserError(f"an nn.Module ({type(model).__name__}) needs data=, the dataset "
@@ -68,18 +70,22 @@ def _loaded(model: Any, data: str | None, data_dir: str | None, device: str,
                             f"{str(e)[:160]}") from None
         name = type(model).__name__
         path = Path(f"model{index}" if index is not None else f"<{name}>")
-        return with_dataset(mine, path, name, data, data_dir, device, batch_size)
+        return with_dataset(mine, path, name, data, data_dir, device, batch_size, 0, mean, std)
     if isinstance(model, UserModel):
         if data is None:
             raise UserError("your own model needs --model-entry MODULE:FUNCTION, --weights "
                             "FILE and --dataset SPEC; missing --dataset (data= in Python)")
         checks.text("the model entry", model.entry)
         checks.folder("the weights file", model.weights)
-        return load_user_model(model.entry, model.weights, data, data_dir, device, batch_size)
+        return load_user_model(model.entry, model.weights, data, data_dir, device, batch_size,
+                               0, mean, std)
     if isinstance(model, str | Path) and str(model):
         if data is not None:
             raise UserError(f"give a CHECKPOINT or your own model, not both: {str(model)!r} is "
                             f"a bnlab run, which brings its own dataset (got data={data!r})")
+        if mean is not None or std is not None:
+            raise UserError(f"--mean/--std are for your own model; {str(model)!r} is a bnlab "
+                            "run, normalized as it was trained")
         return load_model(model, data_dir, device)
     raise UserError(f"a model is a run folder or checkpoint.pt, a bnlab.UserModel or a "
                     f"torch.nn.Module, got {checks.shown(model)}")
@@ -169,22 +175,48 @@ class Diagnosis(dict):
 def diagnose(model, data: str | None = None, *, batch_sizes: Iterable[int] = BATCH_SIZES,
              precise_batches: int = PRECISE_BATCHES, max_images: int = 0,
              data_dir: str | None = None, device: str = "cpu",
-             batch_size: int = USER_BATCH) -> Diagnosis:
+             batch_size: int = USER_BATCH, mean: Iterable[float] | None = None,
+             std: Iterable[float] | None = None,
+             write_recalibrated: str | Path | None = None) -> Diagnosis:
     """`bnlab diagnose`: BN at inference (train vs eval mode, batch-size dependence, PreciseBN,
-    statistics checks, an answer), also written to a run folder's diagnose.json."""
+    statistics checks, an answer), also written to a run folder's diagnose.json. `mean`/`std`
+    (per channel, of images in [0, 1]) normalize your own model's images instead of the
+    dataset's statistics; `write_recalibrated` saves the model's state_dict with the pooled
+    statistics of the same PreciseBN batches (recalibrate) to that file."""
     sizes = checks.positive_ints("batch_sizes", list(batch_sizes)
                                  if isinstance(batch_sizes, tuple | range) else batch_sizes)
     precise_batches = checks.integer("precise_batches", precise_batches, 0)
     max_images = checks.integer("max_images", max_images, 0)
     data, data_dir, device, batch_size = _common(data, data_dir, device, batch_size)
-    loaded = _loaded(model, data, data_dir, device, batch_size)
+    mean, std = _floats("mean", mean), _floats("std", std)
+    target = checks.folder("write_recalibrated", write_recalibrated, optional=True)
+    if target is not None and precise_batches == 0:
+        raise UserError("--write-recalibrated needs PreciseBN: --precise-batches > 0")
+    loaded = _loaded(model, data, data_dir, device, batch_size, mean=mean, std=std)
     res = Diagnosis(diagnose_loaded(loaded, sizes, precise_batches, max_images,
                                     log=lambda m: None))
+    if target is not None:
+        fresh = recalibrate(loaded.model, train_batches(loaded, precise_batches), "pooled")
+        buf = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in fresh.state_dict().items()}, buf)
+        atomic_write_bytes(target, buf.getvalue())
+        res.recalibrated = target
     run = loaded.run_dir
     if run is not None:
         run.write_json("diagnose.json", dict(res))
         res.written = run.path / "diagnose.json"
     return res
+
+
+def _floats(name: str, value) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, list | tuple) else None
+    if not items or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                            and v == v and abs(v) != float("inf") for v in items):
+        raise UserError(f"{name} must be a list of numbers, one per channel (or one for all), "
+                        f"got {checks.shown(value)}")
+    return tuple(float(v) for v in items)
 
 
 class Folding(dict):

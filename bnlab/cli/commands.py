@@ -168,10 +168,13 @@ def cmd_diagnose(args) -> int:
     res = api.diagnose(model, args.dataset, batch_sizes=[int(b) for b in
                                                          args.batch_sizes.split(",")],
                        precise_batches=args.precise_batches, max_images=args.max_images,
-                       data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
+                       data_dir=args.data_dir, device=args.device, batch_size=args.batch_size,
+                       mean=args.mean, std=args.std,
+                       write_recalibrated=args.write_recalibrated)
     print(res.text())
-    if res.written is not None:
-        print(f"wrote {res.written}")
+    for path in (res.written, res.recalibrated):
+        if path is not None:
+            print(f"wrote {path}")
     return 0
 
 

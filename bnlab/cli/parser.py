@@ -103,6 +103,16 @@ def _positive_list(text: str) -> str:
     return text
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v != v or abs(v) == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+    return values
+
+
 def _count(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -198,6 +208,14 @@ def build_parser() -> Parser:
                    help="use only N test images (fixed shuffle; 0 = all)")
     d.add_argument("--batch-size", type=_count(2), default=128,
                    help="your own model: the training batch size PreciseBN uses")
+    d.add_argument("--mean", type=_floats, default=None, metavar="M[,M,...]",
+                   help="your own model: the per-channel mean (of images in [0, 1]) its inputs "
+                   "are normalized with (default: the dataset's training images')")
+    d.add_argument("--std", type=_floats, default=None, metavar="S[,S,...]",
+                   help="your own model: the per-channel std its inputs are divided by")
+    d.add_argument("--write-recalibrated", metavar="FILE", default=None,
+                   help="save the model's state_dict with the BN statistics recomputed on the "
+                   "PreciseBN batches (pooled; bnlab.recalibrate) to FILE")
     f = sub.add_parser("fold", help="fold BN into conv/linear layers; parity, speed, ONNX",
                        formatter_class=Formatter,
                        description="Fold every BN that follows a conv or linear layer, check "
