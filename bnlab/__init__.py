@@ -1,13 +1,17 @@
 """bnlab: batch-normalization studies with real training runs and measured reports.
 
-The Python API (bnlab/api.py, docs/api.md) is reached from here, loaded on first use:
+The Python API (bnlab/api/, docs/api.md) is reached from here, loaded on first use:
 `import bnlab` and `import bnlab.errors` stay free of torch, which takes seconds to load.
 """
 
 __version__ = "0.1.0"
 
-API = ("NormFactory", "Run", "Study", "bench_speed", "compare", "diagnose", "fold", "list_studies",
-       "load_metrics", "load_probes", "load_runs", "train_run", "write_report")
+API = ("Comparison", "Counts", "Diagnosis", "Folding", "LaunchFailed", "NormFactory", "Run",
+       "Study",
+       "UserModel", "bench_speed", "compare", "diagnose", "fold", "list_datasets",
+       "list_models", "list_norms", "list_studies", "load_metrics", "load_probes", "load_runs",
+       "model_families", "norm_output_table", "rebuild_index", "recalibrate", "run_rows",
+       "study_status", "study_status_text", "train_run", "write_report")
 
 
 def __getattr__(name: str):

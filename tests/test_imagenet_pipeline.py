@@ -9,7 +9,8 @@ import torch
 from conftest import write_image_folder
 from PIL import Image
 
-from bnlab.cli import _train_argv, build_parser, run_overrides
+from bnlab.api.runs import _train_argv
+from bnlab.cli import build_parser, run_overrides
 from bnlab.config import load
 from bnlab.data import load_data
 from bnlab.data.imagefolder import large_transforms
@@ -53,7 +54,7 @@ def test_nproc_argv_round_trip():
     argv = ["train", "--nproc", "2", "--out", "/tmp/o", "--resume", "--dataset", "synthetic",
             "--no-augment", "--norm-options", '{"momentum": 0.2}', "--batch-size", "64"]
     args = build_parser().parse_args(argv)
-    inner = _train_argv(args)
+    inner = _train_argv(load(None, run_overrides(args)), args.out, args.resume)
     assert "--nproc" not in inner
     again = build_parser().parse_args(["train", *inner])
     assert (again.out, again.resume, again.nproc) == ("/tmp/o", True, 0)

@@ -385,7 +385,7 @@ def test_train_lets_openmp_sleep_on_a_shared_cpu(tmp_path, monkeypatch):
     shared (and leaves it alone on a CPU of its own)."""
     for shared, want in ((False, None), (True, "PASSIVE")):
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-        monkeypatch.setattr(cli, "_cpu_shared", lambda jobs, s=shared: s)
+        monkeypatch.setattr(cli.commands, "cpu_shared", lambda jobs, s=shared: s)
         assert cli.main(["train", *TINY, "--out", str(tmp_path / str(shared))]) == 0
         assert os.environ.get("OMP_WAIT_POLICY") == want
 

@@ -13,7 +13,7 @@
     diagnose.py         train vs eval mode, batch-size dependence, PreciseBN, statistics gaps
     diagnose_text.py    the text of `bnlab diagnose` and its answer
     fold.py             conv/linear + BN folding (pure formula + module surgery), parity, speed
-    fold_report.py      `bnlab fold`: the report and its exit status
+    fold_report.py      `bnlab fold`: fold, check, time, export; its text and failure line
     export.py           ONNX export and onnxruntime check (optional extra `onnx`)
 """
 

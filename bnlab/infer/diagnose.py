@@ -100,7 +100,8 @@ def batch_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return accuracy(torch.cat(outs), y)
 
 
-def _train_batches(loaded: Loaded, n: int):
+def train_batches(loaded: Loaded, n: int):
+    """The first n training batches PreciseBN reads (epochs repeat when n is larger)."""
     loader = train_loader(loaded)
     done, epoch = 0, 1
     while done < n:
@@ -175,6 +176,7 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
     res = {"checkpoint": str(loaded.path), "model": loaded.model_name, "norm": loaded.norm_name,
            "n_test": len(y), "eval_acc": eval_acc, "running_stat_layers": len(running),
            "batch_stat_layers": len(layers), "other_norm_layers": len(other_norms),
+           "train_batch_size": loaded.batch_size,
            "not_applicable": []}
     if running:
         res["sanity"] = sanity(model)
@@ -204,7 +206,7 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
             res.setdefault("train_mode_errors", {})[str(b)] = str(e).splitlines()[0]
         log(f"  train-mode batch {b}: {res['train_mode_acc'][str(b)]}")
     if precise_batches > 0:
-        stats = precise_statistics(model, _train_batches(loaded, precise_batches))
+        stats = precise_statistics(model, train_batches(loaded, precise_batches))
         modules = dict(model.named_modules())
         gaps = [{"layer": name, "values_per_channel": s.values, **stat_gap(modules[name], s)}
                 for name, s in stats.items()]
@@ -223,4 +225,4 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
 
 
 __all__ = ["diagnose", "effective_batch_sizes", "format_diagnose", "precise_statistics",
-           "sanity", "stat_gap"]
+           "sanity", "stat_gap", "train_batches"]

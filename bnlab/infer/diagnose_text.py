@@ -17,6 +17,11 @@ from bnlab.console import format_table
 
 MIN_GAP = 0.01  # accuracy differences below one point are not called a difference
 TOP_LAYERS = 3  # layers named in the answer
+KL_LAYER = 0.05  # nats of mean KL: a layer below it is not called disagreeing (ordinary lag of
+# well-estimated running statistics measured 0.001-0.01 on the test models)
+FIRST_LAYER_RATIO = 10.0  # the first layer alone: its KL at least this many times every other's
+SMALL_TRAIN_BATCH = 16  # training batches of at most this many images give noisy statistics
+MIN_PRECISE_IMAGES = 1000  # PreciseBN over fewer training images is noisy itself
 
 
 def _reference(res: dict) -> tuple[str, float] | None:
@@ -30,8 +35,72 @@ def _layer_text(g: dict) -> str:
             f"{g['mean_shift_mean']:.3g} std, |ln var ratio| {g['var_logratio_mean']:.3g})")
 
 
+def _gaps(res: dict) -> list[dict]:
+    """The per-layer gaps in model order (the first is the first norm layer)."""
+    return res.get("precise", {}).get("gaps", [])
+
+
+def _healthy(res: dict) -> str | None:
+    """The sentence for running statistics with no layer above KL_LAYER, else None."""
+    gaps = _gaps(res)
+    if not gaps or any(g["kl_mean"] > KL_LAYER for g in gaps):
+        return None
+    top = max(gaps, key=lambda g: g["kl_mean"])
+    return (f"No layer's running statistics differ from the recomputed ones by more than "
+            f"{KL_LAYER:g} nats of KL (the largest: {top['layer'] or '<model>'}, "
+            f"{top['kl_mean']:.3g}): they are healthy.")
+
+
+def _first_layer(res: dict) -> str | None:
+    """The sentence for a mismatch confined to the first norm layer, else None."""
+    gaps = _gaps(res)
+    if len(gaps) < 2 or gaps[0]["kl_mean"] <= KL_LAYER:
+        return None
+    first, rest = gaps[0], max(g["kl_mean"] for g in gaps[1:])
+    if first["kl_mean"] < FIRST_LAYER_RATIO * rest:
+        return None
+    return (f"The mismatch is confined to the first norm layer: {_layer_text(first)}, every "
+            f"other layer at most {rest:.3g} nats. Its input is the preprocessed image, so the "
+            "images are prepared differently from training: check their scale ([0, 1] or "
+            "[0, 255]) and the per-channel mean and std they are normalized with (--mean/--std "
+            "for your own model).")
+
+
+def _small_batches(res: dict) -> str | None:
+    """The sentence for a model trained on small batches, with the measured batch-size
+    dependence of train mode, else None."""
+    b = res.get("train_batch_size")
+    done = [(int(k), a) for k, a in res.get("train_mode_acc", {}).items() if a is not None]
+    if b is None or b > SMALL_TRAIN_BATCH or len(done) < 2:
+        return None
+    (s_lo, a_lo), (s_hi, a_hi) = min(done), max(done)
+    return (f"The model was trained on batches of {b} images, whose statistics are noisy "
+            f"estimates of the data's: train-mode accuracy is {a_lo:.4f} at batch {s_lo} and "
+            f"{a_hi:.4f} at batch {s_hi} here. A norm without batch statistics (GroupNorm), "
+            "batch renormalization, ghost BN (fixed virtual batches), or a larger training "
+            "batch remove this dependence.")
+
+
+def _few_images(res: dict) -> str | None:
+    p = res.get("precise")
+    if not p or not p.get("batch_size") or p["batches"] * p["batch_size"] >= MIN_PRECISE_IMAGES:
+        return None
+    n = p["batches"] * p["batch_size"]
+    return (f"Warning: PreciseBN saw only {n} training images ({p['batches']} batches of "
+            f"{p['batch_size']}), fewer than {MIN_PRECISE_IMAGES}: its statistics are noisy "
+            "themselves; give more batches (--precise-batches).")
+
+
 def answer(res: dict) -> list[str]:
-    """Sentences answering "good in train mode, bad in eval mode: why?" from `res`."""
+    """Sentences answering "good in train mode, bad in eval mode: why?" from `res`, then what
+    is specific to this model (small training batches, the first layer alone, healthy
+    statistics, too few images for PreciseBN)."""
+    out = _answer(res)
+    out += [x for x in (_small_batches(res), _few_images(res)) if x]
+    return out
+
+
+def _answer(res: dict) -> list[str]:
     ev, n = res["eval_acc"], res["n_test"]
     if "train_mode_acc" not in res:
         return [f"Train and eval mode normalize alike here, so they cannot differ; eval "
@@ -58,6 +127,9 @@ def answer(res: dict) -> list[str]:
                        "running statistics lag behind the trained weights (PreciseBN helps).")
         else:
             out.append("The running statistics serve the model as well as each batch's own.")
+        healthy = _healthy(res)
+        if healthy:
+            out.append(healthy)
         return out
     out.append(f"Eval mode is {100 * gap:.2f} points below train mode: {ev:.4f} vs {tr:.4f} at "
                f"batch {b} ({n} test images).")
@@ -81,11 +153,19 @@ def answer(res: dict) -> list[str]:
         said = " nor ".join(x for x in parts if x)
         out.append(f"Neither statistics {said} recover it: the model relies on normalizing "
                    "each batch by its own statistics, which no fixed statistics reproduce.")
-    gaps = {g["layer"]: g for g in res.get("precise", {}).get("gaps", [])}
-    ranking = [gaps[name] for name in res.get("precise", {}).get("ranking", [])][:TOP_LAYERS]
+    first = _first_layer(res)
+    if first:
+        out.append(first)
+        return out
+    gaps = {g["layer"]: g for g in _gaps(res)}
+    ranking = [gaps[name] for name in res.get("precise", {}).get("ranking", [])
+               if gaps[name]["kl_mean"] > KL_LAYER][:TOP_LAYERS]
     if ranking:
         out.append("Layers whose running statistics disagree most with the training data: "
                    + "; ".join(_layer_text(g) for g in ranking) + ".")
+    elif gaps:
+        out.append(_healthy(res).replace(": they are healthy.", ": the difference is not in "
+                                         "the stored statistics of any one layer."))
     return out
 
 
@@ -140,4 +220,4 @@ def format_diagnose(res: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["answer", "format_diagnose"]
+__all__ = ["KL_LAYER", "answer", "format_diagnose"]

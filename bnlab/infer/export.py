@@ -23,6 +23,14 @@ def onnx_available() -> str | None:
     return None
 
 
+def require_onnx() -> None:
+    """Refuse (one line) when a package of the optional extra `onnx` does not import."""
+    missing = onnx_available()
+    if missing:
+        raise UserError(f"--onnx needs the optional package {missing!r} "
+                        "(pip install 'bnlab[onnx]')")
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
                 dynamo: bool = True) -> Path:
     """Export an eval-mode model to ONNX at `path` (written atomically), batch dim dynamic.
@@ -30,10 +38,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
     dynamo=True uses torch.export (the maintained exporter); dynamo=False the TorchScript
     exporter, deprecated by PyTorch but ~40x faster to run (used by the quick tests).
     """
-    missing = onnx_available()
-    if missing:
-        raise UserError(f"--onnx needs the optional package {missing!r} "
-                        "(pip install 'bnlab[onnx]')")
+    require_onnx()
     model = model.eval().cpu()
     example = example.detach().cpu().float()
     names = {"input_names": ["images"], "output_names": ["logits"]}

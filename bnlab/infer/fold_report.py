@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
+from torch import nn
 
 from bnlab.console import format_table
-from bnlab.infer.export import export_onnx, onnx_available, onnx_parity
+from bnlab.infer.export import export_onnx, onnx_parity, require_onnx
 from bnlab.infer.fold import fold_model, parity, speed
 from bnlab.infer.loading import Loaded, test_loader
 
@@ -22,23 +21,40 @@ def _example(loaded, n: int = 256) -> torch.Tensor:
     return torch.cat(xs)[:n]
 
 
-def fold_report(loaded, repeats: int = 20) -> dict:
-    """Fold, parity over the whole test set, and speed on the CPU (and CUDA when present)."""
-    model = loaded.model.eval()
+class OneBatch:
+    """A loader of one batch (an example input given in place of a test set)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def epoch(self, epoch: int):
+        yield self.x, None
+
+
+def fold_and_time(model: nn.Module, device: torch.device, example: torch.Tensor, loader,
+                  head: dict, repeats: int = 20) -> tuple[dict, nn.Module]:
+    """Fold an eval-mode `model` (on `device`), parity over `loader`, and speed on `example`
+    on the CPU (and CUDA when present); returns (the report, the folded model on `device`).
+    `model` ends on `device` again."""
     folded, info = fold_model(model)
-    res = {"checkpoint": str(loaded.path), "model": loaded.model_name, "norm": loaded.norm_name,
-           **info, "parity": parity(model, folded, test_loader(loaded)), "speed": []}
-    example = _example(loaded)
+    res = {**head, **info, "parity": parity(model, folded, loader), "speed": []}
     cpu_model, cpu_folded = model.cpu(), folded.cpu()
     res["speed"] += speed(cpu_model, cpu_folded, example.cpu(), repeats=repeats)
     res["torch_threads"] = torch.get_num_threads()
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         res["speed"] += speed(model.to(dev), folded.to(dev), example.to(dev), repeats=repeats)
-        model.to(loaded.device)
-    loaded.model = model.to(loaded.device)
-    res["_folded"] = folded.to(loaded.device)
-    return res
+    model.to(device)
+    return res, folded.to(device)
+
+
+def fold_report(loaded, repeats: int = 20) -> tuple[dict, nn.Module]:
+    """Fold, parity over the whole test set, and speed on 256 test images."""
+    model = loaded.model.eval()
+    head = {"checkpoint": str(loaded.path), "model": loaded.model_name,
+            "norm": loaded.norm_name}
+    return fold_and_time(model, loaded.device, _example(loaded), test_loader(loaded), head,
+                         repeats)
 
 
 def format_fold(res: dict) -> str:
@@ -87,25 +103,15 @@ def failure(res: dict) -> str | None:
     return None
 
 
-def fold_command(loaded: Loaded, onnx=None, repeats=20) -> int:
-    """Fold, check, time, optionally export; print the report and write fold.json beside a
-    run's checkpoint. Exit status 1 with one line on stderr when a parity check fails."""
-    res = fold_report(loaded, repeats)
-    folded = res.pop("_folded")
+def fold_result(loaded: Loaded, onnx=None, repeats: int = 20) -> tuple[dict, nn.Module]:
+    """Fold, check, time, optionally export to `onnx`: (fold.json's content, the folded model).
+
+    Nothing is printed; `format_fold` is the text and `failure` the line that fails the
+    command. A missing ONNX package is refused before any work."""
     if onnx:
-        if onnx_available() is None:
-            path = export_onnx(folded, _example(loaded, 2), onnx)
-            res["onnx"] = onnx_parity(path, folded.cpu(), test_loader(loaded))
-        else:
-            print(format_fold(res))
-            export_onnx(folded, _example(loaded, 2), onnx)  # raises the UserError
-    print(format_fold(res))
-    run = loaded.run_dir
-    if run is not None:
-        run.write_json("fold.json", res)
-        print(f"wrote {run.path / 'fold.json'}")
-    why = failure(res)
-    if why:
-        print(why, file=sys.stderr)
-        return 1
-    return 0
+        require_onnx()
+    res, folded = fold_report(loaded, repeats)
+    if onnx:
+        path = export_onnx(folded, _example(loaded, 2), onnx)
+        res["onnx"] = onnx_parity(path, folded.cpu(), test_loader(loaded))
+    return res, folded

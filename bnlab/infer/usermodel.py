@@ -14,6 +14,7 @@ Every way this can go wrong is a UserError of one line naming the bad value.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str | None = None,
                     device: str = "cpu", batch_size: int = USER_BATCH,
-                    limit_test: int = 0) -> Loaded:
+                    limit_test: int = 0, mean=None, std=None) -> Loaded:
     """Build the model of `entry`, load `weights` into it (strictly) and the dataset."""
     model = build_entry(entry)
     state = read_state_dict(weights)
@@ -79,9 +80,43 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
         lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
         raise UserError(f"--weights {str(weights)!r} does not fit the model of {entry!r}: "
                         f"{' '.join(lines[:2])[:240]}") from None
+    return with_dataset(model, Path(weights), entry, dataset, data_dir, device, batch_size,
+                        limit_test, mean, std)
+
+
+def normalized_by(bundle, mean, std, dataset: str):
+    """`bundle` whose images are normalized by `mean` and `std` (None: its own)."""
+    if mean is None and std is None:
+        return bundle
+    mean = tuple(bundle.mean) if mean is None else tuple(float(v) for v in mean)
+    std = tuple(bundle.std) if std is None else tuple(float(v) for v in std)
+    for name, v in (("--mean", mean), ("--std", std)):
+        if len(v) not in (1, bundle.in_channels):
+            raise UserError(f"{name} has {len(v)} values; dataset {dataset!r} has "
+                            f"{bundle.in_channels} channels (give 1 or {bundle.in_channels})")
+    if any(s <= 0 for s in std):
+        raise UserError(f"--std must be > 0 for every channel, got {list(std)}")
+    if bundle.streamed:
+        raise UserError(f"--mean/--std apply to datasets held in memory; {dataset!r} is "
+                        "streamed with its own transforms")
+    c = bundle.in_channels
+    return dataclasses.replace(bundle, mean=mean * c if len(mean) == 1 else mean,
+                               std=std * c if len(std) == 1 else std)
+
+
+def with_dataset(model: nn.Module, path: Path, entry: str, dataset: str,
+                 data_dir: str | None = None, device: str = "cpu",
+                 batch_size: int = USER_BATCH, limit_test: int = 0,
+                 mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> Loaded:
+    """A model (moved to `device`, eval mode) with the dataset it is analysed on, checked on
+    two test images: its output must be logits of shape (2, classes). `path` and `entry` name
+    it in messages and results. `mean`/`std` (per channel, of images scaled to [0, 1]) replace
+    the training set's as the normalization of the images the model receives."""
     bundle = load_data(dataset, data_dir, False, 0, limit_test, False)
+    bundle = normalized_by(bundle, mean, std, dataset)
     dev = resolve_device(device)
-    loaded = Loaded(Path(weights), None, model.to(dev).eval(), bundle, dev, entry, batch_size)
+    loaded = Loaded(path, None, model.to(dev).eval(), bundle, dev, entry, batch_size)
     x, _ = next(iter(test_loader(loaded, 2).epoch(0)))
     try:
         with torch.no_grad():
@@ -99,4 +134,5 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
     return loaded
 
 
-__all__ = ["build_entry", "load_user_model", "read_state_dict"]
+__all__ = ["build_entry", "load_user_model", "normalized_by", "read_state_dict",
+           "with_dataset"]

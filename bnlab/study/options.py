@@ -1,7 +1,7 @@
 """Where the runs of `bnlab study run` go: the executors and the resources of a cluster job.
 
 Nothing here imports torch: the command line builds its flags from these before torch is loaded
-(OMP_WAIT_POLICY must be set before then, bnlab.cli).
+(OMP_WAIT_POLICY must be set before then, bnlab.cli.commands).
 """
 
 from __future__ import annotations

@@ -21,8 +21,12 @@ class Progress:
     or pipe. The ETA is measured: epochs still to train over the rate of epochs done since
     this runner started."""
 
-    def __init__(self, plan: Plan, store: Store, stream=None, tty: bool | None = None):
+    quiet = False  # the bar only, no log lines (a notebook's Study.run(log=False))
+
+    def __init__(self, plan: Plan, store: Store, stream=None, tty: bool | None = None,
+                 quiet: bool = False):
         self.plan, self.store = plan, store
+        self.quiet = quiet
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         # log lines are results, the bar is decoration: lines go to stdout when the bar is on
@@ -57,6 +61,8 @@ class Progress:
         return runs_done, done, eta
 
     def log(self, line: str) -> None:
+        if self.quiet:
+            return
         with self.lock:
             # one write per line: print() (and tqdm.write) write the text and its newline
             # separately, and a worker process sharing the stream can land between them

@@ -39,7 +39,8 @@ def open_study_store(plan: Plan, out: str | Path) -> Store:
 
 def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
               pack: bool = True, executor: str = "local",
-              options: SlurmOptions | None = None, pack_cpu: bool = False) -> dict[str, int]:
+              options: SlurmOptions | None = None, pack_cpu: bool = False,
+              quiet: bool = False) -> dict[str, int]:
     """Run every run of `plan` into `out`; return {status: count} over the plan's runs, read
     from their folders afterwards (a run whose worker or job was lost counts as it was left:
     failed where that was recorded, else interrupted or pending; `unfinished(counts)`).
@@ -49,6 +50,7 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     rest go to the executor one by one ('slurm' or 'node': submitit, with `options`).
     `pack_cpu` packs CPU runs too: slower than lone runs on a CPU, it is there to run the GPU
     path (every arm inside packs) at tiny sizes on a machine without a GPU.
+    `quiet`: a progress bar and no log lines.
     """
     if executor not in EXECUTORS:
         raise UserError(f"executor {executor!r} is not accepted; accepted: "
@@ -59,7 +61,7 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     if plan.groups:  # choices already made by an earlier runner
         plan = _with_choices(plan, store)
         store.write_meta("study.json", plan.study_json())
-    progress = Progress(plan, store, tty=tty)
+    progress = Progress(plan, store, tty=True if quiet else tty, quiet=quiet)
     finished = {r.run_id for r in plan.all_runs
                 if (store.run(r.run_id).summary or {}).get("status") in FINISHED}
     for r in plan.all_runs:  # a finished run counts as done only if it was run on this data

@@ -1,25 +1,31 @@
-"""The `bnlab` command: argument parsing only; the work is done by the modules it calls.
+"""The flags of the `bnlab` command: one sub-parser per command, each bound to its cmd_*.
 
-Each command imports the modules it calls when it runs (the `# lazy` imports below): torch takes
-about 2 s to load, which `bnlab --help` and a mistyped flag should not pay, and `study run`
-must set OMP_WAIT_POLICY before torch is loaded at all. Everything imported at the top of this
-file is torch-free.
+Everything imported here is torch-free, so `bnlab --help` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
-import os
 import sys
-from pathlib import Path
 
 import bnlab
-from bnlab.config import FIELDS, load, to_flags
-from bnlab.console import FORMATS, format_table, records_csv, records_json
-from bnlab.errors import UserError, suggest
+from bnlab.cli.commands import (
+    cmd_bench,
+    cmd_compare,
+    cmd_datasets,
+    cmd_diagnose,
+    cmd_fold,
+    cmd_models,
+    cmd_norms,
+    cmd_runs,
+    cmd_study,
+    cmd_train,
+)
+from bnlab.config import FIELDS
+from bnlab.console import FORMATS
+from bnlab.errors import suggest
 from bnlab.study.options import EXECUTORS, SlurmOptions
 
 
@@ -86,184 +92,6 @@ def _json_table(text: str) -> dict:
     return v
 
 
-def run_overrides(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k in FIELDS}
-
-
-# -- commands ----------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    if _cpu_shared(max(1, args.nproc)):  # before torch loads: as `study run` does
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.executors.passive_openmp
-    from bnlab.train import train_run  # lazy
-    from bnlab.train.distributed import detect, launch  # lazy
-
-    cfg = load(args.config, run_overrides(args))
-    if args.nproc:
-        return launch(args.nproc, _train_argv(args), cfg)
-    summary = train_run(cfg, args.out, resume=args.resume)
-    if not detect().is_main:
-        return 0
-    acc = summary.get("test_acc")
-    print(f"{summary['run_id']}: {summary['status']}, {summary['epochs_done']} epochs, "
-          f"test acc {acc if acc is None else f'{acc:.4f}'}, "
-          f"{summary['wall_time']:.1f} s -> {args.out}/{summary['run_id']}")
-    return 0
-
-
-def _train_argv(args) -> list[str]:
-    """The `bnlab train` arguments of `args` without --nproc (for the processes torchrun starts)."""
-    argv = ["--out", args.out] + (["--config", args.config] if args.config else [])
-    argv += ["--resume"] if args.resume else []
-    return argv + to_flags(run_overrides(args))
-
-
-def cmd_runs(args) -> int:
-    from bnlab.store import open_store  # lazy
-
-    if args.rebuild_index:
-        store = open_store(args.out, must_exist=True)
-        print(f"rebuilt {store.index_path} from {store.rebuild_index()} run folders",
-              file=sys.stdout if args.format == "table" else sys.stderr)  # keep csv/json clean
-    # read-only where the folder cannot be written; the rows are checked against the run
-    # folders (the truth), and a writable index is brought up to date
-    rows = open_store(args.out, must_exist=True, readonly=None).reconcile()
-    if args.format != "table":
-        from bnlab.report.records import run_records  # lazy
-
-        records = run_records(args.out)
-        sys.stdout.write(records_csv(records) if args.format == "csv" else records_json(records))
-        return 0
-    if not rows:
-        print(f"no runs in {args.out}")
-        return 0
-    head = ["run_id", "status", "dataset", "norm", "seed", "epochs", "test_acc", "wall_s"]
-    table = [[r["run_id"], r["status"], r["dataset"], r["norm"], str(r["seed"]),
-              f"{r['epochs_done']}/{r['epochs']}",
-              "-" if r["test_acc"] is None else f"{r['test_acc']:.4f}",
-              "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}"] for r in rows]
-    print(format_table(head, table))
-    return 0
-
-
-def cmd_datasets(args) -> int:
-    from bnlab.data import DATASETS  # lazy
-
-    for name, text in DATASETS.items():
-        print(f"{name:18s} {text}")
-    return 0
-
-
-def cmd_models(args) -> int:
-    from bnlab.models import MODELS, family_lines  # lazy
-
-    for name, text in MODELS.items():
-        print(f"{name:18s} {text}")
-    print("\ntorchvision:NAME, by family:")
-    for family, text in family_lines():
-        print(f"  {family:16s} {text}")
-    return 0
-
-
-def cmd_norms(args) -> int:
-    from bnlab.norm import FORMULAS, OPTIONS  # lazy
-    from bnlab.norm.table import (  # lazy
-        TABLE_SHAPE,
-        TABLE_STEPS,
-        format_stats_table,
-        forward_stats,
-    )
-
-    if args.table:
-        print(f"Per-channel mean and std of each norm's output on one fixed batch of shape "
-              f"{TABLE_SHAPE} (channel c: mean 2c, std c+1); train = first training-mode pass, "
-              f"eval = after {TABLE_STEPS} training-mode passes; default options.\n")
-        print(format_stats_table(forward_stats()))
-        return 0
-    for name, text in FORMULAS.items():
-        opts = ", ".join(f"{k}={v}" for k, v in OPTIONS[name].items() if v is not None)
-        print(f"{name:13s} {text}" + (f"\n{'':13s}   options: {opts}" if opts else ""))
-    return 0
-
-
-def _user_model(args, weights):
-    """A user's own model from --model-entry, `weights` and --dataset."""
-    from bnlab.infer.usermodel import load_user_model  # lazy
-
-    missing = [f for f, v in (("--model-entry", args.model_entry), ("--weights", weights),
-                              ("--dataset", args.dataset)) if not v]
-    if missing:
-        raise UserError(f"your own model needs --model-entry MODULE:FUNCTION, --weights FILE "
-                        f"and --dataset SPEC; missing {', '.join(missing)}")
-    return load_user_model(args.model_entry, weights, args.dataset, args.data_dir, args.device,
-                           getattr(args, "batch_size", 128))
-
-
-def _one_model(args):
-    """The model `diagnose` or `fold` works on: a bnlab checkpoint or the user's own."""
-    from bnlab.infer.loading import load_model  # lazy
-
-    own = [f for f, v in (("--model-entry", args.model_entry), ("--weights", args.weights),
-                          ("--dataset", args.dataset)) if v]
-    if args.checkpoint and own:
-        raise UserError(f"give a CHECKPOINT or your own model ({', '.join(own)}), not both")
-    if args.checkpoint:
-        return load_model(args.checkpoint, args.data_dir, args.device)
-    if not own:
-        raise UserError("give a CHECKPOINT (checkpoint.pt or its run folder), or your own model "
-                        "with --model-entry MODULE:FUNCTION, --weights FILE and --dataset SPEC")
-    return _user_model(args, args.weights)
-
-
-def cmd_compare(args) -> int:
-    from bnlab.infer.compare import compare_models, format_compare  # lazy
-    from bnlab.infer.loading import load_model  # lazy
-    from bnlab.store import RunDir  # lazy
-
-    runs = [RunDir(Path(r).parent if Path(r).is_file() else Path(r)) for r in args.runs]
-    for r, arg in zip(runs, args.runs):
-        if not r.exists():
-            raise UserError(f"{arg!r} is not a run folder (no config.json)")
-    if (args.model_entry or args.dataset) and not args.weights:
-        raise UserError("--model-entry and --dataset need --weights FILE (one per model)")
-    if not runs and not args.weights:
-        raise UserError("compare needs RUN folders, or --model-entry with --weights (one per "
-                        "model) and --dataset")
-    loaded = [load_model(r.path, args.data_dir, args.device) for r in runs]
-    loaded += [_user_model(args, w) for w in args.weights or []]
-    if args.out:
-        out = Path(args.out)
-    elif runs:
-        out = runs[0].path.parent / "analysis"
-    else:
-        raise UserError("comparing your own models needs --out DIR (where compare.json goes)")
-    labels = args.labels.split(",") if args.labels else None
-    result = compare_models(loaded, out, labels, corruptions=not args.no_corruptions,
-                            log=lambda m: None)
-    print(format_compare(result))
-    print(f"\nwrote {out / 'compare.json'} and {', '.join(result['figures'])}")
-    return 0
-
-
-def cmd_diagnose(args) -> int:
-    from bnlab.infer.diagnose import diagnose, format_diagnose  # lazy
-
-    loaded = _one_model(args)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    res = diagnose(loaded, sizes, args.precise_batches, args.max_images, log=lambda m: None)
-    print(format_diagnose(res))
-    run = loaded.run_dir
-    if run is not None:
-        run.write_json("diagnose.json", res)
-        print(f"wrote {run.path / 'diagnose.json'}")
-    return 0
-
-
-def cmd_fold(args) -> int:
-    from bnlab.infer.fold_report import fold_command  # lazy
-
-    return fold_command(_one_model(args), args.onnx, args.repeats)
-
-
 def _positive_list(text: str) -> str:
     try:
         ok = all(int(b) > 0 for b in text.split(","))
@@ -273,6 +101,16 @@ def _positive_list(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of positive integers: "
                                          f"{text!r}")
     return text
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v != v or abs(v) == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}")
+    return values
 
 
 def _count(minimum: int):
@@ -285,91 +123,6 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
         return v
     return parse
-
-
-def cmd_bench(args) -> int:
-    from bnlab.bench import BenchArgs, check_args, run_all  # lazy
-
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    a = BenchArgs(data=args.data, data_dir=args.data_dir, model=args.model,
-                  batch_size=args.batch_size, steps=args.steps, k=args.k, device=args.device,
-                  workers=args.workers, compile_mode=args.compile_mode,
-                  cuda_graph=args.cuda_graph, cpu_kernels=args.cpu_kernels)
-    check_args(a, variants, precisions, args.timeout)
-    rows = run_all(a, variants, precisions, args.timeout, print, args.out)
-    return 0 if all("error" not in r for r in rows) else 1
-
-
-def _cpu_shared(jobs: int) -> bool:
-    """Whether this study's runs will share the CPU: several jobs, or a machine already busy
-    (1-minute load average of at least half its cores). Then idle OpenMP threads should sleep
-    rather than spin; on a CPU of its own, spinning is faster (15-20% per ResNet-20 step on
-    the 2-core reference machine)."""
-    if jobs > 1:
-        return True
-    try:
-        cores = len(os.sched_getaffinity(0))
-        return os.getloadavg()[0] >= cores / 2
-    except (AttributeError, OSError):
-        return False
-
-
-def cmd_study(args) -> int:
-    if args.study_command == "run" and _cpu_shared(args.jobs):  # before torch loads
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.executors.passive_openmp
-    from bnlab.study import spec as specs  # lazy
-    from bnlab.study import status  # lazy
-
-    if args.study_command == "list":
-        print(status.list_text())
-        return 0
-    if args.study_command == "run":
-        from bnlab.report.analysis import compare_selected  # lazy
-        from bnlab.study.runner import run_study, unfinished  # lazy
-
-        sp = specs.load_spec(args.spec)
-        sets = specs.parse_assignments(args.set, "--set")
-        if args.device:
-            sets.append(("device", args.device))
-        if args.tensorboard:
-            sets.append(("tensorboard", True))
-        plan = specs.expand(sp, sets, specs.parse_assignments(args.only, "--only"),
-                            specs.parse_data_map(args.data_map))
-        specs.preflight(plan)
-        out = args.out or str(specs.DEFAULT_ROOT / sp.name)
-        line, todo = status.plan_estimate(plan, out)
-        print(line, flush=True)  # before anything starts, and before a refusal
-        status.confirm_size(plan, todo, args.yes)
-        counts = run_study(plan, out, jobs=args.jobs, pack=not args.no_pack,
-                           executor=args.executor, options=_slurm_options(args),
-                           pack_cpu=args.pack_cpu)
-        compare_selected(out)
-        print(f"study {sp.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-              + f" -> {out} (next: bnlab study report {out})")
-        return 1 if unfinished(counts) else 0
-    out = status.resolve_out(args.target, args.out)
-    if args.study_command == "status":
-        if args.format == "table":
-            print(status.status_text(out))
-        else:
-            records = status.status_records(out)[2]
-            sys.stdout.write(records_csv(records) if args.format == "csv"
-                             else records_json(records))
-        return 0
-    from bnlab.errors import StorageError  # lazy
-    from bnlab.report import write_report  # lazy
-
-    refs = getattr(args, "references", None)
-    try:
-        written = write_report(out, args.report_dir, refs)
-    except StorageError as e:
-        if args.report_dir:
-            raise
-        raise StorageError(f"{e} (write the report elsewhere with --report-dir DIR)") from None
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -395,14 +148,6 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
 def add_format_flag(p: argparse.ArgumentParser, text: str) -> None:
     p.add_argument("--format", choices=FORMATS, default="table",
                    help=f"table: aligned columns for reading; {text}, for other tools")
-
-
-def _slurm_options(args) -> SlurmOptions | None:
-    if args.executor == "local":
-        return None
-    return SlurmOptions(partition=args.partition, gpus_per_run=args.gpus_per_run,
-                        cpus_per_gpu=args.cpus_per_gpu, time=args.time, mem_gb=args.mem,
-                        parallel=args.parallel, account=args.account).validate()
 
 
 def build_parser() -> Parser:
@@ -463,6 +208,14 @@ def build_parser() -> Parser:
                    help="use only N test images (fixed shuffle; 0 = all)")
     d.add_argument("--batch-size", type=_count(2), default=128,
                    help="your own model: the training batch size PreciseBN uses")
+    d.add_argument("--mean", type=_floats, default=None, metavar="M[,M,...]",
+                   help="your own model: the per-channel mean (of images in [0, 1]) its inputs "
+                   "are normalized with (default: the dataset's training images')")
+    d.add_argument("--std", type=_floats, default=None, metavar="S[,S,...]",
+                   help="your own model: the per-channel std its inputs are divided by")
+    d.add_argument("--write-recalibrated", metavar="FILE", default=None,
+                   help="save the model's state_dict with the BN statistics recomputed on the "
+                   "PreciseBN batches (pooled; bnlab.recalibrate) to FILE")
     f = sub.add_parser("fold", help="fold BN into conv/linear layers; parity, speed, ONNX",
                        formatter_class=Formatter,
                        description="Fold every BN that follows a conv or linear layer, check "
@@ -591,60 +344,3 @@ def build_parser() -> Parser:
 
 def _version() -> str:
     return bnlab.__version__
-
-
-def _one_line(e: BaseException) -> str:
-    # An error raised in a DataLoader worker comes back with the worker's traceback in its
-    # message; its last line is the message that was raised.
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    for prefix in ("bnlab.errors.UserError: ", "bnlab.errors.StorageError: "):
-        text = text.removeprefix(prefix)
-    return text
-
-
-# OSErrors that are the file system's answer about a path (full, read-only, no permission, a
-# file where a folder should be): the user's to fix, so one line; any other stays a traceback
-FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                      errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
-                      errno.ENOENT}
-
-
-def _quiet_stdout() -> None:
-    """After a broken pipe (`bnlab norms --table | head -1`), send what is left of stdout to
-    /dev/null, so Python's flush at exit does not report the pipe a second time."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error already printed
-        return e.code if isinstance(e.code, int) else 2
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return args.func(args)
-    except UserError as e:
-        sys.stderr.write(f"bnlab: error: {_one_line(e)}\n")
-        return 2
-    except BrokenPipeError:  # the reader went away: nothing left to say, to no one
-        _quiet_stdout()
-        return 141  # 128 + SIGPIPE, what a program killed by the broken pipe returns
-    except OSError as e:
-        if e.errno not in FILE_SYSTEM_ERRNOS or e.filename is None:
-            raise
-        sys.stderr.write(f"bnlab: error: cannot use {str(e.filename)!r}: {e.strerror}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("bnlab: interrupted\n")
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
