@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 class SmallConvNet(nn.Module):
     """Two conv layers, each followed by the run's norm and a ReLU, global pooling, a linear
     classifier. `norm.conv_bias` gives the convs a bias where the norm has no shift of its
@@ -41,10 +40,8 @@ class SmallConvNet(nn.Module):
         x = torch.relu(self.norm2(self.conv2(x)))
         return self.head(x.mean((2, 3)))
 
-
 def make_net(num_classes: int, norm) -> nn.Module:
     return SmallConvNet(num_classes, norm)
-
 
 def main(out: Path) -> None:
     import matplotlib
@@ -121,100 +118,6 @@ def main(out: Path) -> None:
     fresh = bnlab.recalibrate(net, loader, definition="pooled")
     moved = (fresh.norm1.running_mean - net.norm1.running_mean).abs().max().item()
     print(f"  recalibrated copy: first BN layer's running mean moved by up to {moved:.4f}")
-
-
-if __name__ == "__main__":`, does not run again); an edit to the file gives the runs
-new ids, so running it again after an edit trains the edited network.
-"""
-
-import sys
-from pathlib import Path
-
-import torch
-from torch import nn
-
-
-class SmallConvNet(nn.Module):
-    """Two conv layers, each followed by the run's norm and a ReLU, global pooling, a linear
-    classifier. `norm.conv_bias` gives the convs a bias where the norm has no shift of its
-    own (norm none), as bnlab's own models do."""
-
-    def __init__(self, num_classes: int, norm):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=norm.conv_bias)
-        self.norm1 = norm(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=norm.conv_bias)
-        self.norm2 = norm(32)
-        self.head = nn.Linear(32, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = torch.relu(self.norm2(self.conv2(x)))
-        return self.head(x.mean((2, 3)))
-
-
-def make_net(num_classes: int, norm) -> nn.Module:
-    return SmallConvNet(num_classes, norm)
-
-
-def main(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # a file, no display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    import bnlab
-
-    spec = {
-        "name": "own-net-demo",
-        "description": "BN vs no BN in a network defined in examples/notebook_own_model.py",
-        "base": {"dataset": "synthetic", "model": f"entry:{Path(__file__).resolve()}:make_net",
-                 "limit_train": 256, "limit_test": 128, "batch_size": 32, "epochs": 4,
-                 "lr": 0.2, "device": "cpu",
-                 # tiny runs: skip building the fused CPU kernels (a minute, once per cache)
-                 "cpu_kernels": False},
-        "grid": {"norm": ["bn", "none"], "seed": [0, 1]},
-    }
-    study = bnlab.Study.from_spec(spec)
-    counts = study.run(out=out)
-    print("statuses:", counts)
-
-    runs = bnlab.load_runs(out)  # one row per run: arm, seed, status, results, every option
-    curves = bnlab.load_metrics(out)  # long: run_id, arm, seed, epoch, metric, value
-    print(runs[["arm", "seed", "status", "test_acc"]].to_string(index=False))
-    print(runs.groupby("arm")["test_acc"].agg(["mean", "std", "count"]).to_string())
-
-    # One plot of our own: training loss per epoch, one line per run, one colour per arm
-    loss = curves[curves.metric == "train_loss"]
-    colours = dict(zip(sorted(loss.arm.unique()), ("tab:blue", "tab:orange")))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for (arm, seed), g in loss.groupby(["arm", "seed"]):
-        ax.plot(g.epoch, g.value, marker="o", color=colours[arm],
-                linestyle="-" if seed == 0 else "--", label=f"{arm}, seed {seed}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{study.name}: SmallConvNet, {len(runs)} runs")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    plot = out / "train_loss_by_arm.png"
-    fig.savefig(plot, dpi=100)
-    print(f"wrote {plot}")
-
-    # The BN arm's first seed at inference: eval vs train mode, accuracy vs batch size, and the
-    # test accuracy with its running statistics recomputed from training batches (PreciseBN,
-    # pooled and fvcore definitions); the result is also kept as the run's diagnose.json
-    bn = runs[(runs.norm == "bn") & (runs.seed == 0)].iloc[0]
-    res = bnlab.diagnose(out / bn.run_id, batch_sizes=(1, 8, 32), precise_batches=4)
-    print(f"{bn.run_id}: eval-mode test accuracy {res['eval_acc']:.4f}")
-    print("  train mode by batch size:", {b: round(a, 4) for b, a in
-                                          res["train_mode_acc"].items() if a is not None})
-    print(f"  recalibrated (pooled) {res['precise_acc']:.4f}, "
-          f"(fvcore) {res['precise_fvcore_acc']:.4f}")
-    for line in res["answer"]:
-        print("  " + line)
-
 
 if __name__ == "__main__":
     main(Path(sys.argv[1] if len(sys.argv) > 1 else "studies-out/own-net-demo"))
