@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+
 class SmallConvNet(nn.Module):
     """Two conv layers, each followed by the run's norm and a ReLU, global pooling, a linear
     classifier. `norm.conv_bias` gives the convs a bias where the norm has no shift of its
