@@ -4,9 +4,10 @@ for every seed of the arm."""
 
 from __future__ import annotations
 
+from bnlab.numbers import fmt_value
 from bnlab.report import fmt
 from bnlab.report.document import Table
-from bnlab.report.load import Study, fmt_value
+from bnlab.report.load import Study
 
 CHOOSABLE = ("completed", "no_learning")
 
