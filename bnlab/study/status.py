@@ -11,7 +11,6 @@ from pathlib import Path
 
 from bnlab.console import format_table
 from bnlab.errors import UserError
-from bnlab.runtime import resolve_device
 from bnlab.store import FINISHED, RunDir, Store, open_store
 from bnlab.study.estimate import MEASURED_ON, OWN_SOURCE, estimate, own_rates
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
@@ -194,6 +193,8 @@ def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
     line = f"study {plan.spec.name}: {len(todo)} of {total} runs{tuning} to train"
     if not todo:
         return line, 0
+    from bnlab.runtime import resolve_device  # lazy: torch, only for a study about to run
+
     device = "gpu" if resolve_device(todo[0].device).type == "cuda" else "cpu"
     est = estimate(todo, device, plan.spec.estimate.get("sizes"), own)
     if est.minutes is None:

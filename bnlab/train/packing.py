@@ -61,10 +61,21 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
     return _structure_reason(cfgs)
 
 
+_STRUCTURE: dict[tuple, str | None] = {}  # the networks of a call -> its answer
+
+
 def _structure_reason(cfgs: list[RunConfig]) -> str | None:
     """Build each distinct (norm, init)'s model (RNG state kept) and look for layers without a
     packed form (norm variants of other classes, Fixup/SkipInit scalars, ...) and for networks
-    that cannot share a pack."""
+    that cannot share a pack. The answer depends on the networks alone (_network), so it is
+    kept per process: a study's estimate asks it of the same few networks many times."""
+    key = tuple(dict.fromkeys((*_network(c), c.model_source) for c in cfgs))
+    if key not in _STRUCTURE:
+        _STRUCTURE[key] = _build_and_check(cfgs)
+    return _STRUCTURE[key]
+
+
+def _build_and_check(cfgs: list[RunConfig]) -> str | None:
     seen, models = set(), []
     for c in cfgs:
         key = (c.norm, c.init, repr(c.init_options))
