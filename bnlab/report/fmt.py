@@ -64,7 +64,7 @@ def signed_sd(s: Summary, digits: int = 3) -> str:
     if s.mean is None:
         return DASH
     text = f"{s.mean:+.{digits}f}"
-    return text if s.std is None else f"{text} ± {s.std:.{digits}f}"
+    return text if s.sd is None else f"{text} ± {s.sd:.{digits}f}"
 
 
 def value_sd(s: Summary, digits: int = 3) -> str:
@@ -72,4 +72,4 @@ def value_sd(s: Summary, digits: int = 3) -> str:
     if s.mean is None:
         return DASH
     text = f"{s.mean:.{digits}f}"
-    return text if s.std is None else f"{text} ± {s.std:.{digits}f}"
+    return text if s.sd is None else f"{text} ± {s.sd:.{digits}f}"
