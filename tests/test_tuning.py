@@ -206,3 +206,27 @@ def test_estimate_uses_the_folders_own_rates_and_leaves_out_finished_runs(tmp_pa
     store.run(done.run_id).write_json("summary.json", {
         "run_id": done.run_id, "status": "diverged", "epochs_done": 1, "wall_time": 1.0})
     assert remaining(plan, tmp_path)[1] == {}
+
+
+def test_estimate_counts_probe_steps_and_the_measured_cpu_factors():
+    """A probed run adds PROBE_STEP_COST training steps per probe step; on the CPU a bf16 run
+    costs CPU_FACTORS['bf16'] and a Fixup run CPU_FACTORS['fixup'] of an fp32 BN run."""
+    from bnlab.study import estimate as E
+
+    spec = parse_spec({"name": "e", "base": {"dataset": "cifar10", "limit_train": 5000,
+                                             "limit_test": 2000, "epochs": 4,
+                                             "batch_size": 128},
+                       "grid": {"seed": [0]}}, source="table")
+    base = expand(spec).runs[0].cfg
+    import dataclasses
+    plain = 4 * (5000 + 2000 / 3)
+    assert E.images(base, {}) == pytest.approx(plain)
+    probed = dataclasses.replace(base, probe_every=10)
+    steps = 4 * (5000 // 128)  # 156 steps: probes at 0, 10, ..., 150
+    assert E.images(probed, {}) == pytest.approx(plain + (steps // 10 + 1) * 20 * 128)
+    fixup_bf16 = dataclasses.replace(base, init="fixup", norm="none", precision="bf16")
+    one = E.estimate([base], "cpu").minutes
+    assert E.estimate([fixup_bf16], "cpu").minutes == pytest.approx(
+        one * (926 / 1339) * (1339 / 789))
+    assert E.estimate([fixup_bf16], "gpu").minutes == pytest.approx(
+        E.estimate([base], "gpu").minutes)  # the factors are the CPU's

@@ -24,6 +24,12 @@ from bnlab.models.cifar_resnet import DEPTHS
 from bnlab.train.packed import pack_groups
 
 EVAL_COST = 1 / 3  # a forward pass of an evaluation image, in training images
+PROBE_STEP_COST = 20  # training steps a probe step costs (docs/probes.md: 25.2 s vs 1.25 s)
+# CPU time per training image relative to fp32 BN, measured on the idle 2-core CPU with
+# `bnlab train` (ResNet-20, batch 128, one epoch of 6,400 CIFAR-10 images): BN 926 images/s in
+# fp32 and 1,339 in bf16; in bf16, Fixup 789 (its scalar biases and multiplier are separate
+# elementwise passes, each with a reduction in the backward pass) against BN's 1,339
+CPU_FACTORS = {"bf16": 926 / 1339, "fixup": 1339 / 789}
 MEASURED_ON = {"cpu": "a 2-core x86 CPU (AVX-512)", "gpu": "one NVIDIA H200"}
 
 # the standard datasets: (training images, test images, side in px)
@@ -119,7 +125,21 @@ def images(cfg: RunConfig, sizes: dict[str, tuple]) -> float | None:
     if cfg.limit_test:
         n_test = min(n_test, cfg.limit_test)
     n_val = round(n_train * cfg.val_fraction)
-    return cfg.epochs * (n_train - n_val + EVAL_COST * (n_test + n_val))
+    probes = 0
+    if cfg.probe_every:  # at step 0, then every probe_every steps
+        steps = cfg.epochs * ((n_train - n_val) // cfg.batch_size)
+        probes = steps // cfg.probe_every + 1
+    return (cfg.epochs * (n_train - n_val + EVAL_COST * (n_test + n_val))
+            + probes * PROBE_STEP_COST * cfg.batch_size)
+
+
+def cpu_cost(cfg: RunConfig, family_name: str) -> float:
+    """CPU time per image of a CIFAR ResNet run relative to the table's rate (fp32, He init):
+    the measured factors of bf16 and of Fixup's scalars (CPU_FACTORS); 1 for other families."""
+    if family_name != "cifar-resnet":
+        return 1.0
+    factor = CPU_FACTORS["bf16"] if cfg.precision == "bf16" else 1.0
+    return factor * (CPU_FACTORS["fixup"] if cfg.init == "fixup" else 1.0)
 
 
 @dataclass
@@ -198,7 +218,7 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
             if n is None or known is None:
                 return Estimate(None, f"size of dataset {c.dataset!r} unknown")
             area = (known[2] / MEASURED_SIDE.get(fam, known[2])) ** 2
-            total += n * area
+            total += n * area * (cpu_cost(c, fam) if device == "cpu" else 1.0)
             scaled = scaled or area != 1.0
         seconds += total * cost / rate.images_per_s
         sources.append(rate.source)
