@@ -137,7 +137,9 @@ class BasicBlock(nn.Module):
             out = self.n1(F.relu(_maybe_add(self.bias1b, out)))
             out = self._scaled(self.n2(F.relu(self.conv2(_maybe_add(self.bias2a, out)))))
             return self._add_shortcut(out, x)
-        out = self.act1(self.n1, self.conv1(_maybe_add(self.bias1a, x)), self.bias1b)
+        out = self.conv1(_maybe_add(self.bias1a, x))
+        # Fixup's bias1b is added between n1 and its ReLU: the step's residual, shaped per run
+        out = self.act1(self.n1, out, None if self.bias1b is None else per_run(self.bias1b, out))
         out = self.conv2(_maybe_add(self.bias2a, out))
         if self.scale is None:
             return self.act2(self.n2, out, None if self.shortcut is None else self.shortcut(x))
