@@ -10,13 +10,20 @@ TUNED_LRS = [0.005, 0.01, 0.02, 0.04]  # the protocol grid of docs/studies.md
 
 
 def _arms(name: str) -> tuple[Counter, list]:
+    """Every planned run by its arm, the tuned arm's runs (waiting for their lr) under lr None,
+    and the tuning runs under ("tune", lr, epochs)."""
     plan = expand(load_spec(name))
     preflight(plan)
     arms = Counter()
-    for r in plan.runs:
+    for r in plan.runs + plan.waiting:
         c = r.cfg
-        arms[(c.model, c.norm, c.placement, c.first_k, c.init, c.lr, c.warmup_epochs)] += 1
+        lr = None if r in plan.waiting else c.lr
+        arms[(c.model, c.norm, c.placement, c.first_k, c.init, lr, c.warmup_epochs)] += 1
         assert c.probe_every > 0 and c.grad_clip == 0 and c.dataset == "cifar10"
+    for r in plan.tune_runs:
+        c = r.cfg
+        arms[("tune", c.model, c.lr, c.epochs, c.seed, c.warmup_epochs)] += 1
+        assert c.probe_every == 0  # tuning runs are read for their validation accuracy only
     return arms, plan.runs
 
 
@@ -26,14 +33,15 @@ def test_residual_bn_is_the_factorial_with_the_no_bn_protocol():
     for model in ("plain20", "resnet20", "plain56", "resnet56"):
         want[(model, "bn", "post_conv", 1, "kaiming", 0.1, 0.0)] = 3          # (a)
         want[(model, "none", "post_conv", 1, "kaiming", 0.1, 0.0)] = 3        # (b)
-        for lr in TUNED_LRS:                                                  # (c)
-            want[(model, "none", "post_conv", 1, "kaiming", lr, 2.0)] = 3
+        want[(model, "none", "post_conv", 1, "kaiming", None, 2.0)] = 3       # (c)
+        for lr in TUNED_LRS:  # (c)'s lr: tuned on seed 0 for 6 of the 30 epochs
+            want[("tune", model, lr, 6, 0, 2.0)] = 1
         if model.startswith("resnet"):                                        # (d)
             want[(model, "none", "post_conv", 1, "fixup", 0.1, 0.0)] = 3
     assert arms == want
     assert {(r.cfg.schedule, r.cfg.momentum, r.cfg.weight_decay, r.cfg.batch_size)
             for r in runs} == {("step", 0.9, 1e-4, 128)}
-    assert load_spec("residual-bn").analysis["select_best"] == ["lr"]
+    assert load_spec("residual-bn").tune.values == tuple(TUNED_LRS)
 
 
 def test_vgg_bn_arms():
@@ -43,7 +51,8 @@ def test_vgg_bn_arms():
                     ("vgg16", "none", "post_conv", 1, "kaiming", 0.1, 0.0): 3})
     for k in (2, 4, 7):
         want[("vgg16", "bn", "first_k", k, "kaiming", 0.1, 0.0)] = 3
+    want[("vgg16", "none", "post_conv", 1, "kaiming", None, 2.0)] = 3
     for lr in TUNED_LRS:
-        want[("vgg16", "none", "post_conv", 1, "kaiming", lr, 2.0)] = 3
+        want[("tune", "vgg16", lr, 6, 0, 2.0)] = 1
     assert arms == want
-    assert load_spec("vgg-bn").analysis["select_best"] == ["lr"]
+    assert load_spec("vgg-bn").tune.values == tuple(TUNED_LRS)

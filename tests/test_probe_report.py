@@ -139,7 +139,7 @@ def test_drift_is_the_change_between_the_ends_of_the_planted_series(shared):
     for label, moved in (("norm=bn", 0.0), ("norm=none", 0.05 * 30)):
         p = rows[label]
         assert p.window == 1 and p.unit_change.n == 2
-        assert p.unit_change.mean == pytest.approx(moved) and p.unit_change.std == \
+        assert p.unit_change.mean == pytest.approx(moved) and p.unit_change.sd == \
             pytest.approx(0.0, abs=1e-12)
         assert p.p50_change.mean == pytest.approx(0.0) and p.width_change.mean == \
             pytest.approx(0.0)

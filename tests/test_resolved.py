@@ -15,7 +15,7 @@ from torch import nn
 
 from bnlab import cli
 from bnlab.config import from_mapping
-from bnlab.store import Store
+from bnlab.store import EpochRow, Store
 from bnlab.study.spec import expand, parse_spec
 from bnlab.train import train_run
 from bnlab.train.record import RunRecord
@@ -113,8 +113,8 @@ def test_a_non_finite_test_loss_is_divergence(tmp_path, test_loss, status):
     cfg = from_mapping(dict(dataset="synthetic", epochs=1))
     rec = RunRecord(Store(tmp_path), cfg)
     rec.begin({"config": cfg.to_dict()})
-    rec.add_epoch({"epoch": 1, "step": 10, "train_loss": 3e10, "train_acc": 0.1,
-                   "test_loss": test_loss, "test_acc": 0.1, "epoch_time": 1.0}, chance=0.13)
+    rec.add_epoch(EpochRow(epoch=1, step=10, lr=0.1, train_loss=3e10, train_acc=0.1,
+                           test_loss=test_loss, test_acc=0.1, epoch_time=1.0), chance=0.13)
     summary = rec.finish(chance=0.13)
     assert summary["status"] == status
     assert ("test_loss_nonfinite_epoch" in summary) is (status == "diverged")

@@ -189,7 +189,7 @@ def test_suggestions_and_command_line_errors(tmp_path, capsys):
         (["study", "run", spec, "--set", "dataset=imagenet"], "--data-map imagenet="),
         (["study", "run", spec, "--set", f"dataset=imagefolder:{tmp_path / 'no-such'}"],
          f"image folder '{tmp_path / 'no-such'}' of study 'tiny' does not exist"),
-        (["study", "run", spec, "--jobs", "0"], "--jobs must be >= 1"),
+        (["study", "run", spec, "--jobs", "0"], "jobs must be an integer >= 1, got 0"),
         (["study", "status", tmp_path], "not a study output folder"),
         (["study", "report", "quick", "--out", tmp_path / "nothing"], "no study results"),
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
+import time
 
 import pytest
 
@@ -84,6 +85,10 @@ def test_a_lone_run_is_named_by_its_id_and_a_resume_purges_a_killed_attempt(tmp_
     stale = summary_writer(event_dir(tmp_path, cfg))
     stale.add_scalar("metrics/test_acc", 99.0, 2)
     stale.close()
+    # event files are read in the order of their names, which start with the second they were
+    # opened in: a restart comes at least a second after the attempt it follows (within the
+    # same second the stale file could sort after the resumed one and purge it instead)
+    time.sleep(1.1)
     train_run(cfg, tmp_path, resume=True, log=lambda m: None)
     metrics = Store(tmp_path).run(cfg.run_id()).metrics()
     assert scalars(event_dir(tmp_path, cfg), "metrics/test_acc") == \

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bnlab import bench
 from bnlab.api import checks
 from bnlab.api.frames import frame
-from bnlab.bench import BenchArgs, check_args, run_all
+from bnlab.bench import BenchArgs, check_args
 from bnlab.data import DATASETS
 from bnlab.errors import UserError
 from bnlab.models import MODELS, family_lines
@@ -76,5 +77,5 @@ def bench_speed(variants: Iterable[str] = ("textbook", "eager", "compiled", "pac
             raise UserError(f"{k} must be a string, got {checks.shown(v)}")
     a = BenchArgs(**options)
     check_args(a, variants, precisions, timeout)
-    rows = run_all(a, variants, precisions, timeout, log, str(out) if out else None)
+    rows = bench.run_all(a, variants, precisions, timeout, log, str(out) if out else None)
     return rows if records else frame(rows)
