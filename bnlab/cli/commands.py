@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
                             nproc=args.nproc, **run_overrides(args))
     except api.LaunchFailed as e:  # torchrun's processes said why
         return e.returncode
-    if run.main_process:
+    if run.main_process and not args.nproc:  # with --nproc, rank 0's own process printed it
         print(run.line())
     return 0
 
