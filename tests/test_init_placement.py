@@ -315,3 +315,37 @@ def test_xavier_and_orthogonal_refuse_a_gain_not_above_zero(name, gain):
     else:
         bound = 0.5 * (6 / (16 * 9 + 32 * 9)) ** 0.5
         assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+
+
+@pytest.mark.parametrize("init", ["fixup", "skipinit"])
+def test_branch_scalars_keep_bf16_activations_and_fp32_values(init):
+    """Under bf16 autocast a Fixup/SkipInit block's activations stay bf16, as a BN block's do
+    (an fp32 scalar would promote them to fp32); in fp32 the block computes its formula,
+    checked against a float64 evaluation of relu(scale * conv2(relu(conv1(x + b1a) + b1b) +
+    b2a) + b2b + x)."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, norm="none", init=init)
+    block = model.blocks[0]
+    with torch.no_grad():
+        for name, value in (("bias1a", 0.1), ("bias1b", -0.2), ("bias2a", 0.3),
+                            ("bias2b", 0.05), ("scale", 0.7)):
+            if getattr(block, name) is not None:
+                getattr(block, name).fill_(value)
+    seen = []
+    block.register_forward_hook(lambda mod, inputs, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+    assert seen == [torch.bfloat16]
+
+    x = torch.randn(2, 16, 8, 8)
+
+    def scalar(name):
+        p = getattr(block, name)
+        return 0.0 if p is None else float(p)
+
+    d = x.double()
+    w1, w2 = block.conv1.weight.double(), block.conv2.weight.double()
+    h = F.relu(F.conv2d(d + scalar("bias1a"), w1, padding=1) + scalar("bias1b"))
+    ref = F.relu(scalar("scale") * F.conv2d(h + scalar("bias2a"), w2, padding=1)
+                 + scalar("bias2b") + d)
+    torch.testing.assert_close(block(x).double(), ref, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bnlab.models import MODELS, build_model, count_parameters
-from bnlab.models.cifar_resnet import DEPTHS
+from bnlab.models.names import DEPTHS
 
 
 def resnet_param_count(depth: int, num_classes: int = 10, bn: bool = True) -> int:

@@ -15,9 +15,9 @@ from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import UserError
 from bnlab.infer.fold import PARITY_LIMIT, fold_model
 from bnlab.models import build_for, build_model, count_parameters
-from bnlab.models.cifar_resnet import PLAIN_DEPTHS
 from bnlab.models.grouped import owned_entries, pack_models, unpack_state
-from bnlab.models.vgg import CONFIGS
+from bnlab.models.names import PLAIN_DEPTHS
+from bnlab.models.names import VGG_CONFIGS as CONFIGS
 from bnlab.norm import NORMS, is_norm_layer
 from bnlab.train.optim import PackedSGD, param_groups
 from bnlab.train.packed import can_pack

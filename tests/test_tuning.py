@@ -174,7 +174,7 @@ def test_builtin_studies_with_a_tune_section_plan_their_tuning():
     assert plan.spec.tune.axis == "lr" and len(plan.groups) == 1
     assert {r.cfg.seed for r in plan.tune_runs} == {0}
     assert {r.cfg.epochs for r in plan.tune_runs} == {2}
-    assert len(plan.waiting) == len(plan.spec.grid["seed"]) == 5
+    assert len(plan.waiting) == len(plan.spec.grid["seed"]) == 3
 
 
 def test_estimate_uses_the_folders_own_rates_and_leaves_out_finished_runs(tmp_path):

@@ -18,47 +18,43 @@ prints after `bnlab: error:`. Results are pandas DataFrames (the optional `panda
     checks.py     argument checks: one-line UserErrors before any work
     frames.py     records -> DataFrames with their dtypes; metrics.jsonl's column order
     runs.py       train_run, Run, the runs of an output folder (`bnlab runs`)
-    studies.py    Study, study status, write_report, list_studies
+    studies.py    Study, study status, write_report
+    catalog.py    list_studies (without torch: `bnlab study list` stays fast)
     results.py    load_runs, load_metrics, load_probes
     inference.py  compare, diagnose, fold, recalibrate, UserModel
     tools.py      list_datasets, list_models, list_norms, norm_output_table, bench_speed
+
+Each name is imported from its module on first use (PEP 562), so that a command that needs
+no torch (`bnlab study list`) does not load it.
 """
 
-from bnlab.api.inference import (
-    Comparison,
-    Diagnosis,
-    Folding,
-    UserModel,
-    compare,
-    diagnose,
-    fold,
-    recalibrate,
-)
-from bnlab.api.results import load_metrics, load_probes, load_runs
-from bnlab.api.runs import LaunchFailed, Run, rebuild_index, run_rows, train_run
-from bnlab.api.studies import (
-    Counts,
-    Study,
-    list_studies,
-    study_status,
-    study_status_text,
-    write_report,
-)
-from bnlab.api.tools import (
-    bench_speed,
-    list_datasets,
-    list_models,
-    list_norms,
-    model_families,
-    norm_output_table,
-)
-from bnlab.errors import UserError
-from bnlab.models.entry import NormFactory
+from __future__ import annotations
 
-__all__ = ["Comparison", "Counts", "Diagnosis", "Folding", "LaunchFailed", "NormFactory", "Run",
-           "Study",
-           "UserError", "UserModel", "bench_speed", "compare", "diagnose", "fold",
-           "list_datasets", "list_models", "list_norms", "list_studies", "load_metrics",
-           "load_probes", "load_runs", "model_families", "norm_output_table", "rebuild_index",
-           "recalibrate", "run_rows", "study_status", "study_status_text", "train_run",
-           "write_report"]
+import importlib
+
+# each public name -> the module that defines it
+_HOME = {
+    "bnlab.api.catalog": ("list_studies",),
+    "bnlab.api.inference": ("Comparison", "Diagnosis", "Folding", "UserModel", "compare",
+                            "diagnose", "fold", "recalibrate"),
+    "bnlab.api.results": ("load_metrics", "load_probes", "load_runs"),
+    "bnlab.api.runs": ("LaunchFailed", "Run", "rebuild_index", "run_rows", "train_run"),
+    "bnlab.api.studies": ("Counts", "Study", "study_status", "study_status_text",
+                          "write_report"),
+    "bnlab.api.tools": ("bench_speed", "list_datasets", "list_models", "list_norms",
+                        "model_families", "norm_output_table"),
+    "bnlab.errors": ("UserError",),
+    "bnlab.models.entry": ("NormFactory",),
+}
+_MODULE = {name: module for module, names in _HOME.items() for name in names}
+__all__ = sorted(_MODULE)
+
+
+def __getattr__(name: str):
+    if name in _MODULE:
+        return getattr(importlib.import_module(_MODULE[name]), name)
+    raise AttributeError(f"module 'bnlab.api' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -201,18 +201,3 @@ def write_report(target: Folder, out: Folder | None = None, report_dir: Folder |
         if report_dir is not None:
             raise
         raise StorageError(f"{e} (write the report elsewhere with --report-dir DIR)") from None
-
-
-def list_studies(*, text: bool = False):
-    """`bnlab study list`: the built-in studies with their runs and estimated minutes (a
-    DataFrame; text=True: the lines the command prints)."""
-    if checks.flag("text", text):
-        return statuses.list_text()
-    rows = []
-    for name in specs.builtin_names():
-        sp = specs.load_spec(name)
-        rows.append({"study": name, "runs": len(specs.expand(sp).runs),
-                     "cpu_minutes": sp.estimate.get("cpu_minutes"),
-                     "gpu_minutes": sp.estimate.get("gpu_minutes"),
-                     "description": sp.description})
-    return frame(rows)

@@ -10,10 +10,13 @@ from torch import nn
 
 from bnlab.config import RunConfig
 from bnlab.errors import UserError, unknown
-from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS, CifarResNet
+from bnlab.models.cifar_resnet import CifarResNet
 from bnlab.models.entry import build_entry_model
 from bnlab.models.init import init_weights
 from bnlab.models.mlp import MLP
+from bnlab.models.names import DEPTHS, PLAIN_DEPTHS
+from bnlab.models.names import VGG_CONFIGS as CONFIGS
+from bnlab.models.names import VGG_LETTERS as LETTERS
 from bnlab.models.norm_act import use_fused_norm_act
 from bnlab.models.torchvision_swap import (
     FAMILIES,
@@ -24,7 +27,7 @@ from bnlab.models.torchvision_swap import (
     input_refusal,
     is_torchvision_name,
 )
-from bnlab.models.vgg import CONFIGS, LETTERS, CifarVGG
+from bnlab.models.vgg import CifarVGG
 from bnlab.norm import make_norm, norm_spec
 from bnlab.usercode import ENTRY, first_line
 

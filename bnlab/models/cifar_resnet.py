@@ -18,9 +18,6 @@ from bnlab.errors import UserError, unknown
 from bnlab.models.norm_act import NormAct
 from bnlab.norm import has_bias_substitute, make_norm
 
-DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
-PLAIN_DEPTHS = {f"plain{d}": d for d in DEPTHS.values()}
-
 
 class _SubsamplePad(torch.autograd.Function):
     """x[:, :, ::s, ::s] with (lo, hi) zero channels around it, in x's memory format.
@@ -78,7 +75,10 @@ BRANCH_SCALARS = ("bias1a", "bias1b", "bias2a", "bias2b", "scale")  # add_branch
 
 def per_run(p: nn.Parameter, x: torch.Tensor) -> torch.Tensor:
     """A branch scalar shaped to act on x: as it is for one run (shape (1,)); for the K runs of
-    a pack (shape (K,), bnlab.models.grouped) entry k repeated over run k's channel block."""
+    a pack (shape (K,), bnlab.models.grouped) entry k repeated over run k's channel block. In
+    x's dtype: under bf16 autocast an fp32 scalar would promote the whole activation to fp32
+    (a (1,) tensor takes part in type promotion), and every conv after it would cast it back."""
+    p = p.to(x.dtype)
     if p.numel() == 1:
         return p
     return p.repeat_interleave(x.shape[1] // p.numel()).view(1, -1, *([1] * (x.ndim - 2)))

@@ -25,19 +25,10 @@ from torch import nn
 
 from bnlab.config import PLACEMENTS
 from bnlab.errors import UserError, unknown
+from bnlab.models.names import POOL
+from bnlab.models.names import VGG_CONFIGS as CONFIGS
 from bnlab.models.norm_act import NormAct
 from bnlab.norm import has_bias_substitute, make_norm
-
-POOL = "M"
-CONFIGS = {
-    "vgg11": (64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
-    "vgg13": (64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
-    "vgg16": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL,
-              512, 512, 512, POOL),
-    "vgg19": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL,
-              512, 512, 512, 512, POOL),
-}
-LETTERS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
 
 def conv_layers(arch: str) -> int:

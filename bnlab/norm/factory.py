@@ -13,17 +13,33 @@ behaviour.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from bnlab.config import check_options
 from bnlab.errors import UserError, unknown
-from bnlab.norm import layers as L
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class _Lazy:
+    """A module imported on first use: the registry's names, options and traits are read
+    without torch (study specs, estimates, `bnlab study list`); torch and the layers load when
+    a norm is first built."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module(self._module), name)
+
+
+L = _Lazy("bnlab.norm.layers")
+_torch_nn = _Lazy("torch.nn")
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,7 @@ def _or(value, default):
 def _bn(c: int, dim: int, o: dict) -> nn.Module:
     if o["convention"] == "keras":
         return L.KerasBatchNorm(c, _or(o["momentum"], 0.99), _or(o["eps"], 1e-3), o["affine"])
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    cls = _torch_nn.BatchNorm2d if dim == 2 else _torch_nn.BatchNorm1d
     return cls(c, eps=_or(o["eps"], 1e-5), momentum=_or(o["momentum"], 0.1), affine=o["affine"])
 
 
@@ -167,7 +183,7 @@ REGISTRY: dict[str, NormSpec] = {
         _instance, {"eps": EPS, "affine": AFFINE}, cancels_channel_shift=True),
     "none": NormSpec(
         "y = x  (identity; the conv/linear before it gets a bias)",
-        lambda c, dim, o: nn.Identity(), learned_shift=False, scale="none", packable=True),
+        lambda c, dim, o: _torch_nn.Identity(), learned_shift=False, scale="none", packable=True),
 }
 NORMS = tuple(REGISTRY)
 # views of the registry for the command line and the study specs
@@ -241,10 +257,13 @@ def zero_scale_refusal(name: str, options: dict | None = None) -> str | None:
 
 def zero_scale_(module: nn.Module) -> None:
     """Set the scale (gamma) of a norm layer built by make_norm to 0 in place."""
+    import torch
+
     with torch.no_grad():
         module.weight.zero_()
 
 
 def is_norm_layer(module: nn.Module) -> bool:
+    nn = _torch_nn
     return isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm
                       | L.PositiveScaleBatchNorm | L.L2BatchNorm | L.FrozenBatchNorm)

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bnlab.config import RunConfig
-from bnlab.models.cifar_resnet import DEPTHS
-from bnlab.train.packed import pack_groups
+from bnlab.models.names import DEPTHS
+from bnlab.train.packing import pack_groups
 
 EVAL_COST = 1 / 3  # a forward pass of an evaluation image, in training images
 PROBE_STEP_COST = 20  # training steps a probe step costs (docs/probes.md: 25.2 s vs 1.25 s)
@@ -190,7 +190,9 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
     cfgs = list(cfgs)
     sizes = sizes or {}
     own = own or {}
-    groups = pack_groups(cfgs, max_k=16) if device == "gpu" else [[c] for c in cfgs]
+    # packs as the runner forms them, judged by the networks' names (no torch; the same split
+    # as building them: tests/test_packing_plan.py)
+    groups = pack_groups(cfgs, 16, build=False) if device == "gpu" else [[c] for c in cfgs]
     seconds, sources, scaled = 0.0, [], False
     for group in groups:
         mine = own.get(rate_key(group[0])) if device == "cpu" else None

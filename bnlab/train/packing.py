@@ -5,18 +5,18 @@ What may differ between the runs of a pack: PER_RUN below (their seeds, learning
 schedules, norm and init: a BN run, a plain no-BN run and a Fixup run share a pack, as
 bnlab.models.grouped describes; their probes, each run's own). Everything in SHARED must be
 equal; every other field must stay at its default.
+
+Whether the networks themselves pack is decided by building them (`_build_and_check`, torch);
+the estimate of a study's time asks the same question of the names alone (`build=False`:
+bnlab's packable models and norms), so that `bnlab study list` runs without torch.
+tests/test_packing_plan.py checks that the two answers split every built-in study alike.
 """
 
 from __future__ import annotations
 
-import torch
-
 from bnlab.config import FIELDS, RunConfig
 from bnlab.errors import UserError
-from bnlab.models import build_model
-from bnlab.models.cifar_resnet import DEPTHS, PLAIN_DEPTHS
-from bnlab.models.grouped import NotPackable, check_packable, empty_pack
-from bnlab.models.vgg import CONFIGS
+from bnlab.models.names import PACKABLE_MODELS
 from bnlab.norm import PACKABLE_NORMS
 
 PER_RUN = ("seed", "norm", "init", "init_options", "lr", "momentum", "weight_decay",
@@ -27,11 +27,11 @@ SHARED = ("dataset", "data_dir", "download", "limit_train", "limit_test", "val_f
           "augment", "model", "norm_options", "placement", "first_k", "batch_size", "epochs",
           "label_smoothing", "nesterov", "device", "precision", "eval_batch_size", "workers",
           "compile", "cuda_graph", "cpu_kernels")
-PACKABLE_MODELS = (*DEPTHS, *PLAIN_DEPTHS, *CONFIGS, "mlp3x100")
 
 
-def can_pack(cfgs: list[RunConfig]) -> str | None:
-    """None when `cfgs` can train as one pack, else the reason they cannot."""
+def can_pack(cfgs: list[RunConfig], build: bool = True) -> str | None:
+    """None when `cfgs` can train as one pack, else the reason they cannot (build=False: from
+    the names of their models and norms, without building the networks)."""
     if len(cfgs) < 2:
         return "a pack needs at least 2 runs"
     if len({c.run_id() for c in cfgs}) < len(cfgs):
@@ -58,7 +58,7 @@ def can_pack(cfgs: list[RunConfig]) -> str | None:
             return f"norm {c.norm!r} is not packable (packable: {', '.join(PACKABLE_NORMS)})"
     if first.model == "mlp3x100" and first.placement != "post_conv":
         return "mlp3x100 supports placement post_conv only"
-    return _structure_reason(cfgs)
+    return _structure_reason(cfgs) if build else None
 
 
 _STRUCTURE: dict[tuple, str | None] = {}  # the networks of a call -> its answer
@@ -76,6 +76,11 @@ def _structure_reason(cfgs: list[RunConfig]) -> str | None:
 
 
 def _build_and_check(cfgs: list[RunConfig]) -> str | None:
+    import torch  # the networks are built here only: planning by names stays torch-free
+
+    from bnlab.models import build_model
+    from bnlab.models.grouped import NotPackable, check_packable, empty_pack
+
     seen, models = set(), []
     for c in cfgs:
         key = (c.norm, c.init, repr(c.init_options))
@@ -83,7 +88,8 @@ def _build_and_check(cfgs: list[RunConfig]) -> str | None:
             continue
         seen.add(key)
         channels, size = (1, 28) if c.model.startswith("mlp") else (3, 32)
-        with torch.random.fork_rng(devices=[]):
+        # on the meta device: the layers' structure without allocating or initializing weights
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
             try:
                 model = build_model(c.model, 10, norm=c.norm, init=c.init, in_channels=channels,
                                     image_size=size, placement=c.placement, first_k=c.first_k,
@@ -96,13 +102,24 @@ def _build_and_check(cfgs: list[RunConfig]) -> str | None:
         models.append(model)
     if len(models) > 1:
         try:
-            empty_pack(models)
+            with torch.device("meta"):
+                empty_pack(models)
         except NotPackable as e:
             return str(e)
     return None
 
 
-def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]:
+def _names_reason(c: RunConfig) -> str | None:
+    """Why `c`'s network is not packable, judged by its model's and norm's names alone."""
+    if c.model not in PACKABLE_MODELS:
+        return f"model {c.model!r} is not packable"
+    if c.norm not in PACKABLE_NORMS:
+        return f"norm {c.norm!r} is not packable"
+    return None
+
+
+def pack_groups(cfgs: list[RunConfig], max_k: int = 16,
+                build: bool = True) -> list[list[RunConfig]]:
     """Split `cfgs` into packs (lists of 2..max_k packable runs, in input order) and lone
     runs (lists of one). A study runner trains each list of two or more with `train_packed`
     and each single one with its usual executor. Packing pays on GPUs, where one small run
@@ -113,23 +130,25 @@ def pack_groups(cfgs: list[RunConfig], max_k: int = 16) -> list[list[RunConfig]]
     pack (BN, no BN, Fixup, ...: bnlab.models.grouped) stays whole; otherwise it is split by
     norm, and where that is not enough by network (norm, init and its options). A group
     larger than max_k is cut into the fewest packs of at most max_k runs, of sizes as equal
-    as they can be (21 runs, max_k 16: 11 and 10, not 16 and a small pack of 5)."""
+    as they can be (21 runs, max_k 16: 11 and 10, not 16 and a small pack of 5).
+
+    build=False decides from the names alone (see the module docstring): for estimates."""
     groups: dict[tuple, list[RunConfig]] = {}
     out: list[list[RunConfig]] = []
     alone: dict[tuple, bool] = {}  # a network that cannot be packed at all trains alone ...
     for c in cfgs:
         net = _network(c)
         if net not in alone:
-            alone[net] = _structure_reason([c]) is not None
+            alone[net] = (_structure_reason([c]) if build else _names_reason(c)) is not None
         if alone[net]:  # ... and does not stop the others of its group from packing
             out.append([c])
             continue
         key = tuple(repr(getattr(c, n)) for n in FIELDS if n not in PER_RUN)
         groups.setdefault(key, []).append(c)
     for members in groups.values():
-        for sub in _mixable(members, max_k):
+        for sub in _mixable(members, max_k, build):
             for chunk in _balanced(sub, max_k):
-                if len(chunk) > 1 and can_pack(chunk) is None:
+                if len(chunk) > 1 and can_pack(chunk, build) is None:
                     out.append(chunk)
                 else:
                     out.extend([c] for c in chunk)
@@ -142,26 +161,27 @@ def _network(c: RunConfig) -> tuple:
             repr(c.norm_options))
 
 
-def _mixable(members: list[RunConfig], max_k: int) -> list[list[RunConfig]]:
+def _mixable(members: list[RunConfig], max_k: int, build: bool) -> list[list[RunConfig]]:
     """`members` as one list when their networks can share a pack, else split by norm, else
     by network."""
     for key in (lambda c: (), lambda c: c.norm, _network):
         subs: dict = {}
         for c in members:
             subs.setdefault(key(c), []).append(c)
-        if all(len(s) < 2 or _one_pack_reason(s, max_k) is None for s in subs.values()):
+        if all(len(s) < 2 or _one_pack_reason(s, max_k, build) is None
+               for s in subs.values()):
             return list(subs.values())
     return list(subs.values())
 
 
-def _one_pack_reason(members: list[RunConfig], max_k: int) -> str | None:
+def _one_pack_reason(members: list[RunConfig], max_k: int, build: bool) -> str | None:
     """can_pack of one run of each network in `members` (the networks decide whether they
     mix; the per-run fields always do), at most max_k of them."""
     firsts: dict[tuple, RunConfig] = {}
     for c in members:
         firsts.setdefault(_network(c), c)
     nets = list(firsts.values())[:max_k]
-    return None if len(nets) < 2 else can_pack(nets)
+    return None if len(nets) < 2 else can_pack(nets, build)
 
 
 def _balanced(runs: list[RunConfig], max_k: int) -> list[list[RunConfig]]:

@@ -1,0 +1,25 @@
+"""The names of bnlab's own networks and the numbers that define them, without torch: specs,
+estimates, packing plans and `bnlab study list` read them without building a network.
+
+DEPTHS        He et al. 2016's CIFAR ResNets (6n+2 layers); PLAIN_DEPTHS their plain nets
+VGG_CONFIGS   Simonyan & Zisserman 2015's VGG channel plans (POOL: a 2x2 max-pool)
+PACKABLE_MODELS  the networks the grouped network (bnlab.models.grouped) trains K at once
+"""
+
+from __future__ import annotations
+
+DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+PLAIN_DEPTHS = {f"plain{d}": d for d in DEPTHS.values()}
+
+POOL = "M"
+VGG_CONFIGS = {
+    "vgg11": (64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
+    "vgg13": (64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
+    "vgg16": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL,
+              512, 512, 512, POOL),
+    "vgg19": (64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL,
+              512, 512, 512, 512, POOL),
+}
+VGG_LETTERS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}  # the paper's columns
+
+PACKABLE_MODELS = (*DEPTHS, *PLAIN_DEPTHS, *VGG_CONFIGS, "mlp3x100")
