@@ -182,6 +182,117 @@ def test_a_module_needs_its_data():
         bnlab.fold(ImageNet(), torch.randn(2, 3, 8, 8), data="synthetic")
 
 
+# -- diagnose and compare on a DataLoader -----------------------------------------------------
+def synthetic_test_loader(batch: int = 64) -> DataLoader:
+    """The synthetic test set as a DataLoader yields it to a user's own model: images
+    normalized by the training set's per-channel mean and std, in the stored order."""
+    from bnlab.data import load_data
+
+    b = load_data("synthetic")
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (b.mean, b.std))
+    x = (b.test.x.float() / 255 - mean) / std
+    return DataLoader(TensorDataset(x, b.test.y), batch_size=batch)
+
+
+def test_diagnose_on_a_loader_gives_the_numbers_of_the_dataset_spec():
+    torch.manual_seed(0)
+    m = ImageNet().train()
+    snap = snapshot(m)
+    kw = {"batch_sizes": [8, 64], "precise_batches": 0, "max_images": 64}
+    by_spec = bnlab.diagnose(m, "synthetic", **kw)
+    by_loader = bnlab.diagnose(m, synthetic_test_loader(), **kw)
+    assert unchanged(m, snap)
+    for key in ("n_test", "eval_acc", "train_mode_acc", "test_stats_acc"):
+        assert by_loader[key] == pytest.approx(by_spec[key], abs=1e-12), key
+    assert by_loader.written is None and "answer:" in by_loader.text()
+
+
+def test_diagnose_on_a_loader_recomputes_the_statistics_of_its_images():
+    """PreciseBN over one pass of the loader's images (3 batches of 32: one epoch, nothing
+    dropped) pools every value bn saw: its mean and biased variance, from the conv's output
+    in float64, against the running statistics give stat_gap's closed forms."""
+    torch.manual_seed(0)
+    m = ImageNet()
+    with torch.no_grad():
+        m.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+        m.bn.running_var.copy_(torch.linspace(0.5, 3.0, 8))
+    snap = snapshot(m)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 3, 6, 6, generator=g), torch.randint(0, 10, (96,), generator=g)
+    d = bnlab.diagnose(m, DataLoader(TensorDataset(x, y), batch_size=32), batch_sizes=[96],
+                       precise_batches=3)
+    assert unchanged(m, snap)
+    assert d["n_test"] == 96 and d["precise"]["batch_size"] == 32
+    with torch.no_grad():
+        h = torch.nn.functional.conv2d(x.double(), m.conv.weight.double(), padding=1)
+        h = h.transpose(0, 1).reshape(8, -1)
+        mean, v = h.mean(1), h.var(1, unbiased=False) + m.bn.eps
+        rm, rv = m.bn.running_mean.double(), m.bn.running_var.double() + m.bn.eps
+        shift = ((rm - mean).abs() / v.sqrt())
+        logratio = torch.log(rv / v).abs()
+        logits = copy.deepcopy(m).eval()(x)
+    gap = d.frame().iloc[0]
+    assert gap.layer == "bn" and gap.values_per_channel == 96 * 36
+    assert gap.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-4)
+    assert gap.var_logratio_mean == pytest.approx(float(logratio.mean()), rel=1e-4)
+    assert d["eval_acc"] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
+    # train mode at one batch of all 96 images normalizes with the pooled statistics too
+    assert d["train_mode_acc"]["96"] == pytest.approx(d["precise_acc"])
+
+
+def test_compare_on_a_loader_equals_the_agreement_computed_by_hand(tmp_path):
+    torch.manual_seed(0)
+    a, b = ImageNet().train(), ImageNet()
+    snaps = snapshot(a), snapshot(b)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(80, 3, 6, 6, generator=g), torch.randint(0, 10, (80,), generator=g)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 80, 16)]
+    res = bnlab.compare([a, b], iter(batches), out=tmp_path / "cmp")  # read once, for both
+    assert unchanged(a, snaps[0]) and unchanged(b, snaps[1])
+    with torch.no_grad():
+        pa = copy.deepcopy(a).eval()(x).argmax(1)
+        pb = copy.deepcopy(b).eval()(x).argmax(1)
+    (pair,) = res["pairs"]
+    assert pair["agreement"] == pytest.approx(float((pa == pb).double().mean()))
+    frame = res.frame()
+    assert list(frame.arm) == ["model1", "model2"] and list(frame.n_test) == [80, 80]
+    assert list(frame.test_acc) == pytest.approx([float((p == y).double().mean())
+                                                  for p in (pa, pb)])
+    assert frame.corruption_acc.isna().all()  # a loader's images are not corrupted
+    assert (tmp_path / "cmp" / "compare.json").is_file()
+
+
+@pytest.mark.parametrize(("data", "said"), [
+    (5, "data must be a dataset spec (cifar10, mnist, imagefolder:PATH, synthetic, ...), or a "
+        "DataLoader (an iterable of (images, labels) batches), got 5"),
+    ({"x": 1}, "data must be a dataset spec"),
+    ([torch.zeros(4, 3, 6, 6)], "data must yield (images, labels) batches: images a float "
+     "tensor (N, C, ...), labels integers >= 0 (N,); got a float32 tensor (4, 3, 6, 6) in "
+     "batch 0"),
+    ([(torch.zeros(4, 3, 6, 6), torch.zeros(4))], "got (a float32 tensor (4, 3, 6, 6), a "
+     "float32 tensor (4,)) in batch 0"),
+    ([(torch.zeros(4, 3, 6, 6), torch.zeros(4, dtype=torch.long)),
+      (torch.zeros(4, 3, 5, 5), torch.zeros(4, dtype=torch.long))], "different shapes"),
+    ([], "yielded no batch"),
+])
+def test_a_wrong_loader_is_one_line_naming_it(data, said):
+    for call in (lambda: bnlab.diagnose(ImageNet(), data),
+                 lambda: bnlab.compare([ImageNet()], data, out="unused")):
+        with pytest.raises(bnlab.UserError) as e:
+            call()
+        assert said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_loader_is_not_corrupted_nor_renormalized():
+    batches = [(torch.zeros(4, 3, 6, 6), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(bnlab.UserError, match="corruptions=True needs images in"):
+        bnlab.compare([ImageNet()], batches, out="unused", corruptions=True)
+    with pytest.raises(bnlab.UserError, match="mean/std normalize the images of a dataset"):
+        bnlab.diagnose(ImageNet(), batches, mean=[0.5])
+    with pytest.raises(bnlab.UserError, match="data must be a dataset spec .*, got \\["):
+        bnlab.fold(ImageNet(), data=batches)
+
+
 # -- frames ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

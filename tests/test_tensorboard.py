@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import textwrap
-import time
 
 import pytest
 
@@ -85,15 +84,28 @@ def test_a_lone_run_is_named_by_its_id_and_a_resume_purges_a_killed_attempt(tmp_
     stale = summary_writer(event_dir(tmp_path, cfg))
     stale.add_scalar("metrics/test_acc", 99.0, 2)
     stale.close()
-    # event files are read in the order of their names, which start with the second they were
-    # opened in: a restart comes at least a second after the attempt it follows (within the
-    # same second the stale file could sort after the resumed one and purge it instead)
-    time.sleep(1.1)
+    # opened in the same second as the stale file: its name must still sort after it
     train_run(cfg, tmp_path, resume=True, log=lambda m: None)
     metrics = Store(tmp_path).run(cfg.run_id()).metrics()
     assert scalars(event_dir(tmp_path, cfg), "metrics/test_acc") == \
         [(m["epoch"], pytest.approx(m["test_acc"], rel=1e-6)) for m in metrics]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
+
+
+def test_writers_opened_one_after_another_sort_in_that_order(tmp_path):
+    """TensorBoard reads event files in name order, and a purge hides only what files read
+    before it wrote: each of writers opened at once in one folder sorts after the ones before,
+    and the last one's purge hides their steps from 1 on."""
+    files = []
+    for attempt in range(3):
+        w = summary_writer(tmp_path, purge_step=1)
+        for step in range(0 if attempt == 0 else 1, 3):  # a resume from step 1
+            w.add_scalar("x", float(attempt), step)
+        w.close()
+        (new,) = set(tmp_path.glob("events.*")) - set(files)
+        files.append(new)
+    assert sorted(files) == files
+    assert scalars(tmp_path, "x") == [(0, 0.0), (1, 2.0), (2, 2.0)]
 
 
 def test_tensorboard_no_longer_needs_probes_and_is_not_in_the_run_id():

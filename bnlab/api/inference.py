@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 
 from bnlab.api import checks
 from bnlab.api.frames import frame
+from bnlab.data.bundle import DataBundle, tensor_bundle
 from bnlab.errors import UserError
 from bnlab.infer.batchstats import DEFINITIONS, precise_statistics, with_statistics
 from bnlab.infer.compare import compare_models, format_compare
@@ -30,7 +32,7 @@ from bnlab.infer.diagnose import diagnose as diagnose_loaded
 from bnlab.infer.diagnose_text import format_diagnose
 from bnlab.infer.fold_report import OneBatch, failure, fold_and_time, fold_result, format_fold
 from bnlab.infer.loading import USER_BATCH, Loaded, load_model
-from bnlab.infer.usermodel import load_user_model, with_dataset
+from bnlab.infer.usermodel import load_user_model, with_batches, with_dataset
 from bnlab.runtime import resolve_device
 from bnlab.store import RunDir, atomic_write_bytes
 
@@ -47,21 +49,59 @@ class UserModel:
     weights: str | Path
 
 
-def _data(data: Any) -> str | None:
-    if data is None or (isinstance(data, str) and data):
+LOADER_NAME = "<loader>"  # the dataset name of a loader's images in results
+
+
+def _is_loader(value: Any) -> bool:
+    """An iterable of batches (a DataLoader, a list, a generator), not a path, text, tensor
+    or mapping, which are iterable too."""
+    return isinstance(value, Iterable) and not isinstance(
+        value, str | bytes | os.PathLike | torch.Tensor | Mapping)
+
+
+def _data(data: Any, loaders: bool = True) -> Any:
+    """`data` checked: None, a dataset spec, or (`loaders`) a loader, read later by _images."""
+    if data is None or (isinstance(data, str) and data) or (loaders and _is_loader(data)):
         return data
+    accepted = ", or a DataLoader (an iterable of (images, labels) batches)" if loaders else ""
     raise UserError(f"data must be a dataset spec (cifar10, mnist, imagefolder:PATH, "
-                    f"synthetic, ...), got {checks.shown(data)}")
+                    f"synthetic, ...){accepted}, got {checks.shown(data)}")
 
 
-def _loaded(model: Any, data: str | None, data_dir: str | None, device: str,
+def _images(data: Any) -> tuple[str | DataBundle | None, int | None]:
+    """A checked `data` ready for loading: a loader's batches read once into memory (as the
+    model takes them: no normalization is applied) as a bundle whose training and test sets
+    are both those images, with the size of its first batch; a spec as it is."""
+    if data is None or isinstance(data, str):
+        return data, None
+    xs, ys = [], []
+    for x, y in _batches(data, "data", None, None, labelled=True):
+        xs.append(x.detach().cpu())
+        ys.append(y.detach().cpu().long())
+    if not xs:
+        raise UserError("data (a loader) yielded no batch; it needs (images, labels) batches")
+    try:
+        x = torch.cat(xs)
+    except RuntimeError:
+        shapes = sorted({tuple(b.shape[1:]) for b in xs})[:2]
+        raise UserError(f"data's batches hold images of different shapes {shapes}; every "
+                        "image of a loader must have one shape") from None
+    return tensor_bundle(x, torch.cat(ys), LOADER_NAME), len(xs[0])
+
+
+def _loaded(model: Any, data: str | DataBundle | None, data_dir: str | None, device: str,
             batch_size: int, index: int | None = None, mean=None, std=None) -> Loaded:
-    """The model, loaded for analysis (a copy when it is an nn.Module); `mean`/`std` replace
-    the normalization of your own model's images."""
+    """The model, loaded for analysis (a copy when it is an nn.Module); `data` a dataset spec
+    or a loader's images (_images); `mean`/`std` replace the normalization of your own model's
+    images of a dataset spec."""
+    if isinstance(data, DataBundle) and (mean is not None or std is not None):
+        raise UserError("mean/std normalize the images of a dataset spec; a loader's images "
+                        "reach the model as the loader yields them")
     if isinstance(model, nn.Module):
         if data is None:
             raise UserError(f"an nn.Module ({type(model).__name__}) needs data=, the dataset "
-                            "spec of its images (cifar10, mnist, imagefolder:PATH, ...)")
+                            "spec of its images (cifar10, mnist, imagefolder:PATH, ...) or a "
+                            "DataLoader of (images, labels)")
         try:
             mine = copy.deepcopy(model)
         except Exception as e:  # noqa: BLE001 - whatever the user's module does on copy
@@ -70,6 +110,8 @@ def _loaded(model: Any, data: str | None, data_dir: str | None, device: str,
                             f"{str(e)[:160]}") from None
         name = type(model).__name__
         path = Path(f"model{index}" if index is not None else f"<{name}>")
+        if isinstance(data, DataBundle):
+            return with_batches(mine, path, name, data, device, batch_size)
         return with_dataset(mine, path, name, data, data_dir, device, batch_size, 0, mean, std)
     if isinstance(model, UserModel):
         if data is None:
@@ -81,8 +123,9 @@ def _loaded(model: Any, data: str | None, data_dir: str | None, device: str,
                                0, mean, std)
     if isinstance(model, str | Path) and str(model):
         if data is not None:
+            given = repr(data) if isinstance(data, str) else "a loader"
             raise UserError(f"give a CHECKPOINT or your own model, not both: {str(model)!r} is "
-                            f"a bnlab run, which brings its own dataset (got data={data!r})")
+                            f"a bnlab run, which brings its own dataset (got data={given})")
         if mean is not None or std is not None:
             raise UserError(f"--mean/--std are for your own model; {str(model)!r} is a bnlab "
                             "run, normalized as it was trained")
@@ -91,9 +134,12 @@ def _loaded(model: Any, data: str | None, data_dir: str | None, device: str,
                     f"torch.nn.Module, got {checks.shown(model)}")
 
 
-def _common(data, data_dir, device, batch_size) -> tuple[str | None, str | None, str, int]:
-    return (_data(data), None if data_dir is None else str(checks.folder("data_dir", data_dir)),
-            checks.choice("device", device, DEVICES), checks.integer("batch_size", batch_size, 2))
+def _common(data, data_dir, device, batch_size, loaders: bool = True
+            ) -> tuple[Any, str | None, str, int | None]:
+    return (_data(data, loaders),
+            None if data_dir is None else str(checks.folder("data_dir", data_dir)),
+            checks.choice("device", device, DEVICES),
+            None if batch_size is None else checks.integer("batch_size", batch_size, 2))
 
 
 class Comparison(dict):
@@ -110,13 +156,17 @@ class Comparison(dict):
                       for r in self["runs"]], ["run_id", "arm"])
 
 
-def compare(models: Iterable, data: str | None = None, *, out: str | Path | None = None,
+def compare(models: Iterable, data: Any = None, *, out: str | Path | None = None,
             labels: list[str] | None = None, data_dir: str | None = None,
-            device: str = "cpu", corruptions: bool = True, batch_size: int = USER_BATCH,
+            device: str = "cpu", corruptions: bool | None = None,
+            batch_size: int | None = None,
             log: Callable[[str], None] | None = None) -> Comparison:
     """`bnlab compare`: the predictions of `models` on their common test set compared
     (accuracy, calibration, agreement, corruptions), compare.json and figures written to `out`
-    (default: the first run folder's output root /analysis)."""
+    (default: the first run folder's output root /analysis). `data` (for models that are not
+    runs): a dataset spec, or a DataLoader of (images, labels) whose images are the test set
+    as the models take them. `corruptions` (default: on, except for a loader, whose images'
+    scale is not known, so that they cannot be corrupted as images in [0, 1])."""
     if isinstance(models, str | Path | nn.Module | UserModel) or \
             not isinstance(models, Iterable):
         raise UserError(f"compare takes a list of models (run folders, bnlab.UserModel or "
@@ -127,7 +177,13 @@ def compare(models: Iterable, data: str | None = None, *, out: str | Path | None
     data, data_dir, device, batch_size = _common(data, data_dir, device, batch_size)
     out = checks.folder("out", out, optional=True)
     labels = checks.strings("labels", labels)
+    if corruptions is None:
+        corruptions = data is None or isinstance(data, str)
     corruptions = checks.flag("corruptions", corruptions)
+    if corruptions and _is_loader(data):
+        raise UserError("corruptions=True needs images in [0, 1] and their normalization: a "
+                        "dataset spec; a loader's images are used as they come (corruptions="
+                        "False)")
     log = checks.callable_or_none("log", log)
     runs = []
     for m in models:
@@ -142,6 +198,8 @@ def compare(models: Iterable, data: str | None = None, *, out: str | Path | None
             raise UserError("comparing your own models needs --out DIR (out= in Python): "
                             "where compare.json goes")
         out = runs[0].path.parent / "analysis"
+    data, first = _images(data)  # a loader is read once, for every model
+    batch_size = batch_size or first or USER_BATCH
     loaded, it = [], iter(runs)
     for i, m in enumerate(models, 1):
         if isinstance(m, str | Path):
@@ -172,17 +230,22 @@ class Diagnosis(dict):
                             "var_logratio_max"])
 
 
-def diagnose(model, data: str | None = None, *, batch_sizes: Iterable[int] = BATCH_SIZES,
+def diagnose(model, data: Any = None, *, batch_sizes: Iterable[int] = BATCH_SIZES,
              precise_batches: int = PRECISE_BATCHES, max_images: int = 0,
              data_dir: str | None = None, device: str = "cpu",
-             batch_size: int = USER_BATCH, mean: Iterable[float] | None = None,
+             batch_size: int | None = None, mean: Iterable[float] | None = None,
              std: Iterable[float] | None = None,
              write_recalibrated: str | Path | None = None) -> Diagnosis:
     """`bnlab diagnose`: BN at inference (train vs eval mode, batch-size dependence, PreciseBN,
     statistics checks, an answer), also written to a run folder's diagnose.json. `mean`/`std`
     (per channel, of images in [0, 1]) normalize your own model's images instead of the
     dataset's statistics; `write_recalibrated` saves the model's state_dict with the pooled
-    statistics of the same PreciseBN batches (recalibrate) to that file."""
+    statistics of the same PreciseBN batches (recalibrate) to that file.
+
+    `data` (for a model that is not a run): a dataset spec, or a DataLoader of (images,
+    labels) batches as the model takes them, read once into memory; its images are then both
+    the test images and those PreciseBN reads, in batches of `batch_size` (default: the
+    loader's; for a dataset spec 128)."""
     sizes = checks.positive_ints("batch_sizes", list(batch_sizes)
                                  if isinstance(batch_sizes, tuple | range) else batch_sizes)
     precise_batches = checks.integer("precise_batches", precise_batches, 0)
@@ -192,7 +255,9 @@ def diagnose(model, data: str | None = None, *, batch_sizes: Iterable[int] = BAT
     target = checks.folder("write_recalibrated", write_recalibrated, optional=True)
     if target is not None and precise_batches == 0:
         raise UserError("--write-recalibrated needs PreciseBN: --precise-batches > 0")
-    loaded = _loaded(model, data, data_dir, device, batch_size, mean=mean, std=std)
+    data, first = _images(data)
+    loaded = _loaded(model, data, data_dir, device, batch_size or first or USER_BATCH,
+                     mean=mean, std=std)
     res = Diagnosis(diagnose_loaded(loaded, sizes, precise_batches, max_images,
                                     log=lambda m: None))
     if target is not None:
@@ -254,7 +319,7 @@ def fold(model, example_input: torch.Tensor | None = None, *, data: str | None =
     without data), both timed, optionally exported to ONNX and checked with onnxruntime."""
     repeats = checks.integer("repeats", repeats, 1)
     onnx = checks.folder("onnx", onnx, optional=True)
-    data, data_dir, device, _ = _common(data, data_dir, device, USER_BATCH)
+    data, data_dir, device, _ = _common(data, data_dir, device, USER_BATCH, loaders=False)
     if example_input is not None:
         if not isinstance(model, nn.Module) or data is not None:
             raise UserError("example_input is for an nn.Module without data= (a run or data= "
@@ -298,15 +363,41 @@ def _copy_eval(model: nn.Module) -> nn.Module:
                         f"change the model passed in): {type(e).__name__}") from None
 
 
-def _batches(loader, device: torch.device, limit: int | None):
+def _batches(loader: Iterable, name: str, device: torch.device | None, limit: int | None,
+             labelled: bool = False):
+    """The batches of `loader` (checked by _is_loader), the first `limit` of them: their
+    inputs moved to `device` (None: where they are), or with `labelled` (inputs, labels)
+    pairs; a batch that is neither is a one-line UserError naming it."""
     for i, b in enumerate(loader):
         if limit is not None and i >= limit:
             return
-        x = b[0] if isinstance(b, list | tuple) else b
-        if not isinstance(x, torch.Tensor):
-            raise UserError(f"loader must yield tensors or (inputs, ...) tuples, got a "
-                            f"{type(x).__name__} in batch {i}")
-        yield x.to(device)
+        x = b[0] if isinstance(b, list | tuple) and b else b
+        if not labelled:
+            if not isinstance(x, torch.Tensor):
+                raise UserError(f"{name} must yield tensors or (inputs, ...) tuples, got a "
+                                f"{type(x).__name__} in batch {i}")
+            yield x if device is None else x.to(device)
+            continue
+        y = b[1] if isinstance(b, list | tuple) and len(b) > 1 else None
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 2
+                and isinstance(y, torch.Tensor) and y.ndim == 1 and len(y) == len(x) > 0
+                and not y.is_floating_point() and not y.is_complex()
+                and y.dtype != torch.bool and int(y.min()) >= 0):
+            raise UserError(f"{name} must yield (images, labels) batches: images a float "
+                            f"tensor (N, C, ...), labels integers >= 0 (N,); got "
+                            f"{_described(b)} in batch {i}")
+        yield (x if device is None else x.to(device)), y
+
+
+def _described(batch: Any) -> str:
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return f"a {str(v.dtype).removeprefix('torch.')} tensor {tuple(v.shape)}"
+        return f"a {type(v).__name__}"
+
+    if isinstance(batch, list | tuple):
+        return f"({', '.join(one(v) for v in batch[:3])}{', ...' if len(batch) > 3 else ''})"
+    return one(batch)
 
 
 def recalibrate(model: nn.Module, loader: Iterable, definition: str = "pooled",
@@ -326,13 +417,13 @@ def recalibrate(model: nn.Module, loader: Iterable, definition: str = "pooled",
     definition = checks.choice("definition", definition, DEFINITIONS)
     if batches is not None:
         batches = checks.integer("batches", batches, 1)
-    if isinstance(loader, str | bytes | torch.Tensor) or not isinstance(loader, Iterable):
+    if not _is_loader(loader):
         raise UserError(f"loader must be a DataLoader or an iterable of batches, got "
                         f"{checks.shown(loader)}")
     mine = _copy_eval(model)
     param = next(iter(mine.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    stats = precise_statistics(mine, _batches(loader, device, batches))
+    stats = precise_statistics(mine, _batches(loader, "loader", device, batches))
     if not stats:
         raise UserError("recalibrate found nothing to recompute: the model has no layer that "
                         "normalizes with batch statistics, or the loader yielded no batch")

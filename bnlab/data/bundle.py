@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from bnlab.errors import UserError
 from bnlab.store import warn
@@ -51,6 +51,24 @@ class DataBundle:
     @property
     def streamed(self) -> bool:
         return not isinstance(self.train, Split)
+
+
+class Tensors(TensorDataset):
+    """Images as a model takes them (already transformed and normalized by whoever made them)
+    with their int64 labels, held in memory: the batches of a loader given from Python. Read
+    like a streamed dataset (through a DataLoader, nothing normalized again), but never capped
+    as streamed files are, since the images are in memory already."""
+
+
+def tensor_bundle(x: torch.Tensor, y: torch.Tensor, name: str) -> DataBundle:
+    """A DataBundle whose training and test sets are both the images `x` (N, C, ...) with
+    labels `y` (N,), classes 0 .. max(y). Its mean and std (0 and 1 per channel) only say that
+    the images are used as they are."""
+    ds = Tensors(x, y)
+    c = x.shape[1] if x.ndim > 1 else 1
+    return DataBundle(name=name, classes=[str(k) for k in range(int(y.max()) + 1)],
+                      in_channels=c, image_size=x.shape[-1] if x.ndim == 4 else 0,
+                      mean=(0.0,) * c, std=(1.0,) * c, train=ds, test=ds, flip=False)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bnlab.data.bundle import Tensors
 from bnlab.infer.batchstats import (
     LayerStats,
     adapted_to_test,
@@ -58,12 +59,14 @@ def _test_tensors(loaded: Loaded, limit: int = 0) -> tuple[torch.Tensor, torch.T
     """The test set (or `limit` images of it) in a fixed shuffled order, on the device.
 
     Streamed (large-image) test sets are capped at STREAMED_TEST_LIMIT images unless `limit`
-    says otherwise, since they are held in memory as float tensors here.
+    says otherwise, since they are held in memory as float tensors here (a loader's images,
+    in memory already, are not).
     """
     bundle = loaded.bundle
     order = shuffled_order(len(bundle.test))  # the order of shuffled_test_loader
     if bundle.streamed:
-        order = order[: limit or STREAMED_TEST_LIMIT]
+        cap = limit or _test_limit(bundle)
+        order = order[:cap] if cap else order
         sub = torch.utils.data.Subset(bundle.test, order.tolist())
         dl = torch.utils.data.DataLoader(sub, batch_size=100, num_workers=min(4, loaded.workers))
         xs, ys = zip(*dl)
@@ -77,6 +80,13 @@ def _test_tensors(loaded: Loaded, limit: int = 0) -> tuple[torch.Tensor, torch.T
     if limit:
         order = order[:limit]
     return x[order], y[order]
+
+
+def _test_limit(bundle) -> int:
+    """The cap on test images of streamed files (0: none): images given in memory
+    (a loader's, Tensors) are all used."""
+    return STREAMED_TEST_LIMIT if bundle.streamed and not isinstance(bundle.test, Tensors) \
+        else 0
 
 
 def effective_batch_sizes(batch_sizes, n: int) -> tuple[list[int], list[int]]:
@@ -218,7 +228,7 @@ def diagnose(loaded: Loaded, batch_sizes=BATCH_SIZES, precise_batches: int = PRE
                           "gaps": gaps,
                           "ranking": [g["layer"] for g in sorted(gaps, key=lambda g:
                                                                  -g["kl_mean"])]}
-    limit = max_images or (STREAMED_TEST_LIMIT if loaded.bundle.streamed else 0)
+    limit = max_images or _test_limit(loaded.bundle)
     res["test_stats_acc"] = batch_accuracy(adapted_to_test(loaded, limit), x, y, EVAL_BATCH)
     res["answer"] = answer(res)
     return res

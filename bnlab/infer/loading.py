@@ -31,6 +31,7 @@ class Loaded:
     device: torch.device
     entry: str | None = None  # package.module:function of a user's model
     user_batch_size: int = USER_BATCH
+    user_workers: int = 4  # DataLoader workers for a user's streamed data (0: images in memory)
 
     @property
     def run_dir(self) -> RunDir | None:
@@ -54,7 +55,7 @@ class Loaded:
 
     @property
     def workers(self) -> int:
-        return self.cfg.workers if self.cfg is not None else 4
+        return self.cfg.workers if self.cfg is not None else self.user_workers
 
 
 _BUNDLES: dict[tuple, DataBundle] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.data import load_data
+from bnlab.data import DataBundle, load_data
 from bnlab.errors import UserError
 from bnlab.infer.loading import USER_BATCH, Loaded, test_loader
 from bnlab.runtime import resolve_device
@@ -68,10 +68,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str | None = None,
-                    device: str = "cpu", batch_size: int = USER_BATCH,
-                    limit_test: int = 0, mean=None, std=None) -> Loaded:
-    """Build the model of `entry`, load `weights` into it (strictly) and the dataset."""
+def load_user_model(entry: str, weights: str | Path, dataset: str | DataBundle,
+                    data_dir: str | None = None, device: str = "cpu",
+                    batch_size: int = USER_BATCH, limit_test: int = 0, mean=None,
+                    std=None) -> Loaded:
+    """Build the model of `entry`, load `weights` into it (strictly) and the dataset (a spec,
+    or a loader's images as with_batches takes them)."""
     model = build_entry(entry)
     state = read_state_dict(weights)
     try:
@@ -80,6 +82,8 @@ def load_user_model(entry: str, weights: str | Path, dataset: str, data_dir: str
         lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
         raise UserError(f"--weights {str(weights)!r} does not fit the model of {entry!r}: "
                         f"{' '.join(lines[:2])[:240]}") from None
+    if isinstance(dataset, DataBundle):
+        return with_batches(model, Path(weights), entry, dataset, device, batch_size)
     return with_dataset(model, Path(weights), entry, dataset, data_dir, device, batch_size,
                         limit_test, mean, std)
 
@@ -115,8 +119,27 @@ def with_dataset(model: nn.Module, path: Path, entry: str, dataset: str,
     the training set's as the normalization of the images the model receives."""
     bundle = load_data(dataset, data_dir, False, 0, limit_test, False)
     bundle = normalized_by(bundle, mean, std, dataset)
-    dev = resolve_device(device)
-    loaded = Loaded(path, None, model.to(dev).eval(), bundle, dev, entry, batch_size)
+    return _checked(Loaded(path, None, model, bundle, resolve_device(device), entry,
+                           batch_size), f"dataset {dataset!r}")
+
+
+def with_batches(model: nn.Module, path: Path, entry: str, bundle: DataBundle,
+                 device: str = "cpu", batch_size: int = USER_BATCH) -> Loaded:
+    """A model (moved to `device`, eval mode) with the images of a loader given from Python
+    (`bundle`: bnlab.data.bundle.tensor_bundle, both its training and its test set), checked
+    as with_dataset checks; the classes are as many as the model's logits (at least one more
+    than the largest label)."""
+    loaded = Loaded(path, None, model, bundle, resolve_device(device), entry, batch_size,
+                    user_workers=0)
+    return _checked(loaded, "the loader's images", widen=True)
+
+
+def _checked(loaded: Loaded, what: str, widen: bool = False) -> Loaded:
+    """`loaded` with its model moved to the device and in eval mode, after one forward pass on
+    two test images: a UserError unless it returns logits (2, classes). `widen`: classes are
+    labels only, and a model with more logits than that is given as many classes."""
+    loaded.model = loaded.model.to(loaded.device).eval()
+    bundle, entry = loaded.bundle, loaded.entry
     x, _ = next(iter(test_loader(loaded, 2).epoch(0)))
     try:
         with torch.no_grad():
@@ -124,15 +147,20 @@ def with_dataset(model: nn.Module, path: Path, entry: str, dataset: str,
     except BaseException as e:  # anything the user's forward raises, exit included
         if not user_failure(e):
             raise
-        raise UserError(f"the model of {entry!r} fails on images of dataset {dataset!r} "
+        raise UserError(f"the model of {entry!r} fails on images of {what} "
                         f"(shape {tuple(x.shape)}): {_first_line(e)}") from None
+    if widen and isinstance(out, torch.Tensor) and out.ndim == 2 \
+            and out.shape[1] > bundle.num_classes:
+        loaded.bundle = bundle = dataclasses.replace(
+            bundle, classes=[str(k) for k in range(out.shape[1])])
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != bundle.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        need = "at least " if widen else ""
         raise UserError(f"the model of {entry!r} returns {shape} for {len(x)} images; "
-                        f"dataset {dataset!r} needs logits of shape ({len(x)}, "
-                        f"{bundle.num_classes})")
+                        f"{what} need{'' if widen else 's'} logits of shape ({len(x)}, "
+                        f"{need}{bundle.num_classes})")
     return loaded
 
 
 __all__ = ["build_entry", "load_user_model", "normalized_by", "read_state_dict",
-           "with_dataset"]
+           "with_batches", "with_dataset"]

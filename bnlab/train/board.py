@@ -148,11 +148,34 @@ def require_tensorboard() -> None:
     _writer_class()
 
 
+EVENT_PREFIX = "events.out.tfevents."  # then the second the file was opened (%010d), host, ...
+
+
+def _last_second(folder: Path) -> int:
+    """The latest second in the names of the event files in `folder` (-1: none)."""
+    seconds = [int(f.name[len(EVENT_PREFIX):].split(".", 1)[0])
+               for f in folder.glob(EVENT_PREFIX + "*")
+               if f.name[len(EVENT_PREFIX):].split(".", 1)[0].isdigit()]
+    return max(seconds, default=-1)
+
+
 def summary_writer(folder: Path, purge_step: int | None = None):
     """A SummaryWriter into `folder`; events at steps >= purge_step from an earlier attempt are
     hidden (None: nothing hidden, for writers of their own folder only). A run passes its start
     step even when it starts from scratch: an attempt killed before its first checkpoint
-    has written events already."""
+    has written events already.
+
+    TensorBoard reads a folder's event files in the order of their names, and hides earlier
+    events only when the file that asks for it comes later. A name is the second the file was
+    opened, then the host, the process id and a per-process counter as text (neither of which
+    orders two files of one second: pid 900 after pid 1000, counter "9" after "10"; a
+    filename_suffix comes after them all). So a writer opens its file in a later second than
+    every file already in the folder: when one was opened in the current second (an attempt
+    that died at once, a test), it waits for the next."""
+    folder = Path(folder)
+    last = _last_second(folder) if folder.is_dir() else -1
+    while int(time.time()) <= last:
+        time.sleep(last + 1 - time.time() + 1e-3)
     return _writer_class()(str(folder), purge_step=purge_step)
 
 
