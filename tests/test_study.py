@@ -114,7 +114,7 @@ def test_set_only_and_data_map():
 
 @pytest.mark.parametrize("name", builtin_names())
 def test_builtin_specs_parse_and_expand(name):
-    from bnlab.study.spec import _registries
+    from bnlab.study.preflight import _registries
 
     spec = load_spec(name)
     assert spec.name == name and spec.description
