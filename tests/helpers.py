@@ -13,6 +13,7 @@ from bnlab import cli
 from bnlab.config import RunConfig
 from bnlab.train.optim import PackedSGD, param_groups
 
+ERROR = "bnlab: error: "  # how the command's one-line errors start
 QUIET = {"log": lambda s: None}  # a run's log=, for runs whose lines no test reads
 
 
