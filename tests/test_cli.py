@@ -66,7 +66,7 @@ def test_config_file_then_flags_override(capsys, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('[run]\ndataset = "synthetic"\nepochs = 5\nlr = 0.02\nnorm = "none"\n')
     rc, out, err = run_cli(capsys, "train", "--config", str(cfg), *TINY, "--out",
-                       str(tmp_path / "o"))
+                           str(tmp_path / "o"))
     assert rc == 0, err
     import json
 

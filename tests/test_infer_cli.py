@@ -202,7 +202,7 @@ def test_compare_refuses_other_classes(runs, tmp_path, capsys):
     train_run(cfg, tmp_path / "runs3", log=lambda m: None)
     third = tmp_path / "runs3" / cfg.run_id()
     err = one_line_error(capsys, ["compare", str(paths["bn"]), str(third), "--no-corruptions",
-                          "--out", str(tmp_path / "a")])
+                                  "--out", str(tmp_path / "a")])
     assert str(third / "checkpoint.pt") in err and "3 classes" in err
 
 

@@ -129,7 +129,7 @@ def test_a_member_outside_the_archive_is_refused_naming_it(tmp_path, capsys, mon
 def test_a_channel_that_never_varies_is_normalized_safely_and_said(tmp_path, capsys):
     _folder(tmp_path / "f", ["a", "b"], blue=0)
     rc, out, err = run_cli(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
-                        "--out", tmp_path / "o", *TINY)
+                           "--out", tmp_path / "o", *TINY)
     assert rc == 0, err
     assert "channel 2 (blue)" in err and "never varies" in err and "Traceback" not in err
     summary = json.loads(next((tmp_path / "o").glob("*/summary.json")).read_text())
@@ -303,7 +303,7 @@ def test_a_run_folder_is_readable_by_the_group_the_umask_allows(tmp_path, capsys
     old = os.umask(0o027)
     try:
         rc, _, err = run_cli(capsys, "train", "--dataset", "synthetic", "--out", tmp_path / "o",
-                          *TINY)
+                             *TINY)
     finally:
         os.umask(old)
     assert rc == 0, err
@@ -336,12 +336,12 @@ def test_a_large_study_prints_its_estimate_and_asks_for_yes(tmp_path, capsys, mo
     # a spec's own max_runs: a bigger study of it starts unasked, a smaller limit asks
     monkeypatch.setattr(status, "LARGE_STUDY", 1000)
     assert run_cli(capsys, "study", "run", _seed_spec(tmp_path, 3, "max_runs = 2"), "--out",
-                tmp_path / "o2")[0] == 2
+                   tmp_path / "o2")[0] == 2
     assert run_cli(capsys, "study", "run", _seed_spec(tmp_path, 1, "max_runs = 2"), "--out",
-                tmp_path / "o2")[0] == 0
+                   tmp_path / "o2")[0] == 0
     monkeypatch.setattr(status, "LARGE_STUDY", 2)
     rc, out, _ = run_cli(capsys, "study", "run", _seed_spec(tmp_path, 3, "max_runs = 3"), "--out",
-                      tmp_path / "o2")
+                         tmp_path / "o2")
     assert rc == 0 and out.splitlines()[0].startswith("study many: 2 of 3 runs to train")
     assert "max_runs must be" in one_line_error(
         capsys, ["study", "run", _seed_spec(tmp_path, 1, "max_runs = 0")], start=ERROR)

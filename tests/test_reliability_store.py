@@ -327,7 +327,7 @@ def test_cache_folder_that_cannot_be_used_is_one_line(tmp_path, capsys, monkeypa
 
     write_image_folder(tmp_path / "imgs")
     rc, _, err = run_cli(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
-                      "--out", tmp_path / "o")
+                         "--out", tmp_path / "o")
     line = error_line(err)
     assert rc == 2 and "cache folder" in line and "BNLAB_CACHE" in line
 

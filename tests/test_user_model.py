@@ -145,7 +145,7 @@ def test_bad_user_models_are_one_line_errors(weights, tmp_path, capsys):
 
     def run(entry, w=good, dataset="synthetic"):
         return one_line_error(capsys, ["diagnose", "--model-entry", entry, "--weights", w,
-                               "--dataset", dataset])
+                                       "--dataset", dataset])
 
     assert "is not MODULE:FUNCTION" in run("no_colon")
     assert "cannot import module 'no_such_module_xyz'" in run("no_such_module_xyz:f")
@@ -172,7 +172,7 @@ def test_bad_user_models_are_one_line_errors(weights, tmp_path, capsys):
     assert "not both" in one_line_error(capsys, ["fold", str(weights), "--model-entry", ENTRY])
     assert "give a CHECKPOINT" in one_line_error(capsys, ["diagnose"])
     assert "need --weights FILE" in one_line_error(capsys, ["compare", "--model-entry", ENTRY,
-                                                "--dataset", "synthetic"])
+                                                            "--dataset", "synthetic"])
 
 
 def test_a_model_file_runs_as_a_script_would(tmp_path, capsys):
