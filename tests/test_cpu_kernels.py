@@ -275,7 +275,7 @@ def test_the_builder_swaps_every_norm_relu_step_and_keeps_the_parameters(name, s
 
 def test_a_model_without_a_batchnorm_keeps_torchs_step():
     """The kernel computes nn.BatchNorm2d alone: a model of other norms is not swapped."""
-    model = build_model("resnet20", 10, norm="gn", cpu_kernels=True)
+    model = build_model("resnet20", 10, norm="group", cpu_kernels=True)
     assert _fused_steps(model) == 0 and sum(type(m) is NormAct for m in model.modules()) == 19
 
 
