@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from bnlab.data.synthetic import make_synthetic
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
@@ -43,6 +45,12 @@ def _threads_restored():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small synthetic dataset (32 training, 16 test images of 8 px), one per test file."""
+    return make_synthetic(n_train=32, n_test=16, size=8)
 
 
 @pytest.fixture

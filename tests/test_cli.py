@@ -2,28 +2,12 @@
 
 import pytest
 from conftest import write_image_folder
+from helpers import one_line_error, run_cli
 
 from bnlab.cli import main
 
 TINY = ["--device", "cpu", "--epochs", "1", "--limit-train", "64", "--limit-test", "32",
         "--batch-size", "32", "--eval-batch-size", "32"]
-
-
-def run(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(capsys, argv, *needles):
-    rc, out, err = run(capsys, *argv)
-    assert rc == 2, (rc, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("argv,needles", [
@@ -81,15 +65,15 @@ def test_corrupt_image(capsys, tmp_path):
 def test_config_file_then_flags_override(capsys, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('[run]\ndataset = "synthetic"\nepochs = 5\nlr = 0.02\nnorm = "none"\n')
-    rc, out, err = run(capsys, "train", "--config", str(cfg), *TINY, "--out",
-                       str(tmp_path / "o"))
+    rc, out, err = run_cli(capsys, "train", "--config", str(cfg), *TINY, "--out",
+                           str(tmp_path / "o"))
     assert rc == 0, err
     import json
 
     run_dir = next(p for p in (tmp_path / "o").iterdir() if p.is_dir())
     stored = json.loads((run_dir / "config.json").read_text())["config"]
     assert stored["epochs"] == 1 and stored["lr"] == 0.02 and stored["norm"] == "none"
-    rc, out, err = run(capsys, "runs", "--out", str(tmp_path / "o"))
+    rc, out, err = run_cli(capsys, "runs", "--out", str(tmp_path / "o"))
     assert rc == 0 and run_dir.name in out and "synthetic" in out
     one_line_error(capsys, ["train", "--config", str(cfg), *TINY, "--out", str(tmp_path / "o")],
                    "already exists", "--resume")

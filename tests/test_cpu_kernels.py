@@ -3,6 +3,7 @@ loader's torch path; their fallbacks; and the run option that switches them."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import shutil
@@ -202,6 +203,23 @@ def test_the_ops_refuse_tensors_they_cannot_read():
                            bn.running_mean, bn.running_var, 0.1, 1e-5, True)
 
 
+@contextlib.contextmanager
+def counting_kernel_calls():
+    """Count the fused kernel's forward calls: yields a list that grows by one a call."""
+    calls = []
+    orig = BnActFunction.forward
+
+    def counting(ctx, *a):
+        calls.append(1)
+        return orig(ctx, *a)
+
+    BnActFunction.forward = staticmethod(counting)
+    try:
+        yield calls
+    finally:
+        BnActFunction.forward = staticmethod(orig)
+
+
 def _train(model, steps=3, precision="fp32"):
     g = torch.Generator().manual_seed(7)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -224,18 +242,8 @@ def test_a_resnet_trains_as_close_to_float64_as_with_torchs_ops():
     plain = _train(copy.deepcopy(base))
     model = copy.deepcopy(base)
     assert use_fused_norm_act(model)
-    calls = []
-    orig = BnActFunction.forward
-
-    def counting(ctx, *a):
-        calls.append(1)
-        return orig(ctx, *a)
-
-    BnActFunction.forward = staticmethod(counting)
-    try:
+    with counting_kernel_calls() as calls:
         fused = _train(model)
-    finally:
-        BnActFunction.forward = staticmethod(orig)
     assert len(calls) == 3 * 19  # every BN of ResNet-20, every step
 
     def err(s):  # worst difference to float64 over the weights, relative to each tensor
@@ -263,6 +271,12 @@ def test_the_builder_swaps_every_norm_relu_step_and_keeps_the_parameters(name, s
     assert sum(type(m) is NormAct for m in plain.modules()) == steps
     a, b = plain.state_dict(), fused.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_without_a_batchnorm_keeps_torchs_step():
+    """The kernel computes nn.BatchNorm2d alone: a model of other norms is not swapped."""
+    model = build_model("resnet20", 10, norm="group", cpu_kernels=True)
+    assert _fused_steps(model) == 0 and sum(type(m) is NormAct for m in model.modules()) == 19
 
 
 def test_a_model_is_built_plain_where_the_kernels_cannot_be_built(monkeypatch):
@@ -305,18 +319,8 @@ def test_a_fused_model_computes_what_the_plain_model_does(name, size, precision,
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 3, size, size, generator=g).contiguous(memory_format=CL)
     y = torch.randint(0, 10, (8,), generator=g)
-    calls = []
-    orig = BnActFunction.forward
-
-    def counting(ctx, *a):
-        calls.append(1)
-        return orig(ctx, *a)
-
-    BnActFunction.forward = staticmethod(counting)
-    try:
+    with counting_kernel_calls() as calls:
         got = _step(fused, x, y, precision, train)
-    finally:
-        BnActFunction.forward = staticmethod(orig)
     want = _step(plain, x, y, precision, train)
     exact = _step(double, x.double(), y, "fp32", train)
     assert len(calls) == (_fused_steps(fused) if train else 0)  # eval: running statistics

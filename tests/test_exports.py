@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from bnlab import cli
 from bnlab.config import from_mapping
@@ -37,12 +38,6 @@ NEVER = dict(dataset="synthetic", model="mlp3x100", limit_train=96, limit_test=6
              batch_size=32, epochs=2, lr=0.05, device="cpu", norm="none", seed=2)
 
 
-def main(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("exports")
@@ -65,7 +60,7 @@ def _summaries(out: Path) -> dict[str, dict]:
 
 def test_runs_as_csv_and_json(study, capsys):
     summaries = _summaries(study)
-    rc, text, _ = main(capsys, "runs", "--out", study, "--format", "csv")
+    rc, text, _ = run_cli(capsys, "runs", "--out", study, "--format", "csv")
     assert rc == 0
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 3
@@ -80,7 +75,7 @@ def test_runs_as_csv_and_json(study, capsys):
         assert row["arm"] == f"norm={cfg['norm']}" and row["seed"] == str(cfg["seed"])
         assert float(row["lr"]) == cfg["lr"] and row["model"] == "mlp3x100"
         assert row["norm_options"] == "{}"  # tables as JSON text
-    rc, text, _ = main(capsys, "runs", "--out", study, "--format", "json")
+    rc, text, _ = run_cli(capsys, "runs", "--out", study, "--format", "json")
     records = json.loads(text)
     assert [r["run_id"] for r in records] == [r["run_id"] for r in rows]
     for r in records:
@@ -92,14 +87,14 @@ def test_runs_as_csv_and_json(study, capsys):
 
 
 def test_runs_table_stays_the_default(study, capsys):
-    rc, text, _ = main(capsys, "runs", "--out", study)
+    rc, text, _ = run_cli(capsys, "runs", "--out", study)
     assert rc == 0 and text.splitlines()[0].split() == [
         "run_id", "status", "dataset", "norm", "seed", "epochs", "test_acc", "wall_s"]
 
 
 def test_study_status_as_csv_and_json(study, capsys):
     summaries = _summaries(study)
-    rc, text, _ = main(capsys, "study", "status", study, "--format", "csv")
+    rc, text, _ = run_cli(capsys, "study", "status", study, "--format", "csv")
     assert rc == 0
     rows = list(csv.DictReader(io.StringIO(text)))
     assert list(rows[0]) == ["run_id", "norm", "dataset", "status", "epochs_done",
@@ -109,17 +104,17 @@ def test_study_status_as_csv_and_json(study, capsys):
         if r["run_id"] in summaries:
             assert float(r["train_acc"]) == summaries[r["run_id"]]["train_acc"]
             assert r["attempts"] == "1"
-    rc, text, _ = main(capsys, "study", "status", study, "--format", "json")
+    rc, text, _ = run_cli(capsys, "study", "status", study, "--format", "json")
     assert [r["run_id"] for r in json.loads(text)] == [r["run_id"] for r in rows]
 
 
 def test_bad_format_is_one_line_exit_2(study, capsys):
-    rc, _, err = main(capsys, "runs", "--out", study, "--format", "xlsx")
+    rc, _, err = run_cli(capsys, "runs", "--out", study, "--format", "xlsx")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "'table', 'csv', 'json'" in err
 
 
 def test_report_tables_as_csv_beside_report_md(study, capsys):
-    rc, text, _ = main(capsys, "study", "report", study)
+    rc, text, _ = run_cli(capsys, "study", "report", study)
     assert rc == 0 and "tables/summary.csv" in text
     doc = compose(load_study(study)).document
     files = sorted((study / "report" / "tables").glob("*.csv"))

@@ -4,6 +4,7 @@ can fold (checked eager against eager; an ONNX exporter folds BN by itself)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_stats
 from torch import nn
 
 from bnlab.errors import UserError
@@ -12,20 +13,6 @@ from bnlab.infer.loading import norm_layers
 from bnlab.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize_stats(model, seed=0):
-    """Non-trivial running statistics and affine parameters, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(getattr(m, "running_mean", None), torch.Tensor):
-            c = m.running_mean.numel()
-            m.running_mean.copy_(torch.randn(c, generator=g))
-            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
-            if getattr(m, "weight", None) is not None:
-                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
-    return model.eval()
 
 
 def rel_diff(a, b):
@@ -88,20 +75,7 @@ def trained_then_randomized(name, norm, opts, placement):
     with torch.no_grad():
         for s in range(2):
             model(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(s)) + 0.5)
-    return randomize_stats(model) if norm != "frozen" else randomize_frozen(model)
-
-
-def randomize_frozen(model, seed=0):
-    """Frozen norms keep weight and bias as buffers; randomize all four."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(getattr(m, "running_mean", None), torch.Tensor):
-            c = m.running_mean.numel()
-            m.running_mean.copy_(torch.randn(c, generator=g))
-            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.3)
-    return model.eval()
+    return randomize_stats(model)  # frozen norms: their weight and bias buffers too
 
 
 @pytest.mark.parametrize("name,norm,opts,placement,count", CASES)

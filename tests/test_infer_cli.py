@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
+from helpers import one_line_error
 
 from bnlab.cli import main
 from bnlab.config import from_mapping
@@ -163,28 +164,21 @@ def test_diagnose_and_fold_commands(runs, capsys):
     assert fold["parity"]["rel_diff"] <= 1e-5 and [s["batch"] for s in fold["speed"]] == [1, 256]
 
 
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_bad_checkpoints_are_one_line_errors(runs, tmp_path, capsys):
     _, paths = runs
     trunc = tmp_path / "trunc" / "checkpoint.pt"
     trunc.parent.mkdir()
     data = (paths["bn"] / "checkpoint.pt").read_bytes()
     trunc.write_bytes(data[: len(data) // 2])
-    assert str(trunc) in _error(capsys, ["fold", str(trunc)])
+    assert str(trunc) in one_line_error(capsys, ["fold", str(trunc)])
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    assert str(text) in _error(capsys, ["diagnose", str(text)])
+    assert str(text) in one_line_error(capsys, ["diagnose", str(text)])
     state = torch.load(paths["bn"] / "checkpoint.pt", weights_only=True)
     state["config"]["model"] = "resnet20"  # weights of an MLP under a ResNet config
     other = tmp_path / "other.pt"
     torch.save(state, other)
-    err = _error(capsys, ["fold", str(other)])
+    err = one_line_error(capsys, ["fold", str(other)])
     assert str(other) in err and "does not match model 'resnet20'" in err
 
 
@@ -195,8 +189,8 @@ def test_compare_refuses_another_test_set(runs, tmp_path, capsys):
     state = torch.load(copy / "checkpoint.pt", weights_only=True)
     state["config"]["limit_test"] = 64
     torch.save(state, copy / "checkpoint.pt")
-    err = _error(capsys, ["compare", str(paths["bn"]), str(copy), "--out", str(tmp_path / "a"),
-                          "--no-corruptions"])
+    err = one_line_error(capsys, ["compare", str(paths["bn"]), str(copy), "--out",
+                                  str(tmp_path / "a"), "--no-corruptions"])
     assert str(copy / "checkpoint.pt") in err and "another test set" in err
 
 
@@ -207,8 +201,8 @@ def test_compare_refuses_other_classes(runs, tmp_path, capsys):
     cfg = _cfg(dataset=f"imagefolder:{root}", limit_train=0, limit_test=0, batch_size=4)
     train_run(cfg, tmp_path / "runs3", log=lambda m: None)
     third = tmp_path / "runs3" / cfg.run_id()
-    err = _error(capsys, ["compare", str(paths["bn"]), str(third), "--no-corruptions",
-                          "--out", str(tmp_path / "a")])
+    err = one_line_error(capsys, ["compare", str(paths["bn"]), str(third), "--no-corruptions",
+                                  "--out", str(tmp_path / "a")])
     assert str(third / "checkpoint.pt") in err and "3 classes" in err
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_stats, step_packed_and_lone
 from torch import nn
 
 from bnlab.config import RunConfig, from_mapping
@@ -19,7 +20,6 @@ from bnlab.models.grouped import owned_entries, pack_models, unpack_state
 from bnlab.models.names import PLAIN_DEPTHS
 from bnlab.models.names import VGG_CONFIGS as CONFIGS
 from bnlab.norm import NORMS, is_norm_layer
-from bnlab.train.optim import PackedSGD, param_groups
 from bnlab.train.packed import can_pack
 from bnlab.train.probes import default_layers
 
@@ -184,24 +184,12 @@ def test_every_general_init_applies(name, init):
 
 
 # -- fold, packing, probes ---------------------------------------------------------------------
-def _randomize_stats(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g))
-            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
-            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name,placement,count", [
     ("plain20", "post_conv", 19), ("vgg11", "post_conv", 8), ("vgg16", "first_k", 4),
     ("vgg11", "post_act", 0), ("plain20", "post_act", 0)])
 def test_fold_parity(name, placement, count):
     torch.manual_seed(0)
-    model = _randomize_stats(build_model(name, 10, norm="bn", placement=placement, first_k=4))
+    model = randomize_stats(build_model(name, 10, norm="bn", placement=placement, first_k=4))
     folded, info = fold_model(model)
     assert len(info["folded"]) == count
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -226,23 +214,7 @@ def test_packed_steps_equal_lone_steps_float64(name):
         models.append(build_for(c, bundle).double())
     packed = pack_models(models)
     owned = owned_entries(models, packed)
-    ndim = {n: p.ndim for m in models for n, p in m.named_parameters()}
-    popt = PackedSGD(packed, cfgs, ndim, owned=owned)
-    opts = [torch.optim.SGD(param_groups(m, c.weight_decay, c.decay_norm_and_bias), lr=c.lr,
-                            momentum=c.momentum) for m, c in zip(models, cfgs)]
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        xs = [torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64) for _ in cfgs]
-        ys = [torch.randint(0, 10, (2,), generator=g) for _ in cfgs]
-        for m, o, x, y in zip(models, opts, xs, ys):
-            o.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            o.step()
-        out = packed(torch.cat(xs, 1)).reshape(2, 2, -1)
-        losses = F.cross_entropy(out.permute(0, 2, 1), torch.stack(ys, 1), reduction="none")
-        popt.zero_grad()
-        losses.mean(0).sum().backward()
-        popt.step(torch.tensor([c.lr for c in cfgs], dtype=torch.float64))
+    step_packed_and_lone(packed, models, cfgs, owned, steps=2, batch=2, size=32)
     state = packed.state_dict()
     for i, m in enumerate(models):
         mine = unpack_state(state, i, 2, m.state_dict())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bnlab.study.spec import expand, load_spec, preflight
+from bnlab.study.preflight import preflight
+from bnlab.study.spec import expand, load_spec
 
 TUNED_LRS = [0.005, 0.01, 0.02, 0.04]  # the protocol grid of docs/studies.md
 

@@ -13,12 +13,10 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import QUIET, packed_cfg, step_packed_and_lone
 
-from bnlab.config import RunConfig
 from bnlab.data.bundle import hold_out
 from bnlab.data.loader import make_loader
-from bnlab.data.synthetic import make_synthetic
 from bnlab.errors import DataMismatch, UserError
 from bnlab.models import build_for
 from bnlab.models.grouped import (
@@ -31,20 +29,8 @@ from bnlab.models.grouped import (
 from bnlab.store import FINISHED, Store
 from bnlab.train import train_run
 from bnlab.train.evaluate import evaluate_topk
-from bnlab.train.optim import PackedSGD, param_groups
+from bnlab.train.optim import PackedSGD
 from bnlab.train.packed import can_pack, pack_groups, train_packed
-
-QUIET = {"log": lambda s: None}
-
-
-@pytest.fixture(scope="module")
-def small():
-    return make_synthetic(n_train=32, n_test=16, size=8)
-
-
-def _base(**kw) -> RunConfig:
-    return dataclasses.replace(RunConfig(dataset="synthetic", model="resnet20", epochs=2,
-                                         batch_size=8, device="cpu", lr=0.05), **kw)
 
 
 @pytest.mark.parametrize("model,norms", [("resnet20", "bn"), ("resnet20", "none"),
@@ -54,9 +40,9 @@ def test_packed_steps_equal_lone_steps_float64(small, model, norms):
     """K packed steps against K lone steps; 'bn,none,bn': runs with and without BN in one
     pack, whose entries a run does not own must not move."""
     norm = (norms.split(",") * 3)[:3]
-    cfgs = [_base(model=model, norm=norm[0], seed=0),
-            _base(model=model, norm=norm[1], seed=1, lr=0.02, weight_decay=5e-4, momentum=0.8),
-            _base(model=model, norm=norm[2], seed=2, decay_norm_and_bias=True, nesterov=False)]
+    cfgs = [packed_cfg(model=model, norm=norm[0], seed=0),
+            packed_cfg(model=model, norm=norm[1], seed=1, lr=0.02, weight_decay=5e-4, momentum=0.8),
+            packed_cfg(model=model, norm=norm[2], seed=2, decay_norm_and_bias=True, nesterov=False)]
     assert can_pack(cfgs) is None
     models = []
     for c in cfgs:
@@ -67,24 +53,8 @@ def test_packed_steps_equal_lone_steps_float64(small, model, norms):
     frozen = {n: p.detach().clone() for n, p in packed.named_parameters()
               if not all(owned[n])}
     assert bool(frozen) == (len(set(norm)) > 1)
-    ndim = {n: p.ndim for m in models for n, p in m.named_parameters()}
-    popt = PackedSGD(packed, cfgs, ndim, owned=owned)
-    opts = [torch.optim.SGD(param_groups(m, c.weight_decay, c.decay_norm_and_bias), lr=c.lr,
-                            momentum=c.momentum) for m, c in zip(models, cfgs)]
-    g = torch.Generator().manual_seed(0)
     k = len(cfgs)
-    for _ in range(3):
-        xs = [torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64) for _ in cfgs]
-        ys = [torch.randint(0, 10, (6,), generator=g) for _ in cfgs]
-        for m, o, x, y in zip(models, opts, xs, ys):
-            o.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            o.step()
-        out = packed(torch.cat(xs, 1)).reshape(6, k, -1)
-        losses = F.cross_entropy(out.permute(0, 2, 1), torch.stack(ys, 1), reduction="none")
-        popt.zero_grad()
-        losses.mean(0).sum().backward()
-        popt.step(torch.tensor([c.lr for c in cfgs], dtype=torch.float64))
+    step_packed_and_lone(packed, models, cfgs, owned, steps=3, batch=6, size=8)
     state = packed.state_dict()
     for name, before in frozen.items():
         rows = state[name].reshape(k, -1)
@@ -119,9 +89,9 @@ def _loop_sgd_step(params, bufs, wd_rows, mom_rows, lr_rows, nesterov):
 def test_flat_packed_sgd_equals_a_loop_over_parameters_bit_for_bit(small, nesterov):
     """The flat optimizer against a loop over the parameters in float32, channels_last
     weights, grads in other strides than their parameters, and a parameter without a grad."""
-    cfgs = [_base(seed=0, nesterov=nesterov, weight_decay=5e-4),
-            _base(seed=1, nesterov=nesterov, lr=0.02, weight_decay=1e-3, momentum=0.8),
-            _base(seed=2, nesterov=nesterov, decay_norm_and_bias=True, weight_decay=2e-4)]
+    cfgs = [packed_cfg(seed=0, nesterov=nesterov, weight_decay=5e-4),
+            packed_cfg(seed=1, nesterov=nesterov, lr=0.02, weight_decay=1e-3, momentum=0.8),
+            packed_cfg(seed=2, nesterov=nesterov, decay_norm_and_bias=True, weight_decay=2e-4)]
     models = []
     for c in cfgs:
         torch.manual_seed(c.seed)
@@ -163,7 +133,7 @@ def test_flat_packed_sgd_equals_a_loop_over_parameters_bit_for_bit(small, nester
 def test_flat_packed_sgd_keeps_the_model_training(small):
     """The parameters become views of the optimizer's flat tensor: the model still computes
     with them, autograd still fills their grads, and updates reach the model."""
-    cfgs = [_base(seed=0), _base(seed=1)]
+    cfgs = [packed_cfg(seed=0), packed_cfg(seed=1)]
     models = []
     for c in cfgs:
         torch.manual_seed(c.seed)
@@ -184,9 +154,9 @@ def test_flat_packed_sgd_keeps_the_model_training(small):
 def test_train_packed_matches_lone_runs(small, tmp_path, norms):
     n = norms.split(",")
     scale = [0.1 if x == "none" else 1.0 for x in n]  # He-initialized ResNet-20 without BN
-    cfgs = [_base(seed=0, norm=n[0], lr=0.05 * scale[0]),  # diverges at lr 0.05
-            _base(seed=1, lr=0.02 * scale[1], weight_decay=5e-4, norm=n[1]),
-            _base(seed=2, momentum=0.8, schedule="cosine", norm=n[2], lr=0.05 * scale[2])]
+    cfgs = [packed_cfg(seed=0, norm=n[0], lr=0.05 * scale[0]),  # diverges at lr 0.05
+            packed_cfg(seed=1, lr=0.02 * scale[1], weight_decay=5e-4, norm=n[1]),
+            packed_cfg(seed=2, momentum=0.8, schedule="cosine", norm=n[2], lr=0.05 * scale[2])]
     assert can_pack(cfgs) is None
     packed = train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
     lone = [train_run(c, tmp_path / "s", bundle=small, **QUIET) for c in cfgs]
@@ -216,7 +186,7 @@ def test_train_packed_matches_lone_runs(small, tmp_path, norms):
 
 
 def test_packed_runs_evaluate_the_validation_split_as_lone_runs_do(small, tmp_path):
-    cfgs = [_base(seed=s, val_fraction=0.25, epochs=1) for s in (0, 1)]
+    cfgs = [packed_cfg(seed=s, val_fraction=0.25, epochs=1) for s in (0, 1)]
     train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
     for c in cfgs:
         lone = train_run(c, tmp_path / "s", bundle=small, **QUIET)
@@ -230,7 +200,8 @@ def test_packed_runs_evaluate_the_validation_split_as_lone_runs_do(small, tmp_pa
 
 @pytest.mark.parametrize("mixed", [False, True])
 def test_packed_resume_alone_and_packed(small, tmp_path, mixed):
-    cfgs = [_base(seed=3), _base(seed=4, norm="none", lr=0.005) if mixed else _base(seed=4)]
+    cfgs = [packed_cfg(seed=3),
+            packed_cfg(seed=4, norm="none", lr=0.005) if mixed else packed_cfg(seed=4)]
     full = train_packed(cfgs, tmp_path / "full", bundle=small, **QUIET)
 
     def stop_in_epoch_2(line):
@@ -256,8 +227,8 @@ def test_packed_resume_alone_and_packed(small, tmp_path, mixed):
 
 @pytest.mark.parametrize("other", ["none", "bn"])
 def test_one_diverging_run_stops_alone(small, tmp_path, other):
-    cfgs = [_base(seed=0, norm="none", lr=10.0, momentum=0.0),
-            _base(seed=1, norm=other, lr=0.02)]
+    cfgs = [packed_cfg(seed=0, norm="none", lr=10.0, momentum=0.0),
+            packed_cfg(seed=1, norm=other, lr=0.02)]
     packed = train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
     lone = [train_run(c, tmp_path / "s", bundle=small, **QUIET) for c in cfgs]
     assert lone[0]["status"] == packed[0]["status"] == "diverged"
@@ -268,21 +239,24 @@ def test_one_diverging_run_stops_alone(small, tmp_path, other):
 
 
 def test_can_pack_reasons():
-    assert "at least 2" in can_pack([_base()])
-    assert "same run" in can_pack([_base(), _base()])
-    assert "batch_size differs" in can_pack([_base(seed=0), _base(seed=1, batch_size=16)])
-    assert "dropout" in can_pack([_base(seed=0, dropout=0.1), _base(seed=1, dropout=0.1)])
-    assert can_pack([_base(seed=0, probe_every=5), _base(seed=1)]) is None  # probed per run
-    assert "resnet18" in can_pack([_base(seed=0, model="resnet18"),
-                                   _base(seed=1, model="resnet18")])
-    assert can_pack([_base(seed=0, lr=0.1, init="kaiming"), _base(seed=1, lr=0.3)]) is None
-    assert "KerasBatchNorm" in can_pack([_base(seed=0, norm_options={"convention": "keras"}),
-                                         _base(seed=1, norm_options={"convention": "keras"})])
-    assert can_pack([_base(seed=0, init="fixup", norm="none"), _base(seed=1, norm="none"),
-                     _base(seed=2, init="skipinit", norm="none"), _base(seed=3)]) is None
-    assert can_pack([_base(seed=0, init="xavier"), _base(seed=1, init="zero_residual")]) is None
+    assert "at least 2" in can_pack([packed_cfg()])
+    assert "same run" in can_pack([packed_cfg(), packed_cfg()])
+    assert "batch_size differs" in can_pack([packed_cfg(seed=0), packed_cfg(seed=1, batch_size=16)])
+    assert "dropout" in can_pack([packed_cfg(seed=0, dropout=0.1), packed_cfg(seed=1, dropout=0.1)])
+    # probed per run
+    assert can_pack([packed_cfg(seed=0, probe_every=5), packed_cfg(seed=1)]) is None
+    assert "resnet18" in can_pack([packed_cfg(seed=0, model="resnet18"),
+                                   packed_cfg(seed=1, model="resnet18")])
+    assert can_pack([packed_cfg(seed=0, lr=0.1, init="kaiming"),
+                     packed_cfg(seed=1, lr=0.3)]) is None
+    assert "KerasBatchNorm" in can_pack([packed_cfg(seed=0, norm_options={"convention": "keras"}),
+                                         packed_cfg(seed=1, norm_options={"convention": "keras"})])
+    assert can_pack([packed_cfg(seed=0, init="fixup", norm="none"), packed_cfg(seed=1, norm="none"),
+                     packed_cfg(seed=2, init="skipinit", norm="none"), packed_cfg(seed=3)]) is None
+    assert can_pack([packed_cfg(seed=0, init="xavier"),
+                     packed_cfg(seed=1, init="zero_residual")]) is None
     with pytest.raises(UserError, match="cannot be packed"):
-        train_packed([_base(seed=0), _base(seed=1, epochs=3)], "unused")
+        train_packed([packed_cfg(seed=0), packed_cfg(seed=1, epochs=3)], "unused")
 
 
 def test_layers_without_packed_form_are_refused():
@@ -292,8 +266,8 @@ def test_layers_without_packed_form_are_refused():
 
 
 def test_pack_groups_splits_by_shared_settings():
-    cfgs = [_base(seed=s, norm=n) for n in ("bn", "none") for s in range(3)]
-    cfgs += [_base(seed=0, dropout=0.1), _base(seed=9, norm="bn", lr=0.3)]
+    cfgs = [packed_cfg(seed=s, norm=n) for n in ("bn", "none") for s in range(3)]
+    cfgs += [packed_cfg(seed=0, dropout=0.1), packed_cfg(seed=9, norm="bn", lr=0.3)]
     groups = pack_groups(cfgs, max_k=2)
     assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 2]
     assert sorted(c.run_id() for g in groups for c in g) == sorted(c.run_id() for c in cfgs)
@@ -302,7 +276,7 @@ def test_pack_groups_splits_by_shared_settings():
             assert can_pack(g) is None
     assert [len(g) for g in pack_groups(cfgs[:3])] == [3]
     assert [len(g) for g in pack_groups(cfgs[:6])] == [6]  # BN and no-BN runs: one pack
-    unpackable = [_base(seed=s, norm=n, dropout=0.1) for n in ("bn", "none") for s in range(2)]
+    unpackable = [packed_cfg(seed=s, norm=n, dropout=0.1) for n in ("bn", "none") for s in range(2)]
     assert [len(g) for g in pack_groups(unpackable)] == [1, 1, 1, 1]
 
 
@@ -330,7 +304,7 @@ def _cut_after_epoch_1(cfgs, out, bundle):
 
 
 def test_packed_runs_are_not_resumed_or_reused_on_other_data(small, tmp_path):
-    cfgs = [_base(seed=0), _base(seed=1)]
+    cfgs = [packed_cfg(seed=0), packed_cfg(seed=1)]
     a = dataclasses.replace(small, fingerprint="AAAA")
     b = dataclasses.replace(small, fingerprint="BBBB")
     store = _cut_after_epoch_1(cfgs, tmp_path, a)
@@ -351,7 +325,7 @@ def test_packed_runs_are_not_resumed_or_reused_on_other_data(small, tmp_path):
 def test_a_problem_of_one_packed_run_fails_that_run_alone(small, tmp_path):
     """A checkpoint that does not fit its model and a run of another world size are the runs'
     own failures, as in train_run; the third run of the pack trains to the end."""
-    cfgs = [_base(seed=0), _base(seed=1), _base(seed=2)]
+    cfgs = [packed_cfg(seed=0), packed_cfg(seed=1), packed_cfg(seed=2)]
     store = _cut_after_epoch_1(cfgs, tmp_path, small)
     bad = store.run(cfgs[0].run_id())
     state = bad.load_checkpoint()
@@ -371,7 +345,8 @@ def test_a_problem_of_one_packed_run_fails_that_run_alone(small, tmp_path):
 
 
 def test_packed_rows_have_the_lone_rows_keys_and_top5(small, tmp_path):
-    cfgs = [_base(seed=0, epochs=1, lr=0.01), _base(seed=1, epochs=1, norm="none", lr=0.005)]
+    cfgs = [packed_cfg(seed=0, epochs=1, lr=0.01),
+            packed_cfg(seed=1, epochs=1, norm="none", lr=0.005)]
     train_packed(cfgs, tmp_path / "p", bundle=small, **QUIET)
     train_run(cfgs[0], tmp_path / "s", bundle=small, **QUIET)
     lone_row = Store(tmp_path / "s").run(cfgs[0].run_id()).metrics()[-1]

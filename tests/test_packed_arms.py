@@ -14,33 +14,20 @@ import dataclasses
 import math
 
 import pytest
+from helpers import QUIET, packed_cfg
 
 from bnlab.config import RunConfig
-from bnlab.data.synthetic import make_synthetic
 from bnlab.store import EpochRow, Store
 from bnlab.train import train_run
 from bnlab.train.packed import can_pack, pack_groups, train_packed
-
-QUIET = {"log": lambda s: None}
-
-
-@pytest.fixture(scope="module")
-def small():
-    return make_synthetic(n_train=32, n_test=16, size=8)
-
-
-def _base(**kw) -> RunConfig:
-    return dataclasses.replace(RunConfig(dataset="synthetic", model="resnet20", epochs=2,
-                                         batch_size=8, device="cpu", lr=0.05), **kw)
-
 
 # The probed runs keep a constant lr: ICS compares gradients before and after one update, and
 # at the step schedule's lr / 100 that difference shrinks to the size of what a ReLU mask
 # flipped by float rounding (~1e-7 apart in the weights) changes, which no tolerance separates
 # from a real error.
-ARMS = [_base(seed=0, norm="none", init="fixup", probe_every=3, schedule="constant"),
-        _base(seed=1, norm="bn", probe_every=2, weight_decay=5e-4, schedule="constant"),
-        _base(seed=2, norm="none", lr=0.005, warmup_epochs=1)]  # no BN, He init, warm-up
+ARMS = [packed_cfg(seed=0, norm="none", init="fixup", probe_every=3, schedule="constant"),
+        packed_cfg(seed=1, norm="bn", probe_every=2, weight_decay=5e-4, schedule="constant"),
+        packed_cfg(seed=2, norm="none", lr=0.005, warmup_epochs=1)]  # no BN, He init, warm-up
 
 
 def test_the_seed_studys_arms_form_one_pack():

@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import write_cifar, write_image_folder
+from helpers import run_cli
 from PIL import Image
 
-from bnlab import cli
 from bnlab.config import load
 from bnlab.data import fingerprint, load_data
 from bnlab.store import Store
@@ -23,13 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quiet(_line: str) -> None:
     pass
-
-
-def main(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_grey_first_image_does_not_make_the_dataset_one_channel(tmp_path):
@@ -49,8 +42,8 @@ def test_small_images_of_another_size_are_refused_naming_the_file(tmp_path, caps
     pixels = write_image_folder(tmp_path / "f", size=16)
     odd = sorted(p for p in pixels if "/val/" in p)[2]
     Image.fromarray(np.zeros((60, 17, 3), np.uint8)).save(odd)
-    rc, _, err = main(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
-                      "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
+                         "--out", tmp_path / "o")
     assert rc == 2 and odd in err and "17x60" in err and "--image-size" in err
     assert len(err.strip().splitlines()) == 1
 
@@ -69,8 +62,8 @@ def test_image_size_resizes_every_small_image(tmp_path):
 
 def test_fewer_than_two_classes_is_refused(tmp_path, capsys):
     write_image_folder(tmp_path / "f", classes=("only",))
-    rc, _, err = main(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
-                      "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
+                         "--out", tmp_path / "o")
     assert rc == 2 and "at least 2" in err and "'only'" not in err.split("(")[0]
 
 
@@ -104,44 +97,51 @@ def test_resume_with_other_data_is_refused(tmp_path, capsys):
     argv = ["train", "--dataset", "cifar10", "--data-dir", tmp_path / "d2", "--model",
             "mlp3x100", "--batch-size", "16", "--epochs", "1", "--device", "cpu",
             "--no-cpu-kernels", "--no-augment", "--out", tmp_path / "o", "--resume"]
-    rc, _, err = main(capsys, *argv)  # finished: not returned as the result on d2
+    rc, _, err = run_cli(capsys, *argv)  # finished: not returned as the result on d2
     assert rc == 2 and "trained on other data" in err
     run = Store(tmp_path / "o").run(c1.run_id())
     run.write_json("summary.json", {**run.summary, "status": "running"})
-    rc, _, err = main(capsys, *argv)  # interrupted: not continued on d2
+    rc, _, err = run_cli(capsys, *argv)  # interrupted: not continued on d2
     assert rc == 2 and "trained on other data" in err and str(tmp_path / "o") in err
     shutil.copytree(tmp_path / "d1", tmp_path / "d1copy")  # the same data elsewhere is fine
     s = train_run(_cifar_cfg(tmp_path / "d1copy"), tmp_path / "o", resume=True, log=quiet)
     assert s["status"] != "failed"
 
 
-def test_study_does_not_take_a_run_on_other_data_as_done(tmp_path, capsys):
-    write_cifar(tmp_path / "d1")
-    write_cifar(tmp_path / "d2", seed=3)
+def _cifar_spec(tmp_path, epochs: int, extra: str = ""):
+    """A one-run study of the MLP on the cifar10 files of --set data_dir, at tmp_path/spec.toml."""
     spec = tmp_path / "spec.toml"
-    spec.write_text(textwrap.dedent("""
+    spec.write_text(textwrap.dedent(f"""
         name = "data"
         [base]
         dataset = "cifar10"
         model = "mlp3x100"
         batch_size = 16
-        epochs = 1
+        epochs = {epochs}
         device = "cpu"
         cpu_kernels = false
+        {extra}
         [grid]
         seed = [0]
         """))
+    return spec
+
+
+def test_study_does_not_take_a_run_on_other_data_as_done(tmp_path, capsys):
+    write_cifar(tmp_path / "d1")
+    write_cifar(tmp_path / "d2", seed=3)
+    spec = _cifar_spec(tmp_path, epochs=1)
     out = tmp_path / "o"
-    rc, _, err = main(capsys, "study", "run", spec, "--out", out, "--set",
-                      f"data_dir={tmp_path / 'd1'}")
+    rc, _, err = run_cli(capsys, "study", "run", spec, "--out", out, "--set",
+                         f"data_dir={tmp_path / 'd1'}")
     assert rc == 0, err
-    rc, text, err = main(capsys, "study", "run", spec, "--out", out, "--set",
-                         f"data_dir={tmp_path / 'd2'}")
+    rc, text, err = run_cli(capsys, "study", "run", spec, "--out", out, "--set",
+                            f"data_dir={tmp_path / 'd2'}")
     assert rc == 2 and "trained on other data" in err and "1 already finished" not in text
     run = Store(out).runs()[0]
     assert run.summary["status"] in ("completed", "no_learning")  # the first result kept
-    rc, _, err = main(capsys, "study", "run", spec, "--out", out, "--set",
-                      f"data_dir={tmp_path / 'd1'}")
+    rc, _, err = run_cli(capsys, "study", "run", spec, "--out", out, "--set",
+                         f"data_dir={tmp_path / 'd1'}")
     assert rc == 0, err
 
 
@@ -153,22 +153,9 @@ def test_parallel_study_stops_on_a_run_with_other_data(tmp_path, capsys):
     train_run(_cifar_cfg(tmp_path / "d1", epochs=2, seed=0), tmp_path / "o", log=quiet)
     run = Store(tmp_path / "o").run(c.run_id())
     run.write_json("summary.json", {**run.summary, "status": "running"})  # interrupted
-    spec = tmp_path / "spec.toml"
-    spec.write_text(textwrap.dedent("""
-        name = "data"
-        [base]
-        dataset = "cifar10"
-        model = "mlp3x100"
-        batch_size = 16
-        epochs = 2
-        device = "cpu"
-        cpu_kernels = false
-        augment = false
-        [grid]
-        seed = [0]
-        """))
-    rc, _, err = main(capsys, "study", "run", spec, "--out", tmp_path / "o", "--jobs", "2",
-                      "--set", f"data_dir={tmp_path / 'd2'}")
+    spec = _cifar_spec(tmp_path, epochs=2, extra="augment = false")
+    rc, _, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o", "--jobs", "2",
+                         "--set", f"data_dir={tmp_path / 'd2'}")
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "trained on other data" in lines[0], err
     assert run.summary["status"] == "running"  # not recorded as failed

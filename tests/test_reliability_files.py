@@ -13,24 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_cifar, write_idx, write_image_folder, write_mnist
+from helpers import ERROR, one_line_error
 
-from bnlab import cli
 from bnlab.data import load_data
 from bnlab.data.cache import load_arrays, load_json, save_arrays
 from bnlab.data.cifar import OFFICIAL, SafeUnpickler
 from bnlab.errors import UserError
 from bnlab.store import load_checkpoint_file
-
-
-def one_line_error(capsys, argv, *needles):
-    rc = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bnlab: error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 class Payload:
@@ -65,7 +54,7 @@ def test_malicious_cifar_pickle_is_refused_and_never_runs(tmp_path, capsys, kind
     batch.write_bytes(pickle.dumps(d))
     line = one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir",
                                    tmp_path / "data", "--out", tmp_path / "o"],
-                          "refused CIFAR file", "data_batch_3")
+                          "refused CIFAR file", "data_batch_3", start=ERROR)
     assert "a CIFAR pickle never holds" in line
     assert not marker.exists()  # the payload did not run
     assert not list((tmp_path / "o").glob("*/config.json"))  # no run folder was made
@@ -93,7 +82,7 @@ def test_file_claiming_to_be_official_must_have_its_md5(tmp_path, capsys):
     (base / "test_batch").write_bytes(raw)
     line = one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir",
                                    tmp_path / "data", "--out", tmp_path / "o"],
-                          "test_batch", md5, hashlib.md5(raw).hexdigest())
+                          "test_batch", md5, hashlib.md5(raw).hexdigest(), start=ERROR)
     assert "damaged or altered" in line
     # the same content under its own label is a user's file and is read
     d[b"batch_label"] = b"my test batch"
@@ -116,7 +105,7 @@ def test_damaged_cifar_contents_are_one_line(tmp_path, capsys, damage, needle):
         d = pickle.load(f)
     p.write_bytes(pickle.dumps(damage(d)))
     one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
-                            "--out", tmp_path / "o"], "data_batch_2", needle)
+                            "--out", tmp_path / "o"], "data_batch_2", needle, start=ERROR)
 
 
 def test_truncated_cifar_file_is_one_line(tmp_path, capsys):
@@ -124,7 +113,8 @@ def test_truncated_cifar_file_is_one_line(tmp_path, capsys):
     p = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1"
     p.write_bytes(p.read_bytes()[:500])
     one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
-                            "--out", tmp_path / "o"], "cannot read CIFAR file", "data_batch_1")
+                            "--out", tmp_path / "o"], "cannot read CIFAR file", "data_batch_1",
+                   start=ERROR)
 
 
 def test_mnist_forged_and_damaged_files_are_one_line(tmp_path, capsys):
@@ -135,16 +125,16 @@ def test_mnist_forged_and_damaged_files_are_one_line(tmp_path, capsys):
     good = img.read_bytes()
     # a header whose dimensions multiply past 2^64: exact arithmetic, not a wrapped size
     img.write_bytes(bytes([0, 0, 8, 4]) + struct.pack(">IIII", *[2**32 - 1] * 4) + b"\0" * 16)
-    one_line_error(capsys, argv, "train-images-idx3-ubyte", "header says")
+    one_line_error(capsys, argv, "train-images-idx3-ubyte", "header says", start=ERROR)
     img.write_bytes(good)
     labels = root / "train-labels-idx1-ubyte"
     write_idx(labels, np.full(60, 11, np.uint8), gz=False)
-    one_line_error(capsys, argv, "go up to 11", "0..9")
+    one_line_error(capsys, argv, "go up to 11", "0..9", start=ERROR)
     write_idx(labels, np.zeros(60, np.uint8), gz=False)
     gz = root / "t10k-images-idx3-ubyte"
     gz.unlink()
     (root / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(good)[:40])
-    one_line_error(capsys, argv, "t10k-images-idx3-ubyte.gz")
+    one_line_error(capsys, argv, "t10k-images-idx3-ubyte.gz", start=ERROR)
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
@@ -188,4 +178,5 @@ def test_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
     write_image_folder(tmp_path / "imgs", size=16)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # 16x16 > 2 x 50: a "bomb"
     one_line_error(capsys, ["train", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
-                            "--out", tmp_path / "o"], "too large to decode safely", ".png")
+                            "--out", tmp_path / "o"], "too large to decode safely", ".png",
+                   start=ERROR)

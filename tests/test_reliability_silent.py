@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ERROR, one_line_error, run_cli
 from PIL import Image
 
 from bnlab import cli
@@ -47,20 +48,6 @@ cpu_kernels = false
 [grid]
 norm = ["bn", "none"]
 """
-
-
-def main(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def one_line(capsys, *argv) -> str:
-    rc, _, err = main(capsys, *argv)
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("bnlab: error: "), (rc, err)
-    return lines[0]
 
 
 def _png(path: Path, px: np.ndarray) -> None:
@@ -133,16 +120,16 @@ def test_a_member_outside_the_archive_is_refused_naming_it(tmp_path, capsys, mon
         import bnlab.data.imagefolder as imagefolder
 
         monkeypatch.setattr(imagefolder, "SMALL_MAX", 4)
-    line = one_line(capsys, "train", "--dataset", f"imagefolder:{archive}", "--out",
-                    tmp_path / "o", *TINY)
+    line = one_line_error(capsys, ["train", "--dataset", f"imagefolder:{archive}", "--out",
+                                   tmp_path / "o", *TINY], start=ERROR)
     assert repr(member) in line and "outside" in line
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*/summary.json"))
 
 
 def test_a_channel_that_never_varies_is_normalized_safely_and_said(tmp_path, capsys):
     _folder(tmp_path / "f", ["a", "b"], blue=0)
-    rc, out, err = main(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
-                        "--out", tmp_path / "o", *TINY)
+    rc, out, err = run_cli(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
+                           "--out", tmp_path / "o", *TINY)
     assert rc == 0, err
     assert "channel 2 (blue)" in err and "never varies" in err and "Traceback" not in err
     summary = json.loads(next((tmp_path / "o").glob("*/summary.json")).read_text())
@@ -158,8 +145,8 @@ def test_an_image_above_the_bomb_limit_is_one_line_without_pillows_warning(tmp_p
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        line = one_line(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
-                        "--out", tmp_path / "o", *TINY)
+        line = one_line_error(capsys, ["train", "--dataset", f"imagefolder:{tmp_path / 'f'}",
+                                       "--out", tmp_path / "o", *TINY], start=ERROR)
     assert "too large to decode safely" in line and ".png" in line
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
@@ -194,15 +181,16 @@ def make():
 def test_user_code_that_exits_fails_in_one_line(tmp_path, capsys, body):
     (tmp_path / "m.py").write_text(body)
     torch.save({"x": torch.zeros(1)}, tmp_path / "w.pt")
-    line = one_line(capsys, "fold", "--model-entry", f"{tmp_path / 'm.py'}:make",
-                    "--weights", tmp_path / "w.pt", "--dataset", "synthetic")
+    line = one_line_error(capsys, ["fold", "--model-entry", f"{tmp_path / 'm.py'}:make",
+                                   "--weights", tmp_path / "w.pt", "--dataset", "synthetic"],
+                          start=ERROR)
     assert "SystemExit" in line and "m.py" in line
 
 
 def test_fold_of_builtins_exit_fails_in_one_line(tmp_path, capsys):
     torch.save({"x": torch.zeros(1)}, tmp_path / "w.pt")
-    line = one_line(capsys, "fold", "--model-entry", "builtins:exit", "--weights",
-                    tmp_path / "w.pt", "--dataset", "synthetic")
+    line = one_line_error(capsys, ["fold", "--model-entry", "builtins:exit", "--weights",
+                                   tmp_path / "w.pt", "--dataset", "synthetic"], start=ERROR)
     assert "'builtins:exit'" in line and "SystemExit" in line
 
 
@@ -216,8 +204,8 @@ class Payload:
 
 
 def _weights_line(capsys, tmp_path, weights) -> str:
-    return one_line(capsys, "fold", "--model-entry", "torch.nn:Identity", "--weights", weights,
-                    "--dataset", "synthetic")
+    return one_line_error(capsys, ["fold", "--model-entry", "torch.nn:Identity", "--weights",
+                                   weights, "--dataset", "synthetic"], start=ERROR)
 
 
 def test_weights_that_would_run_code_get_bnlabs_own_line(tmp_path, capsys):
@@ -285,9 +273,9 @@ def _cells(text: str) -> list[str]:
 def test_every_csv_bnlab_writes_is_neutralized(injected_study, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(injected_study, out)
-    texts = [main(capsys, "runs", "--out", out, "--format", "csv")[1],
-             main(capsys, "study", "status", out, "--format", "csv")[1]]
-    assert main(capsys, "study", "report", out)[0] == 0
+    texts = [run_cli(capsys, "runs", "--out", out, "--format", "csv")[1],
+             run_cli(capsys, "study", "status", out, "--format", "csv")[1]]
+    assert run_cli(capsys, "study", "report", out)[0] == 0
     texts += [p.read_text() for p in sorted((out / "report" / "tables").glob("*.csv"))]
     assert len(texts) > 2
     for text in texts[:2]:
@@ -314,8 +302,8 @@ def test_files_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
 def test_a_run_folder_is_readable_by_the_group_the_umask_allows(tmp_path, capsys):
     old = os.umask(0o027)
     try:
-        rc, _, err = main(capsys, "train", "--dataset", "synthetic", "--out", tmp_path / "o",
-                          *TINY)
+        rc, _, err = run_cli(capsys, "train", "--dataset", "synthetic", "--out", tmp_path / "o",
+                             *TINY)
     finally:
         os.umask(old)
     assert rc == 0, err
@@ -337,26 +325,26 @@ def _seed_spec(tmp_path: Path, n: int, extra: str = "") -> Path:
 def test_a_large_study_prints_its_estimate_and_asks_for_yes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(status, "LARGE_STUDY", 2)
     spec = _seed_spec(tmp_path, 3)
-    rc, out, err = main(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    rc, out, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert out.splitlines()[0].startswith("study many: 3 of 3 runs to train, estimated ")
     assert "would train 3 runs" in err and "--yes" in err and "max_runs" in err
     assert not (tmp_path / "o").exists()  # nothing started
-    rc, out, err = main(capsys, "study", "run", spec, "--out", tmp_path / "o", "--yes")
+    rc, out, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o", "--yes")
     assert rc == 0, err
     assert out.splitlines()[0].startswith("study many: 3 of 3 runs to train")
     # a spec's own max_runs: a bigger study of it starts unasked, a smaller limit asks
     monkeypatch.setattr(status, "LARGE_STUDY", 1000)
-    assert main(capsys, "study", "run", _seed_spec(tmp_path, 3, "max_runs = 2"), "--out",
-                tmp_path / "o2")[0] == 2
-    assert main(capsys, "study", "run", _seed_spec(tmp_path, 1, "max_runs = 2"), "--out",
-                tmp_path / "o2")[0] == 0
+    assert run_cli(capsys, "study", "run", _seed_spec(tmp_path, 3, "max_runs = 2"), "--out",
+                   tmp_path / "o2")[0] == 2
+    assert run_cli(capsys, "study", "run", _seed_spec(tmp_path, 1, "max_runs = 2"), "--out",
+                   tmp_path / "o2")[0] == 0
     monkeypatch.setattr(status, "LARGE_STUDY", 2)
-    rc, out, _ = main(capsys, "study", "run", _seed_spec(tmp_path, 3, "max_runs = 3"), "--out",
-                      tmp_path / "o2")
+    rc, out, _ = run_cli(capsys, "study", "run", _seed_spec(tmp_path, 3, "max_runs = 3"), "--out",
+                         tmp_path / "o2")
     assert rc == 0 and out.splitlines()[0].startswith("study many: 2 of 3 runs to train")
-    assert "max_runs must be" in one_line(capsys, "study", "run",
-                                          _seed_spec(tmp_path, 1, "max_runs = 0"))
+    assert "max_runs must be" in one_line_error(
+        capsys, ["study", "run", _seed_spec(tmp_path, 1, "max_runs = 0")], start=ERROR)
 
 
 @pytest.mark.parametrize("value", ['"x"', "1.5", "true", "null", "[1]"])
@@ -368,15 +356,15 @@ def test_a_config_with_a_wrong_type_is_damaged_like_a_garbage_file(injected_stud
     doc = json.loads((bad / "config.json").read_text())
     doc["config"]["epochs"] = json.loads(value)
     (bad / "config.json").write_text(json.dumps(doc))
-    rc, text, err = main(capsys, "runs", "--out", out)
+    rc, text, err = run_cli(capsys, "runs", "--out", out)
     assert rc == 0 and bad.name not in text and "Traceback" not in err
     assert f"epochs = {value}" in err and "damaged" in err
-    rc, text, err = main(capsys, "runs", "--out", out, "--format", "csv")
+    rc, text, err = run_cli(capsys, "runs", "--out", out, "--format", "csv")
     assert rc == 0 and bad.name not in text and "damaged" in err
-    rc, text, err = main(capsys, "study", "report", out)
+    rc, text, err = run_cli(capsys, "study", "report", out)
     assert rc == 0 and "damaged" in err and "left out of the report" in err
     (bad / "config.json").write_text("[1, 2]")  # garbage: the same treatment, no traceback
-    rc, text, err = main(capsys, "runs", "--out", out, "--format", "csv")
+    rc, text, err = run_cli(capsys, "runs", "--out", out, "--format", "csv")
     assert rc == 0 and bad.name not in text and "holds no run config" in err
 
 
@@ -385,8 +373,8 @@ def test_a_folder_without_an_index_says_so_not_damaged(injected_study, tmp_path,
     shutil.copytree(injected_study, out)
     for p in out.glob("index.sqlite*"):
         p.unlink()
-    rc, text, err = main(capsys, "runs", "--out", out)
+    rc, text, err = run_cli(capsys, "runs", "--out", out)
     assert rc == 0 and len(text.splitlines()) == 4  # header, rule, 2 runs
     assert "no index yet; built from its 2 run folder(s)" in err and "damaged" not in err
     (out / "index.sqlite").write_bytes(b"")  # an emptied file is damage
-    assert "was damaged" in main(capsys, "runs", "--out", out)[2]
+    assert "was damaged" in run_cli(capsys, "runs", "--out", out)[2]

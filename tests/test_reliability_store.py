@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from bnlab import cli
 from bnlab.config import load
@@ -46,13 +47,6 @@ seed = [0, 1]
 """
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def main(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()  # what came before is not this command's
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def error_line(err: str) -> str:
@@ -108,7 +102,7 @@ def test_destroyed_index_is_rebuilt_and_every_finished_run_listed(finished_study
         index.write_bytes(b"")
     else:
         index.unlink()
-    rc, text, err = main(capsys, "runs", "--out", out)
+    rc, text, err = run_cli(capsys, "runs", "--out", out)
     assert rc == 0, err
     listed = sorted(line.split()[0] for line in text.splitlines()[2:])
     assert listed == run_ids(out)
@@ -134,7 +128,7 @@ def test_index_without_its_wal_file_is_completed_from_the_folders(finished_study
     with sqlite3.connect(out / "index.sqlite") as db:
         db.execute("DELETE FROM runs WHERE run_id = ?", (run_ids(out)[0],))  # a lost row
         db.execute("UPDATE runs SET status = 'running'")  # stale rows
-    rc, text, err = main(capsys, "runs", "--out", out)
+    rc, text, err = run_cli(capsys, "runs", "--out", out)
     assert rc == 0 and "lacked 1 run folder(s) and was out of date for 3" in err
     assert sorted(line.split()[0] for line in text.splitlines()[2:]) == run_ids(out)
     assert "running" not in text
@@ -146,7 +140,7 @@ def test_rebuild_index_flag_keeps_the_damaged_file(finished_study, tmp_path, cap
     (out / "index.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
     for suffix in ("-wal", "-shm"):
         Path(f"{out}/index.sqlite{suffix}").unlink(missing_ok=True)
-    rc, text, err = main(capsys, "runs", "--out", out, "--rebuild-index")
+    rc, text, err = run_cli(capsys, "runs", "--out", out, "--rebuild-index")
     assert rc == 0, err
     assert "from 4 run folders" in text.splitlines()[0]
     assert (out / "index.sqlite.damaged").is_file()
@@ -166,7 +160,7 @@ def test_run_ids_from_an_index_or_study_file_stay_inside_out(finished_study, tmp
     doc = json.loads((out / "study.json").read_text())
     doc["runs"][0]["run_id"] = "../secret"
     (out / "study.json").write_text(json.dumps(doc))
-    rc, _, err = main(capsys, "study", "report", out)
+    rc, _, err = run_cli(capsys, "study", "report", out)
     assert rc == 2 and "not a plain folder name" in error_line(err)
 
 
@@ -179,14 +173,14 @@ def test_torn_metrics_line_and_garbage_summary_do_not_stop_report_or_resume(
     with open(torn / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "test_acc": 0.')  # a crash mid-line
     (garbage / "summary.json").write_bytes(b"\x00\x17garbage{")
-    rc, text, err = main(capsys, "study", "report", out, "--report-dir", tmp_path / "rep")
+    rc, text, err = run_cli(capsys, "study", "report", out, "--report-dir", tmp_path / "rep")
     assert rc == 0, err
     assert "line 3" in err and "summary.json" in err and "Traceback" not in err
     assert (tmp_path / "rep" / "report.md").is_file()
-    rc, text, err = main(capsys, "study", "status", out)
+    rc, text, err = run_cli(capsys, "study", "status", out)
     assert rc == 0 and "interrupted" in text
     # the runner resumes the run whose summary was garbage from its checkpoint (epoch 2 of 2)
-    rc, text, err = main(capsys, "study", "run", _spec(tmp_path), "--out", out)
+    rc, text, err = run_cli(capsys, "study", "run", _spec(tmp_path), "--out", out)
     assert rc == 0, err
     assert Store(out).run(ids[1]).summary["status"] in ("completed", "no_learning")
     assert f"{ids[1]}: resuming" in text
@@ -211,7 +205,7 @@ def test_corrupt_checkpoint_in_a_study_restarts_the_run_from_scratch(tmp_path, c
     run.write_json("summary.json", summary)
     run.checkpoint_path.write_bytes(run.checkpoint_path.read_bytes()[:1000])  # torn zip
     for _ in range(2):  # a second study run leaves it finished, not failed for ever
-        rc, text, err = main(capsys, "study", "run", spec, "--out", out)
+        rc, text, err = run_cli(capsys, "study", "run", spec, "--out", out)
         assert rc == 0, err
     s = Store(out).run(c.run_id()).summary
     assert s["status"] == reference["status"] and "restarted" in s
@@ -256,7 +250,7 @@ def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path, capsys
     assert cli.main(["train", *TINY, "--out", str(clean)]) == 0
     capsys.readouterr()
     full = DiskFull(monkeypatch, ".checkpoint.pt.", nth=2)  # epoch 2's checkpoint
-    rc, _, err = main(capsys, "train", *TINY, "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "train", *TINY, "--out", tmp_path / "o")
     line = error_line(err)
     assert rc == 2 and "checkpoint.pt" in line and "No space left on device" in line
     monkeypatch.setattr(os, "fsync", full.real)
@@ -264,7 +258,7 @@ def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path, capsys
     run = Store(tmp_path / "o").run(run_id)
     assert run.summary["status"] == "running" and run.summary["epochs_done"] == 1
     assert not list(run.path.glob(".*.tmp"))  # nothing half-written left behind
-    rc, _, err = main(capsys, "train", *TINY, "--out", tmp_path / "o", "--resume")
+    rc, _, err = run_cli(capsys, "train", *TINY, "--out", tmp_path / "o", "--resume")
     assert rc == 0, err
     assert rows_without_timing(run) == rows_without_timing(Store(clean).run(run_id))
 
@@ -272,12 +266,12 @@ def test_disk_full_during_a_run_is_one_line_and_the_run_resumes(tmp_path, capsys
 def test_disk_full_in_a_study_stops_it_without_failing_runs(tmp_path, capsys, monkeypatch):
     spec = _spec(tmp_path)
     full = DiskFull(monkeypatch, "summary.json", nth=3)
-    rc, _, err = main(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 2 and "No space left on device" in error_line(err)
     monkeypatch.setattr(os, "fsync", full.real)
     statuses = [Store(tmp_path / "o").run(r).summary for r in run_ids(tmp_path / "o")]
     assert all((s or {}).get("status") != "failed" for s in statuses)
-    rc, _, err = main(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 0, err
 
 
@@ -302,7 +296,7 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     f = tmp_path / "results.txt"
     f.write_text("mine")
     for out in (f, f / "sub"):
-        rc, _, err = main(capsys, "train", *TINY, "--out", out)
+        rc, _, err = run_cli(capsys, "train", *TINY, "--out", out)
         assert rc == 2 and "is a file, not a folder" in error_line(err)
     assert f.read_text() == "mine"
 
@@ -321,7 +315,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch, code
         return real(*a, **kw)
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    rc, _, err = main(capsys, "train", *TINY, "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "train", *TINY, "--out", tmp_path / "o")
     assert rc == 2 and os.strerror(code) in error_line(err)
 
 
@@ -332,8 +326,8 @@ def test_cache_folder_that_cannot_be_used_is_one_line(tmp_path, capsys, monkeypa
     from conftest import write_image_folder
 
     write_image_folder(tmp_path / "imgs")
-    rc, _, err = main(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
-                      "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "train", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
+                         "--out", tmp_path / "o")
     line = error_line(err)
     assert rc == 2 and "cache folder" in line and "BNLAB_CACHE" in line
 
@@ -350,11 +344,11 @@ def test_finished_study_on_read_only_storage_is_listed_and_reported(finished_stu
 
     monkeypatch.setattr(os, "access", read_only)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    rc, text, err = main(capsys, "runs", "--out", out)
+    rc, text, err = run_cli(capsys, "runs", "--out", out)
     assert rc == 0 and sorted(line.split()[0] for line in text.splitlines()[2:]) == run_ids(out)
-    rc, text, err = main(capsys, "study", "status", out)
+    rc, text, err = run_cli(capsys, "study", "status", out)
     assert rc == 0, err
-    rc, text, err = main(capsys, "study", "report", out, "--report-dir", tmp_path / "rep")
+    rc, text, err = run_cli(capsys, "study", "report", out, "--report-dir", tmp_path / "rep")
     assert rc == 0 and (tmp_path / "rep" / "report.html").is_file(), err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
 
@@ -437,7 +431,7 @@ def test_damaged_study_json_is_one_line_for_status_and_report(finished_study, tm
     out = copy_of(finished_study, tmp_path)
     (out / "study.json").write_text(doc)
     for action in ("status", "report"):
-        rc, _, err = main(capsys, "study", action, out)
+        rc, _, err = run_cli(capsys, "study", action, out)
         assert rc == 2 and "study.json" in error_line(err)
 
 
@@ -451,5 +445,5 @@ def test_damaged_study_json_is_one_line_for_status_and_report(finished_study, tm
 ])
 def test_paths_of_the_wrong_kind_are_one_line(tmp_path, capsys, argv, needle):
     (tmp_path / "f").write_text("")
-    rc, _, err = main(capsys, *[a.format(d=tmp_path, f=tmp_path / "f") for a in argv])
+    rc, _, err = run_cli(capsys, *[a.format(d=tmp_path, f=tmp_path / "f") for a in argv])
     assert rc == 2 and needle in error_line(err)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from bnlab import cli
 from bnlab.config import RunConfig
@@ -52,12 +53,6 @@ def write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
     p = tmp_path / name
     p.write_text(textwrap.dedent(text))
     return p
-
-
-def main_rc(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def env() -> dict:
@@ -114,7 +109,7 @@ def test_set_only_and_data_map():
 
 @pytest.mark.parametrize("name", builtin_names())
 def test_builtin_specs_parse_and_expand(name):
-    from bnlab.study.spec import _registries
+    from bnlab.study.preflight import _registries
 
     spec = load_spec(name)
     assert spec.name == name and spec.description
@@ -169,7 +164,7 @@ def test_builtin_sizes():
 ])
 def test_spec_errors_are_one_line_exit_2(tmp_path, capsys, text, expected):
     spec = write(tmp_path, text)
-    rc, _, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("bnlab: error: ")
     assert expected in err
@@ -194,7 +189,7 @@ def test_suggestions_and_command_line_errors(tmp_path, capsys):
         (["study", "report", "quick", "--out", tmp_path / "nothing"], "no study results"),
     ]
     for argv, expected in cases:
-        rc, _, err = main_rc(capsys, *argv, *(["--out", tmp_path / "o"]
+        rc, _, err = run_cli(capsys, *argv, *(["--out", tmp_path / "o"]
                                              if argv[1] == "run" else []))
         assert rc == 2, argv
         assert err.count("\n") == 1 and expected in err, (argv, err)
@@ -203,7 +198,7 @@ def test_suggestions_and_command_line_errors(tmp_path, capsys):
 # -- the runner --------------------------------------------------------------------------------
 def test_run_skip_status_and_study_json(tmp_path, capsys):
     spec, out = write(tmp_path, TINY), tmp_path / "out"
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 0, stdout
     doc = json.loads((out / "study.json").read_text())
     assert set(doc) == {"name", "description", "spec", "sets", "only", "data_map", "axes",
@@ -222,12 +217,12 @@ def test_run_skip_status_and_study_json(tmp_path, capsys):
     before = {r["run_id"]: (out / r["run_id"] / "metrics.jsonl").read_bytes()
               for r in doc["runs"]}
 
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 0 and "4 already finished, 0 to run" in stdout
     assert {k: len(v) for k, v in store.attempts().items()} == {k: 1 for k in before}
     assert before == {k: (out / k / "metrics.jsonl").read_bytes() for k in before}
 
-    rc, stdout, _ = main_rc(capsys, "study", "status", out)
+    rc, stdout, _ = run_cli(capsys, "study", "status", out)
     assert rc == 0 and "study tiny in" in stdout
     assert "pending" not in stdout and "running" not in stdout
     assert all(k in stdout for k in before)
@@ -239,7 +234,7 @@ def test_compare_after_the_runs(tmp_path, capsys):
     compare = true
     """)
     out = tmp_path / "out"
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 0 and "comparing the predictions of 2 arms" in stdout
     result = json.loads((out / "analysis" / "compare.json").read_text())
     doc = json.loads((out / "study.json").read_text())
@@ -252,7 +247,7 @@ def test_compare_after_the_runs(tmp_path, capsys):
     for m in result["runs"]:  # the comparison's accuracy is the run's own final accuracy
         assert abs(m["test_acc"] - Store(out).run(m["run_id"]).summary["test_acc"]) <= 1 / 128
     # a second invocation finds the comparison of the same runs and leaves it alone
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 0 and "comparing" not in stdout
 
 
@@ -266,7 +261,7 @@ def test_failure_isolation(tmp_path, capsys):
     set = { norm_options = { bogus = 1 } }  # refused by the norm factory at run time
     """)
     out = tmp_path / "out"
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 1
     store = Store(out)
     rows = {r["run_id"]: r for r in status_rows(store, [r["run_id"] for r in json.loads(
@@ -278,7 +273,7 @@ def test_failure_isolation(tmp_path, capsys):
     assert "bogus" in failed["error"]
     assert store.run(failed["run_id"]).config["norm_options"] == {"bogus": 1}
     # a second invocation retries only the failed run
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 1 and "3 already finished, 1 to run" in stdout
     counts = {k: len(v) for k, v in store.attempts().items()}
     assert counts == {k: 2 if k == failed["run_id"] else 1 for k in rows}
@@ -432,7 +427,7 @@ def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(runner, "PACK_DEVICES", {"cpu", "cuda"})
     spec = write(tmp_path, TINY)
-    rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    rc, out, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 0, err
     store = Store(tmp_path / "o")
     rows = store.rows()
@@ -441,9 +436,9 @@ def test_study_packs_runs_that_share_a_network(tmp_path, monkeypatch, capsys):
         metrics = store.run(r["run_id"]).metrics()
         assert [m["epoch"] for m in metrics] == [1, 2]
         assert all(m.get("packed") == 4 for m in metrics)
-    rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    rc, out, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 0 and "4 already finished" in out + err
-    rc, out, err = main_rc(capsys, "study", "run", spec, "--out", tmp_path / "p", "--no-pack")
+    rc, out, err = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "p", "--no-pack")
     assert rc == 0
     lone = Store(tmp_path / "p")
     assert all("packed" not in m for r in lone.rows() for m in lone.run(r["run_id"]).metrics())
@@ -529,13 +524,13 @@ def test_a_run_left_unfinished_makes_the_study_exit_1(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(worker, "train_run", lose_one)
     spec, out = write(tmp_path, TINY), tmp_path / "out"
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 1, stdout
     ids = [r["run_id"] for r in json.loads((out / "study.json").read_text())["runs"]]
     statuses = sorted(r["status"] for r in status_rows(Store(out), ids))
     assert statuses.count("interrupted") == 1 and sum(s in FINAL for s in statuses) == 3
     monkeypatch.setattr(worker, "train_run", real)
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out)
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
     assert rc == 0 and "3 already finished, 1 to run" in stdout
 
 
@@ -568,5 +563,5 @@ def test_lost_cluster_jobs_are_recorded_and_the_study_exits_1(tmp_path, capsys, 
 
     monkeypatch.setattr(SlurmExecutor, "run", lambda self, cfgs, out, log: [])
     spec, out = write(tmp_path, TINY), tmp_path / "out"
-    rc, stdout, _ = main_rc(capsys, "study", "run", spec, "--out", out, "--executor", "node")
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out, "--executor", "node")
     assert rc == 1 and "4 pending" in stdout

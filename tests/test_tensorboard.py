@@ -46,11 +46,17 @@ def scalars(folder, tag) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def test_study_flag_names_runs_by_arm_and_seed(tmp_path):
-    spec = tmp_path / "spec.toml"
-    spec.write_text(textwrap.dedent(SPEC))
+def _run_with_tensorboard(tmp_path, spec: str):
+    """`bnlab study run SPEC --tensorboard` into tmp_path/out; returns the output folder."""
+    path = tmp_path / "spec.toml"
+    path.write_text(textwrap.dedent(spec))
     out = tmp_path / "out"
-    assert cli.main(["study", "run", str(spec), "--out", str(out), "--tensorboard"]) == 0
+    assert cli.main(["study", "run", str(path), "--out", str(out), "--tensorboard"]) == 0
+    return out
+
+
+def test_study_flag_names_runs_by_arm_and_seed(tmp_path):
+    out = _run_with_tensorboard(tmp_path, SPEC)
     store = Store(out)
     runs = {json_run["values"]["norm"]: json_run["run_id"]
             for json_run in store.read_meta("study.json")["runs"]}
@@ -169,10 +175,7 @@ SEEDS_SPEC = SPEC.replace("seed = [0]", "seed = [0, 1]").replace("epochs = 2", "
 def test_hparams_group_the_seeds_of_each_arm_and_units_match_across_seeds(tmp_path):
     from tensorboard.plugins.hparams import api_pb2
 
-    spec = tmp_path / "spec.toml"
-    spec.write_text(textwrap.dedent(SEEDS_SPEC))
-    out = tmp_path / "out"
-    assert cli.main(["study", "run", str(spec), "--out", str(out), "--tensorboard"]) == 0
+    out = _run_with_tensorboard(tmp_path, SEEDS_SPEC)
     store = Store(out)
     unit_tags = {}
     for r in store.read_meta("study.json")["runs"]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 from torch import nn
 
 from bnlab.cli import main
@@ -139,19 +140,12 @@ def test_fold_and_compare_take_the_user_model(weights, tmp_path, capsys):
     assert not (weights / "predictions.pt").exists()
 
 
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_bad_user_models_are_one_line_errors(weights, tmp_path, capsys):
     good = str(weights / "good.pt")
 
     def run(entry, w=good, dataset="synthetic"):
-        return _error(capsys, ["diagnose", "--model-entry", entry, "--weights", w,
-                               "--dataset", dataset])
+        return one_line_error(capsys, ["diagnose", "--model-entry", entry, "--weights", w,
+                                       "--dataset", dataset])
 
     assert "is not MODULE:FUNCTION" in run("no_colon")
     assert "cannot import module 'no_such_module_xyz'" in run("no_such_module_xyz:f")
@@ -173,12 +167,12 @@ def test_bad_user_models_are_one_line_errors(weights, tmp_path, capsys):
     torch.save(make_five_class_net().state_dict(), five)
     assert "needs logits of shape (2, 10)" in run("test_user_model:make_five_class_net",
                                                    str(five))
-    assert "missing --dataset" in _error(capsys, ["fold", "--model-entry", ENTRY, "--weights",
-                                                  good])
-    assert "not both" in _error(capsys, ["fold", str(weights), "--model-entry", ENTRY])
-    assert "give a CHECKPOINT" in _error(capsys, ["diagnose"])
-    assert "need --weights FILE" in _error(capsys, ["compare", "--model-entry", ENTRY,
-                                                "--dataset", "synthetic"])
+    assert "missing --dataset" in one_line_error(capsys, ["fold", "--model-entry", ENTRY,
+                                                          "--weights", good])
+    assert "not both" in one_line_error(capsys, ["fold", str(weights), "--model-entry", ENTRY])
+    assert "give a CHECKPOINT" in one_line_error(capsys, ["diagnose"])
+    assert "need --weights FILE" in one_line_error(capsys, ["compare", "--model-entry", ENTRY,
+                                                            "--dataset", "synthetic"])
 
 
 def test_a_model_file_runs_as_a_script_would(tmp_path, capsys):
@@ -214,8 +208,9 @@ def test_a_model_file_runs_as_a_script_would(tmp_path, capsys):
         assert sys.path == before
         # a failing file leaves sys.path and sys.modules as they were, and says why in a line
         (folder / "bad.py").write_text("raise ValueError('no net')\n")
-        err = _error(capsys, ["fold", "--model-entry", f"{folder / 'bad.py'}:f", "--weights",
-                              str(tmp_path / "w.pt"), "--dataset", "synthetic"])
+        err = one_line_error(capsys, ["fold", "--model-entry", f"{folder / 'bad.py'}:f",
+                                      "--weights", str(tmp_path / "w.pt"), "--dataset",
+                                      "synthetic"])
         assert "raised ValueError: no net" in err
         assert sys.path == before and "bnlab_user_bad" not in sys.modules
     finally:

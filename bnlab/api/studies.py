@@ -14,7 +14,9 @@ from bnlab.report.analysis import compare_selected
 from bnlab.store import Store
 from bnlab.study import spec as specs
 from bnlab.study import status as statuses
+from bnlab.study.expand import Plan, expand
 from bnlab.study.options import EXECUTORS, SlurmOptions
+from bnlab.study.preflight import preflight
 from bnlab.study.runner import run_study, unfinished
 
 Folder = str | Path
@@ -56,7 +58,7 @@ class Counts(dict):
 class Study:
     """A study expanded into its runs (a Plan), and the folder it runs into."""
 
-    def __init__(self, plan: specs.Plan, out: Folder | None = None):
+    def __init__(self, plan: Plan, out: Folder | None = None):
         self.plan = plan
         self.out: Path | None = checks.folder("out", out, optional=True)
 
@@ -83,7 +85,7 @@ class Study:
             sets.append(specs.coerce("device", checks.text("device", device), "--device"))
         if tensorboard:
             sets.append(("tensorboard", True))
-        plan = specs.expand(sp, sets, _pairs(only, "--only"), _data_map(data_map))
+        plan = expand(sp, sets, _pairs(only, "--only"), _data_map(data_map))
         return cls(plan, out)
 
     @classmethod
@@ -92,7 +94,7 @@ class Study:
         folder = statuses.resolve_out(str(checks.folder("out", out)))
         meta = Store(folder).read_meta("study.json")
         sp = specs.parse_spec(meta["spec"], source="table", default_name=meta["name"])
-        plan = specs.expand(sp, _pairs(meta.get("sets") or {}, "--set"),
+        plan = expand(sp, _pairs(meta.get("sets") or {}, "--set"),
                             _pairs(meta.get("only") or {}, "--only"),
                             dict(meta.get("data_map") or {}))
         return cls(plan, folder)
@@ -138,7 +140,7 @@ class Study:
                         checks.integer(f"slurm {k}", v, 0)
             options = (slurm if isinstance(slurm, SlurmOptions)
                        else SlurmOptions(**(slurm or {}))).validate()
-        specs.preflight(self.plan)
+        preflight(self.plan)
         if out is not None:
             self.out = out
         elif self.out is None:

@@ -16,12 +16,14 @@ keeps the plain step where the kernels cannot be built or are switched off
 (`BNLAB_CPU_KERNELS=0` in the environment for every run of a process). Both give the same result
 up to float rounding (tests/test_cpu_kernels.py compares them with a float64 reference).
 
-A `FusedNormAct` takes the fused kernel only where it is the same computation, which it checks
-at each call because a model can change after it is built: a plain `nn.BatchNorm2d` in training
-mode with affine parameters and running statistics, a float32 or bfloat16 CPU tensor in
-channels_last layout (autocast gives bfloat16), no forward or backward hook on the norm (forward
-pre-hooks are called, as probes use them), and not while torch.compile or a tracer is recording
-the model. Elsewhere it runs torch's ops, exactly the plain step.
+The builder swaps the steps of a model that holds a norm the kernel computes (`kernel_norm`: a
+plain `nn.BatchNorm2d` with affine parameters and running statistics, fixed when the norm is
+made). A `FusedNormAct` then takes the kernel only where it is the same computation, which it
+checks at each call for what can change after the build: the norm of the call and its training
+mode and dtypes, a float32 or bfloat16 CPU tensor in channels_last layout (autocast gives
+bfloat16), no forward or backward hook on the norm (`_needs_module_call`: probes add hooks on an
+armed step; forward pre-hooks are called, as probes use them), and not while torch.compile or a
+tracer is recording the model. Elsewhere it runs torch's ops, exactly the plain step.
 """
 
 from __future__ import annotations
@@ -190,24 +192,44 @@ class BnActFunction(torch.autograd.Function):
         return gx, gw, gb, (gr if ctx.residual else None), None, None, None, None, None
 
 
+def kernel_norm(bn: nn.Module) -> bool:
+    """Whether `bn` is a norm the kernel computes: a plain nn.BatchNorm2d with affine parameters
+    and running statistics. What it tests is fixed when the module is made, so the model
+    builder asks it once (bnlab.models.norm_act.use_fused_norm_act) and a model without such a
+    norm keeps torch's step."""
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+
+
+def _needs_module_call(bn: nn.Module) -> bool:
+    """Whether a hook other than a plain forward pre-hook is registered on `bn` or on every
+    module: such a hook needs the norm's own call. Asked at each call, not at build, because
+    hooks come and go after the model is built (probes add them on an armed step and remove
+    them after it). The dictionaries are torch's own, the ones nn.Module.__call__ reads: no
+    public call says whether a module has hooks."""
+    return bool(bn._forward_hooks or bn._forward_pre_hooks_with_kwargs
+                or bn._backward_hooks or bn._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _recording() -> bool:
+    """Whether torch.compile or a tracer is recording the model (it records torch's ops)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
+
+
 def _fusable(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether relu(bn(x) + residual) is the kernel's computation for this call. The hook
-    dictionaries are torch's own: no public call says whether a module has hooks, and a hook
-    needs the module's own call (a pre-hook is called here, as nn.Module.__call__ would)."""
-    return (type(bn) is nn.BatchNorm2d and bn.training and bn.affine
-            and bn.track_running_stats and x.device.type == "cpu" and x.dim() == 4
+    """Whether relu(bn(x) + residual) is the kernel's computation for this call: the norm, its
+    mode and dtypes (a model may be switched to eval or cast after it is built), the tensors
+    of this call, no hook that needs the norm's own call, nothing recording the model."""
+    return (kernel_norm(bn) and bn.training and x.device.type == "cpu" and x.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16)
             and x.is_contiguous(memory_format=torch.channels_last)
             and x.numel() > x.shape[1]  # torch refuses one value per channel: keep its error
             and bn.weight.dtype == torch.float32 and bn.running_mean.dtype == torch.float32
-            and not bn._forward_hooks and not bn._forward_pre_hooks_with_kwargs
-            and not bn._backward_hooks and not bn._backward_pre_hooks
-            and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
-            and not _module._global_backward_hooks and not _module._global_backward_pre_hooks
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
-                                      and residual.device == x.device)))
+                                      and residual.device == x.device))
+            and not _needs_module_call(bn) and not _recording())
 
 
 class FusedNormAct(nn.Module):
@@ -235,7 +257,8 @@ def _fused_or_torch(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | Non
                     relu: bool) -> torch.Tensor:
     if isinstance(x, torch.fx.Proxy) or not _fusable(bn, x, residual):  # FX traces torch's ops
         return _torch_ops(bn, x, residual, relu)
-    for hook in bn._forward_pre_hooks.values():  # what nn.Module.__call__ would run first
+    # plain forward pre-hooks (the probes' input rows) are run here, as nn.Module.__call__ would
+    for hook in bn._forward_pre_hooks.values():
         result = hook(bn, (x,))
         if result is not None:
             x = result[0] if isinstance(result, tuple) else result

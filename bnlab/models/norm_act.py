@@ -32,8 +32,12 @@ class NormAct(nn.Module):
 
 
 def use_fused_norm_act(model: nn.Module, log: Callable[[str], None] | None = None) -> bool:
-    """Swap each NormAct of `model` for a FusedNormAct when the fused CPU kernels can be built
-    or loaded on this machine (True); else leave the model as it is (False)."""
+    """Swap each NormAct of `model` for a FusedNormAct when the model holds a norm the kernel
+    computes (cpu_kernels.kernel_norm: a model of other norms would only ever take torch's ops)
+    and the fused CPU kernels can be built or loaded on this machine (True); else leave the
+    model as it is (False)."""
+    if not any(cpu_kernels.kernel_norm(m) for m in model.modules()):
+        return False
     if not cpu_kernels.prepare(log):
         return False
     for parent in list(model.modules()):

@@ -14,8 +14,9 @@ Layout of an output root:
                                 lock when that process dies, even by SIGKILL
     OUT/index.sqlite.damaged    an index SQLite could not read, kept after it was rebuilt
 
-files.py has the run folders (atomic writes, reading, checkpoints), index.py the index, rows.py
-the type of a metrics.jsonl row (`EpochRow`), written by the training loops and read by reports.
+files.py has the run folders (atomic writes, reading, checkpoints), index.py the index,
+locks.py the per-run lock files (`Store.lock`, `Store.is_locked`), rows.py the type of a
+metrics.jsonl row (`EpochRow`), written by the training loops and read by reports.
 
 Every file is written to a temporary name and renamed over the old one, so a reader (or a run
 killed at any moment) sees either the previous complete file or the new complete file. A write

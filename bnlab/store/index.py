@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from bnlab.errors import StorageError, UserError, storage_error
+from bnlab.store import locks
 from bnlab.store.files import (
     RunDir,
     _clean,
@@ -338,44 +338,14 @@ class Store:
         return self.root / rel
 
     # -- per-run locks and attempts ------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, run_id: str, wait: bool = True, prefix: str = "") -> Iterator[bool]:
-        """Hold OUT/.locks/<run_id>.lock exclusively; yields False (at once) when `wait` is
-        False and another process holds it."""
-        path = self.root / ".locks" / f"{prefix}{run_id}.lock"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise storage_error(path, e, "create the lock") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+    def lock(self, run_id: str, wait: bool = True,
+             prefix: str = "") -> contextlib.AbstractContextManager[bool]:
+        """Hold the run's lock file exclusively (bnlab.store.locks.hold)."""
+        return locks.hold(self.root, run_id, wait, prefix)
 
     def is_locked(self, run_id: str) -> bool:
-        """Whether some process holds the run's lock right now (a lock file that does not
-        exist, or cannot be opened on read-only storage, is held by no one)."""
-        path = self.root / ".locks" / f"{run_id}.lock"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        """Whether some process holds the run's lock right now (bnlab.store.locks)."""
+        return locks.is_held(self.root, run_id)
 
     def record_attempt(self, run_id: str, from_epoch: int) -> None:
         """Note that this process starts (or resumes, from `from_epoch`) training `run_id`."""

@@ -36,9 +36,9 @@ import torch
 from bnlab.config import RunConfig, from_json_dict
 from bnlab.errors import UserError
 from bnlab.store import FINISHED, Store
+from bnlab.study.expand import Plan
 from bnlab.study.options import CLUSTERS, SlurmOptions
 from bnlab.study.progress import Progress
-from bnlab.study.spec import Plan
 from bnlab.study.worker import record_lost, run_one
 from bnlab.train import train_run
 

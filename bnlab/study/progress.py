@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from bnlab.console import fmt_time
 from bnlab.store import FINISHED, Store
-from bnlab.study.spec import Plan
+from bnlab.study.expand import Plan
 
 REFRESH_S = 1.0  # how often the bar rereads the index (other runners' epochs count too)
 

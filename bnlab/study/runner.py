@@ -1,4 +1,4 @@
-"""Running a study: every run of a plan (bnlab/study/spec.py), resumable, isolated, locked.
+"""Running a study: every run of a plan (bnlab/study/expand.py), resumable, isolated, locked.
 
 `run_study` opens the study's folder (study.json), trains the packable GPU runs together as
 packs (bnlab.train.packed), hands the rest to an executor (bnlab/study/executors.py: this
@@ -15,9 +15,9 @@ from bnlab.errors import UserError
 from bnlab.runtime import resolve_device
 from bnlab.store import FINISHED, Store
 from bnlab.study.executors import SlurmExecutor, run_parallel, run_serial
+from bnlab.study.expand import Plan
 from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.progress import Progress
-from bnlab.study.spec import Plan
 from bnlab.study.status import count_statuses
 from bnlab.study.tuning import CHOOSABLE, choose, group_key
 from bnlab.study.worker import check_data

@@ -1,35 +1,36 @@
-"""Study specs: a TOML file (or a built-in name) expanded into a list of validated run configs.
+"""Study specs: a TOML file (or a built-in name) read and checked into a `Spec`.
 
 A spec has a `[base]` run config, a `[grid]` whose axes are multiplied out, and `[[cases]]` that
 are applied in order to the expanded grid: a case whose `where` values all equal a run's values
 overrides that run with `set` and/or multiplies it by the case's own `grid`. On top of the spec,
 the command line may override values in every run (`--set`), keep a subset (`--only`) and point
-placeholder dataset names at real data (`--data-map`). Every run is identified by
-`RunConfig.run_id()`; runs that end up identical are kept once.
+placeholder dataset names at real data (`--data-map`): their flags are parsed here too.
 
-Names of norms, inits and models are not checked here: the registries grow independently, so
-they are checked by `preflight` just before running (and a run that fails anyway is recorded
-as failed by the runner).
+The stages after parsing have their own modules: expand.py multiplies a Spec out into a Plan of
+validated run configs (`expand` and `Plan` are importable from here as well, the names most
+callers use), preflight.py checks the plan's names against the registries just before running,
+and tuning.py holds the protocol of a [tune] section.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import FIELDS, NOT_ARM_KEYS, RunConfig, _coerce, validate
+from bnlab.config import FIELDS, _coerce
 from bnlab.errors import UserError, suggest, unknown
-from bnlab.store import warn
-from bnlab.study.tuning import TUNE_KEYS, Tune, group_key, tuning_configs
-from bnlab.usercode import ENTRY
+
+# expand() and Plan are expand.py's (which reads a Spec without importing this module), named
+# here as well: a spec is loaded and expanded together almost everywhere
+from bnlab.study.expand import Plan, expand  # noqa: F401
+from bnlab.study.tuning import TUNE_KEYS, Tune
 
 SECTIONS = ("name", "description", "max_runs", "base", "grid", "cases", "tune", "analysis",
             "estimate")
@@ -267,104 +268,7 @@ def _parse_analysis(table: dict, label: str) -> dict[str, Any]:
             "baseline": _values(table.get("baseline", {}), f"{where} baseline")}
 
 
-# -- expansion ---------------------------------------------------------------------------------
-@dataclass
-class PlannedRun:
-    cfg: RunConfig
-    dataset: str  # the dataset name in the spec, before --data-map
-    values: dict[str, Any] = field(default_factory=dict)  # axes (and dataset) -> value
-
-    @property
-    def run_id(self) -> str:
-        return self.cfg.run_id()
-
-
-@dataclass
-class TuneGroup:
-    """The tuned runs of a [tune] section that differ only in seed: their tuning runs, and the
-    value chosen for them (None until it is)."""
-
-    key: str
-    dataset: str  # the dataset name in the spec
-    tuning: list[PlannedRun]
-    chosen: Any = None
-    label: dict[str, Any] = field(default_factory=dict)  # the group's values of the axes
-
-
-@dataclass
-class Plan:
-    spec: Spec
-    runs: list[PlannedRun]  # every run whose configuration is known (tuned ones once chosen)
-    axes: list[str]
-    sets: dict[str, Any]
-    only: dict[str, Any]
-    data_map: dict[str, str]
-    groups: list[TuneGroup] = field(default_factory=list)  # [tune]: one per tuned group
-    waiting: list[PlannedRun] = field(default_factory=list)  # tuned runs before their choice
-    args: tuple = ()  # expand()'s arguments, to expand again with the choices
-
-    @property
-    def tune_runs(self) -> list[PlannedRun]:
-        return [r for g in self.groups for r in g.tuning]
-
-    @property
-    def all_runs(self) -> list[PlannedRun]:
-        """Every run the plan will train: tuning runs, runs, runs waiting for their choice."""
-        return [*self.tune_runs, *self.runs, *self.waiting]
-
-    def with_choices(self, chosen: dict[str, Any]) -> Plan:
-        """The plan expanded again with `chosen` ({group key: value}) for the tuned runs."""
-        return expand(*self.args, chosen=chosen)
-
-    def study_json(self) -> dict[str, Any]:
-        """The OUT/study.json document (see the contract in docs/studies.md)."""
-        doc = {"name": self.spec.name, "description": self.spec.description,
-               "spec": self.spec.raw, "sets": self.sets, "only": self.only,
-               "data_map": self.data_map, "axes": self.axes,
-               "runs": [{"run_id": r.run_id, "values": r.values} for r in self.runs],
-               "analysis": self.spec.analysis}
-        t = self.spec.tune
-        if t is not None:
-            doc["tuning"] = {
-                "axis": t.axis, "values": list(t.values), "seed": t.seed, "set": t.set,
-                "where": t.where, "protocol": t.describe(), "waiting": len(self.waiting),
-                "groups": [{"group": g.key, "dataset": g.dataset, "values": g.label,
-                            "chosen": g.chosen,
-                            "runs": [{"run_id": r.run_id, "value": getattr(r.cfg, t.axis)}
-                                     for r in g.tuning]} for g in self.groups]}
-        return doc
-
-
-def _product(axes: dict[str, list]) -> list[dict[str, Any]]:
-    keys = list(axes)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())]
-
-
-def _same(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def _expand_spec(spec: Spec) -> list[dict[str, Any]]:
-    """Every run as its overrides of [base], before command-line changes."""
-    base = dataclasses.replace(RunConfig(), **spec.base)
-    runs = _product(spec.grid)
-    for i, case in enumerate(spec.cases, 1):
-        out, hits = [], 0
-        for r in runs:
-            cfg = dataclasses.replace(base, **r)
-            if all(_same(getattr(cfg, k), v) for k, v in case.where.items()):
-                hits += 1
-                out.extend({**r, **case.set, **extra} for extra in _product(case.grid))
-            else:
-                out.append(r)
-        if not hits:
-            shown = ", ".join(f"{k}={v!r}" for k, v in case.where.items())
-            raise UserError(f"case {i} of spec {spec.name!r} (where {shown}) matches no run "
-                            "of the grid")
-        runs = out
-    return runs
-
-
+# -- the command line's changes: --set, --only, --data-map --------------------------------------
 def parse_assignments(items: list[str] | None, flag: str) -> list[tuple[str, Any]]:
     """`key=value` strings of --set/--only as (field, coerced value) pairs."""
     out = []
@@ -397,208 +301,3 @@ def parse_data_map(items: list[str] | None) -> dict[str, str]:
                 dataset = "imagefolder:" + str(Path(path).expanduser().resolve())
         out[name] = dataset
     return out
-
-
-def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
-           only: list[tuple[str, Any]] | None = None,
-           data_map: dict[str, str] | None = None,
-           chosen: dict[str, Any] | None = None) -> Plan:
-    """The runs of `spec` after --set (applied last, to every run), --data-map and --only.
-
-    With a [tune] section, the tuned runs (those matching its `where`) whose group has a value
-    in `chosen` take it; the others wait (Plan.waiting) and their groups' tuning runs are
-    planned (Plan.groups; bnlab.study.tuning). --only keeps tuned runs, not tuning runs: a
-    tuned run needs its group's tuning whatever its seed."""
-    args = (spec, sets, only, data_map)
-    chosen = chosen or {}
-    sets_d = dict(sets or [])
-    data_map = dict(data_map or {})
-    only_d: dict[str, list] = {}
-    for k, v in only or []:
-        only_d.setdefault(k, []).append(v)
-
-    base = dataclasses.replace(RunConfig(), **spec.base)
-    raw = _expand_spec(spec)
-    baseline = spec.analysis["baseline"]
-    if baseline and not any(all(_same(getattr(dataclasses.replace(base, **r), k), v)
-                                for k, v in baseline.items()) for r in raw):
-        shown = ", ".join(f"{k}={v!r}" for k, v in baseline.items())
-        raise UserError(f"[analysis] baseline ({shown}) of spec {spec.name!r} matches no run")
-    logical = sorted({dataclasses.replace(base, **{**r, **sets_d}).dataset for r in raw})
-    for name in data_map:
-        if name not in logical:
-            raise UserError(f"--data-map name {name!r} is not a dataset of study "
-                            f"{spec.name!r}{suggest(name, logical)}; its datasets: "
-                            f"{', '.join(logical)}")
-
-    tune = spec.tune
-    runs: list[PlannedRun] = []
-    waiting: list[PlannedRun] = []
-    groups: dict[str, TuneGroup] = {}
-    tuned_any = False
-    seen: dict[str, dict] = {}  # run id -> the grid point that planned it first
-    repeated: list[tuple[dict, dict]] = []  # (first, repeat): grid points that are one run
-    for r in raw:
-        overrides = {**r, **sets_d}
-        cfg = dataclasses.replace(base, **overrides)
-        name = cfg.dataset
-        cfg = dataclasses.replace(cfg, dataset=data_map.get(name, name))
-        shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
-        try:
-            cfg = validate(cfg)
-        except UserError as e:
-            raise UserError(f"run ({shown}) of spec {spec.name!r}: {e}") from None
-        tuned = tune is not None and all(
-            _same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
-            for k, v in tune.where.items())
-        tuned_any = tuned_any or tuned
-        key = group_key(cfg, tune) if tuned else ""
-        if tuned and key in chosen:
-            try:
-                cfg = validate(dataclasses.replace(cfg, **{tune.axis: chosen[key]}))
-            except UserError as e:
-                raise UserError(f"run ({shown}) of spec {spec.name!r} at the chosen "
-                                f"{tune.axis}: {e}") from None
-        if cfg.run_id() in seen:
-            first = seen[cfg.run_id()]
-            if not any(k in sets_d for k in set(first) ^ set(r) | {
-                    k for k in set(first) & set(r) if not _same(first[k], r[k])}):
-                repeated.append((first, r))  # not a --set that fixed a varied option
-            continue
-        seen[cfg.run_id()] = r
-        keep = all(any(_same(getattr(cfg, k), v) or (k == "dataset" and _same(name, v))
-                       for v in vals) for k, vals in only_d.items())
-        if not keep:
-            continue
-        if tuned and key not in groups:
-            groups[key] = TuneGroup(key, name, [PlannedRun(_tuning_cfg(c, spec), name)
-                                                for c in tuning_configs(cfg, tune)],
-                                    chosen.get(key))
-        (waiting if tuned and key not in chosen else runs).append(PlannedRun(cfg, name))
-    if tune is not None and not tuned_any:
-        shown = ", ".join(f"{k}={v!r}" for k, v in tune.where.items())
-        raise UserError(f"[tune] of spec {spec.name!r} (where {shown}) matches no run")
-    if repeated:
-        warn(_repeat_warning(spec.name, repeated))
-    if not runs and not waiting:
-        shown = " ".join(f"{k}={v!r}" for k, vals in only_d.items() for v in vals)
-        raise UserError(f"no run of study {spec.name!r} matches --only {shown}")
-
-    analysis = spec.analysis
-    bad = next((r for g in groups.values() for r in g.tuning if not r.cfg.val_fraction), None)
-    if bad is not None:
-        raise UserError(f"study {spec.name!r} tunes {tune.axis} on a validation split, but "
-                        f"tuning run {bad.run_id} has val_fraction 0: set val_fraction (e.g. "
-                        "[base] val_fraction = 0.1)")
-    if analysis["select_best"] and analysis["select_on"] == "val":
-        bad = next((r for r in runs if not r.cfg.val_fraction), None)
-        if bad is not None:
-            raise UserError(f"study {spec.name!r} selects {', '.join(analysis['select_best'])} "
-                            f"on a validation split, but run {bad.run_id} has val_fraction 0: "
-                            "set val_fraction (e.g. [base] val_fraction = 0.1), or select on "
-                            "the test set with [analysis] select_on = \"test\"")
-    axes = _varying(spec, runs + waiting, list(sets_d))
-    for r in runs + waiting + [t for g in groups.values() for t in g.tuning]:
-        r.values = {k: (r.dataset if k == "dataset" else getattr(r.cfg, k)) for k in axes}
-        r.values.setdefault("dataset", r.dataset)
-    for g in groups.values():
-        g.label = {k: v for k, v in g.tuning[0].values.items()
-                   if k not in NOT_ARM_KEYS and k != tune.axis}
-    only_out = {k: v[0] if len(v) == 1 else v for k, v in only_d.items()}
-    return Plan(spec, runs, axes, sets_d, only_out, data_map, list(groups.values()), waiting,
-                args)
-
-
-def _tuning_cfg(cfg: RunConfig, spec: Spec) -> RunConfig:
-    try:
-        return validate(cfg)
-    except UserError as e:
-        raise UserError(f"a tuning run of spec {spec.name!r} ([tune] set): {e}") from None
-
-
-def _repeat_warning(name: str, repeated: list[tuple[dict, dict]]) -> str:
-    """One line: grid points of spec `name` that are the same run as an earlier one (a value
-    listed twice in an axis, a case or --set making two points equal) and so run once."""
-    first, again = repeated[0]
-    shown = ", ".join(f"{k}={v!r}" for k, v in again.items())
-    if _same(first, again):
-        how = f"({shown}) is listed more than once"
-    else:
-        other = ", ".join(f"{k}={v!r}" for k, v in first.items())
-        how = f"({shown}) is the same run as ({other})"
-    n = len(repeated)
-    return (f"study {name!r}: {n} grid point{'s' if n != 1 else ''} repeat{'' if n != 1 else 's'}"
-            f" a run already planned and {'are' if n != 1 else 'is'} run once, e.g. {how}; a "
-            "repeated seed adds no repetition")
-
-
-def _varying(spec: Spec, runs: list[PlannedRun], set_keys: list[str]) -> list[str]:
-    """Keys whose value differs between runs: grid axes first, then cases', then the rest."""
-    order = list(spec.grid)
-    for c in spec.cases:
-        order += list(c.set) + list(c.grid)
-    order += set_keys + list(FIELDS)
-    axes = []
-    for k in dict.fromkeys(order):
-        vals = {json.dumps(r.dataset if k == "dataset" else getattr(r.cfg, k), sort_keys=True)
-                for r in runs}
-        if len(vals) > 1:
-            axes.append(k)
-    return axes
-
-
-# -- checks just before running ----------------------------------------------------------------
-# The registries below import torch: loaded when a plan is checked before running, so that
-# reading and expanding specs (`bnlab study list`) stays free of torch's start-up time.
-def known_datasets() -> tuple[str, ...]:
-    """The dataset registry's plain names; its pattern imagefolder:PATH is checked by its path."""
-    from bnlab.data import DATASETS
-
-    return tuple(name for name in DATASETS if ":" not in name)
-
-
-def _registries() -> dict[str, dict]:
-    """The name registries of the model, norm and init factories."""
-    from bnlab.models import MODELS
-    from bnlab.models.init import INITS
-    from bnlab.norm import FORMULAS
-
-    return {"model": MODELS, "norm": FORMULAS, "init": INITS}
-
-
-def preflight(plan: Plan) -> None:
-    """Refuse, before anything is trained, names that nothing knows: unmapped placeholder
-    datasets, image folders that do not exist, models, norms and inits missing from their
-    registries (and for an entry: model, its module and function), an unavailable device,
-    TensorBoard output without the tensorboard package.
-
-    Only names are checked: a combination a factory refuses (say, options of one norm) is a run
-    that fails at run time, recorded as failed while the rest of the study goes on.
-    """
-    from bnlab.models.entry import check_entry
-    from bnlab.runtime import resolve_device
-    from bnlab.train.board import require_tensorboard
-
-    known = known_datasets()
-    for r in plan.all_runs:
-        ds = r.cfg.dataset
-        if ds not in known and not ds.startswith("imagefolder:"):
-            raise UserError(f"dataset {ds!r} of study {plan.spec.name!r} is not a dataset "
-                            f"name{suggest(ds, known)}: map it with --data-map "
-                            f"{ds}=imagefolder:PATH (or one of {', '.join(known)})")
-    for ds in dict.fromkeys(r.cfg.dataset for r in plan.all_runs):
-        path = ds.removeprefix("imagefolder:")
-        if ds.startswith("imagefolder:") and not Path(path).expanduser().exists():
-            raise UserError(f"image folder {path!r} of study {plan.spec.name!r} does not "
-                            "exist: give --data-map NAME=imagefolder:PATH a folder in the "
-                            "ImageNet layout (train/, val/ or test/) or a .tar/.tar.gz of one")
-    for kind, names in _registries().items():
-        for value in dict.fromkeys(getattr(r.cfg, kind) for r in plan.all_runs):
-            if value not in names:
-                raise unknown(kind, value, names)
-            if kind == "model" and value.startswith(ENTRY):
-                check_entry(value)  # its module and function, before anything trains
-    for device in sorted({r.cfg.device for r in plan.all_runs}):
-        resolve_device(device)
-    if any(r.cfg.tensorboard for r in plan.all_runs):
-        require_tensorboard()
