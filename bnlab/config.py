@@ -20,6 +20,7 @@ from typing import Any
 
 from bnlab.errors import StorageError, UserError, suggest
 from bnlab.usercode import ENTRY, NOT_FOR_ENTRIES, model_tag, resolve_entry
+from bnlab.values import finite, integer, kind_of, option_value
 
 
 def _f(default, help: str, unit: str = "", choices: tuple = (), **kw):
@@ -177,42 +178,9 @@ NOT_ARM_KEYS = frozenset({"seed", "probe_every", "probe_step_sizes", "probe_imag
                           *NOT_IN_ID})
 # options added later whose default is the earlier behaviour: in the id only when set
 OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes", "model_source"}
-INT_MAX = 2**63 - 1  # torch's int64: every integer option must fit
 SEED_MAX = 2**32 - 1  # data-order generators are seeded with seed * 1_000_003 + epoch < 2**64
 # model, norm, init: a plain name (a model may name its family: torchvision:NAME)
 NAME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_]*:)?[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-def _kind(value) -> str:
-    name = "boolean" if isinstance(value, bool) else type(value).__name__
-    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
-
-
-def _finite(name: str, value: Any) -> float:
-    """`value` as a finite float (an int, a float, or a flag's string; never a boolean)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise UserError(f"{name} must be a number, got {_kind(value)} ({value!r})")
-    try:
-        v = float(value)
-    except (ValueError, OverflowError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise UserError(f"{name} must be a finite number, got {value!r}")
-    return v
-
-
-def _integer(name: str, value: Any) -> int:
-    """`value` as an int: an integer from TOML or JSON, or a string of digits from a flag; a
-    float (1e12, 2.0) is refused rather than truncated or rounded."""
-    if isinstance(value, bool | float) or not isinstance(value, int | str):
-        raise UserError(f"{name} must be an integer, got {_kind(value)} ({value!r})")
-    try:
-        v = int(value)
-    except ValueError:
-        raise UserError(f"{name} must be an integer, got {value!r}") from None
-    if not -INT_MAX <= v <= INT_MAX:
-        raise UserError(f"{name} must be an integer of at most 2^63-1 in size, got {v}")
-    return v
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -221,7 +189,7 @@ def _coerce(name: str, value: Any) -> Any:
     if FIELDS[name].default_factory is not dataclasses.MISSING:
         if not isinstance(value, dict):
             raise UserError(f"{name} must be a table like {{momentum = 0.1}}, got {value!r}")
-        return {str(k): _option_value(f"{name} {k}", v) for k, v in value.items()}
+        return {str(k): option_value(f"{name} {k}", v) for k, v in value.items()}
     kind = type(default)
     if name == "probe_step_sizes" and isinstance(value, list | tuple):  # a TOML array
         value = ",".join(str(v) for v in value)
@@ -235,54 +203,14 @@ def _coerce(name: str, value: Any) -> Any:
             return False
         raise UserError(f"{name} must be true or false, got {value!r}")
     if kind is int:
-        return _integer(name, value)
+        return integer(name, value)
     if kind is float:
-        return _finite(name, value)
+        return finite(name, value)
     if not isinstance(value, str):
-        raise UserError(f"{name} must be a string, got {_kind(value)} ({value!r})")
+        raise UserError(f"{name} must be a string, got {kind_of(value)} ({value!r})")
     if not value.isprintable():
         raise UserError(f"{name} must be printable text, got {value!r}")
     return value
-
-
-def _option_value(name: str, value: Any) -> Any:
-    """A value of --norm-options/--init-options: a boolean, a finite number or a string (what
-    each option accepts is checked by `check_options` against its factory's table)."""
-    if isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        return _integer(name, value)
-    if isinstance(value, float):
-        return _finite(name, value)
-    raise UserError(f"{name} must be a boolean, a number or a string, got {_kind(value)} "
-                    f"({value!r})")
-
-
-def check_options(what: str, options: dict, defaults: dict) -> dict:
-    """`options` checked against `defaults` (an OPTIONS table of bnlab.norm or bnlab.models.init:
-    option -> default): each value must have its default's type (a number where the default is
-    a float or None, an integer where it is an int); returns `options`. `what` names them in
-    errors ("norm 'bn'"). An unknown option is named before any value is checked (the first
-    in sorted order, so the message does not depend on the order options were given in)."""
-    bad = sorted(set(options) - set(defaults))
-    if bad:
-        raise UserError(f"unknown option {bad[0]!r} for {what}; accepted: "
-                        f"{', '.join(sorted(defaults)) or 'none'}")
-    for key, value in options.items():
-        default = defaults[key]
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(default, str):
-            ok, want = isinstance(value, str), "a string"
-        else:  # float, or None (the layer's own default, a number)
-            ok = (isinstance(value, int | float) and not isinstance(value, bool)
-                  and math.isfinite(value))
-            want = "a finite number"
-        if not ok:
-            raise UserError(f"{what} option {key} must be {want}, got {value!r}")
-    return options
 
 
 def validate(cfg: RunConfig) -> RunConfig:

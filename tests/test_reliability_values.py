@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnlab import cli
-from bnlab.config import FIELDS, INT_MAX, SEED_MAX, RunConfig, from_mapping, validate
+from bnlab.config import FIELDS, SEED_MAX, RunConfig, from_mapping, validate
 from bnlab.errors import UserError
 from bnlab.models.init import OPTIONS as INIT_OPTIONS
 from bnlab.norm import OPTIONS as NORM_OPTIONS
 from bnlab.norm import make_norm
 from bnlab.study.spec import expand, parse_assignments, parse_spec
+from bnlab.values import INT_MAX
 
 FLOATS = [n for n, f in FIELDS.items() if type(f.default) is float]
 INTS = [n for n, f in FIELDS.items() if type(f.default) is int]
@@ -71,7 +72,7 @@ def test_norm_options_are_type_checked_per_option(options, needle):
 def test_option_checks_cover_every_table_entry():
     """Each option of every norm and init accepts its own default and refuses a value of
     another type (an integer-valued option refuses 1.5; the others refuse a list's string)."""
-    from bnlab.config import check_options
+    from bnlab.values import check_options
 
     for tables, kind in ((NORM_OPTIONS, "norm"), (INIT_OPTIONS, "init")):
         for name, table in tables.items():

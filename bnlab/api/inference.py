@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from torch import nn
 
 from bnlab.api import checks
 from bnlab.api.frames import frame
-from bnlab.data.bundle import DataBundle, tensor_bundle
+from bnlab.api.loaders import batches_of, checked_data, is_loader, loader_images
+from bnlab.data.bundle import DataBundle
 from bnlab.errors import UserError
 from bnlab.infer.batchstats import DEFINITIONS, precise_statistics, with_statistics
 from bnlab.infer.compare import compare_models, format_compare
@@ -47,46 +47,6 @@ class UserModel:
 
     entry: str
     weights: str | Path
-
-
-LOADER_NAME = "<loader>"  # the dataset name of a loader's images in results
-
-
-def _is_loader(value: Any) -> bool:
-    """An iterable of batches (a DataLoader, a list, a generator), not a path, text, tensor
-    or mapping, which are iterable too."""
-    return isinstance(value, Iterable) and not isinstance(
-        value, str | bytes | os.PathLike | torch.Tensor | Mapping)
-
-
-def _data(data: Any, loaders: bool = True) -> Any:
-    """`data` checked: None, a dataset spec, or (`loaders`) a loader, read later by _images."""
-    if data is None or (isinstance(data, str) and data) or (loaders and _is_loader(data)):
-        return data
-    accepted = ", or a DataLoader (an iterable of (images, labels) batches)" if loaders else ""
-    raise UserError(f"data must be a dataset spec (cifar10, mnist, imagefolder:PATH, "
-                    f"synthetic, ...){accepted}, got {checks.shown(data)}")
-
-
-def _images(data: Any) -> tuple[str | DataBundle | None, int | None]:
-    """A checked `data` ready for loading: a loader's batches read once into memory (as the
-    model takes them: no normalization is applied) as a bundle whose training and test sets
-    are both those images, with the size of its first batch; a spec as it is."""
-    if data is None or isinstance(data, str):
-        return data, None
-    xs, ys = [], []
-    for x, y in _batches(data, "data", None, None, labelled=True):
-        xs.append(x.detach().cpu())
-        ys.append(y.detach().cpu().long())
-    if not xs:
-        raise UserError("data (a loader) yielded no batch; it needs (images, labels) batches")
-    try:
-        x = torch.cat(xs)
-    except RuntimeError:
-        shapes = sorted({tuple(b.shape[1:]) for b in xs})[:2]
-        raise UserError(f"data's batches hold images of different shapes {shapes}; every "
-                        "image of a loader must have one shape") from None
-    return tensor_bundle(x, torch.cat(ys), LOADER_NAME), len(xs[0])
 
 
 def _loaded(model: Any, data: str | DataBundle | None, data_dir: str | None, device: str,
@@ -136,7 +96,7 @@ def _loaded(model: Any, data: str | DataBundle | None, data_dir: str | None, dev
 
 def _common(data, data_dir, device, batch_size, loaders: bool = True
             ) -> tuple[Any, str | None, str, int | None]:
-    return (_data(data, loaders),
+    return (checked_data(data, loaders),
             None if data_dir is None else str(checks.folder("data_dir", data_dir)),
             checks.choice("device", device, DEVICES),
             None if batch_size is None else checks.integer("batch_size", batch_size, 2))
@@ -180,7 +140,7 @@ def compare(models: Iterable, data: Any = None, *, out: str | Path | None = None
     if corruptions is None:
         corruptions = data is None or isinstance(data, str)
     corruptions = checks.flag("corruptions", corruptions)
-    if corruptions and _is_loader(data):
+    if corruptions and is_loader(data):
         raise UserError("corruptions=True needs images in [0, 1] and their normalization: a "
                         "dataset spec; a loader's images are used as they come (corruptions="
                         "False)")
@@ -198,7 +158,7 @@ def compare(models: Iterable, data: Any = None, *, out: str | Path | None = None
             raise UserError("comparing your own models needs --out DIR (out= in Python): "
                             "where compare.json goes")
         out = runs[0].path.parent / "analysis"
-    data, first = _images(data)  # a loader is read once, for every model
+    data, first = loader_images(data)  # a loader is read once, for every model
     batch_size = batch_size or first or USER_BATCH
     loaded, it = [], iter(runs)
     for i, m in enumerate(models, 1):
@@ -255,7 +215,7 @@ def diagnose(model, data: Any = None, *, batch_sizes: Iterable[int] = BATCH_SIZE
     target = checks.folder("write_recalibrated", write_recalibrated, optional=True)
     if target is not None and precise_batches == 0:
         raise UserError("--write-recalibrated needs PreciseBN: --precise-batches > 0")
-    data, first = _images(data)
+    data, first = loader_images(data)
     loaded = _loaded(model, data, data_dir, device, batch_size or first or USER_BATCH,
                      mean=mean, std=std)
     res = Diagnosis(diagnose_loaded(loaded, sizes, precise_batches, max_images,
@@ -363,43 +323,6 @@ def _copy_eval(model: nn.Module) -> nn.Module:
                         f"change the model passed in): {type(e).__name__}") from None
 
 
-def _batches(loader: Iterable, name: str, device: torch.device | None, limit: int | None,
-             labelled: bool = False):
-    """The batches of `loader` (checked by _is_loader), the first `limit` of them: their
-    inputs moved to `device` (None: where they are), or with `labelled` (inputs, labels)
-    pairs; a batch that is neither is a one-line UserError naming it."""
-    for i, b in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        x = b[0] if isinstance(b, list | tuple) and b else b
-        if not labelled:
-            if not isinstance(x, torch.Tensor):
-                raise UserError(f"{name} must yield tensors or (inputs, ...) tuples, got a "
-                                f"{type(x).__name__} in batch {i}")
-            yield x if device is None else x.to(device)
-            continue
-        y = b[1] if isinstance(b, list | tuple) and len(b) > 1 else None
-        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 2
-                and isinstance(y, torch.Tensor) and y.ndim == 1 and len(y) == len(x) > 0
-                and not y.is_floating_point() and not y.is_complex()
-                and y.dtype != torch.bool and int(y.min()) >= 0):
-            raise UserError(f"{name} must yield (images, labels) batches: images a float "
-                            f"tensor (N, C, ...), labels integers >= 0 (N,); got "
-                            f"{_described(b)} in batch {i}")
-        yield (x if device is None else x.to(device)), y
-
-
-def _described(batch: Any) -> str:
-    def one(v):
-        if isinstance(v, torch.Tensor):
-            return f"a {str(v.dtype).removeprefix('torch.')} tensor {tuple(v.shape)}"
-        return f"a {type(v).__name__}"
-
-    if isinstance(batch, list | tuple):
-        return f"({', '.join(one(v) for v in batch[:3])}{', ...' if len(batch) > 3 else ''})"
-    return one(batch)
-
-
 def recalibrate(model: nn.Module, loader: Iterable, definition: str = "pooled",
                 batches: int | None = None) -> nn.Module:
     """A copy of `model` (eval mode) whose BN layers hold statistics recomputed over
@@ -417,13 +340,13 @@ def recalibrate(model: nn.Module, loader: Iterable, definition: str = "pooled",
     definition = checks.choice("definition", definition, DEFINITIONS)
     if batches is not None:
         batches = checks.integer("batches", batches, 1)
-    if not _is_loader(loader):
+    if not is_loader(loader):
         raise UserError(f"loader must be a DataLoader or an iterable of batches, got "
                         f"{checks.shown(loader)}")
     mine = _copy_eval(model)
     param = next(iter(mine.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    stats = precise_statistics(mine, _batches(loader, "loader", device, batches))
+    stats = precise_statistics(mine, batches_of(loader, "loader", device, batches))
     if not stats:
         raise UserError("recalibrate found nothing to recompute: the model has no layer that "
                         "normalizes with batch statistics, or the loader yielded no batch")

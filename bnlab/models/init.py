@@ -13,12 +13,12 @@ import torch
 import torchvision
 from torch import nn
 
-from bnlab.config import check_options
 from bnlab.errors import UserError, unknown
 from bnlab.models.cifar_resnet import BasicBlock, CifarResNet
 from bnlab.models.imagenet import fixup_torchvision
 from bnlab.models.vgg import CifarVGG
 from bnlab.norm import zero_scale_, zero_scale_refusal
+from bnlab.values import check_options
 
 INITS = {
     "kaiming": "He et al. 2015 (MSRA): conv/linear weights ~ N(0, 2/fan), fan = fan_in "

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bnlab.config import check_options
 from bnlab.errors import UserError, unknown
+from bnlab.values import check_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,7 +45,7 @@ _torch_nn = _Lazy("torch.nn")
 @dataclass(frozen=True)
 class Option:
     """One norm option: its default (its type is the default's, None = the layer's own
-    default, a number: bnlab.config.check_options) and the values accepted beyond the type."""
+    default, a number: bnlab.values.check_options) and the values accepted beyond the type."""
 
     default: Any
     accepts: Callable[[Any], bool] | None = None
