@@ -174,12 +174,8 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     fig, (ax_acc, ax_loss) = _new(2, height=3.0)
     losses = []
     for a, color in zip(ordered, _colors(len(ordered))):  # colours in arm order, as elsewhere
-        if not _included(a):  # every run diverged: a legend entry, no data
-            steps = sorted({str(r.summary.get("diverged_step", "?")) for r in a.runs
-                            if r.status == "diverged"})
-            ax_acc.plot([], [], color=color, linestyle="--",
-                        label=f"{arm_label(a)}: {a.count('diverged')} diverged (step "
-                              f"{', '.join(steps)}), not drawn")
+        if not _included(a):  # every run diverged: a marker where it did, no data
+            _mark_diverged(ax_acc, ax_loss, a, arms, color)
             continue
         runs = _included(a)
         acc = [_epoch_series(r, lambda m: number(m.test_acc)) for r in runs]
@@ -199,8 +195,54 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
         f"{dataset}: test accuracy after each epoch and mean training loss over each epoch. "
         "Lines: mean over seeds; bands: minimum to maximum over seeds. Completed and "
         "no-learning runs only (diverged and failed runs are excluded, as in the summary "
-        "table); n per arm in the legend.",
+        "table); n per arm in the legend. An arm whose runs all diverged is a dashed "
+        "vertical line at the epoch (fraction) where it diverged.",
         f"Training curves on {dataset}")]
+
+
+# the config keys that fix how many steps make an epoch
+EPOCH_KEYS = ("batch_size", "limit_train", "val_fraction", "dataset")
+
+
+def steps_per_epoch(run: Run, arms: list[Arm]) -> float | None:
+    """Steps of one epoch of `run`, from a run of these arms with the same data and batch
+    size that finished an epoch (a run that diverged in its first epoch recorded none)."""
+    key = tuple(run.value(k) for k in EPOCH_KEYS)
+    for a in arms:
+        for r in a.runs:
+            if tuple(r.value(k) for k in EPOCH_KEYS) != key:
+                continue
+            for m in r.metrics:
+                step, epoch = number(m.get("step")), number(m.get("epoch"))
+                if step and epoch:
+                    return step / epoch
+    return None
+
+
+def _mark_diverged(ax_acc, ax_loss, a: Arm, arms: list[Arm], color) -> None:
+    """An arm whose runs all diverged: a dashed vertical line in both panels at the epoch
+    (fraction) where each distinct divergence step falls, named "diverged at step N" in the
+    legend; at the last finished epoch when the epoch's length is unknown."""
+    gone = [r for r in a.runs if r.status == "diverged"]
+    at: dict[float, list[int]] = {}
+    for r in gone:
+        step = number(r.summary.get("diverged_step"))
+        done = number(r.summary.get("epochs_done")) or 0.0
+        per = steps_per_epoch(r, arms)
+        if step is None:
+            x = done
+        else:
+            x = step / per if per else done
+            at.setdefault(x, []).append(int(step))
+            continue
+        at.setdefault(x, [])
+    steps = sorted({s for v in at.values() for s in v})
+    label = (f"{arm_label(a)}: {len(gone)} diverged at step {', '.join(map(str, steps))}"
+             if steps else f"{arm_label(a)}: {len(gone)} diverged") + " (not drawn)"
+    for i, x in enumerate(sorted(at)):
+        for ax in (ax_acc, ax_loss):
+            ax.axvline(x, color=color, linestyle="--", linewidth=1.0,
+                       label=label if ax is ax_acc and i == 0 else None)
 
 
 @styled

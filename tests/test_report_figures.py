@@ -1,0 +1,68 @@
+"""Report figures of the training curves, read back as matplotlib objects on a study written
+straight into a store: an arm whose runs all diverged is a marker where it diverged, in the
+panels and named in the legend, never data."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnlab.config import RunConfig
+from bnlab.report import figures as F
+from bnlab.report.arms import build_arms
+from bnlab.report.load import load_study
+from bnlab.store import Store
+
+STEPS_PER_EPOCH = 8
+
+
+def write_study(out, diverged_steps=(2, 3)):
+    """norm=bn: 2 seeds, 2 epochs of 8 steps; norm=none: every seed diverged at the given
+    steps of its first epoch (no metrics rows)."""
+    store = Store(out)
+    entries = []
+    for norm, seeds in (("bn", (0, 1)), ("none", (0, 1))):
+        for seed in seeds:
+            cfg = RunConfig(dataset="synthetic", norm=norm, seed=seed, epochs=2)
+            run = store.run(cfg.run_id())
+            run.write_json("config.json", {"config": cfg.to_dict()})
+            if norm == "none":
+                summary = {"status": "diverged", "diverged_step": diverged_steps[seed],
+                           "epochs_done": 0}
+                rows = []
+            else:
+                summary = {"status": "completed", "test_acc": 0.5, "train_acc": 0.6,
+                           "epochs_done": 2}
+                rows = [{"epoch": e, "step": e * STEPS_PER_EPOCH, "test_acc": 0.3 + 0.1 * e,
+                         "train_acc": 0.6, "train_loss": 2.0 / e, "test_loss": 1.1}
+                        for e in (1, 2)]
+            run.write_json("summary.json", summary)
+            run.write_rows("metrics.jsonl", rows)
+            entries.append({"run_id": cfg.run_id(),
+                            "values": {"norm": norm, "seed": seed, "dataset": "synthetic"}})
+    store.write_meta("study.json", {"name": "div", "description": "", "spec": {},
+                                    "sets": {}, "only": {}, "data_map": {},
+                                    "axes": ["norm", "seed"], "runs": entries,
+                                    "analysis": {"baseline": {"norm": "bn"}}})
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    drawn = []
+    real = F._render
+    monkeypatch.setattr(F, "_render", lambda fig: drawn.append(fig) or real(fig))
+    return drawn
+
+
+def test_a_diverged_arm_is_a_line_where_it_diverged_in_both_panels(tmp_path, figures):
+    write_study(tmp_path)
+    F.curves("synthetic", build_arms(load_study(tmp_path)))
+    (fig,) = figures
+    for ax in fig.axes[:2]:
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        # step 2 and step 3 of an 8-step epoch, in epochs
+        assert sorted(float(m.get_xdata()[0]) for m in marks) == [2 / 8, 3 / 8]
+        for m in marks:
+            assert len(set(m.get_xdata())) == 1  # vertical: not a curve of values
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "norm=none: 2 diverged at step 2, 3 (not drawn)" in labels
+    assert "norm=bn (n=2)" in labels
