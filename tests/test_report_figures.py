@@ -66,3 +66,21 @@ def test_a_diverged_arm_is_a_line_where_it_diverged_in_both_panels(tmp_path, fig
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "norm=none: 2 diverged at step 2, 3 (not drawn)" in labels
     assert "norm=bn (n=2)" in labels
+
+
+def test_the_gap_figure_marks_a_diverged_arm_in_the_colour_of_the_curves(tmp_path, figures):
+    write_study(tmp_path)
+    arms = build_arms(load_study(tmp_path))
+    F.curves("synthetic", arms)
+    F.gap_curves("synthetic", arms)
+    curves, gap = figures
+    (ax,) = gap.axes
+    marks = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(float(m.get_xdata()[0]) for m in marks) == [2 / 8, 3 / 8]
+
+    def colours(fig):
+        return {str(t.get_text()).split(":")[0].split(" (")[0]: h.get_color()
+                for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)}
+
+    assert colours(gap) == colours(curves)
+    assert set(colours(gap)) == {"norm=bn", "norm=none"}

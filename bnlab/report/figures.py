@@ -175,7 +175,7 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     losses = []
     for a, color in zip(ordered, _colors(len(ordered))):  # colours in arm order, as elsewhere
         if not _included(a):  # every run diverged: a marker where it did, no data
-            _mark_diverged(ax_acc, ax_loss, a, arms, color)
+            _mark_diverged([ax_acc, ax_loss], a, arms, color)
             continue
         runs = _included(a)
         acc = [_epoch_series(r, lambda m: number(m.test_acc)) for r in runs]
@@ -219,8 +219,8 @@ def steps_per_epoch(run: Run, arms: list[Arm]) -> float | None:
     return None
 
 
-def _mark_diverged(ax_acc, ax_loss, a: Arm, arms: list[Arm], color) -> None:
-    """An arm whose runs all diverged: a dashed vertical line in both panels at the epoch
+def _mark_diverged(axes, a: Arm, arms: list[Arm], color) -> None:
+    """An arm whose runs all diverged: a dashed vertical line in each panel at the epoch
     (fraction) where each distinct divergence step falls, named "diverged at step N" in the
     legend; at the last finished epoch when the epoch's length is unknown."""
     gone = [r for r in a.runs if r.status == "diverged"]
@@ -240,9 +240,9 @@ def _mark_diverged(ax_acc, ax_loss, a: Arm, arms: list[Arm], color) -> None:
     label = (f"{arm_label(a)}: {len(gone)} diverged at step {', '.join(map(str, steps))}"
              if steps else f"{arm_label(a)}: {len(gone)} diverged") + " (not drawn)"
     for i, x in enumerate(sorted(at)):
-        for ax in (ax_acc, ax_loss):
+        for ax in axes:
             ax.axvline(x, color=color, linestyle="--", linewidth=1.0,
-                       label=label if ax is ax_acc and i == 0 else None)
+                       label=label if ax is axes[0] and i == 0 else None)
 
 
 @styled
@@ -250,8 +250,12 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     shown = [a for a in arms if a.selected and _included(a)]
     if not shown:
         return []
+    ordered = [a for a in arms if a.selected and (_included(a) or a.count("diverged"))]
     fig, (ax,) = _new(1, height=3.0)
-    for a, color in zip(shown, _colors(len(shown))):
+    for a, color in zip(ordered, _colors(len(ordered))):  # the colours of the curves figure
+        if not _included(a):
+            _mark_diverged([ax], a, arms, color)
+            continue
         per_run = [_epoch_series(r, lambda m: _diff(m.train_acc, m.test_acc))
                    for r in _included(a)]
         _plot_band(ax, per_run, color, arm_label(a), scale=100.0)
@@ -262,7 +266,9 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     return [FigureData(
         f"gap-{slug(dataset)}.png", _render(fig),
         f"{dataset}: train accuracy (running, over each epoch in training mode) minus test "
-        "accuracy after the epoch. Lines: mean over seeds; bands: minimum to maximum.",
+        "accuracy after the epoch. Lines: mean over seeds; bands: minimum to maximum. An arm "
+        "whose runs all diverged is a dashed vertical line where it diverged; colours as in "
+        "the training curves.",
         f"Train-test gap on {dataset}")]
 
 
