@@ -84,3 +84,17 @@ def test_the_gap_figure_marks_a_diverged_arm_in_the_colour_of_the_curves(tmp_pat
 
     assert colours(gap) == colours(curves)
     assert set(colours(gap)) == {"norm=bn", "norm=none"}
+
+
+def test_an_arm_whose_test_loss_went_non_finite_is_marked_after_that_epoch(tmp_path, figures):
+    write_study(tmp_path)
+    for summary in tmp_path.rglob("summary.json"):  # no BN: a non-finite test loss only
+        if '"diverged"' in summary.read_text():
+            summary.write_text('{"status": "diverged", "epochs_done": 2, '
+                               '"test_loss_nonfinite_epoch": 2}')
+    F.curves("synthetic", build_arms(load_study(tmp_path)))
+    (fig,) = figures
+    marks = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert [float(m.get_xdata()[0]) for m in marks] == [2.0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "norm=none: 2 diverged after epoch 2 (test loss non-finite) (not drawn)" in labels

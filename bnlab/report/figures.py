@@ -219,27 +219,34 @@ def steps_per_epoch(run: Run, arms: list[Arm]) -> float | None:
     return None
 
 
+def _diverged_x(run: Run, arms: list[Arm]) -> tuple[float, str]:
+    """Where a diverged run goes on an epoch axis, and how it diverged: at its step as a
+    fraction of an epoch, or after the epoch whose test loss was non-finite (a run that
+    records neither: after its last finished epoch)."""
+    s = run.summary
+    step, per = number(s.get("diverged_step")), None
+    if step is not None:
+        per = steps_per_epoch(run, arms)
+        if per:
+            return step / per, f"at step {int(step)}"
+    after = number(s.get("test_loss_nonfinite_epoch"))
+    if after is not None:
+        return after, f"after epoch {int(after)} (test loss non-finite)"
+    done = number(s.get("epochs_done")) or 0.0
+    return done, f"at step {int(step)}" if step is not None else f"after epoch {int(done)}"
+
+
 def _mark_diverged(axes, a: Arm, arms: list[Arm], color) -> None:
     """An arm whose runs all diverged: a dashed vertical line in each panel at the epoch
-    (fraction) where each distinct divergence step falls, named "diverged at step N" in the
-    legend; at the last finished epoch when the epoch's length is unknown."""
+    (fraction) where each of its runs diverged, named in the legend ("diverged at step N",
+    or "after epoch E" where only the test loss was non-finite)."""
     gone = [r for r in a.runs if r.status == "diverged"]
-    at: dict[float, list[int]] = {}
-    for r in gone:
-        step = number(r.summary.get("diverged_step"))
-        done = number(r.summary.get("epochs_done")) or 0.0
-        per = steps_per_epoch(r, arms)
-        if step is None:
-            x = done
-        else:
-            x = step / per if per else done
-            at.setdefault(x, []).append(int(step))
-            continue
-        at.setdefault(x, [])
-    steps = sorted({s for v in at.values() for s in v})
-    label = (f"{arm_label(a)}: {len(gone)} diverged at step {', '.join(map(str, steps))}"
-             if steps else f"{arm_label(a)}: {len(gone)} diverged") + " (not drawn)"
-    for i, x in enumerate(sorted(at)):
+    marks = [_diverged_x(r, arms) for r in gone]
+    steps = sorted({int(w.split()[-1]) for _, w in marks if w.startswith("at step ")})
+    other = sorted({w for _, w in marks if not w.startswith("at step ")})
+    how = ([f"at step {', '.join(map(str, steps))}"] if steps else []) + other
+    label = f"{arm_label(a)}: {len(gone)} diverged {'; '.join(how)} (not drawn)"
+    for i, x in enumerate(sorted({x for x, _ in marks})):
         for ax in axes:
             ax.axvline(x, color=color, linestyle="--", linewidth=1.0,
                        label=label if ax is axes[0] and i == 0 else None)
