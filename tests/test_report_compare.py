@@ -164,8 +164,16 @@ def test_arms_agree_less_than_seeds_only_when_the_gap_exceeds_the_seed_sd():
     # a single within-arm pair has no sd to judge a gap by
     single = _agreement_sentence(0.80, (0.90, None, 1), (0.90, None, 1))
     assert "(one pair: no sd)" in single and "arms agree less than seeds of" not in single
+    # ... and is not said to lie within a seed-to-seed sd that was never measured
+    assert "no gap exceeds the seed-to-seed sd" not in single
+    assert ("A and B have one pair of seeds (no seed-to-seed sd to read the gap against), "
+            "so this does not show that the arms agree less than seeds do") in single
+    one_firm = _agreement_sentence(0.80, (0.85, 0.02, 3), (0.90, None, 1))
+    assert ("the arms agree less than seeds of A do; B has one pair of seeds (no "
+            "seed-to-seed sd to read the gap against)") in one_firm
     higher = _agreement_sentence(0.80, (0.78, 0.01, 3), (0.80, 0.01, 3))
     assert ("2.00 points above the mean within A (sd over its pairs 1.00), and equal to the "
             "mean within B") in higher
     assert higher.endswith("the arms agree no less than seeds of one arm do (Table 2, rows 1, "
                            "2 and 3).")
+
