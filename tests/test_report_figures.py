@@ -4,6 +4,7 @@ panels and named in the legend, never data."""
 
 from __future__ import annotations
 
+import matplotlib
 import pytest
 
 from bnlab.config import RunConfig
@@ -98,3 +99,21 @@ def test_an_arm_whose_test_loss_went_non_finite_is_marked_after_that_epoch(tmp_p
     assert [float(m.get_xdata()[0]) for m in marks] == [2.0]
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "norm=none: 2 diverged after epoch 2 (test loss non-finite) (not drawn)" in labels
+
+
+def test_a_legend_of_long_arm_labels_stays_inside_a_narrow_figure(figures):
+    from matplotlib.figure import Figure
+
+    long = "norm=none, init=kaiming, warmup_epochs=0: diverged after epoch 2 (test loss " \
+           "non-finite) (not drawn)"
+    with matplotlib.rc_context(F.STYLE):
+        fig = Figure(figsize=(F.WIDTH * 2 / 3, 2.6), layout="constrained")
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1], label="norm=bn, init=kaiming, warmup_epochs=0 (n=1)")
+        ax.axvline(0.5, linestyle="--", label=long)
+        F._legend_below(fig, ax)
+        F._render(fig)
+    (fig,) = figures
+    box = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+    assert any("\n" in t.get_text() for t in fig.legends[0].get_texts())

@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,11 +132,16 @@ def _legend_below(fig, ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return
-    # As many columns as fit the figure's width: ~0.55 em per character plus the line sample.
+    # As many columns as fit the figure's width: ~0.55 em per character plus the line sample;
+    # a label longer than the whole width is wrapped, so no entry runs past the figure's edge.
     size = matplotlib.rcParams["legend.fontsize"]
     size = size if isinstance(size, int | float) else 7.0
-    per_entry = max(len(x) for x in labels) * 0.55 * size + 4 * size
-    fits = int(fig.get_figwidth() * 72 // per_entry)
+    width = fig.get_figwidth() * 72
+    chars = max(12, int((width - 5 * size) / (0.55 * size)))
+    labels = ["\n".join(textwrap.wrap(x, chars)) or x for x in labels]
+    longest = max(len(line) for x in labels for line in x.split("\n"))
+    per_entry = longest * 0.55 * size + 4 * size
+    fits = int(width // per_entry)
     fig.legend(handles, labels, loc="outside lower center", frameon=False,
                ncol=max(1, min(3, len(handles), fits)))
 
