@@ -177,3 +177,12 @@ def test_arms_agree_less_than_seeds_only_when_the_gap_exceeds_the_seed_sd():
     assert higher.endswith("the arms agree no less than seeds of one arm do (Table 2, rows 1, "
                            "2 and 3).")
 
+
+def test_a_diverged_arms_huge_nll_is_written_with_an_exponent():
+    arm = {"label": "norm=none", "n": 2, "test_acc": {"mean": 0.1, "sd": 0.0},
+           "nll": {"mean": 7.924745e36, "sd": 1.120728e37}, "brier": {"mean": 1.9, "sd": 0.0},
+           "ece": {"mean": 0.95, "sd": 0.0}}
+    compare = {"format": 2, "runs": [{}], "pairs": [], "arms": [arm], "agreement": []}
+    (models, *_) = compare_tables(compare, 1)
+    assert models.rows[0][3] == "7.92e+36 ± 1.12e+37"
+    assert models.rows[0][4] == "1.9000 ± 0.0000"  # ordinary numbers keep their decimals
