@@ -118,6 +118,17 @@ def test_per_arm_panels_of_a_diverged_arm_say_why_they_are_empty(arms, monkeypat
     grad_norms("synthetic", arms)
     fig, _ = unit_percentile_figure("synthetic", rows)
     figs.append(fig)
+    # the diverged arm's note first: the row's scale moves to the next panel
+    first, _ = unit_percentile_figure("synthetic", rows,
+                                      list(reversed(P._unit_columns("synthetic", rows))))
+    P._render(first)
+    for fig in figs:  # every row's first drawn panel carries the y label
+        rows = {}
+        for ax in fig.axes:
+            if ax.get_visible() and ax.axison:
+                rows.setdefault(round(ax.get_position().y0, 3), []).append(ax)
+        for row in rows.values():
+            assert min(row, key=lambda ax: ax.get_position().x0).get_ylabel()
     for fig in figs:
         empty = [ax for ax in fig.axes if ax.get_visible() and not ax.axison]
         assert len(empty) == 1  # the no-BN arm's panel

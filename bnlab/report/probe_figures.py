@@ -170,10 +170,13 @@ def unit_percentile_figure(dataset: str, rows: list[ProbeRow],
             _plot_percentiles(ax, run, p.layer, UNIT_PERCENTILES, units[row])
             legend_ax = legend_ax or ax
             _title(ax, f"{arm_label(p.arm)}: unit {units[row]}", len(shown))
-            if col == 0:
-                ax.set_ylabel("input")
             if row == len(units) - 1:
                 _steps_axis(ax)
+    for row in grid:  # y shared along a row: its first drawn panel carries the scale
+        drawn = [ax for ax in row if ax.get_visible() and ax.axison]
+        if drawn:
+            drawn[0].tick_params(axis="y", labelleft=True)
+            drawn[0].set_ylabel("input")
     _legend_below(fig, legend_ax)
     layers = sorted({p.layer for p, _, _ in shown})
     seeds = "; ".join(f"{p.arm.label}: seed {run.seed}, units {', '.join(map(str, units))}"
