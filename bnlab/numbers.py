@@ -39,8 +39,17 @@ def mean_sd(s: Any, scale: float = 1.0, digits: int = 4, missing: str = DASH) ->
                 else (getattr(s, "mean", None), getattr(s, "sd", None)))
     if isinstance(mean, bool) or not isinstance(mean, int | float):
         return missing
-    text = f"{scale * mean:.{digits}f}"
-    return text + (f" ± {scale * sd:.{digits}f}" if isinstance(sd, int | float) else "")
+    text = _fixed(scale * mean, digits)
+    return text + (f" ± {_fixed(scale * sd, digits)}" if isinstance(sd, int | float) else "")
+
+
+HUGE = 1e6  # from here on a number is written with an exponent: 7.92e+36, not 37 digits
+
+
+def _fixed(v: float, digits: int) -> str:
+    """`digits` decimals; a huge value (a diverged network's loss) with an exponent, so it
+    cannot stretch a table cell to dozens of digits."""
+    return f"{v:.{max(digits, 3)}g}" if abs(v) >= HUGE else f"{v:.{digits}f}"
 
 
 def fmt_value(v: Any) -> str:

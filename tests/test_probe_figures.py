@@ -118,6 +118,17 @@ def test_per_arm_panels_of_a_diverged_arm_say_why_they_are_empty(arms, monkeypat
     grad_norms("synthetic", arms)
     fig, _ = unit_percentile_figure("synthetic", rows)
     figs.append(fig)
+    # the diverged arm's note first: the row's scale moves to the next panel
+    first, _ = unit_percentile_figure("synthetic", rows,
+                                      list(reversed(P._unit_columns("synthetic", rows))))
+    P._render(first)
+    for fig in figs:  # every row's first drawn panel carries the y label
+        rows = {}
+        for ax in fig.axes:
+            if ax.get_visible() and ax.axison:
+                rows.setdefault(round(ax.get_position().y0, 3), []).append(ax)
+        for row in rows.values():
+            assert min(row, key=lambda ax: ax.get_position().x0).get_ylabel()
     for fig in figs:
         empty = [ax for ax in fig.axes if ax.get_visible() and not ax.axison]
         assert len(empty) == 1  # the no-BN arm's panel
@@ -141,3 +152,58 @@ def test_a_diverged_arm_has_no_drift_in_the_findings(tmp_path):
     text = " ".join(str(b) for b in compose(load_study(tmp_path)).document.blocks)
     assert "norm=none has none (seed 0: diverged at step 2, 1 probe step)" in text
     assert "+0.000 in norm=none" not in text
+
+
+def test_per_unit_figures_hold_at_most_a_row_of_arms(tmp_path, monkeypatch):
+    """Six arms are drawn as two figures of 3 arms, not squeezed into one row whose titles run
+    into each other."""
+    import bnlab.report.probe_figures as P
+    from bnlab.report.probe_figures import PANELS_PER_ROW, unit_percentiles
+
+    store = Store(tmp_path)
+    entries = []
+    for lr in (0.01, 0.02, 0.04, 0.08, 0.16, 0.32):
+        cfg = RunConfig(dataset="synthetic", norm="bn", lr=lr, seed=0, probe_every=10)
+        run = store.run(cfg.run_id())
+        run.write_json("config.json", {"config": cfg.to_dict()})
+        run.write_json("summary.json", {"status": "completed", "test_acc": 0.5,
+                                        "train_acc": 0.6, "epochs_done": 1})
+        run.write_rows("metrics.jsonl", [{"epoch": 1, "step": 30, "test_acc": 0.5,
+                                          "train_acc": 0.6, "train_loss": 1.0,
+                                          "test_loss": 1.1}])
+        run.write_rows("probes.jsonl", _rows(STEPS, 1.0))
+        entries.append({"run_id": cfg.run_id(),
+                        "values": {"lr": lr, "seed": 0, "dataset": "synthetic"}})
+    store.write_meta("study.json", {"name": "many", "description": "", "spec": {},
+                                    "sets": {}, "only": {}, "data_map": {},
+                                    "axes": ["lr"], "runs": entries,
+                                    "analysis": {"baseline": {"lr": 0.01}}})
+    figs = []
+    real = P._render
+    monkeypatch.setattr(P, "_render", lambda fig: figs.append(fig) or real(fig))
+    made = unit_percentiles("synthetic", probe_rows(build_arms(load_study(tmp_path))))
+    assert [f.file for f in made] == ["unit-percentiles-synthetic-1.png",
+                                      "unit-percentiles-synthetic-2.png"]
+    columns = [fig.axes[0].get_gridspec().get_geometry()[1] for fig in figs]
+    assert columns == [3, 3] and max(columns) <= PANELS_PER_ROW
+    titles = {ax.get_title().split(":")[0] for fig in figs for ax in fig.axes}
+    assert len(titles) == 6  # every arm drawn once
+
+
+def test_a_row_that_starts_with_a_note_panel_keeps_its_y_scale():
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from bnlab.report.figures import STYLE, _panels
+    from bnlab.report.probe_figures import label_rows, note_panel
+
+    with matplotlib.rc_context(STYLE):
+        fig, axes = _panels(6)  # 4 + 2, y shared
+        for ax in axes:
+            ax.plot([0, 1], [1, 2])
+        note_panel(axes[4], "diverged at step 2")  # the first panel of the second row
+        label_rows(axes, "gradient norm")
+        FigureCanvasAgg(fig).draw()
+    assert axes[5].get_ylabel() == "gradient norm" and axes[0].get_ylabel() == "gradient norm"
+    assert any(t.get_visible() and t.get_text() for t in axes[5].get_yticklabels())
+    assert not any(t.get_visible() and t.get_text() for t in axes[1].get_yticklabels())

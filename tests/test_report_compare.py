@@ -164,8 +164,25 @@ def test_arms_agree_less_than_seeds_only_when_the_gap_exceeds_the_seed_sd():
     # a single within-arm pair has no sd to judge a gap by
     single = _agreement_sentence(0.80, (0.90, None, 1), (0.90, None, 1))
     assert "(one pair: no sd)" in single and "arms agree less than seeds of" not in single
+    # ... and is not said to lie within a seed-to-seed sd that was never measured
+    assert "no gap exceeds the seed-to-seed sd" not in single
+    assert ("A and B have one pair of seeds (no seed-to-seed sd to read the gap against), "
+            "so this does not show that the arms agree less than seeds do") in single
+    one_firm = _agreement_sentence(0.80, (0.85, 0.02, 3), (0.90, None, 1))
+    assert ("the arms agree less than seeds of A do; B has one pair of seeds (no "
+            "seed-to-seed sd to read the gap against)") in one_firm
     higher = _agreement_sentence(0.80, (0.78, 0.01, 3), (0.80, 0.01, 3))
     assert ("2.00 points above the mean within A (sd over its pairs 1.00), and equal to the "
             "mean within B") in higher
     assert higher.endswith("the arms agree no less than seeds of one arm do (Table 2, rows 1, "
                            "2 and 3).")
+
+
+def test_a_diverged_arms_huge_nll_is_written_with_an_exponent():
+    arm = {"label": "norm=none", "n": 2, "test_acc": {"mean": 0.1, "sd": 0.0},
+           "nll": {"mean": 7.924745e36, "sd": 1.120728e37}, "brier": {"mean": 1.9, "sd": 0.0},
+           "ece": {"mean": 0.95, "sd": 0.0}}
+    compare = {"format": 2, "runs": [{}], "pairs": [], "arms": [arm], "agreement": []}
+    (models, *_) = compare_tables(compare, 1)
+    assert models.rows[0][3] == "7.92e+36 ± 1.12e+37"
+    assert models.rows[0][4] == "1.9000 ± 0.0000"  # ordinary numbers keep their decimals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import textwrap
 from pathlib import Path
 
@@ -21,7 +22,9 @@ def _save(fig, path: Path) -> None:
 
 
 def _wrap(label: str, width: int = 28) -> str:
-    return "\n".join(textwrap.wrap(label.replace(",", ", "), width)) or label
+    """The label wrapped after its commas (one space after each, whether the label had one
+    or not, so "a=1, b=2" keeps a single space)."""
+    return "\n".join(textwrap.wrap(re.sub(r",\s*", ", ", label), width)) or label
 
 
 def pooled_reliability(runs: list[dict]) -> dict:

@@ -62,7 +62,7 @@ def _against_seeds(agree: float, within: list[tuple[str, dict]]) -> str:
     """The mean between-arm agreement against the mean within-arm agreement of each arm that
     has one. Only a gap larger than that arm's sd over its pairs of seeds is called "less than
     seeds agree": a smaller one lies inside the seed-to-seed variation."""
-    parts, firm, loose = [], [], []
+    parts, firm, loose, unmeasured = [], [], [], []
     for label, w in within:
         gap, sd = w["mean"] - agree, w.get("sd")
         side = "below" if gap > 0 else "above" if gap < 0 else "equal to"
@@ -70,20 +70,28 @@ def _against_seeds(agree: float, within: list[tuple[str, dict]]) -> str:
                   else "one pair: no sd")
         amount = f"{_points(abs(gap))} points {side}" if gap else side
         parts.append(f"{amount} the mean within {label} ({spread})")
-        if gap > 0 and isinstance(sd, int | float) and gap > sd:
+        if gap > 0 and not isinstance(sd, int | float):
+            unmeasured.append(label)
+        elif gap > 0 and gap > sd:
             firm.append(label)
         elif gap > 0:
             loose.append(label)
     text = "; the mean agreement between the arms is " + ", and ".join(parts)
-    if firm and not loose:
+    no_sd = (f"{' and '.join(unmeasured)} {'has' if len(unmeasured) == 1 else 'have'} one "
+             "pair of seeds (no seed-to-seed sd to read the gap against)")
+    if firm and not loose and not unmeasured:
         return text + (": the arms agree less than seeds of "
                        + ("either arm do" if len(firm) == 2 else "that arm do"))
     if firm:
-        return text + (f": the arms agree less than seeds of {firm[0]} do; below {loose[0]} "
-                       "the gap is within its seed-to-seed variation")
+        return text + (f": the arms agree less than seeds of {firm[0]} do; "
+                       + (f"below {loose[0]} the gap is within its seed-to-seed variation"
+                          if loose else no_sd))
     if loose:
-        return text + (": no gap exceeds the seed-to-seed sd, so this does not show that the "
-                       "arms agree less than seeds do")
+        return text + (": no gap exceeds the seed-to-seed sd"
+                       + (f"; {no_sd}" if unmeasured else "")
+                       + ", so this does not show that the arms agree less than seeds do")
+    if unmeasured:
+        return text + f": {no_sd}, so this does not show that the arms agree less than seeds do"
     return text + ": the arms agree no less than seeds of one arm do"
 
 

@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -131,11 +132,16 @@ def _legend_below(fig, ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return
-    # As many columns as fit the figure's width: ~0.55 em per character plus the line sample.
+    # As many columns as fit the figure's width: ~0.55 em per character plus the line sample;
+    # a label longer than the whole width is wrapped, so no entry runs past the figure's edge.
     size = matplotlib.rcParams["legend.fontsize"]
     size = size if isinstance(size, int | float) else 7.0
-    per_entry = max(len(x) for x in labels) * 0.55 * size + 4 * size
-    fits = int(fig.get_figwidth() * 72 // per_entry)
+    width = fig.get_figwidth() * 72
+    chars = max(12, int((width - 5 * size) / (0.55 * size)))
+    labels = ["\n".join(textwrap.wrap(x, chars)) or x for x in labels]
+    longest = max(len(line) for x in labels for line in x.split("\n"))
+    per_entry = longest * 0.55 * size + 4 * size
+    fits = int(width // per_entry)
     fig.legend(handles, labels, loc="outside lower center", frameon=False,
                ncol=max(1, min(3, len(handles), fits)))
 
@@ -174,12 +180,8 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     fig, (ax_acc, ax_loss) = _new(2, height=3.0)
     losses = []
     for a, color in zip(ordered, _colors(len(ordered))):  # colours in arm order, as elsewhere
-        if not _included(a):  # every run diverged: a legend entry, no data
-            steps = sorted({str(r.summary.get("diverged_step", "?")) for r in a.runs
-                            if r.status == "diverged"})
-            ax_acc.plot([], [], color=color, linestyle="--",
-                        label=f"{arm_label(a)}: {a.count('diverged')} diverged (step "
-                              f"{', '.join(steps)}), not drawn")
+        if not _included(a):  # every run diverged: a marker where it did, no data
+            _mark_diverged([ax_acc, ax_loss], a, arms, color)
             continue
         runs = _included(a)
         acc = [_epoch_series(r, lambda m: number(m.test_acc)) for r in runs]
@@ -199,8 +201,61 @@ def curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
         f"{dataset}: test accuracy after each epoch and mean training loss over each epoch. "
         "Lines: mean over seeds; bands: minimum to maximum over seeds. Completed and "
         "no-learning runs only (diverged and failed runs are excluded, as in the summary "
-        "table); n per arm in the legend.",
+        "table); n per arm in the legend. An arm whose runs all diverged is a dashed "
+        "vertical line at the epoch (fraction) where it diverged.",
         f"Training curves on {dataset}")]
+
+
+# the config keys that fix how many steps make an epoch
+EPOCH_KEYS = ("batch_size", "limit_train", "val_fraction", "dataset")
+
+
+def steps_per_epoch(run: Run, arms: list[Arm]) -> float | None:
+    """Steps of one epoch of `run`, from a run of these arms with the same data and batch
+    size that finished an epoch (a run that diverged in its first epoch recorded none)."""
+    key = tuple(run.value(k) for k in EPOCH_KEYS)
+    for a in arms:
+        for r in a.runs:
+            if tuple(r.value(k) for k in EPOCH_KEYS) != key:
+                continue
+            for m in r.metrics:
+                step, epoch = number(m.get("step")), number(m.get("epoch"))
+                if step and epoch:
+                    return step / epoch
+    return None
+
+
+def _diverged_x(run: Run, arms: list[Arm]) -> tuple[float, str]:
+    """Where a diverged run goes on an epoch axis, and how it diverged: at its step as a
+    fraction of an epoch, or after the epoch whose test loss was non-finite (a run that
+    records neither: after its last finished epoch)."""
+    s = run.summary
+    step, per = number(s.get("diverged_step")), None
+    if step is not None:
+        per = steps_per_epoch(run, arms)
+        if per:
+            return step / per, f"at step {int(step)}"
+    after = number(s.get("test_loss_nonfinite_epoch"))
+    if after is not None:
+        return after, f"after epoch {int(after)} (test loss non-finite)"
+    done = number(s.get("epochs_done")) or 0.0
+    return done, f"at step {int(step)}" if step is not None else f"after epoch {int(done)}"
+
+
+def _mark_diverged(axes, a: Arm, arms: list[Arm], color) -> None:
+    """An arm whose runs all diverged: a dashed vertical line in each panel at the epoch
+    (fraction) where each of its runs diverged, named in the legend ("diverged at step N",
+    or "after epoch E" where only the test loss was non-finite)."""
+    gone = [r for r in a.runs if r.status == "diverged"]
+    marks = [_diverged_x(r, arms) for r in gone]
+    steps = sorted({int(w.split()[-1]) for _, w in marks if w.startswith("at step ")})
+    other = sorted({w for _, w in marks if not w.startswith("at step ")})
+    how = ([f"at step {', '.join(map(str, steps))}"] if steps else []) + other
+    label = f"{arm_label(a)}: {len(gone)} diverged {'; '.join(how)} (not drawn)"
+    for i, x in enumerate(sorted({x for x, _ in marks})):
+        for ax in axes:
+            ax.axvline(x, color=color, linestyle="--", linewidth=1.0,
+                       label=label if ax is axes[0] and i == 0 else None)
 
 
 @styled
@@ -208,8 +263,12 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     shown = [a for a in arms if a.selected and _included(a)]
     if not shown:
         return []
+    ordered = [a for a in arms if a.selected and (_included(a) or a.count("diverged"))]
     fig, (ax,) = _new(1, height=3.0)
-    for a, color in zip(shown, _colors(len(shown))):
+    for a, color in zip(ordered, _colors(len(ordered))):  # the colours of the curves figure
+        if not _included(a):
+            _mark_diverged([ax], a, arms, color)
+            continue
         per_run = [_epoch_series(r, lambda m: _diff(m.train_acc, m.test_acc))
                    for r in _included(a)]
         _plot_band(ax, per_run, color, arm_label(a), scale=100.0)
@@ -220,7 +279,9 @@ def gap_curves(dataset: str, arms: list[Arm]) -> list[FigureData]:
     return [FigureData(
         f"gap-{slug(dataset)}.png", _render(fig),
         f"{dataset}: train accuracy (running, over each epoch in training mode) minus test "
-        "accuracy after the epoch. Lines: mean over seeds; bands: minimum to maximum.",
+        "accuracy after the epoch. Lines: mean over seeds; bands: minimum to maximum. An arm "
+        "whose runs all diverged is a dashed vertical line where it diverged; colours as in "
+        "the training curves.",
         f"Train-test gap on {dataset}")]
 
 

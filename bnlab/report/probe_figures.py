@@ -48,7 +48,8 @@ from bnlab.report.tables import ProbeRow, arm_label, diverged_at
 
 SHADES = {"p15": "0.55", "p50": "0.1", "p85": "0.55"}
 LINESTYLES = {"p15": "--", "p50": "-", "p85": ":"}
-TITLE_CHARS = 110  # characters of title across the figure's width at the title font size
+TITLE_CHARS = 88  # characters of title across the figure's width at the title font size
+# (less than the width holds: the first panel of a row gives part of its width to y labels)
 
 
 def _probed(a: Arm) -> tuple[list[Run], list[Run]]:
@@ -92,6 +93,16 @@ def mark_diverged(ax, a: Arm, run: Run, color) -> None:
                    label=f"{arm_label(a)}: {diverged_at(run)} (not drawn)")
 
 
+def label_rows(axes, label: str) -> None:
+    """The y label and tick labels on the first drawn panel of each row of a shared-y panel
+    grid: a row that starts with a note panel (its arm diverged) keeps its scale readable."""
+    for start in range(0, len(axes), PANELS_PER_ROW):
+        row = [ax for ax in axes[start:start + PANELS_PER_ROW] if ax.axison]
+        if row:
+            row[0].tick_params(axis="y", labelleft=True)
+            row[0].set_ylabel(label)
+
+
 def _title(ax, text: str, panels: int) -> None:
     """A panel title wrapped to its share of the figure's width, so neighbours never meet."""
     width = max(12, TITLE_CHARS // max(1, panels))
@@ -118,10 +129,8 @@ def _diverged_text(a: Arm, run: Run) -> str:
             "explode before the loss is non-finite)")
 
 
-def unit_percentile_figure(dataset: str, rows: list[ProbeRow]) -> tuple[Figure, str] | None:
-    """The per-unit figure and its caption (None without unit rows): one row of panels per
-    unit, one column per arm (its lowest-seed run with probes that did not diverge), y shared
-    along a row; each panel holds p15, p50, p85 in that order."""
+def _unit_columns(dataset: str, rows: list[ProbeRow]) -> list[tuple[ProbeRow, Run, list]]:
+    """(probe row, run drawn, its units) per arm: units empty for an arm that diverged."""
     shown = []
     for p in (p for p in rows if p.arm.dataset == dataset):
         run, gone = shown_run(p.arm)
@@ -129,6 +138,16 @@ def unit_percentile_figure(dataset: str, rows: list[ProbeRow]) -> tuple[Figure, 
             shown.append((p, run, units_of(run.probes, p.layer)))
         elif gone is not None:
             shown.append((p, gone, []))
+    return shown
+
+
+def unit_percentile_figure(dataset: str, rows: list[ProbeRow],
+                           shown: list | None = None) -> tuple[Figure, str] | None:
+    """The per-unit figure and its caption (None without unit rows): one row of panels per
+    unit, one column per arm (its lowest-seed run with probes that did not diverge), y shared
+    along a row; each panel holds p15, p50, p85 in that order. `shown`: the arms' columns
+    to draw (default: every arm of the dataset)."""
+    shown = _unit_columns(dataset, rows) if shown is None else shown
     if not any(units for _, _, units in shown):
         return None
     n_rows = max(len(units) for _, _, units in shown)
@@ -151,10 +170,13 @@ def unit_percentile_figure(dataset: str, rows: list[ProbeRow]) -> tuple[Figure, 
             _plot_percentiles(ax, run, p.layer, UNIT_PERCENTILES, units[row])
             legend_ax = legend_ax or ax
             _title(ax, f"{arm_label(p.arm)}: unit {units[row]}", len(shown))
-            if col == 0:
-                ax.set_ylabel("input")
             if row == len(units) - 1:
                 _steps_axis(ax)
+    for row in grid:  # y shared along a row: its first drawn panel carries the scale
+        drawn = [ax for ax in row if ax.get_visible() and ax.axison]
+        if drawn:
+            drawn[0].tick_params(axis="y", labelleft=True)
+            drawn[0].set_ylabel("input")
     _legend_below(fig, legend_ax)
     layers = sorted({p.layer for p, _, _ in shown})
     seeds = "; ".join(f"{p.arm.label}: seed {run.seed}, units {', '.join(map(str, units))}"
@@ -171,12 +193,32 @@ def unit_percentile_figure(dataset: str, rows: list[ProbeRow]) -> tuple[Figure, 
 @styled
 def unit_percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
     """Ioffe & Szegedy 2015 Fig. 1(b, c): p15/p50/p85 of single units' inputs over steps."""
-    made = unit_percentile_figure(dataset, rows)
-    if made is None:
+    shown = _unit_columns(dataset, rows)
+    if not any(units for _, _, units in shown):
         return []
-    fig, caption = made
-    return [FigureData(f"unit-percentiles-{slug(dataset)}.png", _render(fig), caption,
-                       f"Per-unit input percentiles on {dataset}")]
+    # at most PANELS_PER_ROW arms side by side: more would squeeze titles into each other
+    out, start = [], 0
+    counts = _rows_of(len(shown), PANELS_PER_ROW)
+    for k, count in enumerate(counts, 1):
+        chunk = shown[start:start + count]
+        start += count
+        made = unit_percentile_figure(dataset, rows, chunk)
+        if made is None:  # every arm of this part diverged: one panel each that says so
+            made = _diverged_columns(chunk), (
+                f"{dataset}: per-unit input percentiles; every arm of this part diverged.")
+        fig, caption = made
+        part = f"-{k}" if len(counts) > 1 else ""
+        out.append(FigureData(f"unit-percentiles-{slug(dataset)}{part}.png", _render(fig),
+                              caption, f"Per-unit input percentiles on {dataset}{part}"))
+    return out
+
+
+def _diverged_columns(chunk) -> Figure:
+    fig, axes = _panels(len(chunk))
+    for ax, (p, run, _) in zip(axes, chunk):
+        _title(ax, arm_label(p.arm), len(chunk))
+        note_panel(ax, _diverged_text(p.arm, run))
+    return fig
 
 
 @styled
@@ -197,8 +239,7 @@ def percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
         _plot_percentiles(ax, run, p.layer, PERCENTILES)
         legend_ax = legend_ax or ax
         _steps_axis(ax)
-    for ax in axes[::PANELS_PER_ROW]:
-        ax.set_ylabel(f"input of {rows[0].layer}")
+    label_rows(axes, f"input of {rows[0].layer}")
     _legend_below(fig, legend_ax)
     return [FigureData(
         f"percentiles-{slug(dataset)}.png", _render(fig),
@@ -243,8 +284,7 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
     drawn = [ax for ax, (_, run, _) in zip(axes, shown) if run is not None]
     for ax in drawn:  # the y axis is shared: log on all when the norms span decades
         _log_if_wide(ax, values)
-    if drawn:
-        drawn[0].set_ylabel("gradient norm")
+    label_rows(axes, "gradient norm")
     _legend_below(fig, legend_ax)
     return [FigureData(
         f"gradnorm-{slug(dataset)}.png", _render(fig),
@@ -320,7 +360,7 @@ def _step_sizes(arms: list[Arm]) -> set:
 
 
 def _rows_of(n: int, per_row: int = 3) -> list[int]:
-    """Panels per figure for n metrics, at most per_row each, as even as possible (5: 3, 2)."""
+    """Panels per figure for n panels, at most per_row each, as even as possible (5: 3, 2)."""
     figures = -(-n // per_row)
     return [n // figures + (1 if i < n % figures else 0) for i in range(figures)]
 
