@@ -186,3 +186,19 @@ def test_a_diverged_arms_huge_nll_is_written_with_an_exponent():
     (models, *_) = compare_tables(compare, 1)
     assert models.rows[0][3] == "7.92e+36 ± 1.12e+37"
     assert models.rows[0][4] == "1.9000 ± 0.0000"  # ordinary numbers keep their decimals
+
+
+def test_bf16_runs_say_their_comparison_is_recomputed_in_fp32(study):
+    """The comparison's predictions are computed in fp32 from the checkpoints; runs that
+    trained and were tested in bf16 get a sentence saying why its accuracies can differ."""
+    from bnlab.report.compose import PRECISION_NOTE
+
+    def paragraphs(loaded):
+        return [b.text for b in compose(loaded).document.blocks
+                if type(b).__name__ == "Paragraph"]
+
+    loaded = load_study(study)
+    assert PRECISION_NOTE not in paragraphs(loaded)  # these runs trained in fp32
+    for run in loaded.runs:
+        run.config["precision"] = "bf16"
+    assert PRECISION_NOTE in paragraphs(loaded)

@@ -138,6 +138,8 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     skipped = _compare_skipped(study, arms)
     if shown or skipped:
         doc.add(Heading(2, "Prediction comparison", "compare"))
+    if shown and any(r.value("precision") == "bf16" for r in study.runs):
+        doc.add(Paragraph(PRECISION_NOTE))
     for why in skipped:
         doc.add(Paragraph(why[0].upper() + why[1:] + "."))
     for i, (c, tables) in enumerate(shown):
@@ -156,6 +158,12 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
     doc.add(Heading(2, "All runs", "runs"), runs)
     doc.add(*provenance(study, arms))
     return Composed(doc, images)
+
+
+PRECISION_NOTE = ("The predictions compared here are computed again from each run's final "
+                  "checkpoint in fp32; the runs trained and were tested in bf16 autocast (the "
+                  "accuracies of the tables above), so an accuracy here can differ from its "
+                  "run's test accuracy above by a few tenths of a point.")
 
 
 def _compare_skipped(study: Study, arms) -> list[str]:
