@@ -23,6 +23,7 @@ from torch import nn
 from bnlab.api import checks
 from bnlab.api.frames import frame
 from bnlab.api.loaders import batches_of, checked_data, is_loader, loader_images
+from bnlab.config import DEVICES
 from bnlab.data.bundle import DataBundle
 from bnlab.errors import UserError
 from bnlab.infer.batchstats import DEFINITIONS, precise_statistics, with_statistics
@@ -35,8 +36,6 @@ from bnlab.infer.loading import USER_BATCH, Loaded, load_model
 from bnlab.infer.usermodel import load_user_model, with_batches, with_dataset
 from bnlab.runtime import resolve_device
 from bnlab.store import RunDir, atomic_write_bytes
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
