@@ -149,7 +149,9 @@ def _union_layer(layers: list[nn.Module], k: int) -> nn.Module | None:
     """The packed layer for one position of K networks that may differ in norm (a batch norm
     in some, an identity in others) and, for convolutions and linear layers, in having a bias."""
     first = layers[0]
-    kinds = {type(m) for m in layers}
+    # the norm-ReLU step is torch's or the fused one per network (a network without a
+    # BatchNorm keeps torch's): one kind here, the pack keeping its base network's
+    kinds = {NormAct if type(m) is FusedNormAct else type(m) for m in layers}
     norms = [m for m in layers if type(m) in NORM_TYPES]
     if norms and len(norms) < len(layers):
         if kinds - {type(norms[0]), nn.Identity}:
