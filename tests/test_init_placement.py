@@ -341,7 +341,7 @@ def test_branch_scalars_keep_bf16_activations_and_fp32_values(init):
 
     def scalar(name):
         p = getattr(block, name)
-        return 0.0 if p is None else float(p)
+        return 0.0 if p is None else p.item()
 
     d = x.double()
     w1, w2 = block.conv1.weight.double(), block.conv2.weight.double()
