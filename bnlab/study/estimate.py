@@ -27,9 +27,10 @@ EVAL_COST = 1 / 3  # a forward pass of an evaluation image, in training images
 PROBE_STEP_COST = 20  # training steps a probe step costs (docs/probes.md: 25.2 s vs 1.25 s)
 # CPU time per training image relative to fp32 BN, measured on the idle 2-core CPU with
 # `bnlab train` (ResNet-20, batch 128, one epoch of 6,400 CIFAR-10 images): BN 926 images/s in
-# fp32 and 1,339 in bf16; in bf16, Fixup 789 (its scalar biases and multiplier are separate
-# elementwise passes, each with a reduction in the backward pass) against BN's 1,339
-CPU_FACTORS = {"bf16": 926 / 1339, "fixup": 1339 / 789}
+# fp32 and 1,339 in bf16. Fixup against BN, both bf16: the unprobed runs of `quick` measured
+# from a fresh clone (docs/results.md), Fixup 48.1 and 48.4 s, BN 54.5 and 60.8 s (once its
+# scalars kept the activations in bf16; before, Fixup cost 1,339 / 789 = 1.70 times BN)
+CPU_FACTORS = {"bf16": 926 / 1339, "fixup": 48.25 / 57.65}
 MEASURED_ON = {"cpu": "a 2-core x86 CPU (AVX-512)", "gpu": "one NVIDIA H200"}
 
 # the standard datasets: (training images, test images, side in px)
