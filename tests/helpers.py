@@ -82,3 +82,12 @@ def randomize_stats(model, seed=0):
                 m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
     return model.eval()
+
+
+def write_study_meta(store, entries: list[dict], name: str = "div") -> None:
+    """The study.json of a hand-made two-arm study (norm x seed, BN the baseline) whose run
+    folders the test wrote itself."""
+    store.write_meta("study.json", {"name": name, "description": "", "spec": {},
+                                    "sets": {}, "only": {}, "data_map": {},
+                                    "axes": ["norm", "seed"], "runs": entries,
+                                    "analysis": {"baseline": {"norm": "bn"}}})

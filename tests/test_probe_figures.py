@@ -6,6 +6,7 @@ drift in the findings."""
 from __future__ import annotations
 
 import pytest
+from helpers import write_study_meta
 
 from bnlab.config import RunConfig
 from bnlab.report.arms import build_arms
@@ -67,10 +68,7 @@ def write_study(out):
             run.write_rows("probes.jsonl", _rows([0], HUGE) if diverged else _rows(STEPS, 1.0))
             entries.append({"run_id": cfg.run_id(),
                             "values": {"norm": norm, "seed": seed, "dataset": "synthetic"}})
-    store.write_meta("study.json", {"name": "div", "description": "", "spec": {},
-                                    "sets": {}, "only": {}, "data_map": {},
-                                    "axes": ["norm", "seed"], "runs": entries,
-                                    "analysis": {"baseline": {"norm": "bn"}}})
+    write_study_meta(store, entries)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import matplotlib
 import pytest
+from helpers import write_study_meta
 
 from bnlab.config import RunConfig
 from bnlab.report import figures as F
@@ -40,10 +41,7 @@ def write_study(out, diverged_steps=(2, 3)):
             run.write_rows("metrics.jsonl", rows)
             entries.append({"run_id": cfg.run_id(),
                             "values": {"norm": norm, "seed": seed, "dataset": "synthetic"}})
-    store.write_meta("study.json", {"name": "div", "description": "", "spec": {},
-                                    "sets": {}, "only": {}, "data_map": {},
-                                    "axes": ["norm", "seed"], "runs": entries,
-                                    "analysis": {"baseline": {"norm": "bn"}}})
+    write_study_meta(store, entries)
 
 
 @pytest.fixture
