@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from bnlab.data.bundle import DataBundle, Split, channel_stats
 from bnlab.errors import UserError
@@ -167,6 +166,8 @@ def load_cifar(name: str, data_dir: Path, download: bool) -> DataBundle:
     folder, train_files, test_files, meta_file, label_key, names_key = LAYOUT[name]
     root = Path(data_dir)
     if not (root / folder).is_dir() and download:
+        import torchvision  # only to download: importing it takes a second or more
+
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         try:
             cls(str(root), train=True, download=True)

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 from bnlab.config import cache_root
 from bnlab.data.archive import (
@@ -241,7 +240,16 @@ class StreamedImages(Dataset):
         return self.transform(open_image(path)), label
 
 
+def _transforms():
+    """torchvision.transforms, imported on first use: small images never need it, and importing
+    torchvision takes a second or more (bnlab.models.names.torchvision_blocks)."""
+    from torchvision import transforms
+
+    return transforms
+
+
 def large_transforms(mean, std, train: bool, augment: bool, size: int = LARGE_SIZE):
+    T = _transforms()
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if train and augment:
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
@@ -255,6 +263,7 @@ def _stream_stats(items, root_key: str) -> tuple[tuple[float, ...], tuple[float,
         return tuple(d["mean"]), tuple(d["std"])
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(items), generator=g)[:STATS_SAMPLE].tolist()
+    T = _transforms()
     tf = T.Compose([T.Resize(int(round(LARGE_SIZE * 256 / 224))), T.CenterCrop(LARGE_SIZE)])
     mean, std = channel_stats(_decode_with([items[i] for i in pick], tf))
     save_json(path, {"mean": mean, "std": std, "n": len(pick)})

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from bnlab.data.bundle import DataBundle, Split, channel_stats
 from bnlab.errors import UserError
@@ -65,6 +64,8 @@ def _find(root: Path, name: str, stem: str) -> Path:
 def load_mnist(name: str, data_dir: Path, download: bool) -> DataBundle:
     root = Path(data_dir)
     if download:
+        import torchvision  # only to download: importing it takes a second or more
+
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
         try:
             _find(root, name, FILES["train"][0])

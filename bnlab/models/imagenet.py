@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -58,6 +57,8 @@ def fixup_torchvision(model: nn.Module) -> nn.Module:
     branch except the last are multiplied by L^(-1/(2m-2)) (L blocks; m = 2 for BasicBlock, 3
     for Bottleneck, so L^(-1/4) in ResNet-50), the last conv of each branch and the classifier
     (weights and bias) start at 0."""
+    import torchvision  # here, not at import: it takes a second or more (names.torchvision_blocks)
+
     tv = torchvision.models.resnet
     stages = [getattr(model.net, f"layer{i}") for i in range(1, 5)]
     blocks = [b for s in stages for b in s if isinstance(b, tv.BasicBlock | tv.Bottleneck)]

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision
 from torch import nn
 
 from bnlab.errors import UserError, unknown
 from bnlab.models.cifar_resnet import BasicBlock, CifarResNet
-from bnlab.models.imagenet import fixup_torchvision
+from bnlab.models.names import torchvision_blocks
 from bnlab.models.vgg import CifarVGG
 from bnlab.norm import zero_scale_, zero_scale_refusal
 from bnlab.values import check_options
@@ -55,8 +54,8 @@ def residual_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _tv_blocks(model: nn.Module) -> list[nn.Module]:
-    tv = torchvision.models.resnet
-    return [m for m in model.modules() if isinstance(m, tv.BasicBlock | tv.Bottleneck)]
+    blocks = torchvision_blocks()
+    return [m for m in model.modules() if blocks and isinstance(m, blocks)]
 
 
 def refusal(model: nn.Module, name: str) -> str | None:
@@ -147,6 +146,7 @@ def _init_layers(model: nn.Module, fill) -> None:
 @torch.no_grad()
 def _fixup(model: nn.Module) -> None:
     if not residual_blocks(model):  # torchvision's blocks: m = 2 (BasicBlock) or 3 (Bottleneck)
+        from bnlab.models.imagenet import fixup_torchvision  # loads torchvision
         fixup_torchvision(model)
         return
     blocks = residual_blocks(model)

@@ -27,7 +27,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
 from bnlab.errors import UserError, suggest
@@ -91,6 +90,8 @@ FAMILIES = (
 
 def classification_models() -> list[str]:
     """The names of torchvision's classification models in this torchvision."""
+    import torchvision  # on use: importing it takes a second or more (names.torchvision_blocks)
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -145,6 +146,8 @@ def swap_norms(module: nn.Module, norm: str, options: dict | None = None) -> nn.
 
 
 def _build(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    import torchvision
+
     try:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes,
                                             **kwargs)

@@ -62,13 +62,12 @@ import math
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock as TvBasic
-from torchvision.models.resnet import Bottleneck
 
 from bnlab.config import PROBE_STEP_SIZES, step_sizes
 from bnlab.models import build_model
 from bnlab.models.cifar_resnet import BasicBlock
 from bnlab.models.mlp import Hidden
+from bnlab.models.names import torchvision_blocks
 from bnlab.norm import is_norm_layer
 from bnlab.train.board import event_dir, summary_writer
 from bnlab.train.probe_batch import ProbeBatch, measure_on
@@ -102,7 +101,7 @@ def _norm_positions(cfg) -> set[str]:
 
 
 def _is_block(m: nn.Module) -> bool:
-    return isinstance(m, BasicBlock | TvBasic | Bottleneck | Hidden)
+    return isinstance(m, (BasicBlock, Hidden, *torchvision_blocks()))
 
 
 def default_layers(cfg, model: nn.Module) -> list[tuple[str, str, str]]:
