@@ -50,6 +50,7 @@ norm = ["bn", "none"]
 """
 
 
+@pytest.mark.slow  # submitit's local executor starts a process per job
 def test_two_run_study_through_submitit_local_executor(tmp_path, job_path):
     from bnlab.cli import main
     from bnlab.study.spec import expand, load_spec

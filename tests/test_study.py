@@ -184,7 +184,7 @@ def test_suggestions_and_command_line_errors(tmp_path, capsys):
         (["study", "run", spec, "--set", "dataset=imagenet"], "--data-map imagenet="),
         (["study", "run", spec, "--set", f"dataset=imagefolder:{tmp_path / 'no-such'}"],
          f"image folder '{tmp_path / 'no-such'}' of study 'tiny' does not exist"),
-        (["study", "run", spec, "--jobs", "0"], "jobs must be an integer >= 1, got 0"),
+        (["study", "run", spec, "--jobs", "0"], "expected an integer >= 1 or auto, got '0'"),
         (["study", "status", tmp_path], "not a study output folder"),
         (["study", "report", "quick", "--out", tmp_path / "nothing"], "no study results"),
     ]
@@ -322,6 +322,7 @@ def _final_state(out: Path) -> dict:
     return state
 
 
+@pytest.mark.slow  # about a minute: kills a runner at many moments
 def test_sigkill_at_any_moment_then_resume_equals_clean_run(tmp_path):
     spec = write(tmp_path, KILL_SPEC)
     clean, killed = tmp_path / "clean", tmp_path / "killed"

@@ -9,8 +9,6 @@ from typing import Any
 from bnlab.api import checks
 from bnlab.api.frames import frame
 from bnlab.errors import StorageError, UserError
-from bnlab.report import write_report as report_to
-from bnlab.report.analysis import compare_selected
 from bnlab.store import Store
 from bnlab.study import spec as specs
 from bnlab.study import status as statuses
@@ -108,7 +106,7 @@ class Study:
         """The planned runs: run_id and the value of every varying axis, one row each."""
         return frame([{"run_id": r.run_id, **r.values} for r in self.plan.runs], ["run_id"])
 
-    def run(self, jobs: int = 1, out: Folder | None = None, pack: bool = True,
+    def run(self, jobs: int | str = "auto", out: Folder | None = None, pack: bool = True,
             executor: str = "local", slurm: SlurmOptions | dict | None = None,
             log: bool = True, pack_cpu: bool = False, yes: bool = False) -> Counts:
         """`bnlab study run`: every run not finished yet (resumable, same folders), then the
@@ -116,7 +114,8 @@ class Study:
         progress bar and no lines (a notebook kept quiet). First the estimate of the runs left
         (printed with log); more runs than the spec's max_runs (default 1000) are refused
         unless `yes`. pack_cpu: pack CPU runs too (the GPU path at tiny sizes)."""
-        jobs = checks.integer("jobs", jobs, 1)
+        if jobs != "auto" and (not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1):
+            raise UserError(f"jobs must be an integer >= 1 or 'auto', got {checks.shown(jobs)}")
         pack = checks.flag("pack", pack)
         log = checks.flag("log", log)
         pack_cpu = checks.flag("pack_cpu", pack_cpu)
@@ -145,12 +144,15 @@ class Study:
             self.out = out
         elif self.out is None:
             self.out = specs.DEFAULT_ROOT / self.name
-        line, todo = statuses.plan_estimate(self.plan, self.out)
+        line, todo = statuses.plan_estimate(self.plan, self.out, jobs,
+                                            print if log else None)
         if log:
             print(line, flush=True)  # before anything starts, and before a refusal
         statuses.confirm_size(self.plan, todo, yes)
         counts = run_study(self.plan, self.out, jobs=jobs, pack=pack, executor=executor,
                            options=options, quiet=not log, pack_cpu=pack_cpu)
+        from bnlab.report.analysis import compare_selected  # the report's stack: on use
+
         compare_selected(self.out)
         return Counts(counts)
 
@@ -196,6 +198,8 @@ def write_report(target: Folder, out: Folder | None = None, report_dir: Folder |
     folder = _resolve(target, out)
     report_dir = checks.folder("report_dir", report_dir, optional=True)
     references = checks.folder("references", references, optional=True)
+    from bnlab.report import write_report as report_to  # matplotlib, scipy: on use
+
     try:
         return report_to(folder, None if report_dir is None else str(report_dir),
                          None if references is None else str(references))

@@ -208,8 +208,8 @@ def cmd_bench(args) -> int:
 
 # -- studies -----------------------------------------------------------------------------------
 def cmd_study(args) -> int:
-    if args.study_command == "run":
-        _passive_openmp_if_shared(args.jobs)
+    if args.study_command == "run":  # auto: its parallel workers set their own (executors)
+        _passive_openmp_if_shared(1 if args.jobs == "auto" else args.jobs)
     from bnlab import api  # lazy
 
     if args.study_command == "list":

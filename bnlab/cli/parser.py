@@ -125,6 +125,16 @@ def _count(minimum: int):
     return parse
 
 
+def _jobs(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _count(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") \
+            from None
+
+
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     """The executor options of `bnlab study run`."""
     g = p.add_argument_group("cluster execution (--executor slurm or node)")
@@ -261,9 +271,10 @@ def build_parser() -> Parser:
     sr.add_argument("--pack-cpu", action="store_true",
                     help="pack CPU runs too (slower than lone runs on a CPU: for a dry run of "
                          "the GPU path at tiny sizes)")
-    sr.add_argument("--jobs", type=int, default=1, metavar="N",
+    sr.add_argument("--jobs", type=_jobs, default="auto", metavar="N",
                     help="runs trained at once, each in its own process (one GPU each when "
-                    "several exist)")
+                    "several exist); auto: on a CPU, one single-threaded run per core for "
+                    "bnlab's small networks, else 1")
     sr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                     help="device of every run (default: the spec's, else auto)")
     sr.add_argument("--set", action="append", metavar="KEY=VALUE",

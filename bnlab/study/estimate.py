@@ -182,12 +182,18 @@ def own_rates(runs: Iterable[tuple[RunConfig, dict | None]],
 OWN_SOURCE = "this output folder's own finished runs of the same network, norm, precision and batch"
 
 
+CALIBRATED = "bnlab's table scaled to this CPU by a measured ResNet-20 step (bnlab.study.calibrate)"
+
+
 def estimate(cfgs: Iterable[RunConfig], device: str,
              sizes: dict[str, tuple[int, int]] | None = None,
-             own: dict[tuple, float] | None = None) -> Estimate:
-    """Minutes to train `cfgs` one after another on `device` ('cpu' or 'gpu'); on a GPU the
-    packable runs as the study runner packs them. `own` (own_rates of an output folder) gives
-    CPU runs of a measured rate_key that rate instead of the table's."""
+             own: dict[tuple, float] | None = None, speed: float | None = None,
+             workers: int = 1) -> Estimate:
+    """Minutes to train `cfgs` on `device` ('cpu' or 'gpu'); on a GPU the packable runs as the
+    study runner packs them. `own` (own_rates of an output folder) gives CPU runs of a
+    measured rate_key that rate instead of the table's; `speed` (bnlab.study.calibrate) scales
+    the table's CPU rates to this machine; `workers` CPU runs train at once (with the threads
+    `speed` was measured at), so their time divides by it."""
     cfgs = list(cfgs)
     sizes = sizes or {}
     own = own or {}
@@ -223,7 +229,13 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
             area = (known[2] / MEASURED_SIDE.get(fam, known[2])) ** 2
             total += n * area * (cpu_cost(c, fam) if device == "cpu" else 1.0)
             scaled = scaled or area != 1.0
-        seconds += total * cost / rate.images_per_s
-        sources.append(rate.source)
+        if device == "cpu" and speed:
+            seconds += total * cost / (rate.images_per_s * speed)
+            sources.append(CALIBRATED)
+        else:
+            seconds += total * cost / rate.images_per_s
+            sources.append(rate.source)
         scaled = scaled or cost != 1.0
+    if device == "cpu":
+        seconds /= max(1, workers)
     return Estimate(seconds / 60, sources=tuple(dict.fromkeys(sources)), scaled=scaled)

@@ -14,7 +14,7 @@ from pathlib import Path
 from bnlab.errors import UserError
 from bnlab.runtime import resolve_device
 from bnlab.store import FINISHED, Store
-from bnlab.study.executors import SlurmExecutor, run_parallel, run_serial
+from bnlab.study.executors import SlurmExecutor, auto_jobs, run_parallel, run_serial
 from bnlab.study.expand import Plan
 from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.progress import Progress
@@ -37,7 +37,7 @@ def open_study_store(plan: Plan, out: str | Path) -> Store:
     return store
 
 
-def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = None,
+def run_study(plan: Plan, out: str | Path, jobs: int | str = 1, tty: bool | None = None,
               pack: bool = True, executor: str = "local",
               options: SlurmOptions | None = None, pack_cpu: bool = False,
               quiet: bool = False) -> dict[str, int]:
@@ -55,8 +55,8 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
     if executor not in EXECUTORS:
         raise UserError(f"executor {executor!r} is not accepted; accepted: "
                         f"{', '.join(EXECUTORS)}")
-    if jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if jobs != "auto" and (not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1):
+        raise UserError(f"--jobs must be an integer >= 1 or auto, got {jobs!r}")
     store = open_study_store(plan, out)
     if plan.groups:  # choices already made by an earlier runner
         plan = _with_choices(plan, store)
@@ -68,7 +68,12 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
         if r.run_id in finished:
             check_data(store, r.cfg)
     todo = [r for r in plan.all_runs if r.run_id not in finished]
-    how = f"--jobs {jobs}" if executor == "local" else f"--executor {executor}"
+    why, threads = "", None
+    if jobs == "auto":
+        jobs, threads, why = (auto_jobs(plan.all_runs, todo, plan.spec.estimate.get("sizes"))
+                              if executor == "local" else (1, None, ""))
+        why = f" (auto: {why})"
+    how = f"--jobs {jobs}{why}" if executor == "local" else f"--executor {executor}"
     tuning = f" ({len(plan.tune_runs)} of them tuning runs)" if plan.tune_runs else ""
     progress.log(f"study {plan.spec.name}: {len(plan.all_runs)} runs{tuning}, "
                  f"{len(finished)} already finished, {len(todo)} to run, {how} -> {store.root}")
@@ -79,9 +84,9 @@ def run_study(plan: Plan, out: str | Path, jobs: int = 1, tty: bool | None = Non
                                cluster="slurm" if executor == "slurm" else "local")
             ex.run([r.cfg for r in runs], store.root, progress.log)
             return []
-        if jobs == 1:
+        if jobs == 1 and threads is None:
             return run_serial(store, progress, wait, retry_failed, runs)
-        return run_parallel(plan, store, progress, jobs, wait, retry_failed, runs)
+        return run_parallel(plan, store, progress, jobs, wait, retry_failed, runs, threads)
 
     def phase(runs) -> None:
         if pack and executor == "local":

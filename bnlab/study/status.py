@@ -12,7 +12,7 @@ from pathlib import Path
 from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.store import FINISHED, RunDir, Store, open_store
-from bnlab.study.estimate import MEASURED_ON, OWN_SOURCE, estimate, own_rates
+from bnlab.study.estimate import CALIBRATED, MEASURED_ON, OWN_SOURCE, estimate, own_rates
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -143,10 +143,12 @@ def remaining(plan: Plan, out: str | Path | None) -> tuple[list, dict[tuple, flo
     return todo, own_rates(((c, summaries.get(rid)) for c, rid in named), sizes)
 
 
-def study_estimate(plan: Plan, device: str, out: str | Path | None = None) -> str:
+def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
+                   speed: float | None = None) -> str:
     """The spec's own minutes for `device` if it gives them (for a study not begun), else the
     estimate of the runs left: from the output folder's own measured throughput where it has
-    finished runs like them, else from bnlab's table of measured rates."""
+    finished runs like them, else from bnlab's table of measured rates (on the CPU scaled by
+    `speed`, this machine's measured factor, when there is one); runs one at a time."""
     spec = plan.spec
     given = spec.estimate.get(f"{device}_minutes")
     todo, own = remaining(plan, out)
@@ -154,27 +156,33 @@ def study_estimate(plan: Plan, device: str, out: str | Path | None = None) -> st
         return fmt_minutes(given) + " (spec)"
     if not todo:
         return "done"
-    est = estimate(todo, device, spec.estimate.get("sizes"), own)
-    mark = " (scaled)" if est.scaled else (" (own)" if OWN_SOURCE in est.sources else "")
+    est = estimate(todo, device, spec.estimate.get("sizes"), own,
+                   speed=speed if device == "cpu" else None)
+    mark = " (scaled)" if est.scaled else (" (own)" if OWN_SOURCE in est.sources else
+                                           " (this CPU)" if CALIBRATED in est.sources else "")
     return fmt_minutes(est.minutes) + mark
 
 
 def list_text() -> str:
     """`bnlab study list`: every built-in study with its size and estimated time on each device
     class bnlab was measured on."""
-    rows = []
+    from bnlab.study.calibrate import cached_speed  # torch-free
+
+    rows, speed = [], cached_speed()
     for name in builtin_names():
         plan = expand(load_spec(name))
         folder = DEFAULT_ROOT / name  # a study begun here: what is left, at its own rates
         folder = folder if (folder / "study.json").is_file() else None
-        rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", folder),
+        rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", folder, speed),
                      study_estimate(plan, "gpu", folder), plan.spec.description])
     notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
              f"{MEASURED_ON['cpu']}, GPU = {MEASURED_ON['gpu']} with GPU runs packed as the "
              "runner packs them; (own): a study begun in studies-out/NAME, its runs left at "
              "the rates its finished runs measured; (scaled): from the measurement of a smaller "
              "model of the family by its layers; unmeasured: no measurement of that model on "
-             "that device."]
+             "that device" + (f"; (this CPU): the CPU table scaled by the speed `bnlab study "
+                              f"run` measured on this machine ({speed:.2f} x)." if speed
+                              else ".")]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
 
@@ -183,10 +191,16 @@ def list_text() -> str:
 LARGE_STUDY = 1000  # runs to train above which `study run` asks for --yes (or max_runs)
 
 
-def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
+CALIBRATE_ABOVE = 1.0  # minutes by the table: a shorter study is not worth 2 s of measuring
+
+
+def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
+                  log=None) -> tuple[str, int]:
     """(the line `study run` prints before it starts: how many runs are left to train and how
     long they take by bnlab.study.estimate, at the folder's own measured rates where it has
-    finished runs like them; the number of runs left)."""
+    finished runs like them, else at the table's rates scaled to this CPU by a measured step
+    (bnlab.study.calibrate; for studies of CALIBRATE_ABOVE minutes or more by the table), with
+    `jobs` runs at once as the runner will train them; the number of runs left)."""
     todo, own = remaining(plan, out)
     total = len(plan.all_runs)
     tuning = f" ({len(plan.tune_runs)} of them tuning runs)" if plan.tune_runs else ""
@@ -196,15 +210,40 @@ def plan_estimate(plan: Plan, out: str | Path) -> tuple[str, int]:
     from bnlab.runtime import resolve_device  # lazy: torch, only for a study about to run
 
     device = "gpu" if resolve_device(todo[0].device).type == "cuda" else "cpu"
-    est = estimate(todo, device, plan.spec.estimate.get("sizes"), own)
+    sizes = plan.spec.estimate.get("sizes")
+    workers, speed, threads = 1, None, None
+    if device == "cpu":
+        from bnlab.study import calibrate
+        from bnlab.study.executors import _cores, auto_jobs
+
+        if jobs == "auto":
+            left = {r.run_id for r in plan.all_runs} - set(_summaries_done(plan, out))
+            workers, threads, _ = auto_jobs(plan.all_runs,
+                                            [r for r in plan.all_runs if r.run_id in left], sizes)
+        else:
+            workers = jobs
+        threads = threads or max(1, _cores() // workers)
+        table = estimate(todo, device, sizes, own)
+        if table.sources != (OWN_SOURCE,) and (table.minutes or 0) >= CALIBRATE_ABOVE:
+            speed = calibrate.speed(todo[0].precision, todo[0].batch_size, threads, log)
+    est = estimate(todo, device, sizes, own, speed=speed, workers=workers)
     if est.minutes is None:
         return f"{line}; their time is unmeasured ({est.missing})", len(todo)
     where = ("this folder's own finished runs" if est.sources == (OWN_SOURCE,) else
              "this folder's own finished runs and bnlab's table of measured rates"
              if OWN_SOURCE in est.sources else "bnlab's table of measured rates")
+    if CALIBRATED in est.sources:
+        where += f", scaled to this CPU: {speed:.2f} x"
+    at_once = f", {workers} runs at once" if workers > 1 else ""
+    on = "this CPU" if device == "cpu" else MEASURED_ON[device]
     scaled = ", scaled from a smaller model" if est.scaled else ""
     return (f"{line}, estimated {fmt_minutes(est.minutes)} of training and evaluation on "
-            f"{MEASURED_ON[device]} (from {where}{scaled})", len(todo))
+            f"{on}{at_once} (from {where}{scaled})", len(todo))
+
+
+def _summaries_done(plan: Plan, out: str | Path) -> list[str]:
+    return [rid for rid, s in _summaries(plan, out).items()
+            if (s or {}).get("status") in FINISHED]
 
 
 def confirm_size(plan: Plan, todo: int, yes: bool) -> None:

@@ -1,0 +1,149 @@
+"""This machine's CPU speed against the CPU bnlab's table of rates was measured on.
+
+CPUs differ by 2x and more on the same network (docs/results.md: a 2-core Xeon and a 2-core EPYC
+of the same size), so the table's rates alone can be that far off on another machine. Before
+a CPU study starts, `speed(precision, batch, threads)` times a few training steps of ResNet-20
+with BN on random images of CIFAR's shape, in the study's precision, batch and threads per run,
+and returns the measured rate over the rate the table gives for the same step
+(estimate.LONE's CIFAR ResNet rate with estimate.cpu_cost): the factor the estimate divides its
+CPU times by. It takes about two seconds, once per machine, torch version and setting: the
+result is kept in the bnlab cache (calibration.json), keyed by the CPU's model and flags, the
+cores and the torch version, unless other work loaded the machine while it was measured (then
+it is used once and measured again next time; delete the file to measure again).
+`cached_speed()` reads the latest one without torch (`bnlab study list`). One factor from
+ResNet-20 is applied to every network: a measurement of the machine, not of each model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from bnlab.config import RunConfig, cache_root
+from bnlab.study.estimate import LONE, cpu_cost
+
+FILE = "calibration.json"
+WARMUP_STEPS = 2
+MIN_SECONDS = 1.5  # timed steps: at least this long ...
+MAX_STEPS = 12  # ... and at most this many steps after the warm-up
+
+
+def _machine() -> str:
+    """The CPU's model name and flags and the cores this process may use, hashed."""
+    info = ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        info = platform.processor() or platform.machine()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return hashlib.sha256(f"{info}\n{cores}".encode()).hexdigest()[:16]
+
+
+def _busy() -> bool:
+    """Whether other work loads this machine (1-minute load average of at least half its
+    cores, the measurement's own second or two aside): its measurement says little of later."""
+    try:
+        return os.getloadavg()[0] >= max(1, len(os.sched_getaffinity(0))) / 2 + 1
+    except (AttributeError, OSError):
+        return False
+
+
+def _read(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def table_rate(precision: str, batch: int) -> float:
+    """The table's training images per second of ResNet-20 with BN at this precision."""
+    cfg = RunConfig(model="resnet20", precision=precision, batch_size=batch)
+    return LONE[("cifar-resnet", "cpu")].images_per_s / cpu_cost(cfg, "cifar-resnet")
+
+
+def measure(precision: str, batch: int, threads: int) -> float:
+    """Training images per second of ResNet-20 with BN (fused CPU kernels, channels_last, as a
+    run trains) on random images, with `threads` torch threads."""
+    import torch
+    import torch.nn.functional as F
+
+    from bnlab.models import build_model
+    from bnlab.runtime import autocast
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        model = build_model("resnet20", 10, cpu_kernels=True).to(
+            memory_format=torch.channels_last)
+        params = list(model.parameters())
+        x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(
+            memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        device = torch.device("cpu")
+
+        def step() -> None:
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(x), y)
+            for p in params:
+                p.grad = None
+            loss.backward()
+            with torch.no_grad():  # plain SGD: torch.optim would load torch._dynamo (seconds)
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-0.01)
+            loss.item()
+
+        for _ in range(WARMUP_STEPS):
+            step()
+        steps, t0 = 0, time.perf_counter()
+        while steps < MAX_STEPS and (steps < 2 or time.perf_counter() - t0 < MIN_SECONDS):
+            step()
+            steps += 1
+        return steps * batch / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def speed(precision: str, batch: int, threads: int, log=None) -> float:
+    """This machine's speed over the table's, for runs of this precision, batch and threads
+    (measured once, then read from the cache)."""
+    import torch
+
+    path = cache_root() / FILE
+    key = f"{_machine()}|torch {torch.__version__}|{precision}|batch {batch}|{threads} threads"
+    entry = _read(path).get(key)
+    if not (isinstance(entry, dict) and isinstance(entry.get("factor"), int | float)
+            and entry["factor"] > 0):
+        rate = measure(precision, batch, threads)
+        entry = {"factor": rate / table_rate(precision, batch), "images_per_s": rate,
+                 "measured": time.time()}
+        if not _busy():  # a busy machine's speed is used now, not kept
+            data = _read(path)
+            data[key] = entry
+            tmp = path.with_name(f"{FILE}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(data, indent=1))
+                os.replace(tmp, path)
+            except OSError:  # a read-only cache: measured again next time
+                tmp.unlink(missing_ok=True)
+        if log:
+            log(f"this CPU: ResNet-20 trains {rate:.0f} images/s ({precision}, batch {batch}, "
+                f"{threads} thread{'s' if threads > 1 else ''} a run), "
+                f"{entry['factor']:.2f} x the rate of bnlab's table")
+    return float(entry["factor"])
+
+
+def cached_speed() -> float | None:
+    """The latest factor measured on this machine (any setting), or None: without torch."""
+    entries = [e for k, e in _read(cache_root() / FILE).items()
+               if k.startswith(_machine() + "|") and isinstance(e, dict)
+               and isinstance(e.get("factor"), int | float) and e["factor"] > 0]
+    return max(entries, key=lambda e: e.get("measured", 0))["factor"] if entries else None

@@ -1,0 +1,122 @@
+"""Estimates scaled to this CPU: the measured factor (bnlab.study.calibrate), its cache, and
+the estimate's use of it and of parallel workers (bnlab.study.estimate)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bnlab.config import RunConfig
+from bnlab.study import calibrate
+from bnlab.study.estimate import CALIBRATED, LONE, OWN_SOURCE, estimate, rate_key
+
+RUN = RunConfig(dataset="cifar10", model="resnet20", limit_train=5000, limit_test=2000,
+                epochs=3, batch_size=64, precision="bf16", device="cpu")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache on an idle machine."""
+    monkeypatch.setenv("BNLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "_busy", lambda: False)
+    return tmp_path / "cache"
+
+
+def test_the_factor_scales_the_table_and_workers_divide_the_time():
+    base = estimate([RUN] * 4, "cpu").minutes
+    slow = estimate([RUN] * 4, "cpu", speed=0.25)
+    assert slow.minutes == pytest.approx(4 * base) and slow.sources == (CALIBRATED,)
+    assert estimate([RUN] * 4, "cpu", speed=0.25, workers=2).minutes == pytest.approx(2 * base)
+
+
+def test_a_folder_s_own_rate_is_not_scaled_again():
+    """A rate measured by the folder's own runs is this machine's already."""
+    own = {rate_key(RUN): 500.0}
+    mine = estimate([RUN], "cpu", own=own)
+    assert mine.sources == (OWN_SOURCE,)
+    assert estimate([RUN], "cpu", own=own, speed=0.1).minutes == pytest.approx(mine.minutes)
+
+
+def test_the_table_rate_of_a_setting():
+    assert calibrate.table_rate("fp32", 128) == LONE[("cifar-resnet", "cpu")].images_per_s
+    assert calibrate.table_rate("bf16", 64) > calibrate.table_rate("fp32", 64)
+
+
+def test_measured_once_per_setting_then_read_from_the_cache(cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: calls.append((p, b, t)) or 350.0)
+    lines = []
+    f = calibrate.speed("bf16", 64, 1, lines.append)
+    assert f == pytest.approx(350.0 / calibrate.table_rate("bf16", 64))
+    assert calibrate.speed("bf16", 64, 1) == f and calls == [("bf16", 64, 1)]
+    assert len(lines) == 1 and "350 images/s" in lines[0]
+    calibrate.speed("fp32", 128, 2)
+    assert calls[-1] == ("fp32", 128, 2)
+    assert calibrate.cached_speed() == pytest.approx(350.0 / calibrate.table_rate("fp32", 128))
+    assert len(json.loads((cache / calibrate.FILE).read_text())) == 2
+
+
+def test_a_busy_machine_s_measurement_is_used_once_not_kept(cache, monkeypatch):
+    rates = iter([100.0, 300.0])
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: next(rates))
+    monkeypatch.setattr(calibrate, "_busy", lambda: True)
+    assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
+    assert calibrate.cached_speed() is None
+    monkeypatch.setattr(calibrate, "_busy", lambda: False)
+    assert calibrate.speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
+    assert calibrate.cached_speed() == pytest.approx(300.0 / 1050)
+
+
+def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
+    cache.mkdir(parents=True)
+    (cache / calibrate.FILE).write_text("{not json")
+    assert calibrate.cached_speed() is None
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
+    assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
+
+
+def test_another_machine_does_not_read_this_one_s_factor(cache, monkeypatch):
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
+    calibrate.speed("fp32", 128, 2)
+    monkeypatch.setattr(calibrate, "_machine", lambda: "another")
+    assert calibrate.cached_speed() is None
+
+
+def test_a_real_measurement_runs_at_the_threads_asked_and_restores_them():
+    before = torch.get_num_threads()
+    rate = calibrate.measure("fp32", 8, 1)
+    assert 0 < rate < 1e6 and torch.get_num_threads() == before
+
+
+def test_study_run_s_first_line_on_this_cpu(cache, monkeypatch, tmp_path):
+    """quick on a 2-core machine measured at 350 images/s a run: its table time scaled by the
+    factor and halved by the two runs at once, and the line says so."""
+    from bnlab.study import executors, status
+    from bnlab.study.spec import expand, load_spec
+
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
+    monkeypatch.setattr(executors, "_cores", lambda: 2)
+    monkeypatch.setattr(executors, "_available_gib", lambda: 24.0)
+    plan = expand(load_spec("quick"))
+    todo, _ = status.remaining(plan, tmp_path / "new")
+    table = estimate(todo, "cpu", plan.spec.estimate.get("sizes")).minutes
+    factor = 350.0 / calibrate.table_rate("bf16", 64)
+    line, left = status.plan_estimate(plan, tmp_path / "new", "auto")
+    assert left == 9
+    assert "on this CPU, 2 runs at once" in line and f"scaled to this CPU: {factor:.2f} x" in line
+    assert status.fmt_minutes(table / factor / 2) in line
+
+
+def test_a_short_study_is_not_measured(cache, monkeypatch, tmp_path):
+    """Under a minute by the table: the table's estimate, no 2 s of measuring."""
+    from bnlab.study import status
+    from bnlab.study.spec import expand, load_spec
+
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: pytest.fail("measured"))
+    spec = tmp_path / "tiny.toml"
+    spec.write_text('name = "tiny"\n[base]\ndataset = "synthetic"\nmodel = "resnet20"\n'
+                    'epochs = 1\ndevice = "cpu"\n[grid]\nseed = [0, 1]\n')
+    line, left = status.plan_estimate(expand(load_spec(str(spec))), tmp_path / "o", "auto")
+    assert left == 2 and "(from bnlab's table of measured rates)" in line

@@ -1,0 +1,110 @@
+"""`bnlab study run --jobs`: the automatic choice (auto_jobs) and the worker processes that
+train several runs each (run_parallel)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bnlab.config import RunConfig
+from bnlab.store import Store
+from bnlab.study import executors
+from bnlab.study.executors import auto_jobs
+from tests.helpers import run_cli
+
+QUICK_LIKE = dict(dataset="cifar10", model="resnet20", limit_train=5000, limit_test=2000,
+                  epochs=3, batch_size=64, device="cpu")
+
+
+def runs(n: int, **over) -> list:
+    return [SimpleNamespace(cfg=RunConfig(**{**QUICK_LIKE, "seed": s, **over})) for s in range(n)]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A 2-core machine with 24 GiB available, unless a test says otherwise."""
+    state = {"cores": 2, "gib": 24.0}
+    monkeypatch.setattr(executors, "_cores", lambda: state["cores"])
+    monkeypatch.setattr(executors, "_available_gib", lambda: state["gib"])
+    return state
+
+
+def test_small_cpu_runs_train_one_single_threaded_run_per_core(machine):
+    assert auto_jobs(runs(3), runs(3))[:2] == (2, 1)
+    machine["cores"] = 8
+    assert auto_jobs(runs(3), runs(3))[:2] == (3, 1)  # no more workers than runs left
+    machine["gib"] = 4.5
+    assert auto_jobs(runs(3), runs(3))[:2] == (2, 1)  # one per 2 GiB available
+
+
+def test_threads_depend_on_the_study_not_on_the_runs_left(machine):
+    """A run resumed alone computes with the thread count it had beside the others (float
+    sums in another order would give other numbers)."""
+    assert auto_jobs(runs(3), runs(1))[:2] == (1, 1)
+    machine["gib"] = 1.0
+    assert auto_jobs(runs(3), runs(3))[:2] == (1, 1)
+
+
+@pytest.mark.parametrize("why, study", [
+    ("one run", runs(1)),
+    ("a large network", runs(2, model="resnet18", dataset="synthetic", limit_train=50_000)),
+    ("runs too short", runs(3, limit_train=512)),  # 1,536 + 170 training images a run
+    ("runs too short", runs(2, dataset="synthetic", limit_train=0, limit_test=0, epochs=2)),
+])
+def test_everything_else_trains_one_run_at_a_time_on_all_cores(machine, why, study):
+    jobs, threads, text = auto_jobs(study, study)
+    assert (jobs, threads) == (1, None) and why in text
+
+
+def test_one_core_or_a_gpu_trains_one_run_at_a_time(machine, monkeypatch):
+    machine["cores"] = 1
+    assert auto_jobs(runs(3), runs(3))[:2] == (1, None)
+    machine["cores"] = 2
+    assert auto_jobs(runs(3, device="cuda"), runs(3, device="cuda"))[:2] == (1, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_jobs(runs(3, device="auto"), runs(3, device="auto"))[:2] == (1, None)
+
+
+SPEC = """
+name = "workers"
+[base]
+dataset = "synthetic"
+model = "mlp3x100"
+limit_train = 128
+limit_test = 64
+epochs = 1
+batch_size = 32
+device = "cpu"
+[grid]
+seed = [0, 1, 2, 3]
+"""
+
+
+def test_two_workers_train_four_runs(tmp_path, capsys):
+    """--jobs 2: two worker processes for four runs (a worker takes the next run when it
+    finishes one; which takes how many is up to timing), every run trained once, with the
+    thread count asked for (cores // jobs)."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    rc, out, _ = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o", "--jobs", "2")
+    assert rc == 0, out
+    assert "--jobs 2 ->" in out
+    attempts = Store(tmp_path / "o").attempts()
+    assert len(attempts) == 4 and all(len(a) == 1 for a in attempts.values())
+    pids = [a[0]["pid"] for a in attempts.values()]
+    assert len(set(pids)) == 2
+    threads = {json.loads((tmp_path / "o" / rid / "config.json").read_text())["env"]
+               ["torch_threads"] for rid in attempts}
+    assert threads == {max(1, executors._cores() // 2)}
+
+
+def test_auto_says_what_it_chose(tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC).replace("seed = [0, 1, 2, 3]", "seed = [0, 1]"))
+    rc, out, _ = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
+    assert rc == 0, out
+    assert "--jobs 1 (auto: runs too short to start workers for) ->" in out
