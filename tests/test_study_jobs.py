@@ -108,3 +108,40 @@ def test_auto_says_what_it_chose(tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o")
     assert rc == 0, out
     assert "--jobs 1 (auto: runs too short to start workers for) ->" in out
+
+
+def test_a_fresh_machine_builds_the_kernels_while_it_decodes_the_data(tmp_path, monkeypatch):
+    """prepare_machine: the kernel build (in a thread) and the data's decoding overlap; where
+    the kernels are built already it does nothing."""
+    import threading
+    import time
+
+    from bnlab.fast import cpu_kernels
+    from bnlab.study import worker
+
+    monkeypatch.setattr(cpu_kernels, "build_dir", lambda: tmp_path / "ext")
+    events = []
+
+    def build(log=None):
+        events.append(("build", threading.current_thread() is threading.main_thread()))
+        time.sleep(0.3)
+        events.append(("built", None))
+
+    def decode(cfg):
+        events.append(("decode", cfg.seed))
+        time.sleep(0.3)
+        events.append(("decoded", None))
+
+    monkeypatch.setattr(cpu_kernels, "prepare", build)
+    monkeypatch.setattr(worker, "data_for", decode)
+    cfgs = [r.cfg for r in runs(3)]
+    worker.prepare_machine(cfgs)
+    names = [e[0] for e in events]
+    assert ("build", False) in events and ("decode", 0) in events  # the build off the main thread
+    assert names.index("built") > names.index("decode") and names.index("decoded") > \
+        names.index("build")  # each began before the other ended
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "ready").write_text("lib.so")
+    events.clear()
+    worker.prepare_machine(cfgs)
+    assert events == []

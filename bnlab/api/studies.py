@@ -16,6 +16,7 @@ from bnlab.study.expand import Plan, expand
 from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.preflight import preflight
 from bnlab.study.runner import run_study, unfinished
+from bnlab.study.worker import prepare_machine
 
 Folder = str | Path
 
@@ -144,6 +145,8 @@ class Study:
             self.out = out
         elif self.out is None:
             self.out = specs.DEFAULT_ROOT / self.name
+        if executor == "local":  # the first study on this machine: kernels and data at once
+            prepare_machine([r.cfg for r in self.plan.all_runs])
         line, todo = statuses.plan_estimate(self.plan, self.out, jobs,
                                             print if log else None)
         if log:

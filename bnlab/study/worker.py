@@ -15,6 +15,7 @@ disk), and a run folder holding a run trained on other data than the study now r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,32 @@ def check_data(store: Store, cfg: RunConfig) -> None:
 
 DATA_FIELDS = ("dataset", "data_dir", "download", "limit_train", "limit_test", "augment",
                "image_size", "val_fraction")  # what data_for makes a run's data from
+
+
+def prepare_machine(cfgs: list[RunConfig]) -> None:
+    """On a machine that has not built bnlab's fused CPU kernels yet (a fresh one), build them
+    in a thread while this one decodes the first CPU run's dataset into the cache, so that the
+    two first-time costs overlap (17.5 s and 15.6 s for CIFAR-10's 60,000 JPEGs on a 2-core
+    Xeon) instead of following each other. Elsewhere it does nothing. A dataset that cannot be
+    read is left to the run, which records why."""
+    import threading
+
+    import torch
+
+    from bnlab.fast import cpu_kernels
+
+    cpu = [c for c in cfgs if c.cpu_kernels and (c.device == "cpu" or c.device == "auto"
+                                                 and not torch.cuda.is_available())]
+    if not cpu or os.environ.get("BNLAB_CPU_KERNELS", "1") == "0" \
+            or (cpu_kernels.build_dir() / "ready").exists():
+        return
+    build = threading.Thread(target=cpu_kernels.prepare, daemon=True)
+    build.start()
+    try:
+        data_for(cpu[0])
+    except Exception:  # noqa: BLE001 - the run itself reports its data's problem
+        pass
+    build.join()
 
 
 def shared_data(cfg: RunConfig, bundles: dict) -> DataBundle:
