@@ -50,7 +50,7 @@ def test_the_named_cases_are_one_line_user_errors(tmp_path):
     text = one_line(lambda: bnlab.Study.from_spec("quick", data_map={"cifar10": 5}))
     assert "data_map" in text and "5" in text
     for jobs in (0, "two", True, 1.5):
-        text = one_line(lambda: bnlab.Study.from_spec("quick").run(jobs=jobs, out=tmp_path))
+        text = one_line(lambda j=jobs: bnlab.Study.from_spec("quick").run(jobs=j, out=tmp_path))
         assert "jobs must be an integer >= 1 or 'auto'" in text and repr(jobs) in text
     assert not list(tmp_path.iterdir())  # nothing was trained or written
 
