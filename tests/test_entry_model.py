@@ -250,6 +250,7 @@ def test_a_study_refuses_a_missing_entry_before_training(tmp_path, capsys):
 EXAMPLE = HERE.resolve().parents[1] / "examples" / "notebook_own_model.py"
 
 
+@pytest.mark.slow  # a whole example script in a new process (20 s)
 def test_the_example_studies_a_network_defined_in_the_script(tmp_path):
     """examples/notebook_own_model.py run as a user runs it: a study of its own network with
     and without BN, a plot from the DataFrames, the BN arm diagnosed and recalibrated."""

@@ -362,6 +362,7 @@ def test_sigkill_at_any_moment_then_resume_equals_clean_run(tmp_path):
     assert any(x["from_epoch"] > 0 for xs in attempts.values() for x in xs)  # a real resume
 
 
+@pytest.mark.slow  # the race itself runs 25 times in the slow suite below
 def test_two_runners_never_train_a_run_twice(tmp_path):
     spec = write(tmp_path, KILL_SPEC.replace("seed = [0, 1]", "seed = [0, 1, 2]")
                  .replace("epochs = 4", "epochs = 2"))
