@@ -102,7 +102,7 @@ def test_study_run_s_first_line_on_this_cpu(cache, monkeypatch, tmp_path):
     plan = expand(load_spec("quick"))
     todo, _ = status.remaining(plan, tmp_path / "new")
     table = estimate(todo, "cpu", plan.spec.estimate.get("sizes")).minutes
-    factor = 350.0 / calibrate.table_rate("bf16", 64)
+    factor = 350.0 / calibrate.table_rate(todo[0].precision, todo[0].batch_size)
     line, left = status.plan_estimate(plan, tmp_path / "new", "auto")
     assert left == 9
     assert "on this CPU, 2 runs at once" in line and f"scaled to this CPU: {factor:.2f} x" in line
