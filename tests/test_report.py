@@ -340,6 +340,27 @@ def test_spec_is_shown_as_toml_that_reads_back_the_same(study_dir):
     assert tomllib.loads(to_toml(spec)) == spec
 
 
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_report_removes_figures_and_tables_an_earlier_report_left(tmp_path, elsewhere):
+    out = tmp_path / "out"
+    values = [dict(norm=n, seed=0) for n in ("bn", "none")]
+    Store(out).write_meta("study.json", {
+        "name": "empty", "axes": ["norm"], "analysis": {},
+        "runs": [{"run_id": from_mapping({**BASE, **v}).run_id(), "values": v} for v in values]})
+    folder = tmp_path / "elsewhere" if elsewhere else out / "report"
+    (folder / "tables").mkdir(parents=True)
+    stale = [folder / "curves-cifar10.png", folder / "tables" / "old-table.csv"]
+    kept = [folder / "notes.txt", folder / "tables" / "notes.txt"]
+    for p in stale + kept:
+        p.write_bytes(b"earlier")
+    files = write_report(out, folder if elsewhere else None)
+    assert [p.exists() for p in stale] == [False, False]
+    assert [p.read_bytes() for p in kept] == [b"earlier", b"earlier"]
+    assert all(p.is_file() for p in files.values())
+    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert on_disk == set(files) | {"notes.txt", "tables/notes.txt"}
+
+
 def test_report_of_a_study_with_no_finished_run(tmp_path):
     out = tmp_path / "out"
     values = [dict(norm=n, seed=0) for n in ("bn", "none")]
