@@ -418,3 +418,27 @@ def test_summary_table_shows_the_bootstrap_interval_from_five_runs():
     got = [float(x) for x in cell.strip("[]").split(", ")]
     assert got == pytest.approx([100 * low, 100 * high], abs=0.05 * 100 * (high - low) + 0.01)
     assert t5.rows[0][-1] == "–" and any("BCa" in n for n in t5.notes)
+
+
+def test_summary_table_clips_an_accuracy_interval_at_0_and_100_percent():
+    from pathlib import Path
+
+    from bnlab.report.load import Study
+    from bnlab.report.tables import summary_table
+
+    # n = 2: t(0.975, 1) = 12.706; bn 0.97 ± 0.03 runs past 100%, none 0.08 ± 0.04 below 0%
+    bn, none = [0.95, 0.99], [0.06, 0.10]
+    a, b = _arms(bn, none)
+    study = Study(Path("."), "s", "", {}, {}, {}, {}, ["norm", "seed"], {}, a.runs + b.runs)
+    t = summary_table(study, [a, b], 1)
+    col = t.head.index("95% CI (%)")
+    half = [12.706204736 * np.std(x, ddof=1) / np.sqrt(2) for x in (bn, none)]
+    assert 0.97 + half[0] > 1 and 0.08 - half[1] < 0  # the raw intervals do run past
+    assert t.rows[0][col] == f"[{100 * (0.97 - half[0]):.2f}, 100.00]‡"
+    assert t.rows[1][col] == f"[0.00, {100 * (0.08 + half[1]):.2f}]‡"
+    assert sum("‡" in n and "cut at 0% or 100%" in n for n in t.notes) == 1
+    # an interval inside the range is printed as computed, with no mark and no note
+    a, b = _arms([0.900, 0.901], [0.500, 0.502])
+    t = summary_table(study, [a, b], 1)
+    assert "‡" not in t.rows[0][col] + t.rows[1][col]
+    assert not any("‡" in n for n in t.notes)
