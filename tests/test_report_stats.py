@@ -442,3 +442,21 @@ def test_summary_table_clips_an_accuracy_interval_at_0_and_100_percent():
     t = summary_table(study, [a, b], 1)
     assert "‡" not in t.rows[0][col] + t.rows[1][col]
     assert not any("‡" in n for n in t.notes)
+
+
+def test_intro_names_the_arm_axes_and_sets_options_that_make_no_arm_apart():
+    from pathlib import Path
+
+    from bnlab.report.compose import _intro
+    from bnlab.report.load import Study
+
+    def intro(axes):
+        return _intro(Study(Path("."), "s", "", {}, {}, {}, {}, axes, {}, []))
+
+    text = intro(["dataset", "norm", "seed", "probe_every", "lr"])
+    assert ("axes varied: norm, lr, seed (probe_every also differs between runs but leaves "
+            "results unchanged and makes no arm).") in text
+    text = intro(["norm", "probe_every", "seed", "compile"])
+    assert ("axes varied: norm, seed (probe_every, compile also differ between runs but leave "
+            "results unchanged and make no arm).") in text
+    assert "axes varied: norm, seed. Each arm" in intro(["norm", "seed"])
