@@ -205,3 +205,31 @@ def test_a_row_that_starts_with_a_note_panel_keeps_its_y_scale():
     assert axes[5].get_ylabel() == "gradient norm" and axes[0].get_ylabel() == "gradient norm"
     assert any(t.get_visible() and t.get_text() for t in axes[5].get_yticklabels())
     assert not any(t.get_visible() and t.get_text() for t in axes[1].get_yticklabels())
+
+
+@pytest.mark.parametrize("values, scale, linthresh", [
+    ([0.35, 3.4, 587.0], "log", None),           # positive, over three decades
+    ([0.0, 0.0, 0.0234, 0.34, 587.0], "symlog", 0.01),  # a vanished gradient among them
+    ([0.0, 1.0, 5.0], "linear", None),           # zero, but the rest within a decade
+    ([2.0, 9.0], "linear", None),
+    ([-1.0, 0.5, 100.0], "linear", None),        # signed values stay linear
+])
+def test_values_over_decades_get_a_log_axis_even_with_zeros_among_them(values, scale,
+                                                                        linthresh):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import _log_if_wide
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(range(len(values)), values)
+    _log_if_wide(ax, values)
+    assert ax.get_yscale() == scale
+    if linthresh is not None:
+        assert ax.yaxis.get_transform().linthresh == pytest.approx(linthresh)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert "0" in labels and "100" in labels  # zero is drawn, and the decades above it
+        assert ax.get_ylim()[0] == 0.0 and not any(x.startswith(("-", "−")) for x in labels)

@@ -156,15 +156,25 @@ def _epochs_axis(ax) -> None:
 
 
 def _log_if_wide(ax, values: list[float]) -> None:
-    """Log scale only when the values span more than a decade; plain tick labels at 1, 2 and 5
-    times each power of ten either way (a span of one or two decades keeps labelled ticks)."""
-    if values and min(values) > 0 and max(values) / min(values) > 10:
+    """Log scale only when the positive values span more than a decade; plain tick labels at
+    1, 2 and 5 times each power of ten either way (a span of one or two decades keeps labelled
+    ticks). Values of exactly 0 among them (a layer whose gradient vanished) would keep a log
+    axis from being drawn: those get a symlog axis, linear from 0 up to the power of ten below
+    the smallest positive value and logarithmic above it. Negative values: left linear."""
+    pos = [v for v in values if v > 0]
+    if not pos or min(values) < 0 or max(pos) / min(pos) <= 10:
+        return
+    span = max(pos) / min(pos)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    if len(pos) == len(values):
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if max(values) / min(values)
-                                              < 1e3 else (1.0,)))
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if span < 1e3 else (1.0,)))
+    else:
+        ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(min(pos))),
+                      linscale=0.5)
+        ax.set_ylim(bottom=0.0)  # nothing is negative: no mirrored decades below 0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _included(a: Arm) -> list[Run]:
