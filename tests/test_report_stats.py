@@ -460,3 +460,26 @@ def test_intro_names_the_arm_axes_and_sets_options_that_make_no_arm_apart():
     assert ("axes varied: norm, seed (probe_every, compile also differ between runs but leave "
             "results unchanged and make no arm).") in text
     assert "axes varied: norm, seed. Each arm" in intro(["norm", "seed"])
+
+
+def test_the_best_arm_is_not_praised_where_no_run_learned():
+    def arms(statuses):
+        runs = [_run(f"b{i}", "bn", i, x, "no_learning") for i, x in enumerate([0.07, 0.09])]
+        a = Arm("cifar10", (("norm", canon("bn")),), runs, [])
+        runs = [_run(f"n{i}", "none", i, x, st)
+                for i, (x, st) in enumerate(zip([0.10, 0.12], statuses))]
+        b = Arm("cifar10", (("norm", canon("none")),), runs, [])
+        a.is_baseline = True
+        _match_baselines([a, b], {"norm": "bn"})
+        a.row, b.row = 1, 2
+        return [a, b]
+
+    out = findings(arms(["no_learning", "no_learning"]), TABLE)
+    best = next(s for s in out if "highest mean final test accuracy" in s)
+    assert best == ("On cifar10, the highest mean final test accuracy is 11.00% (norm=none, "
+                    "n = 2) (Table 1, row 2), but no run on cifar10 learned (every final "
+                    "accuracy at chance), so no arm does better than another.")
+    # one run learned: the plain sentence
+    out = findings(arms(["no_learning", "completed"]), TABLE)
+    best = next(s for s in out if "highest mean" in s)
+    assert best.endswith("(Table 1, row 2).")
