@@ -233,3 +233,24 @@ def test_values_over_decades_get_a_log_axis_even_with_zeros_among_them(values, s
         labels = [t.get_text() for t in ax.get_yticklabels()]
         assert "0" in labels and "100" in labels  # zero is drawn, and the decades above it
         assert ax.get_ylim()[0] == 0.0 and not any(x.startswith(("-", "−")) for x in labels)
+
+
+def test_a_log_axis_over_little_more_than_a_decade_keeps_enough_labelled_ticks():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import _log_if_wide
+
+    # a train loss from 2.3 to 40.6 (lr-sweep at CPU scale): 1-2-5 ticks left 5, 10, 20 only
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    values = [2.31, 3.84, 27.6, 40.56]
+    ax.plot(range(4), values)
+    _log_if_wide(ax, values)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [t for t in ax.get_yticks() if lo <= t <= hi]
+    assert [round(t) for t in shown] == [3, 5, 10, 20, 30]
+    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+    assert labels == ["3", "5", "10", "20", "30"]

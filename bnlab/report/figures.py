@@ -157,10 +157,11 @@ def _epochs_axis(ax) -> None:
 
 def _log_if_wide(ax, values: list[float]) -> None:
     """Log scale only when the positive values span more than a decade; plain tick labels at
-    1, 2 and 5 times each power of ten either way (a span of one or two decades keeps labelled
-    ticks). Values of exactly 0 among them (a layer whose gradient vanished) would keep a log
-    axis from being drawn: those get a symlog axis, linear from 0 up to the power of ten below
-    the smallest positive value and logarithmic above it. Negative values: left linear."""
+    1, 2, 3 and 5 times each power of ten under two decades, 1, 2 and 5 under three, at the
+    powers of ten above (a narrow span keeps enough labelled ticks). Values of exactly 0 among
+    them (a layer whose gradient vanished) would keep a log axis from being drawn: those get a
+    symlog axis, linear from 0 up to the power of ten below the smallest positive value and
+    logarithmic above it. Negative values: left linear."""
     pos = [v for v in values if v > 0]
     if not pos or min(values) < 0 or max(pos) / min(pos) <= 10:
         return
@@ -168,7 +169,9 @@ def _log_if_wide(ax, values: list[float]) -> None:
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     if len(pos) == len(values):
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if span < 1e3 else (1.0,)))
+        # under two decades, 1-2-5 can leave three ticks (2.3 to 40: 5, 10, 20); add 3
+        subs = (1.0, 2.0, 3.0, 5.0) if span < 1e2 else (1.0, 2.0, 5.0) if span < 1e3 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(subs=subs))
     else:
         ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(min(pos))),
                       linscale=0.5)
