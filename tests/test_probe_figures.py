@@ -196,13 +196,15 @@ def test_a_row_that_starts_with_a_note_panel_keeps_its_y_scale():
     from bnlab.report.probe_figures import label_rows, note_panel
 
     with matplotlib.rc_context(STYLE):
-        fig, axes = _panels(6)  # 4 + 2, y shared
+        fig, axes = _panels(7)  # 4 + 3, y shared
         for ax in axes:
             ax.plot([0, 1], [1, 2])
         note_panel(axes[4], "diverged at step 2")  # the first panel of the second row
         label_rows(axes, "gradient norm")
         FigureCanvasAgg(fig).draw()
     assert axes[5].get_ylabel() == "gradient norm" and axes[0].get_ylabel() == "gradient norm"
+    assert [ax.get_ylabel() for ax in axes] == ["gradient norm", "", "", "", "",
+                                                "gradient norm", ""]
     assert any(t.get_visible() and t.get_text() for t in axes[5].get_yticklabels())
     assert not any(t.get_visible() and t.get_text() for t in axes[1].get_yticklabels())
 
@@ -254,3 +256,19 @@ def test_a_log_axis_over_little_more_than_a_decade_keeps_enough_labelled_ticks()
     assert [round(t) for t in shown] == [3, 5, 10, 20, 30]
     labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
     assert labels == ["3", "5", "10", "20", "30"]
+
+
+@pytest.mark.parametrize("n, rows", [(1, [1]), (4, [4]), (5, [3, 2]), (6, [3, 3]),
+                                     (7, [4, 3]), (9, [3, 3, 3]), (10, [4, 4, 2])])
+def test_panels_fill_their_rows_as_evenly_as_the_row_count_allows(n, rows):
+    from bnlab.report.figures import _panels
+
+    fig, axes = _panels(n)
+    assert len(axes) == n and all(ax.get_visible() for ax in axes)
+    per_row: dict[int, int] = {}
+    for ax in axes:
+        start = ax.get_subplotspec().rowspan.start
+        per_row[start] = per_row.get(start, 0) + 1
+    assert [per_row[k] for k in sorted(per_row)] == rows
+    hidden = [ax for ax in fig.axes if not ax.get_visible()]
+    assert len(hidden) == len(rows) * max(rows) - n

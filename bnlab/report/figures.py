@@ -68,9 +68,16 @@ def _new(ncols: int, height: float = 2.6, sharey: bool = False, width: float = W
     return fig, list(axes)
 
 
+def columns(n: int, per_row: int = PANELS_PER_ROW) -> int:
+    """Columns of a grid of n panels: as few rows as `per_row` allows, filled as evenly as
+    possible (5 panels: 3 + 2, not 4 + 1 with three quarters of a row blank)."""
+    rows = -(-max(1, n) // per_row)
+    return -(-max(1, n) // rows)
+
+
 def _panels(n: int, sharey: bool = True, per_row: int = PANELS_PER_ROW):
-    """n panels, at most `per_row` to a row; unused axes of the last row hidden."""
-    cols = min(n, per_row)
+    """n panels in rows of `columns(n, per_row)`; unused axes of the last row hidden."""
+    cols = columns(n, per_row)
     rows = -(-n // cols)
     fig = Figure(figsize=(WIDTH, 2.5 * rows + 0.3), layout="constrained")
     axes = list(fig.subplots(rows, cols, sharey=sharey, squeeze=False).flat)
