@@ -272,3 +272,26 @@ def test_panels_fill_their_rows_as_evenly_as_the_row_count_allows(n, rows):
     assert [per_row[k] for k in sorted(per_row)] == rows
     hidden = [ax for ax in fig.axes if not ax.get_visible()]
     assert len(hidden) == len(rows) * max(rows) - n
+
+
+def test_log_tick_labels_are_plain_near_one_and_powers_of_ten_beyond():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import _log_if_wide, tick_label
+
+    assert [tick_label(v) for v in (0.001, 0.05, 1.0, 200.0, 9999.0)] == [
+        "0.001", "0.05", "1", "200", "9999"]
+    assert [tick_label(v) for v in (1e4, 1e8, 2e5, 5e-4)] == [
+        "$10^{4}$", "$10^{8}$", r"$2\times10^{5}$", r"$5\times10^{-4}$"]
+    # a whole-model metric from 100 to 10^8 (vgg-bn at CPU scale): no '1e+08' beside '10000'
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    values = [80.0, 1e4, 9e7]
+    ax.plot(range(3), values)
+    _log_if_wide(ax, values)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+    assert labels == ["100", "1000", "$10^{4}$", "$10^{5}$", "$10^{6}$", "$10^{7}$", "$10^{8}$"]

@@ -162,6 +162,17 @@ def _epochs_axis(ax) -> None:
         ax.set_xlim(x - 1, x + 1)
 
 
+def tick_label(v: float) -> str:
+    """A log axis's tick: plain from 0.001 to 9999 ('0.05', '200'); a power of ten beyond as
+    10^k and other values as m×10^k, not '1e+08' beside '10000'."""
+    a = abs(v)
+    if a == 0 or 1e-3 <= a < 1e4:
+        return f"{v:g}"
+    e = math.floor(math.log10(a) + 1e-9)
+    m = round(v / 10.0 ** e, 6)
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
+
+
 def _log_if_wide(ax, values: list[float]) -> None:
     """Log scale only when the positive values span more than a decade; plain tick labels at
     1, 2, 3 and 5 times each power of ten under two decades, 1, 2 and 5 under three, at the
@@ -173,7 +184,7 @@ def _log_if_wide(ax, values: list[float]) -> None:
     if not pos or min(values) < 0 or max(pos) / min(pos) <= 10:
         return
     span = max(pos) / min(pos)
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = FuncFormatter(lambda v, _: tick_label(v))
     if len(pos) == len(values):
         ax.set_yscale("log")
         # under two decades, 1-2-5 can leave three ticks (2.3 to 40: 5, 10, 20); add 3
