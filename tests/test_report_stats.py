@@ -483,3 +483,32 @@ def test_the_best_arm_is_not_praised_where_no_run_learned():
     out = findings(arms(["no_learning", "completed"]), TABLE)
     best = next(s for s in out if "highest mean" in s)
     assert best.endswith("(Table 1, row 2).")
+
+
+def test_tuning_notes_name_the_dataset_where_an_arm_was_tuned_on_several(tmp_path):
+    from bnlab.report.load import Study
+    from bnlab.report.tuning import tuning_table
+    from bnlab.store import Store
+
+    store = Store(tmp_path)
+    groups = []
+    for ds in ("cifar10", "imagenet"):
+        runs = []
+        for lr in (0.005, 0.01):
+            run_id = f"t-{ds}-{lr}"
+            store.run(run_id).write_json("summary.json", {
+                "status": "no_learning" if lr == 0.005 else "diverged", "val_acc": 0.15})
+            runs.append({"run_id": run_id, "value": lr})
+        groups.append({"dataset": ds, "values": {"norm": "none", "dataset": ds},
+                       "runs": runs, "chosen": 0.005})
+
+    def notes(groups):
+        study = Study(tmp_path, "s", "", {}, {}, {}, {}, ["norm", "seed"], {}, [], store=store,
+                      tuning={"axis": "lr", "groups": groups})
+        return [n for n in tuning_table(study, 2).notes if "value tried" in n]
+
+    assert notes(groups) == [
+        f"norm=none on {ds}: 0.005 is the lowest value tried, so the arm may be under-tuned; "
+        "extend the values downward." for ds in ("cifar10", "imagenet")]
+    assert notes(groups[:1]) == ["norm=none: 0.005 is the lowest value tried, so the arm may be "
+                                 "under-tuned; extend the values downward."]
