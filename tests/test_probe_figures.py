@@ -196,12 +196,102 @@ def test_a_row_that_starts_with_a_note_panel_keeps_its_y_scale():
     from bnlab.report.probe_figures import label_rows, note_panel
 
     with matplotlib.rc_context(STYLE):
-        fig, axes = _panels(6)  # 4 + 2, y shared
+        fig, axes = _panels(7)  # 4 + 3, y shared
         for ax in axes:
             ax.plot([0, 1], [1, 2])
         note_panel(axes[4], "diverged at step 2")  # the first panel of the second row
         label_rows(axes, "gradient norm")
         FigureCanvasAgg(fig).draw()
     assert axes[5].get_ylabel() == "gradient norm" and axes[0].get_ylabel() == "gradient norm"
+    assert [ax.get_ylabel() for ax in axes] == ["gradient norm", "", "", "", "",
+                                                "gradient norm", ""]
     assert any(t.get_visible() and t.get_text() for t in axes[5].get_yticklabels())
     assert not any(t.get_visible() and t.get_text() for t in axes[1].get_yticklabels())
+
+
+@pytest.mark.parametrize("values, scale, linthresh", [
+    ([0.35, 3.4, 587.0], "log", None),           # positive, over three decades
+    ([0.0, 0.0, 0.0234, 0.34, 587.0], "symlog", 0.01),  # a vanished gradient among them
+    ([0.0, 1.0, 5.0], "linear", None),           # zero, but the rest within a decade
+    ([2.0, 9.0], "linear", None),
+    ([-1.0, 0.5, 100.0], "linear", None),        # signed values stay linear
+])
+def test_values_over_decades_get_a_log_axis_even_with_zeros_among_them(values, scale,
+                                                                        linthresh):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import _log_if_wide
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(range(len(values)), values)
+    _log_if_wide(ax, values)
+    assert ax.get_yscale() == scale
+    if linthresh is not None:
+        assert ax.yaxis.get_transform().linthresh == pytest.approx(linthresh)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert "0" in labels and "100" in labels  # zero is drawn, and the decades above it
+        assert ax.get_ylim()[0] == 0.0 and not any(x.startswith(("-", "−")) for x in labels)
+
+
+def test_a_log_axis_over_little_more_than_a_decade_keeps_enough_labelled_ticks():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import _log_if_wide
+
+    # a train loss from 2.3 to 40.6 (lr-sweep at CPU scale): 1-2-5 ticks left 5, 10, 20 only
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    values = [2.31, 3.84, 27.6, 40.56]
+    ax.plot(range(4), values)
+    _log_if_wide(ax, values)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [t for t in ax.get_yticks() if lo <= t <= hi]
+    assert [round(t) for t in shown] == [3, 5, 10, 20, 30]
+    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+    assert labels == ["3", "5", "10", "20", "30"]
+
+
+@pytest.mark.parametrize("n, rows", [(1, [1]), (4, [4]), (5, [3, 2]), (6, [3, 3]),
+                                     (7, [4, 3]), (9, [3, 3, 3]), (10, [4, 4, 2])])
+def test_panels_fill_their_rows_as_evenly_as_the_row_count_allows(n, rows):
+    from bnlab.report.figures import _panels
+
+    fig, axes = _panels(n)
+    assert len(axes) == n and all(ax.get_visible() for ax in axes)
+    per_row: dict[int, int] = {}
+    for ax in axes:
+        start = ax.get_subplotspec().rowspan.start
+        per_row[start] = per_row.get(start, 0) + 1
+    assert [per_row[k] for k in sorted(per_row)] == rows
+    hidden = [ax for ax in fig.axes if not ax.get_visible()]
+    assert len(hidden) == len(rows) * max(rows) - n
+
+
+def test_log_tick_labels_are_plain_near_one_and_powers_of_ten_beyond():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnlab.report.figures import _log_if_wide, tick_label
+
+    assert [tick_label(v) for v in (0.001, 0.05, 1.0, 200.0, 9999.0)] == [
+        "0.001", "0.05", "1", "200", "9999"]
+    assert [tick_label(v) for v in (1e4, 1e8, 2e5, 5e-4)] == [
+        "$10^{4}$", "$10^{8}$", r"$2\times10^{5}$", r"$5\times10^{-4}$"]
+    # a whole-model metric from 100 to 10^8 (vgg-bn at CPU scale): no '1e+08' beside '10000'
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    values = [80.0, 1e4, 9e7]
+    ax.plot(range(3), values)
+    _log_if_wide(ax, values)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+    assert labels == ["100", "1000", "$10^{4}$", "$10^{5}$", "$10^{6}$", "$10^{7}$", "$10^{8}$"]

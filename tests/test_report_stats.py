@@ -418,3 +418,97 @@ def test_summary_table_shows_the_bootstrap_interval_from_five_runs():
     got = [float(x) for x in cell.strip("[]").split(", ")]
     assert got == pytest.approx([100 * low, 100 * high], abs=0.05 * 100 * (high - low) + 0.01)
     assert t5.rows[0][-1] == "–" and any("BCa" in n for n in t5.notes)
+
+
+def test_summary_table_clips_an_accuracy_interval_at_0_and_100_percent():
+    from pathlib import Path
+
+    from bnlab.report.load import Study
+    from bnlab.report.tables import summary_table
+
+    # n = 2: t(0.975, 1) = 12.706; bn 0.97 ± 0.03 runs past 100%, none 0.08 ± 0.04 below 0%
+    bn, none = [0.95, 0.99], [0.06, 0.10]
+    a, b = _arms(bn, none)
+    study = Study(Path("."), "s", "", {}, {}, {}, {}, ["norm", "seed"], {}, a.runs + b.runs)
+    t = summary_table(study, [a, b], 1)
+    col = t.head.index("95% CI (%)")
+    half = [12.706204736 * np.std(x, ddof=1) / np.sqrt(2) for x in (bn, none)]
+    assert 0.97 + half[0] > 1 and 0.08 - half[1] < 0  # the raw intervals do run past
+    assert t.rows[0][col] == f"[{100 * (0.97 - half[0]):.2f}, 100.00]‡"
+    assert t.rows[1][col] == f"[0.00, {100 * (0.08 + half[1]):.2f}]‡"
+    assert sum("‡" in n and "cut at 0% or 100%" in n for n in t.notes) == 1
+    # an interval inside the range is printed as computed, with no mark and no note
+    a, b = _arms([0.900, 0.901], [0.500, 0.502])
+    t = summary_table(study, [a, b], 1)
+    assert "‡" not in t.rows[0][col] + t.rows[1][col]
+    assert not any("‡" in n for n in t.notes)
+
+
+def test_intro_names_the_arm_axes_and_sets_options_that_make_no_arm_apart():
+    from pathlib import Path
+
+    from bnlab.report.compose import _intro
+    from bnlab.report.load import Study
+
+    def intro(axes):
+        return _intro(Study(Path("."), "s", "", {}, {}, {}, {}, axes, {}, []))
+
+    text = intro(["dataset", "norm", "seed", "probe_every", "lr"])
+    assert ("axes varied: norm, lr, seed (probe_every also differs between runs but leaves "
+            "results unchanged and makes no arm).") in text
+    text = intro(["norm", "probe_every", "seed", "compile"])
+    assert ("axes varied: norm, seed (probe_every, compile also differ between runs but leave "
+            "results unchanged and make no arm).") in text
+    assert "axes varied: norm, seed. Each arm" in intro(["norm", "seed"])
+
+
+def test_the_best_arm_is_not_praised_where_no_run_learned():
+    def arms(statuses):
+        runs = [_run(f"b{i}", "bn", i, x, "no_learning") for i, x in enumerate([0.07, 0.09])]
+        a = Arm("cifar10", (("norm", canon("bn")),), runs, [])
+        runs = [_run(f"n{i}", "none", i, x, st)
+                for i, (x, st) in enumerate(zip([0.10, 0.12], statuses))]
+        b = Arm("cifar10", (("norm", canon("none")),), runs, [])
+        a.is_baseline = True
+        _match_baselines([a, b], {"norm": "bn"})
+        a.row, b.row = 1, 2
+        return [a, b]
+
+    out = findings(arms(["no_learning", "no_learning"]), TABLE)
+    best = next(s for s in out if "highest mean final test accuracy" in s)
+    assert best == ("On cifar10, the highest mean final test accuracy is 11.00% (norm=none, "
+                    "n = 2) (Table 1, row 2), but no run on cifar10 learned (every final "
+                    "accuracy at chance), so no arm does better than another.")
+    # one run learned: the plain sentence
+    out = findings(arms(["no_learning", "completed"]), TABLE)
+    best = next(s for s in out if "highest mean" in s)
+    assert best.endswith("(Table 1, row 2).")
+
+
+def test_tuning_notes_name_the_dataset_where_an_arm_was_tuned_on_several(tmp_path):
+    from bnlab.report.load import Study
+    from bnlab.report.tuning import tuning_table
+    from bnlab.store import Store
+
+    store = Store(tmp_path)
+    groups = []
+    for ds in ("cifar10", "imagenet"):
+        runs = []
+        for lr in (0.005, 0.01):
+            run_id = f"t-{ds}-{lr}"
+            store.run(run_id).write_json("summary.json", {
+                "status": "no_learning" if lr == 0.005 else "diverged", "val_acc": 0.15})
+            runs.append({"run_id": run_id, "value": lr})
+        groups.append({"dataset": ds, "values": {"norm": "none", "dataset": ds},
+                       "runs": runs, "chosen": 0.005})
+
+    def notes(groups):
+        study = Study(tmp_path, "s", "", {}, {}, {}, {}, ["norm", "seed"], {}, [], store=store,
+                      tuning={"axis": "lr", "groups": groups})
+        return [n for n in tuning_table(study, 2).notes if "value tried" in n]
+
+    assert notes(groups) == [
+        f"norm=none on {ds}: 0.005 is the lowest value tried, so the arm may be under-tuned; "
+        "extend the values downward." for ds in ("cifar10", "imagenet")]
+    assert notes(groups[:1]) == ["norm=none: 0.005 is the lowest value tried, so the arm may be "
+                                 "under-tuned; extend the values downward."]

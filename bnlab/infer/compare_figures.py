@@ -68,7 +68,8 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
     _save(fig, out_dir / "reliability.png")
     written.append("reliability.png")
 
-    fig = Figure(figsize=(4.5, 3.2))
+    # the legend under the axes: inside, it sat on the curves it names
+    fig = Figure(figsize=(4.5, 3.2 + 0.2 * len(arms)), layout="constrained")
     ax = fig.subplots()
     for arm in arms:
         runs = _runs_of(result, arm)
@@ -79,7 +80,7 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
                   label=f"{arm['label']} (n = {arm['n']})")
     ax.set(xlabel="confidence (max softmax probability)",
            ylabel="fraction of test images (seeds pooled)", xlim=(0, 1))
-    ax.legend(fontsize=7)
+    fig.legend(loc="outside lower center", fontsize=7, frameon=False)
     _save(fig, out_dir / "confidence.png")
     written.append("confidence.png")
 
@@ -97,13 +98,13 @@ def write_figures(result: dict, out_dir: Path) -> list[str]:
                         continue
                     first = arm["test_acc"] if key == "corruption_acc" else arm["adabn_clean_acc"]
                     points = [first, *c["by_severity"][name]]
-                    ys = [p["mean"] for p in points]
-                    err = [p["sd"] or 0.0 for p in points]
+                    ys = [100.0 * p["mean"] for p in points]  # percent, as in the report
+                    err = [100.0 * (p["sd"] or 0.0) for p in points]
                     ax.errorbar(range(len(ys)), ys, yerr=err, color=color, linestyle=style,
                                 marker="o", markersize=3, capsize=2,
                                 label=f"{arm['label']}{tag}")
             ax.set(title=name, xlabel="severity (0 = clean)")
-        axes[0][0].set_ylabel("test accuracy (mean ± sd over seeds)")
+        axes[0][0].set_ylabel("test accuracy (%, mean ± sd over seeds)")
         handles, labels = axes[0][0].get_legend_handles_labels()
         rows = (len(labels) - 1) // 3
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8,

@@ -17,7 +17,7 @@ from bnlab.report.html import render_html
 from bnlab.report.load import load_study
 from bnlab.report.markdown import render_markdown
 from bnlab.report.references import builtin_path, load_references
-from bnlab.report.tables_csv import write_table_csvs
+from bnlab.report.tables_csv import TABLES_DIR, write_table_csvs
 from bnlab.store import atomic_write_bytes
 
 REPORT_DIR = "report"
@@ -27,8 +27,9 @@ def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
                  references: str | Path | None = None) -> dict[str, Path]:
     """Write {report.html, report.md, *.png, tables/*.csv} into `report_dir` (default
     OUT/report; another folder for a study on read-only storage); return the written files by
-    name. `references`: a TOML file of published numbers (references.py); by default the one
-    shipped for a built-in study of the same name, if any."""
+    name. PNG figures and table CSVs of an earlier report in that folder that this one does not
+    write are removed. `references`: a TOML file of published numbers (references.py); by
+    default the one shipped for a built-in study of the same name, if any."""
     study = load_study(out_dir)
     path = references if references is not None else builtin_path(study.name)
     composed = compose(study, load_references(path) if path is not None else [])
@@ -47,7 +48,18 @@ def write_report(out_dir: str | Path, report_dir: str | Path | None = None,
     written["report.md"] = write("report.md", render_markdown(composed.document).encode())
     written["report.html"] = write("report.html", render_html(composed.document).encode())
     written.update(write_table_csvs(composed.document, write))
+    _remove_stale(folder if folder is not None else study.store.root / REPORT_DIR, written)
     return written
+
+
+def _remove_stale(folder: Path, written: dict[str, Path]) -> None:
+    """Remove what an earlier report of this folder left and this one did not write: its PNG
+    figures and tables/*.csv (a figure no longer drawn would otherwise sit beside the new
+    report, looking current). Other files in the folder are left alone."""
+    keep = {p.resolve() for p in written.values()}
+    for old in [*folder.glob("*.png"), *(folder / TABLES_DIR).glob("*.csv")]:
+        if old.is_file() and old.resolve() not in keep:
+            old.unlink(missing_ok=True)
 
 
 __all__ = ["write_report", "REPORT_DIR"]

@@ -181,7 +181,16 @@ def _compare_skipped(study: Study, arms) -> list[str]:
 
 
 def _intro(study: Study) -> str:
-    axes = ", ".join(study.axes) or "none"
+    # the axes that make arms, then the seed; the dataset is named on its own, and options that
+    # leave a run's result unchanged (probe_every, ...) are said apart: they make no arm
+    arm_axes = study.arm_axes + (["seed"] if "seed" in study.axes else [])
+    axes = ", ".join(arm_axes) or "none"
+    quiet = [a for a in study.axes if a not in arm_axes and a != "dataset"]
+    if quiet:
+        one = len(quiet) == 1
+        axes += (f" ({', '.join(quiet)} also differ{'s' if one else ''} between runs but "
+                 f"leave{'s' if one else ''} results unchanged and make{'s' if one else ''} "
+                 "no arm)")
     base = ", ".join(f"{k}={fmt_value(v)}" for k, v in study.baseline.items())
     datasets = ", ".join(study.datasets) or "none"
     text = (f"Study “{study.name}”: {len(study.runs)} runs on {datasets}; axes varied: {axes}. "

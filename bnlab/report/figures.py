@@ -68,9 +68,16 @@ def _new(ncols: int, height: float = 2.6, sharey: bool = False, width: float = W
     return fig, list(axes)
 
 
+def columns(n: int, per_row: int = PANELS_PER_ROW) -> int:
+    """Columns of a grid of n panels: as few rows as `per_row` allows, filled as evenly as
+    possible (5 panels: 3 + 2, not 4 + 1 with three quarters of a row blank)."""
+    rows = -(-max(1, n) // per_row)
+    return -(-max(1, n) // rows)
+
+
 def _panels(n: int, sharey: bool = True, per_row: int = PANELS_PER_ROW):
-    """n panels, at most `per_row` to a row; unused axes of the last row hidden."""
-    cols = min(n, per_row)
+    """n panels in rows of `columns(n, per_row)`; unused axes of the last row hidden."""
+    cols = columns(n, per_row)
     rows = -(-n // cols)
     fig = Figure(figsize=(WIDTH, 2.5 * rows + 0.3), layout="constrained")
     axes = list(fig.subplots(rows, cols, sharey=sharey, squeeze=False).flat)
@@ -155,16 +162,40 @@ def _epochs_axis(ax) -> None:
         ax.set_xlim(x - 1, x + 1)
 
 
+def tick_label(v: float) -> str:
+    """A log axis's tick: plain from 0.001 to 9999 ('0.05', '200'); a power of ten beyond as
+    10^k and other values as m×10^k, not '1e+08' beside '10000'."""
+    a = abs(v)
+    if a == 0 or 1e-3 <= a < 1e4:
+        return f"{v:g}"
+    e = math.floor(math.log10(a) + 1e-9)
+    m = round(v / 10.0 ** e, 6)
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
+
+
 def _log_if_wide(ax, values: list[float]) -> None:
-    """Log scale only when the values span more than a decade; plain tick labels at 1, 2 and 5
-    times each power of ten either way (a span of one or two decades keeps labelled ticks)."""
-    if values and min(values) > 0 and max(values) / min(values) > 10:
+    """Log scale only when the positive values span more than a decade; plain tick labels at
+    1, 2, 3 and 5 times each power of ten under two decades, 1, 2 and 5 under three, at the
+    powers of ten above (a narrow span keeps enough labelled ticks). Values of exactly 0 among
+    them (a layer whose gradient vanished) would keep a log axis from being drawn: those get a
+    symlog axis, linear from 0 up to the power of ten below the smallest positive value and
+    logarithmic above it. Negative values: left linear."""
+    pos = [v for v in values if v > 0]
+    if not pos or min(values) < 0 or max(pos) / min(pos) <= 10:
+        return
+    span = max(pos) / min(pos)
+    plain = FuncFormatter(lambda v, _: tick_label(v))
+    if len(pos) == len(values):
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if max(values) / min(values)
-                                              < 1e3 else (1.0,)))
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        # under two decades, 1-2-5 can leave three ticks (2.3 to 40: 5, 10, 20); add 3
+        subs = (1.0, 2.0, 3.0, 5.0) if span < 1e2 else (1.0, 2.0, 5.0) if span < 1e3 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    else:
+        ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(min(pos))),
+                      linscale=0.5)
+        ax.set_ylim(bottom=0.0)  # nothing is negative: no mirrored decades below 0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _included(a: Arm) -> list[Run]:

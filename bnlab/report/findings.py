@@ -90,9 +90,13 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
         here = [a for a in shown if a.dataset == ds and a.stats.n > 0]
         if len(here) > 1:
             best = max(here, key=lambda a: a.stats.mean)
+            # where no included run learned, the highest mean is the luckiest chance level
+            none_learned = all(a.count("no_learning") == a.stats.n for a in here)
             out.append(f"On {ds}, the highest mean final test accuracy is "
                        f"{fmt.pct(best.stats.mean)}% ({arm_label(best)}, n = {best.stats.n}) "
-                       f"{cite(summary, best.row)}.")
+                       f"{cite(summary, best.row)}" + (
+                           f", but no run on {ds} learned (every final accuracy at chance), so "
+                           "no arm does better than another." if none_learned else "."))
         elif here:
             a = here[0]
             out.append(f"On {ds}, {arm_label(a)} reaches {fmt.mean_std(a.stats)}% "

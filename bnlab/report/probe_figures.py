@@ -31,6 +31,7 @@ from bnlab.report.figures import (
     _panels,
     _plot_band,
     _render,
+    columns,
     slug,
     styled,
 )
@@ -96,8 +97,10 @@ def mark_diverged(ax, a: Arm, run: Run, color) -> None:
 def label_rows(axes, label: str) -> None:
     """The y label and tick labels on the first drawn panel of each row of a shared-y panel
     grid: a row that starts with a note panel (its arm diverged) keeps its scale readable."""
-    for start in range(0, len(axes), PANELS_PER_ROW):
-        row = [ax for ax in axes[start:start + PANELS_PER_ROW] if ax.axison]
+    rows: dict[int, list] = {}
+    for ax in axes:  # grouped by the grid row each panel sits in (figures.columns)
+        rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax)
+    for row in ([ax for ax in r if ax.axison] for r in rows.values()):
         if row:
             row[0].tick_params(axis="y", labelleft=True)
             row[0].set_ylabel(label)
@@ -231,7 +234,7 @@ def percentiles(dataset: str, rows: list[ProbeRow]) -> list[FigureData]:
     seeds, legend_ax = [], None
     for ax, p in zip(axes, rows):
         run, gone = shown_run(p.arm)
-        _title(ax, arm_label(p.arm), min(len(rows), PANELS_PER_ROW))
+        _title(ax, arm_label(p.arm), columns(len(rows)))
         if run is None:
             note_panel(ax, _diverged_text(p.arm, gone))
             continue
@@ -267,7 +270,7 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
     legend_ax, values = None, []
     for ax, (a, run, gone) in zip(axes, shown):
         if run is None:
-            _title(ax, arm_label(a), min(len(shown), PANELS_PER_ROW))
+            _title(ax, arm_label(a), columns(len(shown)))
             note_panel(ax, _diverged_text(a, gone))
             continue
         layers = [x for x in layers_with(run.probes, "grad_norm") if x != ""]
@@ -279,7 +282,7 @@ def grad_norms(dataset: str, arms: list[Arm]) -> list[FigureData]:
                     label=label, marker="o" if len(xs) <= MARKERS_UP_TO else None,
                     markersize=2)
         legend_ax = legend_ax or ax
-        _title(ax, f"{arm_label(a)} (seed {run.seed})", min(len(shown), PANELS_PER_ROW))
+        _title(ax, f"{arm_label(a)} (seed\u00a0{run.seed})", columns(len(shown)))
         _steps_axis(ax)
     drawn = [ax for ax, (_, run, _) in zip(axes, shown) if run is not None]
     for ax in drawn:  # the y axis is shared: log on all when the norms span decades

@@ -24,11 +24,23 @@ from bnlab.report.stats import (
 )
 
 SELECTED_MARK = "†"
+CLIPPED_MARK = "‡"
 NO_TEST_MARKS = "ᵃᵇᶜᵈᵉ"  # one per reason a test is undefined (stats.welch has three)
 
 
 def arm_label(a: Arm) -> str:
     return a.label + (f" {SELECTED_MARK}" if a.group_size > 1 else "")
+
+
+def accuracy_interval(s: Summary) -> tuple[str, bool]:
+    """The 95% CI of a mean accuracy as a cell, clipped to the possible range [0, 100]%
+    (with 2-3 seeds t(0.975, n − 1) is large and mean ± t·s/√n can run past it); whether it
+    was clipped (the cell then ends in CLIPPED_MARK)."""
+    if s.ci_low is None or s.ci_high is None:
+        return fmt.interval(None, None), False
+    lo, hi = max(0.0, s.ci_low), min(1.0, s.ci_high)
+    clipped = (lo, hi) != (s.ci_low, s.ci_high)
+    return fmt.interval(lo, hi) + (CLIPPED_MARK if clipped else ""), clipped
 
 
 def summary_table(study: Study, arms: list[Arm], number: int,
@@ -46,8 +58,11 @@ def summary_table(study: Study, arms: list[Arm], number: int,
     head += ["Published (%)"] if cited.column else []
     rows = []
     reasons: dict[str, str] = {}
+    clipped_any = False
     for i, a in enumerate(shown, 1):
         a.row = i
+        ci, clipped = accuracy_interval(a.stats)
+        clipped_any |= clipped
         if a.is_baseline:
             delta, p = "baseline", fmt.DASH
         elif a.welch is None or a.welch.diff is None:
@@ -62,8 +77,7 @@ def summary_table(study: Study, arms: list[Arm], number: int,
             else:
                 mark = reasons.setdefault(w.reason, NO_TEST_MARKS[len(reasons)])
                 p = f"{fmt.DASH}{mark}"
-        row = [a.dataset, arm_label(a), str(a.stats.n), fmt.mean_std(a.stats),
-               fmt.interval(a.stats.ci_low, a.stats.ci_high), delta, p,
+        row = [a.dataset, arm_label(a), str(a.stats.n), fmt.mean_std(a.stats), ci, delta, p,
                str(a.count("completed")), str(a.count("no_learning")),
                str(a.count("diverged")), str(a.count("failed"))]
         row += [str(a.pending)] if pending else []
@@ -85,6 +99,10 @@ def summary_table(study: Study, arms: list[Arm], number: int,
         "Welch–Satterthwaite degrees of freedom; p: two-sided Welch's t-test, "
         f"α = {ALPHA:g}, not corrected for multiple comparisons.",
     ]
+    if clipped_any:
+        notes.append(f"{CLIPPED_MARK} The interval mean ± t · s / √n runs past the possible "
+                     "range of an accuracy and is cut at 0% or 100%: with so few seeds, "
+                     "t(0.975, n − 1) is large (12.7 for n = 2) and the interval says little.")
     if boot:
         notes.append(f"Δ bootstrap 95% CI: BCa interval of the difference of means from "
                      f"{BOOTSTRAP_RESAMPLES} resamples of the runs of each arm (fixed seed); "

@@ -20,9 +20,12 @@ def tuning_table(study: Study, number: int) -> Table | None:
     axis = str(tuning.get("axis", "value"))
     head = ["Dataset", "Arm", axis, "Status", "Val acc. (%)", "Chosen"]
     rows, marked, edges = [], [], []
+    several = len({str(g.get("dataset", "")) for g in groups}) > 1
     for g in groups:
         label = ", ".join(f"{k}={fmt_value(v)}" for k, v in (g.get("values") or {}).items()
                           if k != "dataset")
+        # a note names the dataset where the arm was tuned on several (one note each)
+        who = f"{label} on {g.get('dataset', '')}" if several else label
         tried = [r.get("value") for r in g.get("runs") or []]
         for r in g.get("runs") or []:
             s = study.store.run(str(r.get("run_id"))).summary or {}
@@ -38,10 +41,10 @@ def tuning_table(study: Study, number: int) -> Table | None:
         if c is not None and len(nums) == len(tried) > 1 and c in (min(nums), max(nums)):
             side = "lowest" if c == min(nums) else "highest"
             way = "downward" if side == "lowest" else "upward"
-            edges.append(f"{label}: {fmt_value(c)} is the {side} value tried, so the arm may be "
+            edges.append(f"{who}: {fmt_value(c)} is the {side} value tried, so the arm may be "
                          f"under-tuned; extend the values {way}.")
         if c is None and int(tuning.get("waiting") or 0) == 0 and rows:
-            edges.append(f"{label}: no value was chosen (no tuning run finished training), so "
+            edges.append(f"{who}: no value was chosen (no tuning run finished training), so "
                          "the arm was not run.")
     notes = [f"{tuning.get('protocol', axis + ' tuned')}: each value trained once, on seed "
              f"{tuning.get('seed', 0)}, at the short budget "
