@@ -189,8 +189,8 @@ def unit_percentile_figure(dataset: str, rows: list[ProbeRow],
         f"{', '.join(layers)} over training (a unit: one feature of a fully connected layer, "
         "one channel of a convolution), on the probes' fixed batch of held-out images, as in "
         f"Ioffe & Szegedy 2015, Fig. 1(b, c); one run per arm ({seeds}). Units are chosen "
-        "from the run's seed, so runs of one seed follow the same unit indices. The next "
-        "figure pools all units of the layer.")
+        "from the layer's name and width alone, so every arm and seed follows the same unit "
+        "indices. The next figure pools all units of the layer.")
 
 
 @styled

@@ -16,8 +16,8 @@ and two runs with the same seed record the same values.
 
 Units. A unit of a (N, C) activation is one of its C features; of an (N, C, H, W) one a channel,
 all N*H*W values of it (as a BN layer normalizes it). UNITS_PER_LAYER units per layer are chosen
-once from (run seed, layer name) by a random permutation of the channels, so every run of a seed
-(both arms of a study, a resumed run) follows the same unit indices.
+once from the layer's name and width by a random permutation of the channels (choose_units), so
+every run of a study (every arm and seed, a resumed run) follows the same unit indices.
 """
 
 from __future__ import annotations
