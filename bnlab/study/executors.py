@@ -38,6 +38,7 @@ from bnlab.config import RunConfig, from_json_dict
 from bnlab.errors import UserError
 from bnlab.models.names import PACKABLE_MODELS
 from bnlab.store import FINISHED, Store
+from bnlab.study.estimate import images
 from bnlab.study.expand import Plan
 from bnlab.study.options import CLUSTERS, SlurmOptions
 from bnlab.study.progress import Progress
@@ -142,8 +143,6 @@ def auto_jobs(runs, todo, sizes: dict | None = None) -> tuple[int, int | None, s
     the study's runs only (`runs`: all of them), never on how many are left (`todo`), so a run
     resumed alone computes as it did beside others. Anything else trains one run at a time on
     all cores."""
-    from bnlab.study.estimate import images  # torch-free
-
     runs, todo = list(runs), list(todo)
     if _cores() < 2 or len(runs) < 2:
         return 1, None, "one core" if _cores() < 2 else "one run"
