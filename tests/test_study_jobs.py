@@ -145,3 +145,45 @@ def test_a_fresh_machine_builds_the_kernels_while_it_decodes_the_data(tmp_path, 
     events.clear()
     worker.prepare_machine(cfgs)
     assert events == []
+
+
+DYING_ENTRY = '''
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MARK = Path(__file__).with_name("died")
+
+
+def die_once(num_classes, norm, in_channels, image_size):
+    """The first real build anywhere ends its process (the runner's checks build on the meta
+    device, and are spared)."""
+    if torch.empty(0).device.type != "meta" and not MARK.exists():
+        MARK.write_text("")
+        os._exit(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, 16),
+                         norm(16, dim=1), nn.ReLU(), nn.Linear(16, num_classes))
+'''
+
+
+@pytest.mark.slow  # three worker processes start, one after another dies
+def test_a_dead_worker_s_run_is_recorded_and_the_others_go_on(tmp_path, capsys):
+    """A worker that dies (here: os._exit in the network's constructor) has its run recorded as
+    failed with the exit code, and a new worker trains the runs left."""
+    entry = tmp_path / "dying.py"
+    entry.write_text(DYING_ENTRY)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(textwrap.dedent(SPEC).replace('model = "mlp3x100"',
+                                                  f'model = "entry:{entry}:die_once"')
+                    .replace("seed = [0, 1, 2, 3]", "seed = [0, 1, 2]"))
+    rc, out, _ = run_cli(capsys, "study", "run", spec, "--out", tmp_path / "o", "--jobs", "2")
+    assert rc == 1, out  # a run did not finish
+    store = Store(tmp_path / "o")
+    statuses = {rid: store.run(rid).summary["status"] for rid in store.attempts()}
+    assert sorted(statuses.values()) == ["completed", "completed", "failed"], statuses
+    dead = next(rid for rid, s in statuses.items() if s == "failed")
+    assert "worker process died with exit code 3" in store.run(dead).summary["error"]
+    pids = {a[0]["pid"] for a in store.attempts().values()}
+    assert len(pids) == 3  # the dead worker, the other, and the one that replaced it
