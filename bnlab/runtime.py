@@ -25,6 +25,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def on_cpu(name: str) -> bool:
+    """Whether a run of device `name` trains on the CPU ('cpu', or 'auto' without a GPU),
+    without resolve_device's refusal of 'cuda' on a machine without one."""
+    return name == "cpu" or name == "auto" and not torch.cuda.is_available()
+
+
 def autocast(device: torch.device, precision: str, cache: bool = True):
     """bf16 autocast (or nothing for fp32); cache=False inside a CUDA graph capture, whose
     weights' bf16 copies must be made by the graph itself every step."""

@@ -37,6 +37,7 @@ import torch
 from bnlab.config import RunConfig, from_json_dict
 from bnlab.errors import UserError
 from bnlab.models.names import PACKABLE_MODELS
+from bnlab.runtime import on_cpu
 from bnlab.store import FINISHED, Store
 from bnlab.study.estimate import images
 from bnlab.study.expand import Plan
@@ -146,8 +147,7 @@ def auto_jobs(runs, todo, sizes: dict | None = None) -> tuple[int, int | None, s
     runs, todo = list(runs), list(todo)
     if _cores() < 2 or len(runs) < 2:
         return 1, None, "one core" if _cores() < 2 else "one run"
-    if any(r.cfg.device == "cuda" or r.cfg.device == "auto" and torch.cuda.is_available()
-           for r in runs):
+    if not all(on_cpu(r.cfg.device) for r in runs):
         return 1, None, "runs on a GPU"
     if any(r.cfg.model not in PACKABLE_MODELS for r in runs):
         return 1, None, "a large network"

@@ -132,12 +132,13 @@ def _summaries(plan: Plan, out: str | Path | None) -> dict[str, dict | None]:
     return {r.run_id: summary(r.run_id) for r in plan.all_runs}
 
 
-def remaining(plan: Plan, out: str | Path | None) -> tuple[list, dict[tuple, float]]:
+def remaining(plan: Plan, out: str | Path | None,
+              summaries: dict[str, dict | None] | None = None) -> tuple[list, dict[tuple, float]]:
     """The runs of `plan` still to train (every run but those with a result in the folder
     `out`), each config with the spec's dataset name (whose size the estimate knows), and the
     rates the folder's finished runs measured (estimate.own_rates)."""
     sizes = plan.spec.estimate.get("sizes")
-    summaries = _summaries(plan, out)
+    summaries = _summaries(plan, out) if summaries is None else summaries
     named = [(dataclasses.replace(r.cfg, dataset=r.dataset), r.run_id) for r in plan.all_runs]
     todo = [c for c, rid in named if (summaries.get(rid) or {}).get("status") not in FINISHED]
     return todo, own_rates(((c, summaries.get(rid)) for c, rid in named), sizes)
@@ -201,7 +202,8 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     finished runs like them, else at the table's rates scaled to this CPU by a measured step
     (bnlab.study.calibrate; for studies of CALIBRATE_ABOVE minutes or more by the table), with
     `jobs` runs at once as the runner will train them; the number of runs left)."""
-    todo, own = remaining(plan, out)
+    summaries = _summaries(plan, out)
+    todo, own = remaining(plan, out, summaries)
     total = len(plan.all_runs)
     tuning = f" ({len(plan.tune_runs)} of them tuning runs)" if plan.tune_runs else ""
     line = f"study {plan.spec.name}: {len(todo)} of {total} runs{tuning} to train"
@@ -217,9 +219,9 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
         from bnlab.study.executors import _cores, auto_jobs
 
         if jobs == "auto":
-            left = {r.run_id for r in plan.all_runs} - set(_summaries_done(plan, out))
-            workers, threads, _ = auto_jobs(plan.all_runs,
-                                            [r for r in plan.all_runs if r.run_id in left], sizes)
+            left = [r for r in plan.all_runs
+                    if (summaries.get(r.run_id) or {}).get("status") not in FINISHED]
+            workers, threads, _ = auto_jobs(plan.all_runs, left, sizes)
         else:
             workers = jobs
         threads = threads or max(1, _cores() // workers)
@@ -239,11 +241,6 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     scaled = ", scaled from a smaller model" if est.scaled else ""
     return (f"{line}, estimated {fmt_minutes(est.minutes)} of training and evaluation on "
             f"{on}{at_once} (from {where}{scaled})", len(todo))
-
-
-def _summaries_done(plan: Plan, out: str | Path) -> list[str]:
-    return [rid for rid, s in _summaries(plan, out).items()
-            if (s or {}).get("status") in FINISHED]
 
 
 def confirm_size(plan: Plan, todo: int, yes: bool) -> None:

@@ -46,12 +46,10 @@ def prepare_machine(cfgs: list[RunConfig]) -> None:
     read is left to the run, which records why."""
     import threading
 
-    import torch
-
     from bnlab.fast import cpu_kernels
+    from bnlab.runtime import on_cpu
 
-    cpu = [c for c in cfgs if c.cpu_kernels and (c.device == "cpu" or c.device == "auto"
-                                                 and not torch.cuda.is_available())]
+    cpu = [c for c in cfgs if c.cpu_kernels and on_cpu(c.device)]
     if not cpu or os.environ.get("BNLAB_CPU_KERNELS", "1") == "0" \
             or (cpu_kernels.build_dir() / "ready").exists():
         return
