@@ -187,3 +187,16 @@ def test_a_dead_worker_s_run_is_recorded_and_the_others_go_on(tmp_path, capsys):
     assert "worker process died with exit code 3" in store.run(dead).summary["error"]
     pids = {a[0]["pid"] for a in store.attempts().values()}
     assert len(pids) == 3  # the dead worker, the other, and the one that replaced it
+
+
+def test_workers_take_the_longest_runs_first():
+    """Twice the epochs is about twice the time; a probed run costs more than the same run
+    unprobed; equal runs, and runs of a dataset of unknown size (no estimate), keep their
+    order. Seeds name the runs here."""
+    plain = runs(3)
+    probed = [SimpleNamespace(cfg=RunConfig(**{**QUICK_LIKE, "seed": 10 + s, "probe_every": 78}))
+              for s in range(2)]
+    longer = runs(1, epochs=6, seed=20)
+    unknown = runs(1, dataset="imagefolder:/nowhere", seed=30)
+    order = executors.longest_first(plain + unknown + probed + longer)
+    assert [r.cfg.seed for r in order] == [20, 10, 11, 0, 1, 2, 30]
