@@ -4,10 +4,12 @@ the estimate's use of it and of parallel workers (bnlab.study.estimate)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
+from bnlab import machine
 from bnlab.config import RunConfig
 from bnlab.study import calibrate
 from bnlab.study.estimate import CALIBRATED, LONE, OWN_SOURCE, estimate, rate_key
@@ -20,7 +22,7 @@ RUN = RunConfig(dataset="cifar10", model="resnet20", limit_train=5000, limit_tes
 def cache(tmp_path, monkeypatch):
     """An empty cache on an idle machine."""
     monkeypatch.setenv("BNLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(calibrate, "_busy", lambda: False)
+    monkeypatch.setattr(machine, "cpu_busy", lambda: False)
     return tmp_path / "cache"
 
 
@@ -61,12 +63,35 @@ def test_measured_once_per_setting_then_read_from_the_cache(cache, monkeypatch):
 def test_a_busy_machine_s_measurement_is_used_once_not_kept(cache, monkeypatch):
     rates = iter([100.0, 300.0])
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: next(rates))
-    monkeypatch.setattr(calibrate, "_busy", lambda: True)
+    monkeypatch.setattr(machine, "cpu_busy", lambda: True)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
     assert calibrate.cached_speed() is None
-    monkeypatch.setattr(calibrate, "_busy", lambda: False)
+    monkeypatch.setattr(machine, "cpu_busy", lambda: False)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
     assert calibrate.cached_speed() == pytest.approx(300.0 / 1050)
+
+
+def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monkeypatch):
+    """The rule of bnlab.machine.cpu_busy (load of half the cores) read before measuring: the
+    measurement's own threads, which raise the load, do not make an idle machine busy."""
+    cache = tmp_path / "cache"  # the real cpu_busy, on a faked 2-core machine
+    monkeypatch.setenv("BNLAB_CACHE", str(cache))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    load = {"now": 0.9}
+    monkeypatch.setattr(os, "getloadavg", lambda: (load["now"], 0.0, 0.0))
+
+    def measure(p, b, t):
+        load["now"] = 2.5  # what two threads of measuring add
+        return 100.0
+
+    monkeypatch.setattr(calibrate, "measure", measure)
+    calibrate.speed("fp32", 128, 2)
+    assert calibrate.cached_speed() == pytest.approx(100.0 / 1050)  # kept
+    load["now"] = 1.0  # other work on half the cores before measuring: used once, not kept
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 50.0)
+    assert calibrate.speed("bf16", 64, 1) == pytest.approx(
+        50.0 / calibrate.table_rate("bf16", 64))
+    assert len(json.loads((cache / calibrate.FILE).read_text())) == 1
 
 
 def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
@@ -80,7 +105,7 @@ def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
 def test_another_machine_does_not_read_this_one_s_factor(cache, monkeypatch):
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
     calibrate.speed("fp32", 128, 2)
-    monkeypatch.setattr(calibrate, "_machine", lambda: "another")
+    monkeypatch.setattr(machine, "identity", lambda: "another")
     assert calibrate.cached_speed() is None
 
 
@@ -93,12 +118,12 @@ def test_a_real_measurement_runs_at_the_threads_asked_and_restores_them():
 def test_study_run_s_first_line_on_this_cpu(cache, monkeypatch, tmp_path):
     """quick on a 2-core machine measured at 350 images/s a run: its table time scaled by the
     factor and halved by the two runs at once, and the line says so."""
-    from bnlab.study import executors, status
+    from bnlab.study import status
     from bnlab.study.spec import expand, load_spec
 
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
-    monkeypatch.setattr(executors, "_cores", lambda: 2)
-    monkeypatch.setattr(executors, "_available_gib", lambda: 24.0)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(machine, "available_gib", lambda: 24.0)
     plan = expand(load_spec("quick"))
     todo, _ = status.remaining(plan, tmp_path / "new")
     table = estimate(todo, "cpu", plan.spec.estimate.get("sizes")).minutes

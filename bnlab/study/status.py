@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from bnlab import machine
 from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.store import FINISHED, RunDir, Store, open_store
@@ -216,7 +217,7 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     workers, speed, threads = 1, None, None
     if device == "cpu":
         from bnlab.study import calibrate
-        from bnlab.study.executors import _cores, auto_jobs
+        from bnlab.study.executors import auto_jobs
 
         if jobs == "auto":
             left = [r for r in plan.all_runs
@@ -224,7 +225,7 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
             workers, threads, _ = auto_jobs(plan.all_runs, left, sizes)
         else:
             workers = jobs
-        threads = threads or max(1, _cores() // workers)
+        threads = threads or max(1, machine.usable_cores() // workers)
         table = estimate(todo, device, sizes, own)
         if table.sources != (OWN_SOURCE,) and (table.minutes or 0) >= CALIBRATE_ABOVE:
             speed = calibrate.speed(todo[0].precision, todo[0].batch_size, threads, log)
