@@ -11,8 +11,10 @@ result is kept in the bnlab cache (calibration.json), keyed by the CPU's model a
 cores (bnlab.machine.identity) and the torch version, unless other work kept the machine busy
 when it was measured (bnlab.machine.cpu_busy, read just before: then it is used once and
 measured again next time; delete the file to measure again).
-`cached_speed()` reads the latest one without torch (`bnlab study list`). One factor from
-ResNet-20 is applied to every network: a measurement of the machine, not of each model.
+`cached_speed()` reads the latest one without torch (`bnlab study list`). The factor scales
+only the families whose table rates rest on ResNet-20's (estimate.SPEED_FAMILIES: the CIFAR
+ResNets, plain nets and VGGs). The others keep the table's rate: the table holds no
+reference rate of their own step to measure this CPU against.
 """
 
 from __future__ import annotations
