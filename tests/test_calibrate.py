@@ -3,11 +3,14 @@ the estimate's use of it and of parallel workers (bnlab.study.estimate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
+from bnlab import machine
 from bnlab.config import RunConfig
 from bnlab.study import calibrate
 from bnlab.study.estimate import CALIBRATED, LONE, OWN_SOURCE, estimate, rate_key
@@ -20,7 +23,7 @@ RUN = RunConfig(dataset="cifar10", model="resnet20", limit_train=5000, limit_tes
 def cache(tmp_path, monkeypatch):
     """An empty cache on an idle machine."""
     monkeypatch.setenv("BNLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(calibrate, "_busy", lambda: False)
+    monkeypatch.setattr(machine, "cpu_busy", lambda: False)
     return tmp_path / "cache"
 
 
@@ -61,12 +64,35 @@ def test_measured_once_per_setting_then_read_from_the_cache(cache, monkeypatch):
 def test_a_busy_machine_s_measurement_is_used_once_not_kept(cache, monkeypatch):
     rates = iter([100.0, 300.0])
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: next(rates))
-    monkeypatch.setattr(calibrate, "_busy", lambda: True)
+    monkeypatch.setattr(machine, "cpu_busy", lambda: True)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
     assert calibrate.cached_speed() is None
-    monkeypatch.setattr(calibrate, "_busy", lambda: False)
+    monkeypatch.setattr(machine, "cpu_busy", lambda: False)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
     assert calibrate.cached_speed() == pytest.approx(300.0 / 1050)
+
+
+def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monkeypatch):
+    """The rule of bnlab.machine.cpu_busy (load of half the cores) read before measuring: the
+    measurement's own threads, which raise the load, do not make an idle machine busy."""
+    cache = tmp_path / "cache"  # the real cpu_busy, on a faked 2-core machine
+    monkeypatch.setenv("BNLAB_CACHE", str(cache))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    load = {"now": 0.9}
+    monkeypatch.setattr(os, "getloadavg", lambda: (load["now"], 0.0, 0.0))
+
+    def measure(p, b, t):
+        load["now"] = 2.5  # what two threads of measuring add
+        return 100.0
+
+    monkeypatch.setattr(calibrate, "measure", measure)
+    calibrate.speed("fp32", 128, 2)
+    assert calibrate.cached_speed() == pytest.approx(100.0 / 1050)  # kept
+    load["now"] = 1.0  # other work on half the cores before measuring: used once, not kept
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 50.0)
+    assert calibrate.speed("bf16", 64, 1) == pytest.approx(
+        50.0 / calibrate.table_rate("bf16", 64))
+    assert len(json.loads((cache / calibrate.FILE).read_text())) == 1
 
 
 def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
@@ -80,7 +106,7 @@ def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
 def test_another_machine_does_not_read_this_one_s_factor(cache, monkeypatch):
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
     calibrate.speed("fp32", 128, 2)
-    monkeypatch.setattr(calibrate, "_machine", lambda: "another")
+    monkeypatch.setattr(machine, "identity", lambda: "another")
     assert calibrate.cached_speed() is None
 
 
@@ -93,12 +119,12 @@ def test_a_real_measurement_runs_at_the_threads_asked_and_restores_them():
 def test_study_run_s_first_line_on_this_cpu(cache, monkeypatch, tmp_path):
     """quick on a 2-core machine measured at 350 images/s a run: its table time scaled by the
     factor and halved by the two runs at once, and the line says so."""
-    from bnlab.study import executors, status
+    from bnlab.study import status
     from bnlab.study.spec import expand, load_spec
 
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
-    monkeypatch.setattr(executors, "_cores", lambda: 2)
-    monkeypatch.setattr(executors, "_available_gib", lambda: 24.0)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(machine, "available_gib", lambda: 24.0)
     plan = expand(load_spec("quick"))
     todo, _ = status.remaining(plan, tmp_path / "new")
     table = estimate(todo, "cpu", plan.spec.estimate.get("sizes")).minutes
@@ -120,3 +146,86 @@ def test_a_short_study_is_not_measured(cache, monkeypatch, tmp_path):
                     'epochs = 1\ndevice = "cpu"\n[grid]\nseed = [0, 1]\n')
     line, left = status.plan_estimate(expand(load_spec(str(spec))), tmp_path / "o", "auto")
     assert left == 2 and "(from bnlab's table of measured rates)" in line
+
+
+MLP = RunConfig(dataset="mnist", model="mlp3x100", limit_train=6000, limit_test=1000, epochs=2,
+                batch_size=60, device="cpu")
+
+
+def test_the_factor_scales_only_the_families_whose_rates_rest_on_resnet_20():
+    """ResNet-20's factor says nothing of an MLP's speed: the MLP keeps the table's 28,600
+    images/s (bn-paper-mnist's runs), named as unscaled; a VGG, whose rate is ResNet-20's over
+    a measured ratio, is scaled with it."""
+    mlp_minutes = 2 * (6000 + 1000 / 3) / 28_600 / 60  # epochs x (train + test / 3) / rate
+    for speed in (None, 0.25):
+        est = estimate([MLP], "cpu", speed=speed)
+        assert est.minutes == pytest.approx(mlp_minutes)
+        assert est.sources == (LONE[("mlp", "cpu")].source,) and est.unscaled == ("mlp3x100",)
+    resnet = estimate([RUN], "cpu").minutes
+    both = estimate([RUN, MLP], "cpu", speed=0.25)
+    assert both.minutes == pytest.approx(resnet / 0.25 + mlp_minutes)
+    assert set(both.sources) == {CALIBRATED, LONE[("mlp", "cpu")].source}
+    vgg = dataclasses.replace(RUN, model="vgg16", precision="fp32")
+    assert estimate([vgg], "cpu", speed=0.25).minutes == pytest.approx(
+        4 * estimate([vgg], "cpu").minutes)
+    assert estimate([vgg], "cpu", speed=0.25).unscaled == ()
+
+
+def test_a_study_of_mlps_is_not_measured_and_says_so(cache, monkeypatch, tmp_path):
+    """bn-paper-mnist on a 2-core machine: the table's MLP time of its 6 runs, two at once,
+    without a ResNet-20 measurement."""
+    from bnlab.study import status
+    from bnlab.study.spec import expand, load_spec
+
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: pytest.fail("measured"))
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(machine, "available_gib", lambda: 24.0)
+    # 50 epochs of 60,000 images and a third of 10,000 test images, and 101 probes (step 0,
+    # then every 500 of the 50,000 steps) of 20 training steps of 60 images each
+    run = 50 * (60_000 + 10_000 / 3) + 101 * 20 * 60
+    line, left = status.plan_estimate(expand(load_spec("bn-paper-mnist")), tmp_path / "o",
+                                      "auto")
+    assert left == 6
+    assert f"estimated {status.fmt_minutes(6 * run / 28_600 / 60 / 2)} " in line
+    assert "2 runs at once" in line and "scaled to this CPU" not in line
+    assert "mlp3x100 not scaled: this CPU's factor is a ResNet-20 measurement" in line
+
+
+MIXED = """name = "mixed"
+[base]
+dataset = "mnist"
+epochs = 4
+device = "cpu"
+[grid]
+model = ["mlp3x100", "resnet20"]
+[[cases]]
+where = { model = "mlp3x100" }
+set = { batch_size = 60 }
+[[cases]]
+where = { model = "resnet20" }
+set = { batch_size = 128, precision = "bf16" }
+"""
+
+
+def test_a_mixed_study_measures_at_the_resnet_s_setting_and_scales_only_it(
+        cache, monkeypatch, tmp_path):
+    """The MLP run comes first, but the measurement is of the ResNet's precision and batch;
+    the ResNet trains at the measured 350 images/s (28 px images: (28/32)^2 of a 32 px one's
+    cost), the MLP at the table's 28,600."""
+    from bnlab.study import status
+    from bnlab.study.spec import expand, load_spec
+
+    calls = []
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: calls.append((p, b, t)) or 350.0)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    spec = tmp_path / "mixed.toml"
+    spec.write_text(MIXED)
+    plan = expand(load_spec(str(spec)))
+    assert [r.cfg.model for r in plan.all_runs][0] == "mlp3x100"
+    line, left = status.plan_estimate(plan, tmp_path / "o", 1)
+    assert left == 2 and calls == [("bf16", 128, 2)]
+    images = 4 * (60_000 + 10_000 / 3)
+    minutes = images * (28 / 32) ** 2 / 350 / 60 + images / 28_600 / 60
+    assert f"estimated {status.fmt_minutes(minutes)} " in line
+    factor = 350.0 / calibrate.table_rate("bf16", 128)
+    assert f"scaled to this CPU: {factor:.2f} x" in line and "; mlp3x100 not scaled" in line

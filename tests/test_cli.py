@@ -98,11 +98,11 @@ def test_study_run_lets_openmp_sleep_only_on_a_shared_cpu(monkeypatch):
 
     from bnlab.cli import _cpu_shared
 
-    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert _cpu_shared(1) is False
     assert _cpu_shared(2) is True
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores / 2, 0.0, 0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # half of the 4 cores
     assert _cpu_shared(1) is True
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores / 2 - 0.01, 9.0, 9.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.99, 9.0, 9.0))  # the 1-minute one counts
     assert _cpu_shared(1) is False

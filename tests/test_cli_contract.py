@@ -10,9 +10,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "bnlab" / "cli"
-# what the command line may import from bnlab: the API, what its flags are made of, its errors
+# what the command line may import from bnlab: the API, what its flags are made of, its errors,
+# and the machine's facts (torch-free) it reads before torch loads
 ALLOWED = {"bnlab", "bnlab.api", "bnlab.cli", "bnlab.config", "bnlab.console", "bnlab.errors",
-           "bnlab.study.options"}
+           "bnlab.machine", "bnlab.study.options"}
 
 
 def bnlab_imports(path: Path) -> list[tuple[int, str]]:

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bnlab import machine as facts
 from bnlab.config import RunConfig
 from bnlab.store import Store
-from bnlab.study import executors
-from bnlab.study.executors import auto_jobs
+from bnlab.study.executors import auto_jobs, longest_first
 from tests.helpers import run_cli
 
 QUICK_LIKE = dict(dataset="cifar10", model="resnet20", limit_train=5000, limit_test=2000,
@@ -28,8 +28,8 @@ def runs(n: int, **over) -> list:
 def machine(monkeypatch):
     """A 2-core machine with 24 GiB available, unless a test says otherwise."""
     state = {"cores": 2, "gib": 24.0}
-    monkeypatch.setattr(executors, "_cores", lambda: state["cores"])
-    monkeypatch.setattr(executors, "_available_gib", lambda: state["gib"])
+    monkeypatch.setattr(facts, "usable_cores", lambda: state["cores"])
+    monkeypatch.setattr(facts, "available_gib", lambda: state["gib"])
     return state
 
 
@@ -99,7 +99,7 @@ def test_two_workers_train_four_runs(tmp_path, capsys):
     assert len(set(pids)) == 2
     threads = {json.loads((tmp_path / "o" / rid / "config.json").read_text())["env"]
                ["torch_threads"] for rid in attempts}
-    assert threads == {max(1, executors._cores() // 2)}
+    assert threads == {max(1, facts.usable_cores() // 2)}
 
 
 def test_auto_says_what_it_chose(tmp_path, capsys):
@@ -198,5 +198,5 @@ def test_workers_take_the_longest_runs_first():
               for s in range(2)]
     longer = runs(1, epochs=6, seed=20)
     unknown = runs(1, dataset="imagefolder:/nowhere", seed=30)
-    order = executors.longest_first(plain + unknown + probed + longer)
+    order = longest_first(plain + unknown + probed + longer)
     assert [r.cfg.seed for r in order] == [20, 10, 11, 0, 1, 2, 30]

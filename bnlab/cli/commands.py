@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+from bnlab import machine
 from bnlab.config import FIELDS
 from bnlab.console import format_table, records_csv, records_json
 from bnlab.errors import UserError
@@ -23,16 +24,10 @@ def run_overrides(args) -> dict:
 
 def cpu_shared(jobs: int) -> bool:
     """Whether this command's runs will share the CPU: several jobs, or a machine already busy
-    (1-minute load average of at least half its cores). Then idle OpenMP threads should sleep
-    rather than spin; on a CPU of its own, spinning is faster (15-20% per ResNet-20 step on
-    the 2-core reference machine)."""
-    if jobs > 1:
-        return True
-    try:
-        cores = len(os.sched_getaffinity(0))
-        return os.getloadavg()[0] >= cores / 2
-    except (AttributeError, OSError):
-        return False
+    (bnlab.machine.cpu_busy, read before this command's own work loads it). Then idle OpenMP
+    threads should sleep rather than spin; on a CPU of its own, spinning is faster (15-20% per
+    ResNet-20 step on the 2-core reference machine)."""
+    return jobs > 1 or machine.cpu_busy()
 
 
 def _passive_openmp_if_shared(jobs: int) -> None:

@@ -8,21 +8,23 @@ and returns the measured rate over the rate the table gives for the same step
 (estimate.LONE's CIFAR ResNet rate with estimate.cpu_cost): the factor the estimate divides its
 CPU times by. It takes about two seconds, once per machine, torch version and setting: the
 result is kept in the bnlab cache (calibration.json), keyed by the CPU's model and flags, the
-cores and the torch version, unless other work loaded the machine while it was measured (then
-it is used once and measured again next time; delete the file to measure again).
-`cached_speed()` reads the latest one without torch (`bnlab study list`). One factor from
-ResNet-20 is applied to every network: a measurement of the machine, not of each model.
+cores (bnlab.machine.identity) and the torch version, unless other work kept the machine busy
+when it was measured (bnlab.machine.cpu_busy, read just before: then it is used once and
+measured again next time; delete the file to measure again).
+`cached_speed()` reads the latest one without torch (`bnlab study list`). The factor scales
+only the families whose table rates rest on ResNet-20's (estimate.SPEED_FAMILIES: the CIFAR
+ResNets, plain nets and VGGs). The others keep the table's rate: the table holds no
+reference rate of their own step to measure this CPU against.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
+from bnlab import machine
 from bnlab.config import RunConfig, cache_root
 from bnlab.study.estimate import LONE, cpu_cost
 
@@ -30,30 +32,6 @@ FILE = "calibration.json"
 WARMUP_STEPS = 2
 MIN_SECONDS = 1.5  # timed steps: at least this long ...
 MAX_STEPS = 12  # ... and at most this many steps after the warm-up
-
-
-def _machine() -> str:
-    """The CPU's model name and flags and the cores this process may use, hashed."""
-    info = ""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        info = platform.processor() or platform.machine()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return hashlib.sha256(f"{info}\n{cores}".encode()).hexdigest()[:16]
-
-
-def _busy() -> bool:
-    """Whether other work loads this machine (1-minute load average of at least half its
-    cores, the measurement's own second or two aside): its measurement says little of later."""
-    try:
-        return os.getloadavg()[0] >= max(1, len(os.sched_getaffinity(0))) / 2 + 1
-    except (AttributeError, OSError):
-        return False
 
 
 def _read(path: Path) -> dict:
@@ -118,14 +96,17 @@ def speed(precision: str, batch: int, threads: int, log=None) -> float:
     import torch
 
     path = cache_root() / FILE
-    key = f"{_machine()}|torch {torch.__version__}|{precision}|batch {batch}|{threads} threads"
+    key = (f"{machine.identity()}|torch {torch.__version__}|{precision}|batch {batch}|"
+           f"{threads} threads")
     entry = _read(path).get(key)
     if not (isinstance(entry, dict) and isinstance(entry.get("factor"), int | float)
             and entry["factor"] > 0):
+        # read before measuring: the 1-minute load would count the measurement's own threads
+        busy = machine.cpu_busy()
         rate = measure(precision, batch, threads)
         entry = {"factor": rate / table_rate(precision, batch), "images_per_s": rate,
                  "measured": time.time()}
-        if not _busy():  # a busy machine's speed is used now, not kept
+        if not busy:  # a busy machine's speed is used now, not kept
             data = _read(path)
             data[key] = entry
             tmp = path.with_name(f"{FILE}.{os.getpid()}.tmp")
@@ -144,6 +125,6 @@ def speed(precision: str, batch: int, threads: int, log=None) -> float:
 def cached_speed() -> float | None:
     """The latest factor measured on this machine (any setting), or None: without torch."""
     entries = [e for k, e in _read(cache_root() / FILE).items()
-               if k.startswith(_machine() + "|") and isinstance(e, dict)
+               if k.startswith(machine.identity() + "|") and isinstance(e, dict)
                and isinstance(e.get("factor"), int | float) and e["factor"] > 0]
     return max(entries, key=lambda e: e.get("measured", 0))["factor"] if entries else None

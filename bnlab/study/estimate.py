@@ -149,6 +149,7 @@ class Estimate:
     missing: str = ""  # why, when minutes is None
     sources: tuple[str, ...] = ()
     scaled: bool = False  # some rate was scaled from another model's measurement
+    unscaled: tuple[str, ...] = ()  # CPU models at the table's rate, outside SPEED_FAMILIES
 
 
 def rate_key(cfg: RunConfig) -> tuple:
@@ -183,6 +184,14 @@ OWN_SOURCE = "this output folder's own finished runs of the same network, norm, 
 
 
 CALIBRATED = "bnlab's table scaled to this CPU by a measured ResNet-20 step (bnlab.study.calibrate)"
+# The families whose CPU rates this CPU's factor (a ResNet-20 step measured by bnlab.study.
+# calibrate) scales. The CIFAR ResNets and plain nets are included because their rates are
+# ResNet-20's, scaled by layers. The CIFAR VGGs are included because their rate is ResNet-20's
+# divided by a measured ratio. The MLP's and the ImageNet ResNets' rates are measurements of
+# their own, and ResNet-20's speed says little of theirs: bn-paper-mnist's MLP runs scaled by
+# the 2-core Xeon's 0.27 x were estimated at 22 min and took 11.5 (docs/results.md). They keep
+# the table's rate.
+SPEED_FAMILIES = ("cifar-resnet", "cifar-vgg")
 
 
 def estimate(cfgs: Iterable[RunConfig], device: str,
@@ -192,7 +201,8 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
     """Minutes to train `cfgs` on `device` ('cpu' or 'gpu'); on a GPU the packable runs as the
     study runner packs them. `own` (own_rates of an output folder) gives CPU runs of a
     measured rate_key that rate instead of the table's; `speed` (bnlab.study.calibrate) scales
-    the table's CPU rates to this machine; `workers` CPU runs train at once (with the threads
+    the table's CPU rates of SPEED_FAMILIES to this machine, the others stay the table's (and
+    Estimate.unscaled names their models); `workers` CPU runs train at once (with the threads
     `speed` was measured at), so their time divides by it."""
     cfgs = list(cfgs)
     sizes = sizes or {}
@@ -200,7 +210,7 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
     # packs as the runner forms them, judged by the networks' names (no torch; the same split
     # as building them: tests/test_packing_plan.py)
     groups = pack_groups(cfgs, 16, build=False) if device == "gpu" else [[c] for c in cfgs]
-    seconds, sources, scaled = 0.0, [], False
+    seconds, sources, scaled, unscaled = 0.0, [], False, []
     for group in groups:
         mine = own.get(rate_key(group[0])) if device == "cpu" else None
         n = images(group[0], sizes)
@@ -229,13 +239,16 @@ def estimate(cfgs: Iterable[RunConfig], device: str,
             area = (known[2] / MEASURED_SIDE.get(fam, known[2])) ** 2
             total += n * area * (cpu_cost(c, fam) if device == "cpu" else 1.0)
             scaled = scaled or area != 1.0
-        if device == "cpu" and speed:
+        if device == "cpu" and speed and fam in SPEED_FAMILIES:
             seconds += total * cost / (rate.images_per_s * speed)
             sources.append(CALIBRATED)
         else:
             seconds += total * cost / rate.images_per_s
             sources.append(rate.source)
+            if device == "cpu" and fam not in SPEED_FAMILIES:
+                unscaled += [c.model for c in group]
         scaled = scaled or cost != 1.0
     if device == "cpu":
         seconds /= max(1, workers)
-    return Estimate(seconds / 60, sources=tuple(dict.fromkeys(sources)), scaled=scaled)
+    return Estimate(seconds / 60, sources=tuple(dict.fromkeys(sources)), scaled=scaled,
+                    unscaled=tuple(dict.fromkeys(unscaled)))

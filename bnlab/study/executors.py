@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bnlab import machine
 from bnlab.config import RunConfig, from_json_dict
 from bnlab.errors import UserError
 from bnlab.models.names import PACKABLE_MODELS
@@ -109,24 +110,6 @@ def _gpu_ids(plan: Plan) -> list[str]:
     return ids[:n]
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _available_gib() -> float | None:
-    """MemAvailable of /proc/meminfo in GiB (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 RUN_GIB = 2.0  # memory a small-network CPU run may hold (a decoded CIFAR-10 and its model: ~1.2)
 PARALLEL_MIN_IMAGES = 10_000  # training-image equivalents of a run worth a worker's start-up
 
@@ -145,8 +128,9 @@ def auto_jobs(runs, todo, sizes: dict | None = None) -> tuple[int, int | None, s
     resumed alone computes as it did beside others. Anything else trains one run at a time on
     all cores."""
     runs, todo = list(runs), list(todo)
-    if _cores() < 2 or len(runs) < 2:
-        return 1, None, "one core" if _cores() < 2 else "one run"
+    cores = machine.usable_cores()
+    if cores < 2 or len(runs) < 2:
+        return 1, None, "one core" if cores < 2 else "one run"
     if not all(on_cpu(r.cfg.device) for r in runs):
         return 1, None, "runs on a GPU"
     if any(r.cfg.model not in PACKABLE_MODELS for r in runs):
@@ -157,11 +141,11 @@ def auto_jobs(runs, todo, sizes: dict | None = None) -> tuple[int, int | None, s
         < PARALLEL_MIN_IMAGES]
     if small:
         return 1, None, "runs too short to start workers for"
-    n = min(_cores(), max(1, len(todo)))
-    gib = _available_gib()
+    n = min(cores, max(1, len(todo)))
+    gib = machine.available_gib()
     if gib is not None:
         n = min(n, max(1, int(gib // RUN_GIB)))
-    return n, 1, f"one single-threaded run per core, {_cores()} cores"
+    return n, 1, f"one single-threaded run per core, {cores} cores"
 
 
 def longest_first(runs, sizes: dict | None = None) -> list:
@@ -200,7 +184,7 @@ def run_parallel(plan: Plan, store: Store, progress: Progress, jobs: int, wait: 
     ctx = mp.get_context("spawn")
     msgs = ctx.Queue()
     gpus = _gpu_ids(plan)
-    threads = threads or max(1, _cores() // jobs)
+    threads = threads or max(1, machine.usable_cores() // jobs)
     todo = longest_first(runs, plan.spec.estimate.get("sizes"))
     done: dict[str, dict] = {}
     busy = []

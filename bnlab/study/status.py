@@ -9,10 +9,19 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from bnlab import machine
 from bnlab.console import format_table
 from bnlab.errors import UserError
 from bnlab.store import FINISHED, RunDir, Store, open_store
-from bnlab.study.estimate import CALIBRATED, MEASURED_ON, OWN_SOURCE, estimate, own_rates
+from bnlab.study.estimate import (
+    CALIBRATED,
+    MEASURED_ON,
+    OWN_SOURCE,
+    SPEED_FAMILIES,
+    estimate,
+    family,
+    own_rates,
+)
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -181,9 +190,9 @@ def list_text() -> str:
              "runner packs them; (own): a study begun in studies-out/NAME, its runs left at "
              "the rates its finished runs measured; (scaled): from the measurement of a smaller "
              "model of the family by its layers; unmeasured: no measurement of that model on "
-             "that device" + (f"; (this CPU): the CPU table scaled by the speed `bnlab study "
-                              f"run` measured on this machine ({speed:.2f} x)." if speed
-                              else ".")]
+             "that device" + (f"; (this CPU): the CPU table's CIFAR ResNets and VGGs scaled "
+                              f"by the ResNet-20 speed `bnlab study run` measured on this "
+                              f"machine ({speed:.2f} x)." if speed else ".")]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
 
@@ -199,9 +208,10 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
                   log=None) -> tuple[str, int]:
     """(the line `study run` prints before it starts: how many runs are left to train and how
     long they take by bnlab.study.estimate, at the folder's own measured rates where it has
-    finished runs like them, else at the table's rates scaled to this CPU by a measured step
-    (bnlab.study.calibrate; for studies of CALIBRATE_ABOVE minutes or more by the table), with
-    `jobs` runs at once as the runner will train them; the number of runs left)."""
+    finished runs like them, else at the table's rates, those of estimate.SPEED_FAMILIES scaled
+    to this CPU by a measured ResNet-20 step (bnlab.study.calibrate; when such runs take
+    CALIBRATE_ABOVE minutes or more by the table), with `jobs` runs at once as the runner will
+    train them; the number of runs left)."""
     summaries = _summaries(plan, out)
     todo, own = remaining(plan, out, summaries)
     total = len(plan.all_runs)
@@ -216,7 +226,7 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     workers, speed, threads = 1, None, None
     if device == "cpu":
         from bnlab.study import calibrate
-        from bnlab.study.executors import _cores, auto_jobs
+        from bnlab.study.executors import auto_jobs
 
         if jobs == "auto":
             left = [r for r in plan.all_runs
@@ -224,10 +234,13 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
             workers, threads, _ = auto_jobs(plan.all_runs, left, sizes)
         else:
             workers = jobs
-        threads = threads or max(1, _cores() // workers)
-        table = estimate(todo, device, sizes, own)
+        threads = threads or max(1, machine.usable_cores() // workers)
+        # measured only for the runs the factor scales, at their precision and batch
+        scalable = [c for c in todo if family(c.model)[0] in SPEED_FAMILIES]
+        table = estimate(scalable, device, sizes, own)
         if table.sources != (OWN_SOURCE,) and (table.minutes or 0) >= CALIBRATE_ABOVE:
-            speed = calibrate.speed(todo[0].precision, todo[0].batch_size, threads, log)
+            speed = calibrate.speed(scalable[0].precision, scalable[0].batch_size, threads,
+                                    log)
     est = estimate(todo, device, sizes, own, speed=speed, workers=workers)
     if est.minutes is None:
         return f"{line}; their time is unmeasured ({est.missing})", len(todo)
@@ -239,8 +252,10 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     at_once = f", {workers} runs at once" if workers > 1 else ""
     on = "this CPU" if device == "cpu" else MEASURED_ON[device]
     scaled = ", scaled from a smaller model" if est.scaled else ""
+    unscaled = (f"; {', '.join(est.unscaled)} not scaled: this CPU's factor is a ResNet-20 "
+                "measurement" if est.unscaled else "")
     return (f"{line}, estimated {fmt_minutes(est.minutes)} of training and evaluation on "
-            f"{on}{at_once} (from {where}{scaled})", len(todo))
+            f"{on}{at_once} (from {where}{scaled}{unscaled})", len(todo))
 
 
 def confirm_size(plan: Plan, todo: int, yes: bool) -> None:
