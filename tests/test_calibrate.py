@@ -57,8 +57,26 @@ def test_measured_once_per_setting_then_read_from_the_cache(cache, monkeypatch):
     assert len(lines) == 1 and "350 images/s" in lines[0]
     calibrate.speed("fp32", 128, 2)
     assert calls[-1] == ("fp32", 128, 2)
-    assert calibrate.cached_speed() == pytest.approx(350.0 / calibrate.table_rate("fp32", 128))
+    assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(
+        350.0 / calibrate.table_rate("fp32", 128))
     assert len(json.loads((cache / calibrate.FILE).read_text())) == 2
+
+
+def test_the_cached_factor_is_the_setting_s_own(cache, monkeypatch):
+    """`study list` reads the factor of the study's precision and threads, at its batch or the
+    nearest measured one; never another precision's or thread count's."""
+    rates = {("fp32", 64, 1): 280.0, ("bf16", 128, 2): 170.0, ("fp32", 128, 2): 490.0,
+             ("fp32", 256, 1): 300.0}
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: rates[(p, b, t)])
+    for p, b, t in rates:
+        calibrate.speed(p, b, t)
+    own = {k: r / calibrate.table_rate(k[0], k[1]) for k, r in rates.items()}
+    assert calibrate.cached_speed("fp32", 64, 1) == pytest.approx(own[("fp32", 64, 1)])
+    assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(own[("fp32", 128, 2)])
+    assert calibrate.cached_speed("fp32", 96, 1) == pytest.approx(own[("fp32", 64, 1)])
+    assert calibrate.cached_speed("fp32", 200, 1) == pytest.approx(own[("fp32", 256, 1)])
+    assert calibrate.cached_speed("bf16", 128, 1) is None
+    assert calibrate.cached_speed("bf16", 64, 2) == pytest.approx(own[("bf16", 128, 2)])
 
 
 def test_a_busy_machine_s_measurement_is_used_once_not_kept(cache, monkeypatch):
@@ -66,10 +84,10 @@ def test_a_busy_machine_s_measurement_is_used_once_not_kept(cache, monkeypatch):
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: next(rates))
     monkeypatch.setattr(machine, "cpu_busy", lambda: True)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
-    assert calibrate.cached_speed() is None
+    assert calibrate.cached_speed("fp32", 128, 2) is None
     monkeypatch.setattr(machine, "cpu_busy", lambda: False)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
-    assert calibrate.cached_speed() == pytest.approx(300.0 / 1050)
+    assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
 
 
 def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monkeypatch):
@@ -87,7 +105,7 @@ def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monke
 
     monkeypatch.setattr(calibrate, "measure", measure)
     calibrate.speed("fp32", 128, 2)
-    assert calibrate.cached_speed() == pytest.approx(100.0 / 1050)  # kept
+    assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)  # kept
     load["now"] = 1.0  # other work on half the cores before measuring: used once, not kept
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 50.0)
     assert calibrate.speed("bf16", 64, 1) == pytest.approx(
@@ -98,7 +116,7 @@ def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monke
 def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
     cache.mkdir(parents=True)
     (cache / calibrate.FILE).write_text("{not json")
-    assert calibrate.cached_speed() is None
+    assert calibrate.cached_speed("fp32", 128, 2) is None
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
 
@@ -107,7 +125,7 @@ def test_another_machine_does_not_read_this_one_s_factor(cache, monkeypatch):
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
     calibrate.speed("fp32", 128, 2)
     monkeypatch.setattr(machine, "identity", lambda: "another")
-    assert calibrate.cached_speed() is None
+    assert calibrate.cached_speed("fp32", 128, 2) is None
 
 
 def test_a_real_measurement_runs_at_the_threads_asked_and_restores_them():
@@ -133,6 +151,34 @@ def test_study_run_s_first_line_on_this_cpu(cache, monkeypatch, tmp_path):
     assert left == 9
     assert "on this CPU, 2 runs at once" in line and f"scaled to this CPU: {factor:.2f} x" in line
     assert status.fmt_minutes(table / factor / 2) in line
+
+
+def test_study_list_estimates_quick_as_study_run_will_train_it(cache, monkeypatch, tmp_path):
+    """After `study run` measured this CPU, `study list`'s CPU column for quick is the first
+    line's estimate: the table scaled by the same setting's factor, two runs at once; a
+    factor of another setting (bf16, 2 threads) is not read."""
+    from bnlab.study import status
+    from bnlab.study.spec import expand, load_spec
+
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    monkeypatch.setattr(machine, "available_gib", lambda: 24.0)
+    monkeypatch.setattr(status, "DEFAULT_ROOT", tmp_path / "studies-out")
+    plan = expand(load_spec("quick"))
+    todo, _ = status.remaining(plan, None)
+    table = estimate(todo, "cpu", plan.spec.estimate.get("sizes")).minutes
+
+    def row(text: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith("quick "))
+
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 40.0)
+    calibrate.speed("bf16", 64, 2)  # another setting's factor
+    assert status.fmt_minutes(table / 2) in row(status.list_text())
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
+    line, _ = status.plan_estimate(plan, tmp_path / "new", "auto")
+    factor = 350.0 / calibrate.table_rate(todo[0].precision, todo[0].batch_size)
+    assert status.fmt_minutes(table / factor / 2) in line
+    listed = row(status.list_text())
+    assert status.fmt_minutes(table / factor / 2) + " (this CPU)" in listed
 
 
 def test_a_short_study_is_not_measured(cache, monkeypatch, tmp_path):

@@ -13,7 +13,8 @@ import torch
 from bnlab import machine as facts
 from bnlab.config import RunConfig
 from bnlab.store import Store
-from bnlab.study.executors import auto_jobs, longest_first
+from bnlab.study.executors import longest_first
+from bnlab.study.jobs import auto_jobs
 from tests.helpers import run_cli
 
 QUICK_LIKE = dict(dataset="cifar10", model="resnet20", limit_train=5000, limit_test=2000,

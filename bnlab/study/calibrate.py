@@ -11,9 +11,9 @@ result is kept in the bnlab cache (calibration.json), keyed by the CPU's model a
 cores (bnlab.machine.identity) and the torch version, unless other work kept the machine busy
 when it was measured (bnlab.machine.cpu_busy, read just before: then it is used once and
 measured again next time; delete the file to measure again).
-`cached_speed()` reads the latest one without torch (`bnlab study list`). The factor scales
-only the families whose table rates rest on ResNet-20's (estimate.SPEED_FAMILIES: the CIFAR
-ResNets, plain nets and VGGs). The others keep the table's rate: the table holds no
+`cached_speed(precision, batch, threads)` reads one without torch (`bnlab study list`). The
+factor scales only the families whose table rates rest on ResNet-20's (estimate.SPEED_FAMILIES:
+the CIFAR ResNets, plain nets and VGGs). The others keep the table's rate: the table holds no
 reference rate of their own step to measure this CPU against.
 """
 
@@ -122,9 +122,23 @@ def speed(precision: str, batch: int, threads: int, log=None) -> float:
     return float(entry["factor"])
 
 
-def cached_speed() -> float | None:
-    """The latest factor measured on this machine (any setting), or None: without torch."""
-    entries = [e for k, e in _read(cache_root() / FILE).items()
-               if k.startswith(machine.identity() + "|") and isinstance(e, dict)
-               and isinstance(e.get("factor"), int | float) and e["factor"] > 0]
-    return max(entries, key=lambda e: e.get("measured", 0))["factor"] if entries else None
+def cached_speed(precision: str, batch: int, threads: int) -> float | None:
+    """The factor measured on this machine for runs of this precision and threads per run, at
+    this batch or else the nearest one measured (a training image costs about the same at
+    batch 64 and 128: docs/results.md), or None: without torch. A factor of another precision
+    or thread count is not used: on a 2-core Xeon they ranged from 0.11 to 0.47."""
+    prefix = f"{machine.identity()}|torch "
+    near = []
+    for key, e in _read(cache_root() / FILE).items():
+        parts = key.split("|")
+        if not key.startswith(prefix) or len(parts) != 5 or not isinstance(e, dict) \
+                or not isinstance(e.get("factor"), int | float) or e["factor"] <= 0:
+            continue
+        if parts[2] != precision or parts[4] != f"{threads} threads":
+            continue
+        try:
+            b = int(parts[3].removeprefix("batch "))
+        except ValueError:
+            continue
+        near.append((abs(b - batch), -e.get("measured", 0), e["factor"]))
+    return min(near)[2] if near else None

@@ -14,8 +14,9 @@ from pathlib import Path
 from bnlab.errors import UserError
 from bnlab.runtime import resolve_device
 from bnlab.store import FINISHED, Store
-from bnlab.study.executors import SlurmExecutor, auto_jobs, run_parallel, run_serial
+from bnlab.study.executors import SlurmExecutor, run_parallel, run_serial
 from bnlab.study.expand import Plan
+from bnlab.study.jobs import auto_jobs
 from bnlab.study.options import EXECUTORS, SlurmOptions
 from bnlab.study.progress import Progress
 from bnlab.study.status import count_statuses

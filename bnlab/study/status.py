@@ -7,6 +7,7 @@ Statuses come from the runs' own summaries; on top of bnlab.store's, a run never
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from bnlab import machine
@@ -22,6 +23,7 @@ from bnlab.study.estimate import (
     family,
     own_rates,
 )
+from bnlab.study.jobs import auto_jobs
 from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
 
 
@@ -154,20 +156,32 @@ def remaining(plan: Plan, out: str | Path | None,
 
 
 def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
-                   speed: float | None = None) -> str:
+                   speed: Callable[[str, int, int], float | None] | None = None) -> str:
     """The spec's own minutes for `device` if it gives them (for a study not begun), else the
     estimate of the runs left: from the output folder's own measured throughput where it has
-    finished runs like them, else from bnlab's table of measured rates (on the CPU scaled by
-    `speed`, this machine's measured factor, when there is one); runs one at a time."""
+    finished runs like them, else from bnlab's table of measured rates. On the CPU the runs
+    train as `--jobs auto` would train them on this machine (jobs.auto_jobs), and the table's
+    rates are scaled by `speed(precision, batch, threads)`, this machine's measured factor for
+    that setting, where it gives one."""
     spec = plan.spec
+    sizes = spec.estimate.get("sizes")
     given = spec.estimate.get(f"{device}_minutes")
-    todo, own = remaining(plan, out)
+    summaries = _summaries(plan, out)
+    todo, own = remaining(plan, out, summaries)
     if given is not None and len(todo) == len(plan.all_runs):
         return fmt_minutes(given) + " (spec)"
     if not todo:
         return "done"
-    est = estimate(todo, device, spec.estimate.get("sizes"), own,
-                   speed=speed if device == "cpu" else None)
+    workers, factor = 1, None
+    if device == "cpu":
+        left = [r for r in plan.all_runs
+                if (summaries.get(r.run_id) or {}).get("status") not in FINISHED]
+        workers, threads, _ = auto_jobs(plan.all_runs, left, sizes, on_cpu=lambda _: True)
+        threads = threads or max(1, machine.usable_cores() // workers)
+        scalable = [c for c in todo if family(c.model)[0] in SPEED_FAMILIES]
+        if scalable and speed is not None:
+            factor = speed(scalable[0].precision, scalable[0].batch_size, threads)
+    est = estimate(todo, device, sizes, own, speed=factor, workers=workers)
     mark = " (scaled)" if est.scaled else (" (own)" if OWN_SOURCE in est.sources else
                                            " (this CPU)" if CALIBRATED in est.sources else "")
     return fmt_minutes(est.minutes) + mark
@@ -178,7 +192,14 @@ def list_text() -> str:
     class bnlab was measured on."""
     from bnlab.study.calibrate import cached_speed  # torch-free
 
-    rows, speed = [], cached_speed()
+    rows, used = [], set()
+
+    def speed(precision: str, batch: int, threads: int) -> float | None:
+        factor = cached_speed(precision, batch, threads)
+        if factor is not None:
+            used.add(factor)
+        return factor
+
     for name in builtin_names():
         plan = expand(load_spec(name))
         folder = DEFAULT_ROOT / name  # a study begun here: what is left, at its own rates
@@ -190,9 +211,11 @@ def list_text() -> str:
              "runner packs them; (own): a study begun in studies-out/NAME, its runs left at "
              "the rates its finished runs measured; (scaled): from the measurement of a smaller "
              "model of the family by its layers; unmeasured: no measurement of that model on "
-             "that device" + (f"; (this CPU): the CPU table's CIFAR ResNets and VGGs scaled "
-                              f"by the ResNet-20 speed `bnlab study run` measured on this "
-                              f"machine ({speed:.2f} x)." if speed else ".")]
+             "that device; the CPU column trains runs as `study run --jobs auto` would here"
+             + (f"; (this CPU): the CPU table's CIFAR ResNets and VGGs scaled by the "
+                f"ResNet-20 speed `bnlab study run` measured on this machine at the study's "
+                f"precision and threads ({', '.join(f'{f:.2f}' for f in sorted(used))} x)."
+                if used else ".")]
     return format_table(["study", "runs", "CPU time", "GPU time", "description"], rows) + \
         "\n\n" + "\n".join(notes)
 
@@ -226,7 +249,6 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     workers, speed, threads = 1, None, None
     if device == "cpu":
         from bnlab.study import calibrate
-        from bnlab.study.executors import auto_jobs
 
         if jobs == "auto":
             left = [r for r in plan.all_runs
