@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bnlab.config import APPLIES
 from bnlab.numbers import fmt_value
 from bnlab.report import fmt
 from bnlab.report.arms import INCLUDED, Arm
@@ -125,6 +126,9 @@ def summary_table(study: Study, arms: list[Arm], number: int,
     if hidden:
         notes.append(f"Arm labels leave out {', '.join(hidden)}: their values follow from the "
                      "other axes (full values of every arm in the appendix).")
+    for ax in dict.fromkeys(ax for a in shown for ax in a.not_applying):
+        notes.append(f"Arm labels leave out {ax} where it does not apply: it changes a run only "
+                     f"with {APPLIES[ax].words} (full values of every arm in the appendix).")
     if any(a.group_size > 1 for a in shown):
         axes = ", ".join(study.select_best)
         if study.select_on == "val":

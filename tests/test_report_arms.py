@@ -1,0 +1,81 @@
+"""Arms as the report names them, on study folders planned from real specs (bnlab.study.expand)
+and written to study.json, with no run trained: labels, the baseline note, pending arms."""
+
+from __future__ import annotations
+
+import itertools
+
+from bnlab.config import from_mapping
+from bnlab.report.arms import build_arms
+from bnlab.report.load import load_study
+from bnlab.report.records import run_records
+from bnlab.report.tables import summary_table
+from bnlab.report.tuning import tuning_table
+from bnlab.store import Store
+from bnlab.study.spec import expand, load_spec
+
+
+def _planned(out, name: str, chosen=None):
+    """OUT/study.json of built-in study `name`, every tuned group given the value `chosen`."""
+    plan = expand(load_spec(name))
+    if chosen is not None:
+        plan = plan.with_choices({g.key: chosen for g in plan.groups})
+    Store(out).write_meta("study.json", plan.study_json())
+    return out
+
+
+def test_arm_labels_leave_out_first_k_where_it_does_not_apply(tmp_path):
+    out = _planned(tmp_path / "out", "placement", chosen=0.01)
+    study = load_study(out)
+    labels = [a.label for a in build_arms(study)]
+    # first_k counts the blocks that keep their norms: only placement first_k with a norm has it
+    assert labels == ["norm=bn, placement=post_conv", "norm=bn, placement=post_act",
+                      "norm=bn, placement=first_k, first_k=1",
+                      "norm=bn, placement=first_k, first_k=3",
+                      "norm=bn, placement=first_k, first_k=6", "norm=none, placement=post_conv"]
+    notes = summary_table(study, build_arms(study), 1).notes
+    assert ("Arm labels leave out first_k where it does not apply: it changes a run only with "
+            "placement first_k with a norm other than none (full values of every arm in the "
+            "appendix).") in notes
+    # the export's arm column is the report's label, run by run (3 seeds per arm)
+    assert sorted(r["arm"] for r in run_records(out)) == sorted(labels * 3)
+    # the tuning table names the tuned arm the same way
+    rows = tuning_table(study, 1).rows
+    assert {r[1] for r in rows} == {"norm=none, placement=post_conv, warmup_epochs=2"}
+
+
+def test_labels_keep_a_value_that_does_not_apply_where_it_tells_two_arms_apart(tmp_path):
+    # every placement with every first_k: the post_conv arms differ only in a first_k that does
+    # not apply, but they are different runs and stay two arms with two labels
+    out = tmp_path / "out"
+    grid = list(itertools.product(["post_conv", "first_k"], [1, 3], [0, 1]))
+    entries = [{"run_id": from_mapping({"placement": p, "first_k": k, "seed": s}).run_id(),
+                "values": {"placement": p, "first_k": k, "seed": s}} for p, k, s in grid]
+    Store(out).write_meta("study.json", {"name": "pk", "axes": ["placement", "first_k", "seed"],
+                                         "analysis": {}, "runs": entries})
+    arms = build_arms(load_study(out))
+    assert [(a.label, len(a.runs)) for a in arms] == [
+        ("placement=post_conv, first_k=1", 2), ("placement=post_conv, first_k=3", 2),
+        ("placement=first_k, first_k=1", 2), ("placement=first_k, first_k=3", 2)]
+    # norm none leaves every block without a norm: first_k does not apply, even under first_k
+    entries = [{"run_id": from_mapping({"norm": n, "placement": "first_k", "first_k": k}).run_id(),
+                "values": {"norm": n, "first_k": k}} for n, k in [("bn", 1), ("bn", 3),
+                                                                   ("none", 1)]]
+    Store(out).write_meta("study.json", {
+        "name": "nk", "axes": ["norm", "first_k"], "analysis": {}, "runs": entries,
+        "spec": {"base": {"placement": "first_k"}}})
+    assert [a.label for a in build_arms(load_study(out))] == [
+        "norm=bn, first_k=1", "norm=bn, first_k=3", "norm=none"]
+
+
+def test_the_plans_value_of_an_option_no_axis_varies():
+    from bnlab.report.load import planned_value
+
+    spec = {"base": {"first-k": 3}, "grid": {"placement": ["first_k"], "norm": ["bn", "none"]},
+            "cases": [{"where": {"norm": "none"}, "set": {"lr": 0.01}}]}
+    assert planned_value("placement", spec, {}) == "first_k"  # a grid axis of one value
+    assert planned_value("first_k", spec, {}) == 3  # [base], its key spelled with a dash
+    assert planned_value("first_k", spec, {"first_k": 6}) == 6  # --set comes last
+    assert planned_value("dropout", spec, {}) == 0.0 and planned_value("norm_options", {}, {}) == {}
+    # a case sets it for some runs, a grid varies it: only the runs' configs tell
+    assert planned_value("lr", spec, {}) is None and planned_value("norm", spec, {}) is None
