@@ -79,3 +79,29 @@ def test_the_plans_value_of_an_option_no_axis_varies():
     assert planned_value("dropout", spec, {}) == 0.0 and planned_value("norm_options", {}, {}) == {}
     # a case sets it for some runs, a grid varies it: only the runs' configs tell
     assert planned_value("lr", spec, {}) is None and planned_value("norm", spec, {}) is None
+
+
+def test_the_baseline_is_named_in_the_order_of_the_specs_axes(tmp_path):
+    from bnlab.report.compose import _intro
+
+    # imagenet's grid is norm, then batch_size; study.json stores its baseline table sorted
+    out = _planned(tmp_path / "out", "imagenet")
+    study = load_study(out)
+    assert study.axes[:2] == ["norm", "batch_size"]
+    arms = build_arms(study)
+    assert arms[0].label == "norm=bn, batch_size=256" and arms[0].is_baseline
+    assert ("Baseline arm: norm=bn, batch_size=256 (analysis.baseline); every other arm is "
+            "compared with the baseline arm of its dataset that shares its remaining values."
+            ) in summary_table(study, arms, 1).notes
+    assert "the baseline arm is norm=bn, batch_size=256." in _intro(study)
+
+
+def test_the_tuning_table_names_an_arm_in_the_order_of_the_axes(tmp_path):
+    from bnlab.report.load import Study
+
+    group = {"dataset": "cifar10", "values": {"dataset": "cifar10", "norm": "none",
+                                              "placement": "post_act"},
+             "runs": [{"run_id": "t1", "value": 0.01}], "chosen": None}
+    study = Study(tmp_path, "s", "", {}, {}, {}, {}, ["placement", "norm", "seed"], {}, [],
+                  store=Store(tmp_path), tuning={"axis": "lr", "groups": [group]})
+    assert tuning_table(study, 1).rows[0][1] == "placement=post_act, norm=none"

@@ -142,7 +142,8 @@ class Study:
 
     @property
     def baseline(self) -> dict[str, Any]:
-        return dict(self.analysis.get("baseline") or DEFAULT_BASELINE)
+        """analysis.baseline, its keys in the order of the study's axes."""
+        return in_axis_order(self.analysis.get("baseline") or DEFAULT_BASELINE, self.axes)
 
     @property
     def datasets(self) -> list[str]:
@@ -155,6 +156,14 @@ class Study:
             if r.config is not None and key in r.config:
                 return r.config[key]
         return planned_value(key, self.spec, self.sets)
+
+
+def in_axis_order(values: dict[str, Any], axes: list[str]) -> dict[str, Any]:
+    """`values` with its keys in the order of `axes` (the spec's grid as written, then its
+    cases', as arm labels name them), other keys after them: study.json stores every table
+    with its keys sorted by name."""
+    place = {a: i for i, a in enumerate(axes)}
+    return dict(sorted(values.items(), key=lambda kv: place.get(kv[0], len(axes))))
 
 
 def planned_value(key: str, spec: dict, sets: dict) -> Any:

@@ -8,7 +8,7 @@ from bnlab.numbers import fmt_value
 from bnlab.report import fmt
 from bnlab.report.arms import key_text, not_applying
 from bnlab.report.document import Table
-from bnlab.report.load import Study, canon
+from bnlab.report.load import Study, canon, in_axis_order
 
 CHOOSABLE = ("completed", "no_learning")
 
@@ -59,10 +59,11 @@ def tuning_table(study: Study, number: int) -> Table | None:
 
 
 def _labels(study: Study, groups: list[dict]) -> list[str]:
-    """Each tuned group's values, as the arm labels give them: less a value that does not apply
-    to the group (arms.not_applying)."""
-    keys = [(str(g.get("dataset", "")), tuple((k, canon(v)) for k, v in
-                                              (g.get("values") or {}).items() if k != "dataset"))
+    """Each tuned group's values, as the arm labels give them: in the order of the study's axes,
+    less a value that does not apply to the group (arms.not_applying)."""
+    keys = [(str(g.get("dataset", "")),
+             tuple((k, canon(v)) for k, v in in_axis_order(g.get("values") or {},
+                                                            study.axes).items() if k != "dataset"))
             for g in groups]
     named = tuple(dict.fromkeys(a for _, key in keys for a, _ in key))
     drops = not_applying(keys, named, study.fixed)
