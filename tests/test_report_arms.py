@@ -105,3 +105,84 @@ def test_the_tuning_table_names_an_arm_in_the_order_of_the_axes(tmp_path):
     study = Study(tmp_path, "s", "", {}, {}, {}, {}, ["placement", "norm", "seed"], {}, [],
                   store=Store(tmp_path), tuning={"axis": "lr", "groups": [group]})
     assert tuning_table(study, 1).rows[0][1] == "placement=post_act, norm=none"
+
+
+def test_arms_whose_runs_are_pending_are_not_described_as_failed(tmp_path):
+    from bnlab.report.findings import findings
+    from bnlab.report.tables import runs_table
+
+    # a study planned and not begun: every run in study.json, no run folder yet
+    out = _planned(tmp_path / "out", "placement", chosen=0.01)
+    study = load_study(out)
+    arms = build_arms(study)
+    summary, runs = summary_table(study, arms, 1), runs_table(study, arms, 2)
+    assert {r[4] for r in runs.rows} == {"not started"}
+    text = findings(arms, summary, runs=runs)
+    assert text[0] == "The study has 18 runs: 18 not started (Table 2)."
+    assert ("On cifar10, norm=bn, placement=post_act cannot be compared with the baseline "
+            "norm=bn, placement=post_conv yet: norm=bn, placement=post_act is pending (0 of 3 "
+            "runs finished); norm=bn, placement=post_conv is pending (0 of 3 runs finished) "
+            "(Table 1, rows 2 and 1).") in text
+    assert not any("failed" in s or "no finished" in s for s in text)
+
+
+def test_an_arm_without_a_result_is_pending_or_ended_by_its_runs():
+    from bnlab.report.arms import Arm, _match_baselines
+    from bnlab.report.document import Table
+    from bnlab.report.findings import findings
+    from bnlab.report.load import Run, canon
+
+    def arm(norm, statuses):
+        runs = [Run(run_id=f"{norm}{i}", values={"norm": norm, "seed": i}, dataset="cifar10",
+                    seed=i, status=st, config=None, env=None, data=None, model=None,
+                    summary={"status": st, "test_acc": 0.9} if st == "completed" else {},
+                    metrics=[], probes=[], arm=(("norm", canon(norm)),))
+                for i, st in enumerate(statuses)]
+        return Arm("cifar10", (("norm", canon(norm)),), runs, [])
+
+    def sentence(statuses):
+        base, other = arm("bn", ["completed"] * 3), arm("none", statuses)
+        base.is_baseline, base.row, other.row = True, 1, 2
+        _match_baselines([base, other], {"norm": "bn"})
+        return [s for s in findings([base, other], Table(1, "summary", [], []))
+                if "cannot be compared" in s]
+
+    assert sentence(["diverged", "failed", "diverged"]) == [
+        "On cifar10, norm=none cannot be compared with the baseline norm=bn: norm=none has no "
+        "result (of its 3 runs, 2 diverged, 1 failed) (Table 1, rows 2 and 1)."]
+    assert sentence(["diverged", "running", "missing"]) == [
+        "On cifar10, norm=none cannot be compared with the baseline norm=bn yet: norm=none is "
+        "pending (1 of 3 runs finished, 1 diverged) (Table 1, rows 2 and 1)."]
+    assert sentence(["missing"]) == [
+        "On cifar10, norm=none cannot be compared with the baseline norm=bn yet: norm=none is "
+        "pending (0 of 1 run finished) (Table 1, rows 2 and 1)."]
+
+
+def test_a_tuned_group_without_a_result_says_whether_its_runs_are_pending():
+    from bnlab.report.arms import Arm, _select
+    from bnlab.report.document import Table
+    from bnlab.report.findings import findings
+    from bnlab.report.load import Run, canon
+
+    def arm(lr, statuses):
+        key = (("norm", canon("bn")), ("lr", canon(lr)))
+        runs = [Run(run_id=f"r{lr}-{i}", values={"norm": "bn", "lr": lr, "seed": i},
+                    dataset="cifar10", seed=i, status=st, config=None, env=None, data=None,
+                    model=None, summary={}, metrics=[], probes=[], arm=key)
+                for i, st in enumerate(statuses)]
+        return Arm("cifar10", key, runs, ["lr"])
+
+    def sentence(*statuses):
+        arms = [arm(lr, st) for lr, st in zip((0.1, 0.2), statuses)]
+        _select(arms, ["lr"])
+        for i, a in enumerate(arms, 1):
+            a.selection_row = i
+        return next(s for s in findings(arms, Table(1, "summary", [], []),
+                                        Table(2, "selection", [], []))
+                    if s.startswith("On cifar10, no value"))
+
+    assert sentence(["missing", "running"], ["diverged", "missing"]) == (
+        "On cifar10, no value of norm=bn has a result yet (3 of its 4 runs pending) "
+        "(Table 2, row 1).")
+    assert sentence(["failed", "diverged"], ["diverged", "diverged"]) == (
+        "On cifar10, no value of norm=bn produced a finished run (Table 2, row 1).")

@@ -374,7 +374,7 @@ def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
         a = arm_of[id(r)]
         s = r.summary
         epochs = f"{s.get('epochs_done', 0)}/{(r.config or {}).get('epochs', '?')}"
-        rows.append([r.run_id, r.dataset, a.label, fmt_value(r.seed), r.status.replace("_", " "),
+        rows.append([r.run_id, r.dataset, a.label, fmt_value(r.seed), status_word(r.status),
                      epochs, fmt.pct(r.final_train_acc), fmt.pct(r.final_test_acc),
                      fmt.seconds(_n(s.get("wall_time"))), _note(r)])
     notes = ["Every run of the study in the order of study.json, with the status recorded in "
@@ -385,10 +385,15 @@ def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
                  anchor="runs")
 
 
+def status_word(status: str) -> str:
+    """A run status as the report writes it: a run planned in study.json whose folder holds no
+    config yet is "missing" in the store's terms but "not started" here, which says pending,
+    not lost."""
+    return "not started" if status == "missing" else status.replace("_", " ")
+
+
 def _note(r: Run) -> str:
     s = r.summary
-    if r.status == "missing":
-        return "not started"
     if "diverged_step" in s:
         return f"loss non-finite at step {s['diverged_step']}"
     if "test_loss_nonfinite_epoch" in s:
