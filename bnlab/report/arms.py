@@ -94,8 +94,11 @@ class Arm:
         self.counts = Counter(r.status for r in self.runs)
 
     def value(self, axis: str):
-        return json.loads(dict(self.key)[axis]) if axis in dict(self.key) else \
-            self.runs[0].value(axis)
+        """The arm's value of an axis, or of an option no axis varies: the first run's that
+        has it (a run not started yet has no stored config to read it from)."""
+        if axis in dict(self.key):
+            return json.loads(dict(self.key)[axis])
+        return next((v for r in self.runs if (v := r.value(axis)) is not None), None)
 
     @property
     def named(self) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.document import Table
 from bnlab.report.load import Run, Study, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer, series
-from bnlab.report.references import Reference, matches
+from bnlab.report.references import Reference, arm_value, matches
 from bnlab.report.stats import (
     ALPHA,
     BOOTSTRAP_MIN_N,
@@ -157,7 +157,8 @@ def _published(shown: list[Arm], references: list[Reference]) -> _Cited:
     notes: list[str] = []
     used: dict[str, int] = {}
     for ref in references:
-        hits = [a for a in shown if matches(ref, a.dataset, a.value)]
+        hits = [a for a in shown
+                if matches(ref, a.dataset, lambda k, a=a: arm_value(k, a.value, a.runs))]
         if not hits:
             notes.append(f"A published number matched no arm of this study: "
                          f"{fmt.pct(ref.value)}% ({ref.citation}; for "
