@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,41 @@ NOT_ARM_KEYS = frozenset({"seed", "probe_every", "probe_step_sizes", "probe_imag
                           *NOT_IN_ID})
 # options added later whose default is the earlier behaviour: in the id only when set
 OPTIONAL_IN_ID = {"val_fraction", "probe_step_sizes", "model_source"}
+
+
+@dataclass(frozen=True)
+class Applies:
+    """When an option changes what a run computes: `test` of the values of the options `reads`,
+    and the same in words for the report's notes."""
+
+    reads: tuple[str, ...]
+    test: Callable[..., bool]  # of the values of `reads`, in order
+    words: str
+
+
+# Options that change a run only together with certain values of others. Such an option still
+# has a value in every run (and in its id: the ids of runs already made must not change), but
+# where it does not apply that value tells no two results apart, so the report leaves it out of
+# the arm's label. The models read first_k only under placement first_k (bnlab.models), and a
+# norm of none leaves every block without a norm whatever first_k says.
+APPLIES = {
+    "first_k": Applies(("placement", "norm"),
+                       lambda placement, norm: placement == "first_k" and norm != "none",
+                       "placement first_k with a norm other than none"),
+}
+
+
+def applies(key: str, value: Callable[[str], Any]) -> bool:
+    """Whether option `key` changes what a run computes, given value(name), the run's value of
+    another option (APPLIES). An option whose rule reads an unknown value (None) applies: a
+    label that names a value too many misleads less than one that drops a difference."""
+    rule = APPLIES.get(key)
+    if rule is None:
+        return True
+    args = [value(k) for k in rule.reads]
+    return any(a is None for a in args) or bool(rule.test(*args))
+
+
 SEED_MAX = 2**32 - 1  # data-order generators are seeded with seed * 1_000_003 + epoch < 2**64
 # model, norm, init: a plain name (a model may name its family: torchvision:NAME)
 NAME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_]*:)?[A-Za-z0-9][A-Za-z0-9_.+-]*$")

@@ -376,9 +376,10 @@ def test_report_of_a_study_with_no_finished_run(tmp_path):
     assert [r[2] for r in doc.tables[0].rows] == ["0", "0"]
     assert [r[-1] for r in doc.tables[0].rows] == ["1", "1"]  # pending
     items = next(b for b in doc.blocks if type(b).__name__ == "Bullets").items
-    assert items == ["The study has 2 runs: 2 missing (Table 2).",
-                     "On unknown, norm=none cannot be compared with the baseline norm=bn: an arm "
-                     "has no finished runs (Table 1, rows 2 and 1)."]
+    assert items == ["The study has 2 runs: 2 not started (Table 2).",
+                     "On unknown, norm=none cannot be compared with the baseline norm=bn yet: "
+                     "norm=none is pending (0 of 1 run finished); norm=bn is pending (0 of 1 run "
+                     "finished) (Table 1, rows 2 and 1)."]
 
 
 def test_store_files_of_the_output_root(tmp_path):

@@ -14,6 +14,10 @@ selected arm's test accuracy is not biased by the choice; with select_on = "test
 report says so. A numeric value selected at the lowest or highest end of the values tried is an
 `edge`: the arm may be under-tuned, and the report says which way to extend the grid.
 
+Labels: an arm is labelled by its values of the varying axes, less an axis whose value follows
+from the axes before it (label_axes) and an axis whose value does not apply to the arm, like
+first_k on an arm without placement first_k (config.applies; not_applying).
+
 Baseline: an arm is a baseline arm when its values match analysis.baseline (default norm=bn).
 Every other selected arm is compared with the selected baseline arm of its dataset that has the
 same values on the remaining axes (ignoring the baseline keys and the select_best axes); when no
@@ -24,8 +28,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from bnlab.config import applies
 from bnlab.numbers import fmt_value
 from bnlab.report.load import STATUS_ORDER, Run, Study, same
 from bnlab.report.stats import Summary, Welch, summarize, welch
@@ -70,6 +77,9 @@ class Arm:
     baseline: Arm | None = None
     welch: Welch | None = None
     label_axes: tuple[str, ...] | None = None  # axes named in labels (None: all; label_axes())
+    # of those, the axes whose value does not apply to this arm (not_applying), left out of its
+    # labels: first_k=1 on an arm without placement first_k tells nothing
+    not_applying: tuple[str, ...] = ()
     row: int | None = None  # row in the summary table
     selection_row: int | None = None
     edges: list[Edge] = field(default_factory=list)  # selected values at an end of the grid
@@ -84,16 +94,24 @@ class Arm:
         self.counts = Counter(r.status for r in self.runs)
 
     def value(self, axis: str):
-        return json.loads(dict(self.key)[axis]) if axis in dict(self.key) else \
-            self.runs[0].value(axis)
+        """The arm's value of an axis, or of an option no axis varies: the first run's that
+        has it (a run not started yet has no stored config to read it from)."""
+        if axis in dict(self.key):
+            return json.loads(dict(self.key)[axis])
+        return next((v for r in self.runs if (v := r.value(axis)) is not None), None)
+
+    @property
+    def named(self) -> tuple[str, ...]:
+        """The axes this arm's labels name."""
+        named = dict(self.key) if self.label_axes is None else self.label_axes
+        return tuple(a for a in named if a not in self.not_applying)
 
     def _text(self, keep) -> str:
-        named = dict(self.key) if self.label_axes is None else self.label_axes
-        return key_text(self.key, [a for a in named if keep(a)])
+        return key_text(self.key, [a for a in self.named if keep(a)])
 
     @property
     def label(self) -> str:
-        return key_label(self.key, self.label_axes)
+        return key_label(self.key, self.named)
 
     @property
     def full_label(self) -> str:
@@ -138,8 +156,10 @@ def build_arms(study: Study) -> list[Arm]:
         by_key.setdefault((r.dataset, r.arm), []).append(r)
     arms = [Arm(ds, key, runs, study.select_best) for (ds, key), runs in by_key.items()]
     named = label_axes(arms, study.arm_axes, study.select_best)
+    drops = not_applying([(a.dataset, a.key) for a in arms], named, study.fixed)
     for a in arms:
         a.label_axes = named
+        a.not_applying = drops[(a.dataset, a.key)]
     base = study.baseline
     for a in arms:
         a.is_baseline = all(same(a.value(k), v) for k, v in base.items())
@@ -177,6 +197,36 @@ def named_axes(keys: list[tuple[str, tuple]], axes: list[str],
         if ax in keep or i == 0 or any(len(v) > 1 for v in seen.values()):
             named.append(ax)
     return tuple(named)
+
+
+def not_applying(keys: list[tuple[str, tuple]], named: tuple[str, ...],
+                 fixed: Callable[[str], Any]) -> dict[tuple[str, tuple], tuple[str, ...]]:
+    """Per arm, given as (dataset, key): the `named` axes whose value does not apply to it by
+    config.applies, reading the arm's own values and, for an option no axis varies, fixed(name),
+    the study's one value. Where leaving them out would give two arms of a dataset one label,
+    those arms keep every value: a label must still tell its arm apart (their runs are
+    different runs, each with its own seeds, and are not pooled)."""
+    cache: dict[str, Any] = {}
+
+    def study_value(k: str) -> Any:
+        if k not in cache:
+            cache[k] = fixed(k)
+        return cache[k]
+
+    out = {}
+    for dataset, key in dict.fromkeys(keys):
+        own = dict(key)
+
+        def value(k, own=own):
+            return json.loads(own[k]) if k in own else study_value(k)
+
+        out[(dataset, key)] = tuple(a for a in named if a in own and not applies(a, value))
+
+    def label(arm: tuple[str, tuple], drop: tuple[str, ...]) -> tuple[str, str]:
+        return arm[0], key_text(arm[1], [a for a in named if a not in drop])
+
+    shown = Counter(label(arm, drop) for arm, drop in out.items())
+    return {arm: drop if shown[label(arm, drop)] == 1 else () for arm, drop in out.items()}
 
 
 def _select(arms: list[Arm], select_axes: list[str], on: str = "test") -> None:

@@ -13,7 +13,7 @@ from bnlab.report.arms import Arm, status_counts
 from bnlab.report.compare_findings import compare_sentences
 from bnlab.report.document import Table
 from bnlab.report.stats import ALPHA
-from bnlab.report.tables import GapRow, ProbeRow, arm_label
+from bnlab.report.tables import GapRow, ProbeRow, arm_label, status_word
 
 
 def cite(table: Table | None, *rows: int | None) -> str:
@@ -42,9 +42,22 @@ def _statuses(a: Arm) -> str | None:
     if not parts:
         return None
     total = len(a.runs)
-    pending = f" ({a.pending} not finished)" if a.pending else ""
+    pending = f" ({a.pending} pending)" if a.pending else ""
     return (f"of the {total} run{'s' if total != 1 else ''}{pending} of {a.label} on "
             f"{a.dataset}, " + ", ".join(parts))
+
+
+def no_result(a: Arm) -> str:
+    """Why arm `a` has no accuracy to average, in words that keep a study still running apart
+    from runs that ended without a result: its runs are pending (planned in study.json, not
+    started or not finished), or every one diverged or failed."""
+    total = len(a.runs)
+    ended = ", ".join(f"{k} {s}" for s in ("diverged", "failed") if (k := a.count(s)))
+    if a.pending:
+        return (f"{a.label} is pending ({total - a.pending} of {total} "
+                f"run{'s' if total != 1 else ''} finished" + (f", {ended})" if ended else ")"))
+    return f"{a.label} has no result (of its {total} run{'s' if total != 1 else ''}, " + (
+        f"{ended})" if ended else "none recorded a final test accuracy)")
 
 
 def comparison_sentence(a: Arm, summary: Table) -> str | None:
@@ -53,8 +66,11 @@ def comparison_sentence(a: Arm, summary: Table) -> str | None:
         return None
     where = cite(summary, a.row, b.row)
     if w.diff is None:
-        return (f"On {a.dataset}, {a.label} cannot be compared with the baseline {b.label}: "
-                f"{w.reason} {where}.")
+        empty = [x for x in (a, b) if x.stats.n == 0]
+        # "yet" only where every arm without a result may still get one
+        yet = " yet" if all(x.pending for x in empty) else ""
+        return (f"On {a.dataset}, {a.label} cannot be compared with the baseline {b.label}"
+                f"{yet}: {'; '.join(no_result(x) for x in empty)} {where}.")
     if w.p is None:
         return (f"On {a.dataset}, {a.label} differs from the baseline {b.label} by "
                 f"{fmt.points(w.diff)} points, but no Welch test is possible ({w.reason}; "
@@ -83,7 +99,7 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
     counts = status_counts(arms)
     total = sum(counts.values())
     if total:
-        listed = ", ".join(f"{k} {s.replace('_', ' ')}" for s, k in counts.items())
+        listed = ", ".join(f"{k} {status_word(s)}" for s, k in counts.items())
         out.append(f"The study has {total} runs: {listed} {cite(runs)}.")
     shown = [a for a in arms if a.selected]
     for ds in dict.fromkeys(a.dataset for a in shown):
@@ -132,7 +148,12 @@ def _selection_sentences(arms: list[Arm], summary: Table, selection: Table,
             continue
         where = cite(selection, a.selection_row)
         if a.no_result_in_group:
-            out.append(f"On {a.dataset}, no value of {a.group_label} produced a finished run "
+            group = [m for m in arms if m.dataset == a.dataset and m.group == a.group]
+            pending = sum(m.pending for m in group)
+            total = sum(len(m.runs) for m in group)
+            out.append(f"On {a.dataset}, no value of {a.group_label} has a result yet "
+                       f"({pending} of its {total} runs pending) {where}." if pending else
+                       f"On {a.dataset}, no value of {a.group_label} produced a finished run "
                        f"{where}.")
             continue
         chosen = a.val_stats if on_val else a.stats

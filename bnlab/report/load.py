@@ -12,13 +12,14 @@ decides for every run which arm it belongs to:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnlab.config import NOT_ARM_KEYS, dataset_tag
+from bnlab.config import FIELDS, NOT_ARM_KEYS, dataset_tag
 from bnlab.errors import StorageError, UserError
 from bnlab.store import EpochRow, Store, warn
 
@@ -141,11 +142,54 @@ class Study:
 
     @property
     def baseline(self) -> dict[str, Any]:
-        return dict(self.analysis.get("baseline") or DEFAULT_BASELINE)
+        """analysis.baseline, its keys in the order of the study's axes."""
+        return in_axis_order(self.analysis.get("baseline") or DEFAULT_BASELINE, self.axes)
 
     @property
     def datasets(self) -> list[str]:
         return list(dict.fromkeys(r.dataset for r in self.runs))
+
+    def fixed(self, key: str) -> Any:
+        """The value of an option that no axis varies: a stored config's, else the plan's
+        (planned_value); None where neither tells."""
+        for r in self.runs:
+            if r.config is not None and key in r.config:
+                return r.config[key]
+        return planned_value(key, self.spec, self.sets)
+
+
+def in_axis_order(values: dict[str, Any], axes: list[str]) -> dict[str, Any]:
+    """`values` with its keys in the order of `axes` (the spec's grid as written, then its
+    cases', as arm labels name them), other keys after them: study.json stores every table
+    with its keys sorted by name."""
+    place = {a: i for i, a in enumerate(axes)}
+    return dict(sorted(values.items(), key=lambda kv: place.get(kv[0], len(axes))))
+
+
+def planned_value(key: str, spec: dict, sets: dict) -> Any:
+    """The value that study.json's plan gives every run of an option no axis varies: --set's,
+    else a one-value [grid] axis's, else [base]'s, else RunConfig's default; None where a case
+    sets it (which runs it reaches only the runs' stored configs tell)."""
+    def named(table) -> dict:
+        return {str(k).replace("-", "_"): v for k, v in table.items()} \
+            if isinstance(table, dict) else {}
+
+    if key in named(sets):
+        return named(sets)[key]
+    grid = named(spec.get("grid"))
+    if key in grid:
+        return grid[key][0] if isinstance(grid[key], list) and len(grid[key]) == 1 else None
+    cases = spec.get("cases") if isinstance(spec.get("cases"), list) else []
+    if any(key in named(c.get("set")) or key in named(c.get("grid"))
+           for c in cases if isinstance(c, dict)):
+        return None
+    base = named(spec.get("base"))
+    if key in base:
+        return base[key]
+    f = FIELDS.get(key)
+    if f is None:
+        return None
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
 
 
 def arm_key(values: dict, config: dict | None, arm_axes: list[str]) -> tuple:

@@ -47,7 +47,7 @@ def provenance(study: Study, arms: list[Arm]) -> list[Block]:
         out.append(KeyValues("Configuration keys that vary between runs", varying))
     if any(a.label != a.full_label for a in arms):
         out.append(KeyValues("Full values of each arm (labels leave out values that follow "
-                             "from the others)",
+                             "from the others or do not apply to the arm)",
                              list(dict.fromkeys((a.label, a.full_label) for a in arms))))
     overrides = [(f"--set {k}", fmt_value(v)) for k, v in study.sets.items()]
     overrides += [(f"--only {k}", fmt_value(v)) for k, v in study.only.items()]

@@ -4,10 +4,10 @@ DataFrames of the Python API (bnlab.load_runs, load_metrics, load_probes).
 Every record starts with the run's identity: `run_id`, and for a study folder (one with
 study.json) `arm` (the arm's label exactly as the report and compare.json give it: the values
 of the varying axes except seed, dataset and options that never make an arm, leaving out an
-axis whose value follows from the axes before it, e.g. "norm=bn, lr=0.1"; "all runs" when
-only seeds vary), `dataset` (the study's
-name for it), `seed` and the value of every other axis; for a plain folder of `bnlab train`
-runs, `dataset`, `model`, `norm` and `seed` from each run's config.
+axis whose value follows from the axes before it and one whose value does not apply to the arm
+(first_k without placement first_k), e.g. "norm=bn, lr=0.1"; "all runs" when only seeds vary),
+`dataset` (the study's name for it), `seed` and the value of every other axis; for a plain
+folder of `bnlab train` runs, `dataset`, `model`, `norm` and `seed` from each run's config.
 
     run_records     one per run: identity, status and results (summary.json), then every
                     config option; in a study, also runs never started (status `pending`);
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.errors import StorageError, UserError
-from bnlab.report.arms import key_label, named_axes
-from bnlab.report.load import NOT_ARM_AXES, arm_key, run_dataset
+from bnlab.report.arms import key_label, named_axes, not_applying
+from bnlab.report.load import NOT_ARM_AXES, arm_key, planned_value, run_dataset
 from bnlab.store import RunDir, Store, open_store, warn
 
 RESULTS = ("status", "epochs_done", "test_acc", "test_loss", "train_acc", "train_loss",
@@ -81,10 +81,13 @@ def _identities(store: Store) -> list[tuple[RunDir, dict[str, Any]]]:
         # with the arms of the report's tables and of compare.json
         analysis = meta.get("analysis") or (meta.get("spec") or {}).get("analysis") or {}
         keep = [a for a in analysis.get("select_best", []) if a in arm_axes]
-        named = named_axes([key for *_, key in runs], arm_axes, keep)
+        keys = [key for *_, key in runs]
+        named = named_axes(keys, arm_axes, keep)
+        drops = not_applying(keys, named, lambda k: _fixed(k, runs, meta))
         out = []
-        for run_id, run, values, (_, key) in runs:
-            ident = {"run_id": run_id, "arm": key_label(key, named),
+        for run_id, run, values, (ds, key) in runs:
+            shown = tuple(a for a in named if a not in drops[(ds, key)])
+            ident = {"run_id": run_id, "arm": key_label(key, shown),
                      "dataset": values.get("dataset"), "seed": values["seed"]}
             ident.update({a: values.get(a) for a in axes if a not in ident})
             out.append((run, ident))
@@ -95,6 +98,16 @@ def _identities(store: Store) -> list[tuple[RunDir, dict[str, Any]]]:
         out.append((store.run(row["run_id"]),
                     {"run_id": row["run_id"], **{k: cfg.get(k) for k in PLAIN_KEYS}}))
     return out
+
+
+def _fixed(key: str, runs: list[tuple], meta: dict) -> Any:
+    """load.Study.fixed for an export: the first stored config that has `key`, else the
+    plan's value."""
+    for _, run, _, _ in runs:
+        config = _config(run) if run.exists() else {}
+        if key in config:
+            return config[key]
+    return planned_value(key, meta.get("spec") or {}, meta.get("sets") or {})
 
 
 def run_records(out: str | Path) -> list[dict[str, Any]]:

@@ -12,6 +12,17 @@ The built-in studies ship their file (bnlab/studies/references/<study>.toml); `b
 report --references FILE` uses another. An entry belongs to an arm when every key of `where`
 equals the arm's value (`dataset` compares with the study's dataset name); entries that match
 no arm are listed in the notes as unmatched, never silently dropped.
+
+A `where` key may also be one the runs measured rather than an option (DERIVED):
+
+    per_device_batch   images per device and step: the global batch_size over the processes
+                       of a data-parallel run, as its config.json's `distributed` record says
+                       (a run without that record trained on one device: its batch_size)
+
+A paper's "images per GPU" is this, not the global batch: a study's batch_size = 16 is 2 per
+GPU on 8 GPUs but 16 on one device. An arm has a derived value when every run of it with a
+stored config has the same one; an arm whose runs differ, or that has none yet, matches no
+entry that names the key.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.errors import UserError
-from bnlab.report.load import same
+from bnlab.report.load import Run, same
 
 METRICS = ("test_acc",)
 KEYS = ("where", "metric", "value", "source", "location", "setting")
@@ -89,6 +100,27 @@ def load_references(path: str | Path) -> list[Reference]:
         out.append(Reference(dict(e["where"]), e["metric"], float(v), e["source"],
                              e["location"], e.get("setting", "")))
     return out
+
+
+def per_device_batch(run: Run) -> int | None:
+    """The images of one device's step in `run` (DERIVED); None without a stored config."""
+    if run.config is None:
+        return None
+    recorded = (run.distributed or {}).get("per_device_batch")
+    return recorded if isinstance(recorded, int) else run.config.get("batch_size")
+
+
+DERIVED = {"per_device_batch": per_device_batch}
+
+
+def arm_value(key: str, value, runs: list[Run]):
+    """An arm's value of a `where` key: value(key), its axis or config value, or for a DERIVED
+    key the one value its runs with a stored config share (None where they differ or none has
+    one)."""
+    if key not in DERIVED:
+        return value(key)
+    seen = {DERIVED[key](r) for r in runs if r.config is not None}
+    return seen.pop() if len(seen) == 1 else None
 
 
 def matches(ref: Reference, dataset: str, value) -> bool:

@@ -81,7 +81,7 @@ class Welch:
 def welch(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Welch:
     sa, sb = summarize(a), summarize(b)
     if sa.n == 0 or sb.n == 0:
-        return Welch(None, sa.n, sb.n, reason="an arm has no finished runs")
+        return Welch(None, sa.n, sb.n, reason="an arm has no final accuracy")
     diff = sa.mean - sb.mean
     if sa.n < 2 or sb.n < 2:
         return Welch(diff, sa.n, sb.n, reason="n = 1 in an arm")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bnlab.config import APPLIES
 from bnlab.numbers import fmt_value
 from bnlab.report import fmt
 from bnlab.report.arms import INCLUDED, Arm
 from bnlab.report.document import Table
 from bnlab.report.load import Run, Study, number
 from bnlab.report.probedata import PercentileDrift, percentile_drift, percentile_layer, series
-from bnlab.report.references import Reference, matches
+from bnlab.report.references import Reference, arm_value, matches
 from bnlab.report.stats import (
     ALPHA,
     BOOTSTRAP_MIN_N,
@@ -125,6 +126,9 @@ def summary_table(study: Study, arms: list[Arm], number: int,
     if hidden:
         notes.append(f"Arm labels leave out {', '.join(hidden)}: their values follow from the "
                      "other axes (full values of every arm in the appendix).")
+    for ax in dict.fromkeys(ax for a in shown for ax in a.not_applying):
+        notes.append(f"Arm labels leave out {ax} where it does not apply: it changes a run only "
+                     f"with {APPLIES[ax].words} (full values of every arm in the appendix).")
     if any(a.group_size > 1 for a in shown):
         axes = ", ".join(study.select_best)
         if study.select_on == "val":
@@ -153,7 +157,8 @@ def _published(shown: list[Arm], references: list[Reference]) -> _Cited:
     notes: list[str] = []
     used: dict[str, int] = {}
     for ref in references:
-        hits = [a for a in shown if matches(ref, a.dataset, a.value)]
+        hits = [a for a in shown
+                if matches(ref, a.dataset, lambda k, a=a: arm_value(k, a.value, a.runs))]
         if not hits:
             notes.append(f"A published number matched no arm of this study: "
                          f"{fmt.pct(ref.value)}% ({ref.citation}; for "
@@ -370,7 +375,7 @@ def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
         a = arm_of[id(r)]
         s = r.summary
         epochs = f"{s.get('epochs_done', 0)}/{(r.config or {}).get('epochs', '?')}"
-        rows.append([r.run_id, r.dataset, a.label, fmt_value(r.seed), r.status.replace("_", " "),
+        rows.append([r.run_id, r.dataset, a.label, fmt_value(r.seed), status_word(r.status),
                      epochs, fmt.pct(r.final_train_acc), fmt.pct(r.final_test_acc),
                      fmt.seconds(_n(s.get("wall_time"))), _note(r)])
     notes = ["Every run of the study in the order of study.json, with the status recorded in "
@@ -381,10 +386,15 @@ def runs_table(study: Study, arms: list[Arm], number: int) -> Table:
                  anchor="runs")
 
 
+def status_word(status: str) -> str:
+    """A run status as the report writes it: a run planned in study.json whose folder holds no
+    config yet is "missing" in the store's terms but "not started" here, which says pending,
+    not lost."""
+    return "not started" if status == "missing" else status.replace("_", " ")
+
+
 def _note(r: Run) -> str:
     s = r.summary
-    if r.status == "missing":
-        return "not started"
     if "diverged_step" in s:
         return f"loss non-finite at step {s['diverged_step']}"
     if "test_loss_nonfinite_epoch" in s:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from bnlab.numbers import fmt_value
 from bnlab.report import fmt
+from bnlab.report.arms import key_text, not_applying
 from bnlab.report.document import Table
-from bnlab.report.load import Study
+from bnlab.report.load import Study, canon, in_axis_order
 
 CHOOSABLE = ("completed", "no_learning")
 
@@ -21,9 +22,8 @@ def tuning_table(study: Study, number: int) -> Table | None:
     head = ["Dataset", "Arm", axis, "Status", "Val acc. (%)", "Chosen"]
     rows, marked, edges = [], [], []
     several = len({str(g.get("dataset", "")) for g in groups}) > 1
-    for g in groups:
-        label = ", ".join(f"{k}={fmt_value(v)}" for k, v in (g.get("values") or {}).items()
-                          if k != "dataset")
+    labels = _labels(study, groups)
+    for g, label in zip(groups, labels):
         # a note names the dataset where the arm was tuned on several (one note each)
         who = f"{label} on {g.get('dataset', '')}" if several else label
         tried = [r.get("value") for r in g.get("runs") or []]
@@ -56,3 +56,15 @@ def tuning_table(study: Study, number: int) -> Table | None:
     return Table(number, f"Tuning of {axis} on one seed at a short budget", head, rows, notes,
                  numeric=[False, False, True, False, True, False], marked=marked,
                  anchor="tuning")
+
+
+def _labels(study: Study, groups: list[dict]) -> list[str]:
+    """Each tuned group's values, as the arm labels give them: in the order of the study's axes,
+    less a value that does not apply to the group (arms.not_applying)."""
+    keys = [(str(g.get("dataset", "")),
+             tuple((k, canon(v)) for k, v in in_axis_order(g.get("values") or {},
+                                                            study.axes).items() if k != "dataset"))
+            for g in groups]
+    named = tuple(dict.fromkeys(a for _, key in keys for a, _ in key))
+    drops = not_applying(keys, named, study.fixed)
+    return [key_text(key, [a for a in named if a not in drops[(ds, key)]]) for ds, key in keys]
