@@ -186,3 +186,28 @@ def test_a_tuned_group_without_a_result_says_whether_its_runs_are_pending():
         "(Table 2, row 1).")
     assert sentence(["failed", "diverged"], ["diverged", "diverged"]) == (
         "On cifar10, no value of norm=bn produced a finished run (Table 2, row 1).")
+
+
+def test_a_started_run_is_running_while_its_lock_is_held_else_interrupted(tmp_path):
+    """A run folder with a config and no final status: "running" while a process holds its
+    lock, "interrupted" once none does (as `bnlab study status` and the exports say); either
+    way its arm counts it as pending."""
+    from bnlab.report.tables import runs_table
+
+    out = _planned(tmp_path / "out", "quick")
+    plan_run = expand(load_spec("quick")).runs[0]
+    store = Store(out)
+    store.run(plan_run.run_id).write_json("config.json", {"config": plan_run.cfg.to_dict(),
+                                                          "env": None})
+
+    def status_and_pending():
+        study = load_study(out)
+        arms = build_arms(study)
+        run = next(r for r in study.runs if r.run_id == plan_run.run_id)
+        arm = next(a for a in arms if run in a.runs)
+        words = {row[0]: row[4] for row in runs_table(study, arms, 2).rows}
+        return run.status, arm.pending, words.get(plan_run.run_id)
+
+    assert status_and_pending() == ("interrupted", 3, "interrupted")
+    with store.lock(plan_run.run_id):
+        assert status_and_pending() == ("running", 3, "running")

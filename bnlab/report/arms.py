@@ -139,7 +139,7 @@ class Arm:
 
     @property
     def pending(self) -> int:
-        return self.count("running", "missing")
+        return self.count("running", "interrupted", "missing")
 
     @property
     def gaps(self) -> list[float]:

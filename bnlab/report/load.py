@@ -7,7 +7,8 @@ decides for every run which arm it belongs to:
     arm      the run's values of every varying axis except NOT_ARM_AXES (`dataset`, and
              config.NOT_ARM_KEYS: `seed` and options such as `probe_every` or `compile` that
              leave a run's result unchanged)
-    status   summary.json's status; "missing" when the run folder has no config.json yet
+    status   summary.json's status; "missing" when the run folder has no config.json yet,
+             "interrupted" for a "running" run that no process holds the lock of
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from bnlab.store import EpochRow, Store, warn
 # axes that never make an arm: config.NOT_ARM_KEYS, and the dataset (arms are per dataset)
 NOT_ARM_AXES = frozenset({"dataset", *NOT_ARM_KEYS})
 DEFAULT_BASELINE = {"norm": "bn"}
-STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "missing")
+STATUS_ORDER = ("completed", "no_learning", "diverged", "failed", "running", "interrupted",
+                "missing")
 
 
 def canon(v: Any) -> str:
@@ -277,6 +279,8 @@ def _load_run(store: Store, entry: dict, base_dataset: str | None) -> Run:
         status = "missing"
     else:
         status = str(summary.get("status", "running"))
+        if status == "running" and not store.is_locked(run_id):
+            status = "interrupted"  # as `bnlab study status` says: nobody is training it
     dataset = run_dataset(values, config, base_dataset)
     seed = values.get("seed", (config or {}).get("seed"))
     return Run(run_id=run_id, values=values, dataset=dataset, seed=seed, status=status,

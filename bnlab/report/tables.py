@@ -95,7 +95,8 @@ def summary_table(study: Study, arms: list[Arm], number: int,
         "below chance + 3 binomial standard errors; such runs finished training). Diverged runs "
         "(non-finite loss) and failed runs (errors) are "
         "excluded from the mean, standard deviation, CI and test, and counted in their own "
-        "columns." + (" Pending: runs not started or not finished." if pending else ""),
+        "columns." + (" Pending: runs not started, running, or interrupted (they resume)."
+                      if pending else ""),
         "95% CI: mean ± t(0.975, n − 1) · s / √n. Δ: arm mean − baseline mean; its CI uses the "
         "Welch–Satterthwaite degrees of freedom; p: two-sided Welch's t-test, "
         f"α = {ALPHA:g}, not corrected for multiple comparisons.",
