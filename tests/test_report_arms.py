@@ -211,3 +211,25 @@ def test_a_started_run_is_running_while_its_lock_is_held_else_interrupted(tmp_pa
     assert status_and_pending() == ("interrupted", 3, "interrupted")
     with store.lock(plan_run.run_id):
         assert status_and_pending() == ("running", 3, "running")
+
+
+def test_runs_that_wait_for_a_tuned_value_are_counted(tmp_path):
+    """Before the tuning runs end, the tuned arm's runs are in no arm (their lr is not known):
+    the first finding still counts them, and says what they wait for."""
+    from bnlab.report.compose import _waiting
+    from bnlab.report.findings import findings
+    from bnlab.report.tables import runs_table
+
+    out = _planned(tmp_path / "out", "placement")  # no value chosen yet
+    plan = expand(load_spec("placement"))
+    study = load_study(out)
+    arms = build_arms(study)
+    summary, runs = summary_table(study, arms, 1), runs_table(study, arms, 2)
+    waiting = len(plan.waiting)
+    assert waiting == 3 and _waiting(study) == (3, "lr")
+    first = findings(arms, summary, runs=runs, waiting=_waiting(study))[0]
+    # the tuning runs have their own table (and sentence): counted apart
+    trained = len(plan.all_runs) - len(plan.tune_runs)
+    assert first == (f"The study has {trained} runs: {trained - 3} not "
+                     "started (Table 2); 3 more wait for their tuned lr, chosen when the tuning "
+                     "runs have finished.")

@@ -112,7 +112,8 @@ def compose(study: Study, references: list[Reference] = ()) -> Composed:
             Bullets(findings(arms, summary, selection, gap, gap_rows, probe, probe_rows,
                              [(c.data, tables, c.dataset if len(compared) > 1 else None)
                               for c, tables in compared], runs,
-                             on_val=study.select_on == "val")
+                             on_val=study.select_on == "val",
+                             waiting=_waiting(study))
                     or ["No run has finished yet, so there is nothing to report."]))
     doc.add(Heading(2, "Training curves", "curves"))
     for ds in study.datasets:
@@ -219,3 +220,9 @@ def _compare_images(folder: Path, compare: dict) -> list[tuple[str, bytes]]:
             out.append((name, path.read_bytes()))
     return out
 
+
+def _waiting(study) -> tuple[int, str]:
+    """(runs of study.json's tuning that wait for their value, the tuned axis): in no arm yet."""
+    n = study.tuning.get("waiting")
+    ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
+    return (n if ok else 0), str(study.tuning.get("axis") or "")

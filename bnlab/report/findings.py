@@ -92,15 +92,20 @@ def findings(arms: list[Arm], summary: Table, selection: Table | None = None,
              gap: Table | None = None, gap_rows: list[GapRow] = (),
              probe: Table | None = None, probe_rows: list[ProbeRow] = (),
              compared: list[tuple[dict, list[Table], str | None]] = (),
-             runs: Table | None = None, on_val: bool = False) -> list[str]:
+             runs: Table | None = None, on_val: bool = False,
+             waiting: tuple[int, str] = (0, "")) -> list[str]:
     """The report's sentences; `compared` holds each stored comparison as (compare.json,
-    its tables, its dataset); `on_val`: tuned values were selected on the validation split."""
+    its tables, its dataset); `on_val`: tuned values were selected on the validation split;
+    `waiting`: (runs that wait for a tuned value, in no arm yet; the tuned axis)."""
     out = []
     counts = status_counts(arms)
     total = sum(counts.values())
+    n_wait, axis = waiting
+    later = (f"; {n_wait} more wait for their tuned {axis or 'value'}, chosen when the tuning "
+             "runs have finished" if n_wait else "")
     if total:
         listed = ", ".join(f"{k} {status_word(s)}" for s, k in counts.items())
-        out.append(f"The study has {total} runs: {listed} {cite(runs)}.")
+        out.append(f"The study has {total + n_wait} runs: {listed} {cite(runs)}{later}.")
     shown = [a for a in arms if a.selected]
     for ds in dict.fromkeys(a.dataset for a in shown):
         here = [a for a in shown if a.dataset == ds and a.stats.n > 0]
