@@ -38,6 +38,16 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _no_cgroup_quota(monkeypatch, tmp_path_factory):
+    """Tests that fake the cores this process may use (its affinity) get that many: a CPU quota
+    of the machine running the tests (a container's) is not read in-process
+    (tests/test_machine.py fakes its own)."""
+    from bnlab import machine
+
+    monkeypatch.setattr(machine, "PROC_CGROUP", tmp_path_factory.getbasetemp() / "no-cgroup")
+
+
+@pytest.fixture(autouse=True)
 def _threads_restored():
     """A test that runs a study in-process (which sets torch's thread count for its runs) leaves
     the count as it found it for the tests after it."""
