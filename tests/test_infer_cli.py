@@ -1,5 +1,6 @@
 """`bnlab compare`, `diagnose` and `fold` end to end on tiny runs, and their bad-input errors."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -145,6 +146,23 @@ def test_predictions_are_cached_per_run_and_match_a_fresh_pass(runs, tmp_path):
     changed = run_predictions(loading.load_model(run), corruptions=False, log=lambda m: None)
     assert not torch.equal(changed["logits"], fresh["logits"])
     assert changed["corruption_acc"] is None
+
+
+def test_a_conv_model_predicts_in_its_training_layout(tmp_path):
+    """A ResNet is loaded channels_last, as it trained; its logits are those of a float64 copy
+    of the same weights on NCHW images (a second computation in another layout)."""
+    cfg = _cfg(model="resnet20", limit_train=64, limit_test=40, batch_size=16)
+    train_run(cfg, tmp_path, log=lambda m: None)
+    ld = loading.load_model(tmp_path / cfg.run_id())
+    conv = next(p for p in ld.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    logits, labels = loading.predict(ld.model, loading.test_loader(ld, batch_size=16))
+    ref = copy.deepcopy(ld.model).to(torch.float64, memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        xs, ys = zip(*loading.test_loader(ld, batch_size=16).epoch(0))
+        expected = ref(torch.cat(xs).to(torch.float64).contiguous())
+    assert torch.equal(labels, torch.cat(ys)) and len(labels) == 40
+    assert torch.allclose(logits.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_diagnose_and_fold_commands(runs, capsys):
