@@ -25,8 +25,14 @@ from bnlab.train.packed import can_pack, pack_groups, train_packed
 # at the step schedule's lr / 100 that difference shrinks to the size of what a ReLU mask
 # flipped by float rounding (~1e-7 apart in the weights) changes, which no tolerance separates
 # from a real error.
+# The BN run's lr is 0.01. At 0.02-0.05 its trajectory is sensitive to a single ReLU input
+# that float rounding puts on the other side of 0 (BN keeps many inputs near 0): on one CPU,
+# 8 steps then left a BN bias 0.3-3% apart between the pack and the lone run, and at 0.05 the
+# network in eval mode gave test losses near 340, 0.6% apart; on another CPU none of it. At
+# 0.01 the pack and the lone run agree to 3e-6 relative on seeds 1, 3 and 5 (at 0.005 too).
 ARMS = [packed_cfg(seed=0, norm="none", init="fixup", probe_every=3, schedule="constant"),
-        packed_cfg(seed=1, norm="bn", probe_every=2, weight_decay=5e-4, schedule="constant"),
+        packed_cfg(seed=1, norm="bn", probe_every=2, weight_decay=5e-4, schedule="constant",
+                   lr=0.01),
         packed_cfg(seed=2, norm="none", lr=0.005, warmup_epochs=1)]  # no BN, He init, warm-up
 
 
@@ -99,6 +105,12 @@ def test_probes_inside_a_pack_are_the_lone_runs_probes(trained):
             if key in worst:
                 m = (key[2], key[3])
                 scale[m] = max(scale.get(m, 0.0), abs(vb))
+        # a percentile (act_p*, unit_p*) relative to the spread of that layer's activations:
+        # a median near 0 moves by the spacing of the values next to it, not by its own size
+        for key in worst:
+            if key[3].startswith(("act_p", "unit_p")):
+                scale[(key[2], key[3])] = max(scale[(key[2], key[3])],
+                                              scale.get((key[2], "act_std"), 0.0))
         for key, d in worst.items():
             tol = 1e-5 if key[0] == 0 else 2e-3  # step 0: the same W_0, the same batch
             assert d <= tol * max(scale[(key[2], key[3])], 1e-6), (c.init, key, d)
