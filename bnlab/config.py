@@ -33,7 +33,8 @@ def _f(default, help: str, unit: str = "", choices: tuple = (), **kw):
 
 SCHEDULES = ("step", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # what a run trains in
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # what a config may ask for (auto: chosen per machine)
 PLACEMENTS = ("post_conv", "post_act", "first_k")
 LR_SCALINGS = ("none", "linear")
 PROBE_STEP_SIZES = "0.005,0.05,0.5"
@@ -100,8 +101,10 @@ class RunConfig:
     seed: int = _f(0, "seed of initialization, data order and augmentation")
     # execution
     device: str = _f("auto", "auto | cpu | cuda", choices=DEVICES)
-    precision: str = _f("fp32", "fp32 | bf16 (autocast; norm statistics stay fp32)",
-                        choices=PRECISIONS)
+    precision: str = _f("fp32", "fp32 | bf16 (autocast; norm statistics stay fp32) | auto "
+                        "(bf16 where it is measured faster on this machine, else fp32; chosen "
+                        "by `bnlab train` and `study run` before the run starts, and the run's "
+                        "config records the choice)", choices=PRECISION_CHOICES)
     eval_batch_size: int = _f(1000, "batch size of evaluation", "images")
     workers: int = _f(4, "DataLoader worker processes for streamed (large-image) data",
                       "processes")
@@ -247,6 +250,15 @@ def _coerce(name: str, value: Any) -> Any:
     if not value.isprintable():
         raise UserError(f"{name} must be printable text, got {value!r}")
     return value
+
+
+def require_trained_precision(cfg: RunConfig) -> None:
+    """A run trains in fp32 or bf16: precision "auto" is chosen before it starts (by `bnlab
+    train`, `study run` and bnlab.api, bnlab.study.calibrate.choose_precision)."""
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"run {cfg.run_id()} has precision {cfg.precision!r}: a run trains in "
+                        f"{' or '.join(PRECISIONS)}; 'auto' is chosen by `bnlab train` and "
+                        "`bnlab study run` (and bnlab.train_run, bnlab.Study) before it starts")
 
 
 def validate(cfg: RunConfig) -> RunConfig:

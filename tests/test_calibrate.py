@@ -23,7 +23,7 @@ RUN = RunConfig(dataset="cifar10", model="resnet20", limit_train=5000, limit_tes
 def cache(tmp_path, monkeypatch):
     """An empty cache on an idle machine."""
     monkeypatch.setenv("BNLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(machine, "cpu_busy", lambda: False)
+    monkeypatch.setattr(machine, "quiet_for_measuring", lambda: True)
     return tmp_path / "cache"
 
 
@@ -79,34 +79,44 @@ def test_the_cached_factor_is_the_setting_s_own(cache, monkeypatch):
     assert calibrate.cached_speed("bf16", 64, 2) == pytest.approx(own[("bf16", 128, 2)])
 
 
-def test_a_busy_machine_s_measurement_is_used_once_not_kept(cache, monkeypatch):
+def test_a_busy_machine_s_measurement_is_used_by_its_process_not_kept(cache, monkeypatch):
     rates = iter([100.0, 300.0])
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: next(rates))
-    monkeypatch.setattr(machine, "cpu_busy", lambda: True)
+    monkeypatch.setattr(machine, "quiet_for_measuring", lambda: False)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
     assert calibrate.cached_speed("fp32", 128, 2) is None
-    monkeypatch.setattr(machine, "cpu_busy", lambda: False)
+    assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)  # this process's
+    monkeypatch.setattr(calibrate, "_UNKEPT", {})  # the next process
+    monkeypatch.setattr(machine, "quiet_for_measuring", lambda: True)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
     assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(300.0 / 1050)
 
 
 def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monkeypatch):
-    """The rule of bnlab.machine.cpu_busy (load of half the cores) read before measuring: the
-    measurement's own threads, which raise the load, do not make an idle machine busy."""
-    cache = tmp_path / "cache"  # the real cpu_busy, on a faked 2-core machine
+    """bnlab.machine.cpu_busy_now (other work on half the usable cores, from the CPUs' busy
+    time) read before measuring: the measurement's own threads do not make an idle machine
+    busy, and work that ended before (the 1-minute load average still high) does not either."""
+    cache = tmp_path / "cache"  # the real quiet_for_measuring, on a faked 2-core machine
     monkeypatch.setenv("BNLAB_CACHE", str(cache))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    load = {"now": 0.9}
-    monkeypatch.setattr(os, "getloadavg", lambda: (load["now"], 0.0, 0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # a decode just ended
+    busy = {"now": 0.1}  # cores' worth of other work now
+    reads = iter(range(100))
+
+    def cpu_times(cpus):
+        k = next(reads) % 2  # (busy, total) jiffies of 2 CPUs over 100 jiffies each
+        return (int(busy["now"] * 100) * k, 200 * k)
+
+    monkeypatch.setattr(machine, "_cpu_times", cpu_times)
 
     def measure(p, b, t):
-        load["now"] = 2.5  # what two threads of measuring add
+        busy["now"] = 2.0  # what two threads of measuring add
         return 100.0
 
     monkeypatch.setattr(calibrate, "measure", measure)
     calibrate.speed("fp32", 128, 2)
     assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)  # kept
-    load["now"] = 1.0  # other work on half the cores before measuring: used once, not kept
+    busy["now"] = 1.0  # other work on half the cores before measuring: used, not kept
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 50.0)
     assert calibrate.speed("bf16", 64, 1) == pytest.approx(
         50.0 / calibrate.table_rate("bf16", 64))
@@ -174,8 +184,11 @@ def test_study_list_estimates_quick_as_study_run_will_train_it(cache, monkeypatc
     calibrate.speed("bf16", 64, 2)  # another setting's factor
     assert status.fmt_minutes(table / 2) in row(status.list_text())
     monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
+    # quick's precision "auto": both measured at its setting, equal here, so fp32
+    plan = status.resolve_auto_precision(plan, tmp_path / "new", "auto")
+    assert plan.auto_precision == "fp32" and {r.cfg.precision for r in plan.all_runs} == {"fp32"}
     line, _ = status.plan_estimate(plan, tmp_path / "new", "auto")
-    factor = 350.0 / calibrate.table_rate(todo[0].precision, todo[0].batch_size)
+    factor = 350.0 / calibrate.table_rate("fp32", todo[0].batch_size)
     assert status.fmt_minutes(table / factor / 2) in line
     listed = row(status.list_text())
     assert status.fmt_minutes(table / factor / 2) + " (this CPU)" in listed

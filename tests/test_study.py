@@ -12,19 +12,20 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import run_cli
 
-from bnlab import cli
+from bnlab import api, cli
 from bnlab.config import RunConfig
 from bnlab.errors import UserError
 from bnlab.norm import NORMS
 from bnlab.store import FINISHED as FINAL
 from bnlab.store import Store
-from bnlab.study.spec import builtin_names, expand, load_spec, parse_spec
+from bnlab.study.spec import builtin_names, expand, load_spec, parse_spec, with_seeds
 from bnlab.study.status import status_rows
 from bnlab.study.worker import run_one
 
@@ -185,6 +186,9 @@ def test_suggestions_and_command_line_errors(tmp_path, capsys):
         (["study", "run", spec, "--set", f"dataset=imagefolder:{tmp_path / 'no-such'}"],
          f"image folder '{tmp_path / 'no-such'}' of study 'tiny' does not exist"),
         (["study", "run", spec, "--jobs", "0"], "expected an integer >= 1 or auto, got '0'"),
+        (["study", "run", spec, "--seeds", "0"], "expected an integer >= 1, got '0'"),
+        (["study", "run", write(tmp_path, TINY.replace("seed = [0, 1]", ""), "noseed.toml"),
+          "--seeds", "3"], "study 'tiny' has no seed axis in its [grid]"),
         (["study", "status", tmp_path], "not a study output folder"),
         (["study", "report", "quick", "--out", tmp_path / "nothing"], "no study results"),
     ]
@@ -226,6 +230,23 @@ def test_run_skip_status_and_study_json(tmp_path, capsys):
     assert rc == 0 and "study tiny in" in stdout
     assert "pending" not in stdout and "running" not in stdout
     assert all(k in stdout for k in before)
+
+
+def test_more_seeds_train_only_the_new_seeds(tmp_path, capsys):
+    spec, out = write(tmp_path, TINY), tmp_path / "out"
+    assert run_cli(capsys, "study", "run", spec, "--out", out)[0] == 0
+    first = {r["run_id"] for r in json.loads((out / "study.json").read_text())["runs"]}
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out, "--seeds", "3")
+    assert rc == 0 and "4 already finished, 2 to run" in stdout, stdout
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["spec"]["grid"]["seed"] == [0, 1, 2]
+    assert [(r["values"]["norm"], r["values"]["seed"]) for r in doc["runs"]] == [
+        (n, s) for n in ("bn", "none") for s in (0, 1, 2)]
+    assert first < {r["run_id"] for r in doc["runs"]}  # the first seeds' runs kept as they were
+    # the folder's own plan has the 3 seeds: status counts 6 finished runs
+    assert len(api.Study.from_folder(out).plan.runs) == 6
+    # fewer seeds than the spec's: a subset, nothing retrained
+    assert len(expand(with_seeds(parse_spec(tomllib.loads(TINY)), 1)).runs) == 2
 
 
 def test_compare_after_the_runs(tmp_path, capsys):

@@ -90,6 +90,8 @@ def train_run(dataset: str | None = None, model: str | None = None, norm: str | 
         raise UserError(f"log must be a function of one string, got {checks.shown(log)}")
     named = {"dataset": dataset, "model": model, "norm": norm, "epochs": epochs}
     cfg = load(config, {**{k: v for k, v in named.items() if v is not None}, **options})
+    if cfg.precision == "auto":
+        cfg = _choose_precision(cfg, nproc, log)
     if nproc:
         rc = launch(nproc, _train_argv(cfg, out, resume), cfg)
         if rc != 0:
@@ -100,6 +102,25 @@ def train_run(dataset: str | None = None, model: str | None = None, norm: str | 
     if not detect().is_main:  # a process other than rank 0 under torchrun: nothing written
         return Run(cfg.run_id(), run.path, summary, cfg.to_dict(), main_process=False)
     return Run(cfg.run_id(), run.path, summary, run.config or cfg.to_dict())
+
+
+def _choose_precision(cfg: RunConfig, nproc: int, log: Callable[[str], None]) -> RunConfig:
+    """precision "auto" made fp32 or bf16 for this machine (bnlab.study.calibrate), once,
+    before the run id is made and before --nproc's processes start."""
+    import dataclasses
+
+    from bnlab import machine
+    from bnlab.runtime import resolve_device
+    from bnlab.study.calibrate import choose_precision
+
+    if detect().world_size > 1:
+        raise UserError("precision 'auto' is chosen once before the processes start: train with "
+                        "--nproc N, or give --precision fp32 or bf16 under torchrun")
+    device = resolve_device(cfg.device).type
+    threads = max(1, machine.usable_cores() // max(1, nproc))
+    chosen, why = choose_precision(device, cfg.batch_size, threads, log)
+    log(f"precision auto: {chosen} ({why})")
+    return dataclasses.replace(cfg, precision=chosen)
 
 
 def _train_argv(cfg: RunConfig, out: Folder, resume: bool) -> list[str]:

@@ -64,9 +64,10 @@ class Study:
     @classmethod
     def from_spec(cls, spec: str | Path | dict, *, set=None, only=None, data_map=None,
                   device: str | None = None, tensorboard: bool = False,
-                  out: Folder | None = None) -> Study:
+                  out: Folder | None = None, seeds: int | None = None) -> Study:
         """A built-in study name, a TOML path or a dict of the TOML's tables, with the command
-        line's --set (`set`), --only, --data-map, --device and --tensorboard."""
+        line's --set (`set`), --only, --data-map, --device, --tensorboard and --seeds (seeds
+        0 .. seeds-1 in place of the spec's seed axis)."""
         tensorboard = checks.flag("tensorboard", tensorboard)
         out = checks.folder("out", out, optional=True)
         if isinstance(spec, dict):
@@ -79,6 +80,8 @@ class Study:
         else:
             raise UserError(f"a study spec is a built-in name, a .toml path or a dict, got "
                             f"{checks.shown(spec)}")
+        if seeds is not None:
+            sp = specs.with_seeds(sp, seeds)
         sets = _pairs(set, "--set")
         if device is not None:
             sets.append(specs.coerce("device", checks.text("device", device), "--device"))
@@ -95,7 +98,8 @@ class Study:
         sp = specs.parse_spec(meta["spec"], source="table", default_name=meta["name"])
         plan = expand(sp, _pairs(meta.get("sets") or {}, "--set"),
                             _pairs(meta.get("only") or {}, "--only"),
-                            dict(meta.get("data_map") or {}))
+                            dict(meta.get("data_map") or {}),
+                            auto_precision=meta.get("precision_auto"))
         return cls(plan, folder)
 
     @property
@@ -147,6 +151,9 @@ class Study:
             self.out = specs.DEFAULT_ROOT / self.name
         if executor == "local":  # the first study on this machine: kernels and data at once
             prepare_machine([r.cfg for r in self.plan.all_runs])
+        if self.plan.asks_auto_precision:
+            self.plan = statuses.resolve_auto_precision(self.plan, self.out, jobs,
+                                                        print if log else None)
         line, todo = statuses.plan_estimate(self.plan, self.out, jobs,
                                             print if log else None)
         if log:

@@ -213,7 +213,8 @@ def cmd_study(args) -> int:
     if args.study_command == "run":
         study = api.Study.from_spec(args.spec, set=args.set, only=args.only,
                                     data_map=args.data_map, device=args.device,
-                                    tensorboard=args.tensorboard, out=args.out)
+                                    tensorboard=args.tensorboard, out=args.out,
+                                    seeds=args.seeds)
         slurm = None if args.executor == "local" else dict(
             partition=args.partition, gpus_per_run=args.gpus_per_run,
             cpus_per_gpu=args.cpus_per_gpu, time=args.time, mem_gb=args.mem,

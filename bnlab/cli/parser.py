@@ -279,6 +279,9 @@ def build_parser() -> Parser:
                     help="device of every run (default: the spec's, else auto)")
     sr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a run option in every run (repeatable)")
+    sr.add_argument("--seeds", type=_count(1), default=None, metavar="N",
+                    help="seeds 0 .. N-1 in place of the spec's seed axis (the runs of seeds "
+                    "already trained are kept: more seeds narrow a study's CIs)")
     sr.add_argument("--only", action="append", metavar="KEY=VALUE",
                     help="keep only runs with this value (repeatable; same key = any of)")
     sr.add_argument("--data-map", action="append", metavar="NAME=DATASET",

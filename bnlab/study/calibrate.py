@@ -9,9 +9,15 @@ and returns the measured rate over the rate the table gives for the same step
 CPU times by. It takes about two seconds, once per machine, torch version and setting: the
 result is kept in the bnlab cache (calibration.json), keyed by the CPU's model and flags, the
 cores (bnlab.machine.identity) and the torch version, unless other work kept the machine busy
-when it was measured (bnlab.machine.cpu_busy, read just before: then it is used once and
-measured again next time; delete the file to measure again).
-`cached_speed(precision, batch, threads)` reads one without torch (`bnlab study list`). The
+when it was measured (bnlab.machine.quiet_for_measuring, read just before: then this process
+uses it and the next one measures again; delete the file to measure again).
+`cached_speed(precision, batch, threads)` reads one without torch (`bnlab study list`).
+
+precision "auto" (bnlab.config) is resolved here: `choose_precision(device, batch, threads)`
+gives bf16 on a GPU that supports it, and on a CPU bf16 where the same measurement trains
+ResNet-20 at least BF16_MARGIN times as fast in bf16 as in fp32, else fp32 (on one 2-core Xeon
+with AVX512-BF16 bf16 was 1.2-1.5x slower, on a 2-core EPYC 1.7x faster: docs/results.md); a
+run's config then records the precision it trained in. The measured
 factor scales only the families whose table rates rest on ResNet-20's (estimate.SPEED_FAMILIES:
 the CIFAR ResNets, plain nets and VGGs). The others keep the table's rate: the table holds no
 reference rate of their own step to measure this CPU against.
@@ -32,6 +38,8 @@ FILE = "calibration.json"
 WARMUP_STEPS = 2
 MIN_SECONDS = 1.5  # timed steps: at least this long ...
 MAX_STEPS = 12  # ... and at most this many steps after the warm-up
+BF16_MARGIN = 1.1  # precision "auto": bf16 only where it trains this many times as fast
+_UNKEPT: dict[tuple[str, str], dict] = {}  # (cache file, key): measured busy, not kept
 
 
 def _read(path: Path) -> dict:
@@ -93,20 +101,26 @@ def measure(precision: str, batch: int, threads: int) -> float:
 def speed(precision: str, batch: int, threads: int, log=None) -> float:
     """This machine's speed over the table's, for runs of this precision, batch and threads
     (measured once, then read from the cache)."""
+    return float(_entry(precision, batch, threads, log)["factor"])
+
+
+def _entry(precision: str, batch: int, threads: int, log=None) -> dict:
     import torch
 
     path = cache_root() / FILE
     key = (f"{machine.identity()}|torch {torch.__version__}|{precision}|batch {batch}|"
            f"{threads} threads")
-    entry = _read(path).get(key)
+    entry = _read(path).get(key) or _UNKEPT.get((str(path), key))
     if not (isinstance(entry, dict) and isinstance(entry.get("factor"), int | float)
             and entry["factor"] > 0):
-        # read before measuring: the 1-minute load would count the measurement's own threads
-        busy = machine.cpu_busy()
+        # read before measuring, which would count its own threads
+        busy = not machine.quiet_for_measuring()
         rate = measure(precision, batch, threads)
         entry = {"factor": rate / table_rate(precision, batch), "images_per_s": rate,
                  "measured": time.time()}
-        if not busy:  # a busy machine's speed is used now, not kept
+        if busy:  # a busy machine's speed is used by this process, not kept
+            _UNKEPT[(str(path), key)] = entry
+        else:
             data = _read(path)
             data[key] = entry
             tmp = path.with_name(f"{FILE}.{os.getpid()}.tmp")
@@ -119,7 +133,40 @@ def speed(precision: str, batch: int, threads: int, log=None) -> float:
             log(f"this CPU: ResNet-20 trains {rate:.0f} images/s ({precision}, batch {batch}, "
                 f"{threads} thread{'s' if threads > 1 else ''} a run), "
                 f"{entry['factor']:.2f} x the rate of bnlab's table")
-    return float(entry["factor"])
+    return entry
+
+
+def choose_precision(device: str, batch: int, threads: int, log=None) -> tuple[str, str]:
+    """(fp32 or bf16, why) for precision "auto" on `device` ("cpu" or "cuda"): on CUDA bf16
+    where the GPU supports it; on a CPU by ResNet-20's measured training rate in both at this
+    batch and threads per run (module docstring)."""
+    import torch
+
+    if device == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ("bf16", "this GPU supports bf16") if ok else \
+            ("fp32", "this GPU does not support bf16")
+    rates = {p: float(_entry(p, batch, threads, log)["images_per_s"]) for p in ("fp32", "bf16")}
+    return _pick(rates, batch, threads)
+
+
+def cached_precision(batch: int, threads: int) -> str | None:
+    """choose_precision on a CPU from the cache alone (no torch), or None where this machine
+    has not measured both precisions at these threads."""
+    rates = {}
+    for p in ("fp32", "bf16"):
+        e = _cached(p, batch, threads)
+        if e is None or not isinstance(e.get("images_per_s"), int | float):
+            return None
+        rates[p] = float(e["images_per_s"])
+    return _pick(rates, batch, threads)[0]
+
+
+def _pick(rates: dict[str, float], batch: int, threads: int) -> tuple[str, str]:
+    choice = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else "fp32"
+    return choice, (f"ResNet-20 trains {rates['bf16']:.0f} images/s in bf16 and "
+                    f"{rates['fp32']:.0f} in fp32 on this CPU (batch {batch}, {threads} "
+                    f"thread{'s' if threads > 1 else ''} a run)")
 
 
 def cached_speed(precision: str, batch: int, threads: int) -> float | None:
@@ -127,6 +174,11 @@ def cached_speed(precision: str, batch: int, threads: int) -> float | None:
     this batch or else the nearest one measured (a training image costs about the same at
     batch 64 and 128: docs/results.md), or None: without torch. A factor of another precision
     or thread count is not used: on a 2-core Xeon they ranged from 0.11 to 0.47."""
+    e = _cached(precision, batch, threads)
+    return None if e is None else e["factor"]
+
+
+def _cached(precision: str, batch: int, threads: int) -> dict | None:
     prefix = f"{machine.identity()}|torch "
     near = []
     for key, e in _read(cache_root() / FILE).items():
@@ -140,5 +192,5 @@ def cached_speed(precision: str, batch: int, threads: int) -> float | None:
             b = int(parts[3].removeprefix("batch "))
         except ValueError:
             continue
-        near.append((abs(b - batch), -e.get("measured", 0), e["factor"]))
-    return min(near)[2] if near else None
+        near.append((abs(b - batch), -e.get("measured", 0), len(near), e))
+    return min(near)[3] if near else None

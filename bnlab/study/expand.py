@@ -59,6 +59,7 @@ class Plan:
     groups: list[TuneGroup] = field(default_factory=list)  # [tune]: one per tuned group
     waiting: list[PlannedRun] = field(default_factory=list)  # tuned runs before their choice
     args: tuple = ()  # expand()'s arguments, to expand again with the choices
+    auto_precision: str | None = None  # what precision "auto" became (bnlab.study.calibrate)
 
     @property
     def tune_runs(self) -> list[PlannedRun]:
@@ -71,7 +72,16 @@ class Plan:
 
     def with_choices(self, chosen: dict[str, Any]) -> Plan:
         """The plan expanded again with `chosen` ({group key: value}) for the tuned runs."""
-        return expand(*self.args, chosen=chosen)
+        return expand(*self.args, chosen=chosen, auto_precision=self.auto_precision)
+
+    @property
+    def asks_auto_precision(self) -> bool:
+        """Some run asks for precision "auto" and the plan has not chosen it yet."""
+        return any(r.cfg.precision == "auto" for r in self.all_runs)
+
+    def with_precision(self, precision: str) -> Plan:
+        """The plan expanded again with `precision` for the runs that ask for "auto"."""
+        return expand(*self.args, auto_precision=precision)
 
     def study_json(self) -> dict[str, Any]:
         """The OUT/study.json document (see the contract in docs/studies.md)."""
@@ -80,6 +90,8 @@ class Plan:
                "data_map": self.data_map, "axes": self.axes,
                "runs": [{"run_id": r.run_id, "values": r.values} for r in self.runs],
                "analysis": self.spec.analysis}
+        if self.auto_precision is not None:
+            doc["precision_auto"] = self.auto_precision
         t = self.spec.tune
         if t is not None:
             doc["tuning"] = {
@@ -125,8 +137,10 @@ def _expand_spec(spec: Spec) -> list[dict[str, Any]]:
 def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
            only: list[tuple[str, Any]] | None = None,
            data_map: dict[str, str] | None = None,
-           chosen: dict[str, Any] | None = None) -> Plan:
-    """The runs of `spec` after --set (applied last, to every run), --data-map and --only.
+           chosen: dict[str, Any] | None = None, auto_precision: str | None = None) -> Plan:
+    """The runs of `spec` after --set (applied last, to every run), --data-map and --only;
+    with `auto_precision` (fp32 or bf16), the runs that ask for precision "auto" take it (the
+    runner chooses it per machine and keeps it in study.json: bnlab.study.status).
 
     With a [tune] section, the tuned runs (those matching its `where`) whose group has a value
     in `chosen` take it; the others wait (Plan.waiting) and their groups' tuning runs are
@@ -158,7 +172,7 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
     runs: list[PlannedRun] = []
     waiting: list[PlannedRun] = []
     groups: dict[str, TuneGroup] = {}
-    tuned_any = False
+    tuned_any = asked_auto = False
     seen: dict[str, dict] = {}  # run id -> the grid point that planned it first
     repeated: list[tuple[dict, dict]] = []  # (first, repeat): grid points that are one run
     for r in raw:
@@ -166,6 +180,10 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
         cfg = dataclasses.replace(base, **overrides)
         name = cfg.dataset
         cfg = dataclasses.replace(cfg, dataset=data_map.get(name, name))
+        if cfg.precision == "auto":
+            asked_auto = True
+            if auto_precision is not None:
+                cfg = dataclasses.replace(cfg, precision=auto_precision)
         shown = ", ".join(f"{k}={v!r}" for k, v in r.items())
         try:
             cfg = validate(cfg)
@@ -229,7 +247,7 @@ def expand(spec: Spec, sets: list[tuple[str, Any]] | None = None,
                    if k not in NOT_ARM_KEYS and k != tune.axis}
     only_out = {k: v[0] if len(v) == 1 else v for k, v in only_d.items()}
     return Plan(spec, runs, axes, sets_d, only_out, data_map, list(groups.values()), waiting,
-                args)
+                args, auto_precision if asked_auto else None)
 
 
 def _tuning_cfg(cfg: RunConfig, spec: Spec) -> RunConfig:

@@ -195,6 +195,20 @@ def parse_spec(data: dict, source: str = "built-in", default_name: str = "study"
                 tune)
 
 
+def with_seeds(spec: Spec, n: int) -> Spec:
+    """`spec` with its [grid] seed axis replaced by seeds 0 .. n-1 (`study run --seeds N`): the
+    runs of seeds both lists hold are the same runs (same run ids), so a finished study's
+    folder grows by the new seeds only. [tune] and [[cases]] that name one seed keep it."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"seeds must be an integer >= 1, got {n!r}")
+    if "seed" not in spec.grid:
+        raise UserError(f"study {spec.name!r} has no seed axis in its [grid]; --seeds replaces "
+                        "that axis")
+    raw = json.loads(json.dumps(spec.raw))
+    raw["grid"]["seed"] = list(range(n))
+    return parse_spec(raw, source=spec.source, default_name=spec.name)
+
+
 def _parse_tune(table: dict, label: str) -> Tune:
     """[tune]: where (the tuned runs), axis, values (at least two), seed (default 0) and set
     (what makes a tuning run short)."""

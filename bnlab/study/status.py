@@ -7,6 +7,7 @@ Statuses come from the runs' own summaries; on top of bnlab.store's, a run never
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,10 +163,15 @@ def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
     finished runs like them, else from bnlab's table of measured rates. On the CPU the runs
     train as `--jobs auto` would train them on this machine (jobs.auto_jobs), and the table's
     rates are scaled by `speed(precision, batch, threads)`, this machine's measured factor for
-    that setting, where it gives one."""
+    that setting, where it gives one. Runs that ask for precision "auto" are estimated at the
+    folder's choice, else at the one this machine's cached measurements give
+    (calibrate.cached_precision; fp32 without them, the slower of the two it chooses from), on
+    a GPU at bf16."""
     spec = plan.spec
     sizes = spec.estimate.get("sizes")
     given = spec.estimate.get(f"{device}_minutes")
+    if plan.asks_auto_precision:
+        plan = plan.with_precision(_estimated_precision(plan, device, out))
     summaries = _summaries(plan, out)
     todo, own = remaining(plan, out, summaries)
     if given is not None and len(todo) == len(plan.all_runs):
@@ -185,6 +191,21 @@ def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
     mark = " (scaled)" if est.scaled else (" (own)" if OWN_SOURCE in est.sources else
                                            " (this CPU)" if CALIBRATED in est.sources else "")
     return fmt_minutes(est.minutes) + mark
+
+
+def _estimated_precision(plan: Plan, device: str, out: str | Path | None) -> str:
+    chosen = _study_json(out).get("precision_auto") if out is not None else None
+    if chosen in ("fp32", "bf16"):
+        return chosen
+    if device != "cpu":
+        return "bf16"
+    from bnlab.study.calibrate import cached_precision  # torch-free
+
+    first = next(r.cfg for r in plan.all_runs if r.cfg.precision == "auto")
+    workers, threads, _ = auto_jobs(plan.all_runs, plan.all_runs, plan.spec.estimate.get(
+        "sizes"), on_cpu=lambda _: True)
+    threads = threads or max(1, machine.usable_cores() // workers)
+    return cached_precision(first.batch_size, threads) or "fp32"
 
 
 def list_text() -> str:
@@ -227,6 +248,49 @@ LARGE_STUDY = 1000  # runs to train above which `study run` asks for --yes (or m
 CALIBRATE_ABOVE = 1.0  # minutes by the table: a shorter study is not worth 2 s of measuring
 
 
+def _cpu_workers(plan: Plan, summaries: dict, jobs: int | str) -> tuple[int, int]:
+    """(runs at once, torch threads a run) on this CPU as `study run --jobs` will train the
+    plan's unfinished runs."""
+    threads = None
+    if jobs == "auto":
+        left = [r for r in plan.all_runs
+                if (summaries.get(r.run_id) or {}).get("status") not in FINISHED]
+        workers, threads, _ = auto_jobs(plan.all_runs, left, plan.spec.estimate.get("sizes"))
+    else:
+        workers = jobs
+    return workers, threads or max(1, machine.usable_cores() // workers)
+
+
+def resolve_auto_precision(plan: Plan, out: str | Path, jobs: int | str = 1,
+                           log=None) -> Plan:
+    """The plan with precision "auto" chosen (bnlab.config): the folder's own choice where its
+    study.json has one, so that a study resumed, here or on another machine, never mixes
+    precisions; else bnlab.study.calibrate.choose_precision on the device of the first run
+    that asks for it, at its batch and at the threads a run gets with `jobs`."""
+    old = _study_json(out)
+    if old.get("name") == plan.spec.name and old.get("precision_auto") in ("fp32", "bf16"):
+        chosen, why = old["precision_auto"], f"the choice recorded in {Path(out) / 'study.json'}"
+    else:
+        from bnlab.runtime import resolve_device  # lazy: torch
+        from bnlab.study import calibrate
+
+        first = next(r.cfg for r in plan.all_runs if r.cfg.precision == "auto")
+        device = resolve_device(first.device).type
+        threads = _cpu_workers(plan, _summaries(plan, out), jobs)[1] if device == "cpu" else 1
+        chosen, why = calibrate.choose_precision(device, first.batch_size, threads, log)
+    if log:
+        log(f"precision auto: {chosen} ({why})")
+    return plan.with_precision(chosen)
+
+
+def _study_json(out: str | Path) -> dict:
+    try:
+        doc = json.loads((Path(out) / "study.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
                   log=None) -> tuple[str, int]:
     """(the line `study run` prints before it starts: how many runs are left to train and how
@@ -246,17 +310,11 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
 
     device = "gpu" if resolve_device(todo[0].device).type == "cuda" else "cpu"
     sizes = plan.spec.estimate.get("sizes")
-    workers, speed, threads = 1, None, None
+    workers, speed = 1, None
     if device == "cpu":
         from bnlab.study import calibrate
 
-        if jobs == "auto":
-            left = [r for r in plan.all_runs
-                    if (summaries.get(r.run_id) or {}).get("status") not in FINISHED]
-            workers, threads, _ = auto_jobs(plan.all_runs, left, sizes)
-        else:
-            workers = jobs
-        threads = threads or max(1, machine.usable_cores() // workers)
+        workers, threads = _cpu_workers(plan, summaries, jobs)
         # measured only for the runs the factor scales, at their precision and batch
         scalable = [c for c in todo if family(c.model)[0] in SPEED_FAMILIES]
         table = estimate(scalable, device, sizes, own)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.config import RunConfig
+from bnlab.config import RunConfig, require_trained_precision
 from bnlab.data import DataBundle, data_for
 from bnlab.data.loader import make_loader
 from bnlab.errors import DataMismatch, UserError
@@ -52,6 +52,7 @@ def train_run(cfg: RunConfig, out: str | Path = "runs", resume: bool = False,
     last checkpoint (or returns its summary at once when it already finished).
     Under torchrun (WORLD_SIZE > 1) every process calls this; see bnlab.train.distributed.
     """
+    require_trained_precision(cfg)
     check_probes(cfg.probe_every, detect().world_size)  # before joining the process group
     with session(resolve_device(cfg.device)) as ctx:
         rec, done = _open(cfg, out, resume, ctx)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bnlab.config import RunConfig
+from bnlab.config import RunConfig, require_trained_precision
 from bnlab.data import DataBundle, Split, data_for
 from bnlab.data.loader import Normalizer
 from bnlab.errors import DataMismatch, StorageError, UserError
@@ -64,6 +64,8 @@ def train_packed(cfgs: list[RunConfig], out: str | Path = "runs", resume: bool =
     run without `resume`), and what stops a study: StorageError, DataMismatch (a stored run
     trained on other data; checked for every run before any trains), KeyboardInterrupt.
     """
+    for cfg in cfgs:
+        require_trained_precision(cfg)
     reason = can_pack(cfgs) if len(cfgs) > 1 else None
     if reason is not None:
         raise UserError(f"these runs cannot be packed: {reason}")
