@@ -165,6 +165,22 @@ def test_a_conv_model_predicts_in_its_training_layout(tmp_path):
     assert torch.allclose(logits.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_bf16_run_is_predicted_in_bf16(tmp_path):
+    """Predictions run in the run's own precision: a bf16 run's logits are its forward pass
+    under bf16 autocast (computed here batch by batch), not the float32 one."""
+    cfg = _cfg(precision="bf16")
+    train_run(cfg, tmp_path, log=lambda m: None)
+    ld = loading.load_model(tmp_path / cfg.run_id())
+    assert ld.precision == "bf16"
+    logits = run_predictions(ld, corruptions=False, log=lambda m: None)["logits"]
+    with torch.no_grad():
+        xs = [x for x, _ in loading.test_loader(ld).epoch(0)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = torch.cat([ld.model(x).float() for x in xs])
+        fp32 = torch.cat([ld.model(x) for x in xs])
+    assert torch.equal(logits, bf16) and not torch.equal(logits, fp32)
+
+
 def test_diagnose_and_fold_commands(runs, capsys):
     _, paths = runs
     assert main(["diagnose", str(paths["bn"]), "--precise-batches", "2"]) == 0

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.config import RunConfig, from_json_dict
+from bnlab.config import PRECISIONS, RunConfig, from_json_dict
 from bnlab.data import DataBundle, Split, load_data
 from bnlab.data.loader import make_loader
 from bnlab.errors import UserError
 from bnlab.fast.accel import memory_format_for
 from bnlab.models import build_for
-from bnlab.runtime import resolve_device
+from bnlab.runtime import autocast, resolve_device
 from bnlab.store import RunDir, load_checkpoint_file
 
 USER_BATCH = 128  # images per training batch of PreciseBN for a user's own model, by default
@@ -48,6 +48,13 @@ class Loaded:
     @property
     def norm_name(self) -> str:
         return self.cfg.norm if self.cfg is not None else "as defined by the model"
+
+    @property
+    def precision(self) -> str:
+        """The precision the run trained and evaluated in (fp32 for a user's model): the one
+        its predictions are made in, so that they give the test accuracy the run recorded."""
+        p = self.cfg.precision if self.cfg is not None else "fp32"
+        return p if p in PRECISIONS else "fp32"
 
     @property
     def batch_size(self) -> int:
@@ -172,9 +179,11 @@ def shuffled_test_batches(loaded: Loaded, batch_size: int = EVAL_BATCH, max_imag
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader, transform=None,
+            precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels over a loader, model in its current mode; images in
-    the model's layout (channels_last where its convolutions' weights are).
+    the model's layout (channels_last where its convolutions' weights are), the forward pass
+    in `precision` (bf16: autocast, as the run evaluated).
 
     `transform(x)` maps each normalized batch before the forward pass (corruptions).
     """
@@ -187,7 +196,8 @@ def predict(model: nn.Module, loader, transform=None) -> tuple[torch.Tensor, tor
             x = transform(x)
         if last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        outs.append(model(x).float().cpu())
+        with autocast(x.device, precision):
+            outs.append(model(x).float().cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
 

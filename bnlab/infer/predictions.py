@@ -1,6 +1,9 @@
 """What a comparison needs of one model, computed once and cached in its run folder.
 
-`run_predictions(loaded)` returns the model's clean test logits and labels, its accuracy under
+Every forward pass runs in the precision the run trained and evaluated in (bf16 autocast for a
+bf16 run, Loaded.precision), so a run's clean test accuracy here is the one its training
+recorded. `run_predictions(loaded)` returns the model's clean test logits and labels, its
+accuracy under
 every corruption and severity with its stored (training) statistics, and, for a model whose
 norm layers use batch statistics, the same accuracies after AdaBN: the statistics of those
 layers re-estimated on the corrupted test images themselves (Li et al. 2016; Schneider et al.
@@ -45,7 +48,7 @@ from bnlab.infer.loading import (
 )
 from bnlab.store import atomic_write_bytes
 
-PROTOCOL = 1  # raise when what a cached entry means changes
+PROTOCOL = 2  # raise when what a cached entry means changes (2: in the run's precision)
 CACHE_FILE = "predictions.pt"
 CACHE_LOGITS_MAX = 10_000_000  # logits values (40 MB in float32) kept in the cache
 
@@ -83,7 +86,7 @@ def corruption_accuracy(loaded: Loaded, adabn: bool = False, batch_size: int = E
                 model = adapted_copy(model, shuffled_test_batches(
                     loaded, batch_size, transform=_corrupter(loaded, name, s)))
             logits, y = predict(model, shuffled_test_loader(loaded, batch_size),
-                                _corrupter(loaded, name, s))
+                                _corrupter(loaded, name, s), loaded.precision)
             accs.append(M.accuracy(logits, y))
         out[name] = accs
         log(f"  {name}{' (AdaBN)' if adabn else ''}: "
@@ -123,11 +126,12 @@ def run_predictions(loaded: Loaded, corruptions: bool = True, fingerprint: tuple
     if old is not None and (old.get("corruption_acc") is not None or not corruptions):
         out = dict(old)
         if out.get("logits") is None:
-            out["logits"], out["labels"] = predict(loaded.model, test_loader(loaded))
+            out["logits"], out["labels"] = predict(loaded.model, test_loader(loaded),
+                                                   precision=loaded.precision)
         if not corruptions:
             out.update(corruption_acc=None, adabn_acc=None, adabn_clean_acc=None)
         return out
-    logits, labels = predict(loaded.model, test_loader(loaded))
+    logits, labels = predict(loaded.model, test_loader(loaded), precision=loaded.precision)
     layers = len(batch_stat_layers(loaded.model))
     out = {"logits": logits, "labels": labels, "batch_stat_layers": layers,
            "corruption_acc": None, "adabn_acc": None, "adabn_clean_acc": None}
@@ -135,7 +139,8 @@ def run_predictions(loaded: Loaded, corruptions: bool = True, fingerprint: tuple
         out["corruption_acc"] = corruption_accuracy(loaded, log=log)
         if layers:
             out["adabn_clean_acc"] = M.accuracy(*predict(adapted_to_test(loaded),
-                                                         test_loader(loaded)))
+                                                         test_loader(loaded),
+                                                         precision=loaded.precision))
             out["adabn_acc"] = corruption_accuracy(loaded, adabn=True, log=log)
     if cache is not None:
         keep = logits.numel() <= CACHE_LOGITS_MAX
