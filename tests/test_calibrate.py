@@ -194,6 +194,30 @@ def test_study_list_estimates_quick_as_study_run_will_train_it(cache, monkeypatc
     assert status.fmt_minutes(table / factor / 2) + " (this CPU)" in listed
 
 
+def test_study_list_reads_a_begun_study_as_its_folder_planned_it(cache, monkeypatch, tmp_path):
+    """quick run with --data-map (the README's main job) and precision auto: `study list` finds
+    its runs under the ids that folder gave them (another dataset, bf16), not the spec's."""
+    from bnlab.study import status
+    from bnlab.study.spec import expand, load_spec
+
+    monkeypatch.setattr(status, "DEFAULT_ROOT", tmp_path / "studies-out")
+    folder = tmp_path / "studies-out" / "quick"
+    plan = expand(load_spec("quick"), data_map={"cifar10": "synthetic"}, auto_precision="bf16")
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps(plan.study_json()))
+    assert plan.runs[0].run_id not in {r.run_id for r in expand(load_spec("quick")).runs}
+
+    def row() -> str:
+        return next(line for line in status.list_text().splitlines()
+                    if line.startswith("quick "))
+
+    assert "done" not in row()
+    for r in plan.all_runs:
+        (folder / r.run_id).mkdir()
+        (folder / r.run_id / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert row().split()[2:4] == ["done", "done"]
+
+
 def test_a_short_study_is_not_measured(cache, monkeypatch, tmp_path):
     """Under a minute by the table: the table's estimate, no 2 s of measuring."""
     from bnlab.study import status

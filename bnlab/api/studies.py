@@ -94,13 +94,7 @@ class Study:
     def from_folder(cls, out: Folder) -> Study:
         """The study whose results `out` holds, expanded again from its study.json."""
         folder = statuses.resolve_out(str(checks.folder("out", out)))
-        meta = Store(folder).read_meta("study.json")
-        sp = specs.parse_spec(meta["spec"], source="table", default_name=meta["name"])
-        plan = expand(sp, _pairs(meta.get("sets") or {}, "--set"),
-                            _pairs(meta.get("only") or {}, "--only"),
-                            dict(meta.get("data_map") or {}),
-                            auto_precision=meta.get("precision_auto"))
-        return cls(plan, folder)
+        return cls(specs.plan_of_study_json(Store(folder).read_meta("study.json")), folder)
 
     @property
     def name(self) -> str:

@@ -195,6 +195,17 @@ def parse_spec(data: dict, source: str = "built-in", default_name: str = "study"
                 tune)
 
 
+def plan_of_study_json(meta: dict) -> Plan:
+    """The plan an OUT/study.json describes, expanded again: its spec with the --set, --only
+    and --data-map it was run with and the precision it chose for "auto"."""
+    sp = parse_spec(meta["spec"], source="table", default_name=meta["name"])
+    sets = [coerce(str(k), v, "--set") for k, v in (meta.get("sets") or {}).items()]
+    only = [coerce(str(k), x, "--only") for k, v in (meta.get("only") or {}).items()
+            for x in (v if isinstance(v, list) else [v])]
+    return expand(sp, sets, only, dict(meta.get("data_map") or {}),
+                  auto_precision=meta.get("precision_auto"))
+
+
 def with_seeds(spec: Spec, n: int) -> Spec:
     """`spec` with its [grid] seed axis replaced by seeds 0 .. n-1 (`study run --seeds N`): the
     runs of seeds both lists hold are the same runs (same run ids), so a finished study's

@@ -25,7 +25,14 @@ from bnlab.study.estimate import (
     own_rates,
 )
 from bnlab.study.jobs import auto_jobs
-from bnlab.study.spec import DEFAULT_ROOT, Plan, builtin_names, expand, load_spec
+from bnlab.study.spec import (
+    DEFAULT_ROOT,
+    Plan,
+    builtin_names,
+    expand,
+    load_spec,
+    plan_of_study_json,
+)
 
 
 def count_statuses(store: Store, plan: Plan) -> dict[str, int]:
@@ -225,6 +232,12 @@ def list_text() -> str:
         plan = expand(load_spec(name))
         folder = DEFAULT_ROOT / name  # a study begun here: what is left, at its own rates
         folder = folder if (folder / "study.json").is_file() else None
+        if folder is not None:  # its runs as that folder planned them (--data-map, --set, ...)
+            meta = _study_json(folder)
+            try:
+                plan = plan_of_study_json(meta) if meta.get("name") == name else plan
+            except (UserError, KeyError, TypeError):
+                pass
         rows.append([name, str(len(plan.all_runs)), study_estimate(plan, "cpu", folder, speed),
                      study_estimate(plan, "gpu", folder), plan.spec.description])
     notes = [f"Estimated from measured throughput (bnlab/study/estimate.py): CPU = "
