@@ -138,6 +138,11 @@ def test_study_tunes_then_trains_every_seed_at_the_choice_and_resumes(tmp_path, 
     again = run_study(expand(spec()), out, tty=False, pack=False)
     assert sum(again.values()) == 7
     assert "0 to run" in capsys.readouterr().out
+    # ... and the estimate before it resumes finds the tuned runs under their chosen ids
+    from bnlab.study.status import plan_estimate
+
+    line, left = plan_estimate(expand(spec()), out, 1)
+    assert left == 0 and "0 of 7 runs" in line, line
 
 
 @pytest.mark.parametrize("table, expected", [

@@ -33,6 +33,7 @@ from bnlab.study.spec import (
     load_spec,
     plan_of_study_json,
 )
+from bnlab.study.tuning import with_known_choices
 
 
 def count_statuses(store: Store, plan: Plan) -> dict[str, int]:
@@ -179,6 +180,7 @@ def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
     given = spec.estimate.get(f"{device}_minutes")
     if plan.asks_auto_precision:
         plan = plan.with_precision(_estimated_precision(plan, device, out))
+    plan = with_known_choices(plan, out)
     summaries = _summaries(plan, out)
     todo, own = remaining(plan, out, summaries)
     if given is not None and len(todo) == len(plan.all_runs):
@@ -312,6 +314,7 @@ def plan_estimate(plan: Plan, out: str | Path, jobs: int | str = 1,
     to this CPU by a measured ResNet-20 step (bnlab.study.calibrate; when such runs take
     CALIBRATE_ABOVE minutes or more by the table), with `jobs` runs at once as the runner will
     train them; the number of runs left)."""
+    plan = with_known_choices(plan, out)  # a study resumed after its tuning: the chosen runs
     summaries = _summaries(plan, out)
     todo, own = remaining(plan, out, summaries)
     total = len(plan.all_runs)

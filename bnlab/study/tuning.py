@@ -96,3 +96,21 @@ def choose(store: Store, group: str, cfgs: list[RunConfig], tune: Tune) -> Choic
         elif best["value"] == max(nums):
             edge = "highest"
     return Choice(group, best["value"], True, trials, edge)
+
+
+def with_known_choices(plan, out) -> Any:
+    """`plan` (bnlab.study.expand.Plan) with the value each group's ended tuning runs in the
+    folder `out` choose, read without writing anything: the tuned runs of a study whose tuning
+    is done, under the ids they train with (for the estimate before a study resumes, and
+    `study list`). Groups without a choice keep waiting; no folder, the plan as it is."""
+    from pathlib import Path
+
+    if not plan.groups or out is None or not Path(out).is_dir():
+        return plan
+    store = Store(out, readonly=True)
+    chosen = {}
+    for g in plan.groups:
+        c = choose(store, g.key, [r.cfg for r in g.tuning], plan.spec.tune)
+        if c.value is not None:
+            chosen[g.key] = c.value
+    return plan.with_choices(chosen) if chosen else plan
