@@ -16,6 +16,7 @@ import textwrap
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bnlab.report.arms import Arm
 from bnlab.report.figures import (
@@ -113,8 +114,11 @@ def _title(ax, text: str, panels: int) -> None:
 
 
 def _steps_axis(ax) -> None:
-    """Integer steps on x; a panel whose points all sit at one step is centred on it."""
+    """Integer steps on x, at most 5 ticks (four-digit steps in a third of the figure's width
+    ran into each other at matplotlib's default count); a panel whose points all sit at one
+    step is centred on it."""
     _epochs_axis(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
     ax.set_xlabel("training step")
 
 
