@@ -189,10 +189,7 @@ def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
         return "done"
     workers, factor = 1, None
     if device == "cpu":
-        left = [r for r in plan.all_runs
-                if (summaries.get(r.run_id) or {}).get("status") not in FINISHED]
-        workers, threads, _ = auto_jobs(plan.all_runs, left, sizes, on_cpu=lambda _: True)
-        threads = threads or max(1, machine.usable_cores() // workers)
+        workers, threads = _cpu_workers(plan, summaries, "auto", on_cpu=lambda _: True)
         scalable = [c for c in todo if family(c.model)[0] in SPEED_FAMILIES]
         if scalable and speed is not None:
             factor = speed(scalable[0].precision, scalable[0].batch_size, threads)
@@ -211,9 +208,7 @@ def _estimated_precision(plan: Plan, device: str, out: str | Path | None) -> str
     from bnlab.study.calibrate import cached_precision  # torch-free
 
     first = next(r.cfg for r in plan.all_runs if r.cfg.precision == "auto")
-    workers, threads, _ = auto_jobs(plan.all_runs, plan.all_runs, plan.spec.estimate.get(
-        "sizes"), on_cpu=lambda _: True)
-    threads = threads or max(1, machine.usable_cores() // workers)
+    threads = _cpu_workers(plan, {}, "auto", on_cpu=lambda _: True)[1]
     return cached_precision(first.batch_size, threads) or "fp32"
 
 
@@ -263,14 +258,17 @@ LARGE_STUDY = 1000  # runs to train above which `study run` asks for --yes (or m
 CALIBRATE_ABOVE = 1.0  # minutes by the table: a shorter study is not worth 2 s of measuring
 
 
-def _cpu_workers(plan: Plan, summaries: dict, jobs: int | str) -> tuple[int, int]:
+def _cpu_workers(plan: Plan, summaries: dict, jobs: int | str,
+                 on_cpu: Callable[[str], bool] | None = None) -> tuple[int, int]:
     """(runs at once, torch threads a run) on this CPU as `study run --jobs` will train the
-    plan's unfinished runs."""
+    plan's runs not finished by `summaries` (on_cpu: as jobs.auto_jobs; without torch, say
+    every run is a CPU run)."""
     threads = None
     if jobs == "auto":
         left = [r for r in plan.all_runs
                 if (summaries.get(r.run_id) or {}).get("status") not in FINISHED]
-        workers, threads, _ = auto_jobs(plan.all_runs, left, plan.spec.estimate.get("sizes"))
+        workers, threads, _ = auto_jobs(plan.all_runs, left, plan.spec.estimate.get("sizes"),
+                                        on_cpu)
     else:
         workers = jobs
     return workers, threads or max(1, machine.usable_cores() // workers)
