@@ -49,7 +49,8 @@ def test_the_table_rate_of_a_setting():
 
 def test_measured_once_per_setting_then_read_from_the_cache(cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: calls.append((p, b, t)) or 350.0)
+    monkeypatch.setattr(calibrate, "measure",
+                        lambda p, b, t, slower=None: calls.append((p, b, t)) or 350.0)
     lines = []
     f = calibrate.speed("bf16", 64, 1, lines.append)
     assert f == pytest.approx(350.0 / calibrate.table_rate("bf16", 64))
@@ -67,7 +68,7 @@ def test_the_cached_factor_is_the_setting_s_own(cache, monkeypatch):
     nearest measured one; never another precision's or thread count's."""
     rates = {("fp32", 64, 1): 280.0, ("bf16", 128, 2): 170.0, ("fp32", 128, 2): 490.0,
              ("fp32", 256, 1): 300.0}
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: rates[(p, b, t)])
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: rates[(p, b, t)])
     for p, b, t in rates:
         calibrate.speed(p, b, t)
     own = {k: r / calibrate.table_rate(k[0], k[1]) for k, r in rates.items()}
@@ -81,7 +82,7 @@ def test_the_cached_factor_is_the_setting_s_own(cache, monkeypatch):
 
 def test_a_busy_machine_s_measurement_is_used_by_its_process_not_kept(cache, monkeypatch):
     rates = iter([100.0, 300.0])
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: next(rates))
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: next(rates))
     monkeypatch.setattr(machine, "quiet_for_measuring", lambda: False)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
     assert calibrate.cached_speed("fp32", 128, 2) is None
@@ -109,7 +110,7 @@ def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monke
 
     monkeypatch.setattr(machine, "_cpu_times", cpu_times)
 
-    def measure(p, b, t):
+    def measure(p, b, t, slower=None):
         busy["now"] = 2.0  # what two threads of measuring add
         return 100.0
 
@@ -117,7 +118,7 @@ def test_busy_is_judged_before_the_measurement_loads_the_machine(tmp_path, monke
     calibrate.speed("fp32", 128, 2)
     assert calibrate.cached_speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)  # kept
     busy["now"] = 1.0  # other work on half the cores before measuring: used, not kept
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 50.0)
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: 50.0)
     assert calibrate.speed("bf16", 64, 1) == pytest.approx(
         50.0 / calibrate.table_rate("bf16", 64))
     assert len(json.loads((cache / calibrate.FILE).read_text())) == 1
@@ -127,12 +128,12 @@ def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
     cache.mkdir(parents=True)
     (cache / calibrate.FILE).write_text("{not json")
     assert calibrate.cached_speed("fp32", 128, 2) is None
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: 100.0)
     assert calibrate.speed("fp32", 128, 2) == pytest.approx(100.0 / 1050)
 
 
 def test_another_machine_does_not_read_this_one_s_factor(cache, monkeypatch):
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 100.0)
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: 100.0)
     calibrate.speed("fp32", 128, 2)
     monkeypatch.setattr(machine, "identity", lambda: "another")
     assert calibrate.cached_speed("fp32", 128, 2) is None
@@ -144,13 +145,24 @@ def test_a_real_measurement_runs_at_the_threads_asked_and_restores_them():
     assert 0 < rate < 1e6 and torch.get_num_threads() == before
 
 
+def test_a_measurement_far_below_the_rate_that_matters_stops_after_one_step(monkeypatch):
+    steps = []
+    real = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: steps.append(1) or real(*a, **k))
+    rate = calibrate.measure("fp32", 8, 1, slower_than=1e12)  # no CPU steps this fast
+    assert len(steps) == 1 and 0 < rate < 1e12 / calibrate.GIVE_UP
+    steps.clear()
+    calibrate.measure("fp32", 8, 1, slower_than=1e-3)  # every CPU does: measured in full
+    assert len(steps) >= calibrate.WARMUP_STEPS + 2
+
+
 def test_study_run_s_first_line_on_this_cpu(cache, monkeypatch, tmp_path):
     """quick on a 2-core machine measured at 350 images/s a run: its table time scaled by the
     factor and halved by the two runs at once, and the line says so."""
     from bnlab.study import status
     from bnlab.study.spec import expand, load_spec
 
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: 350.0)
     monkeypatch.setattr(machine, "usable_cores", lambda: 2)
     monkeypatch.setattr(machine, "available_gib", lambda: 24.0)
     plan = expand(load_spec("quick"))
@@ -180,10 +192,10 @@ def test_study_list_estimates_quick_as_study_run_will_train_it(cache, monkeypatc
     def row(text: str) -> str:
         return next(line for line in text.splitlines() if line.startswith("quick "))
 
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 40.0)
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: 40.0)
     calibrate.speed("bf16", 64, 2)  # another setting's factor
     assert status.fmt_minutes(table / 2) in row(status.list_text())
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: 350.0)
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: 350.0)
     # quick's precision "auto": both measured at its setting, equal here, so fp32
     plan = status.resolve_auto_precision(plan, tmp_path / "new", "auto")
     assert plan.auto_precision == "fp32" and {r.cfg.precision for r in plan.all_runs} == {"fp32"}
@@ -223,7 +235,7 @@ def test_a_short_study_is_not_measured(cache, monkeypatch, tmp_path):
     from bnlab.study import status
     from bnlab.study.spec import expand, load_spec
 
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: pytest.fail("measured"))
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: pytest.fail("measured"))
     spec = tmp_path / "tiny.toml"
     spec.write_text('name = "tiny"\n[base]\ndataset = "synthetic"\nmodel = "resnet20"\n'
                     'epochs = 1\ndevice = "cpu"\n[grid]\nseed = [0, 1]\n')
@@ -260,7 +272,7 @@ def test_a_study_of_mlps_is_not_measured_and_says_so(cache, monkeypatch, tmp_pat
     from bnlab.study import status
     from bnlab.study.spec import expand, load_spec
 
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: pytest.fail("measured"))
+    monkeypatch.setattr(calibrate, "measure", lambda p, b, t, slower=None: pytest.fail("measured"))
     monkeypatch.setattr(machine, "usable_cores", lambda: 2)
     monkeypatch.setattr(machine, "available_gib", lambda: 24.0)
     # 50 epochs of 60,000 images and a third of 10,000 test images, and 101 probes (step 0,
@@ -299,7 +311,8 @@ def test_a_mixed_study_measures_at_the_resnet_s_setting_and_scales_only_it(
     from bnlab.study.spec import expand, load_spec
 
     calls = []
-    monkeypatch.setattr(calibrate, "measure", lambda p, b, t: calls.append((p, b, t)) or 350.0)
+    monkeypatch.setattr(calibrate, "measure",
+                        lambda p, b, t, slower=None: calls.append((p, b, t)) or 350.0)
     monkeypatch.setattr(machine, "usable_cores", lambda: 2)
     spec = tmp_path / "mixed.toml"
     spec.write_text(MIXED)

@@ -54,9 +54,10 @@ def _reference(bn: nn.BatchNorm2d, x, residual, relu):
     return (F.relu(y) if relu else y), ref
 
 
-# 16 and 32 channels take the AVX-512 path where the CPU has it, 5 and 3 the portable one;
-# an offset mean (+5) checks the shifted sums of squares
-@pytest.mark.parametrize("c", [16, 32, 5, 3])
+# 16 and 32 channels take the AVX-512 path where the CPU has it (else AVX2), 8 and 24 the AVX2
+# path where the CPU has it, 5 and 3 the portable one; an offset mean (+5) checks the shifted
+# sums of squares
+@pytest.mark.parametrize("c", [16, 32, 8, 24, 5, 3])
 @pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False)])
 def test_float32_matches_a_float64_reference(c, residual, relu):
     g = torch.Generator().manual_seed(c)
@@ -90,12 +91,13 @@ def test_float32_matches_a_float64_reference(c, residual, relu):
     assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
 
 
-def test_bfloat16_matches_torch_within_bfloat16_rounding():
+@pytest.mark.parametrize("c", [16, 8, 5])  # the three paths (as above)
+def test_bfloat16_matches_torch_within_bfloat16_rounding(c):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 16, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
-    r = torch.randn(8, 16, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
-    gy = torch.randn(8, 16, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
-    bn = _bn(16)
+    x = torch.randn(8, c, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    r = torch.randn(8, c, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    gy = torch.randn(8, c, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    bn = _bn(c)
     xd, rd = x.double().requires_grad_(), r.double().requires_grad_()
     yd, ref = _reference(bn, xd, rd, True)
     yd.backward(gy.double())
@@ -126,8 +128,9 @@ def test_cumulative_momentum_counts_batches_like_torch():
     torch.testing.assert_close(bn.running_var, twin.running_var, rtol=1e-5, atol=1e-6)
 
 
-def test_nan_passes_the_relu_as_in_torch():
-    x = torch.randn(4, 16, 3, 3).contiguous(memory_format=CL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_passes_the_relu_as_in_torch(dtype):
+    x = torch.randn(4, 16, 3, 3).to(dtype).contiguous(memory_format=CL)
     x[1, 2, 0, 0] = float("nan")
     y = bn_act(_bn(16), x)
     twin = F.relu(_bn(16)(x))
@@ -136,20 +139,24 @@ def test_nan_passes_the_relu_as_in_torch():
 
 
 def test_results_do_not_depend_on_threads_or_on_the_other_channels():
+    # 32 and 16 channels take the AVX-512 path where the CPU has it, 24 the AVX2 one (every
+    # lane width does a channel's arithmetic the same way); on an AVX2 CPU all three take AVX2
     g = torch.Generator().manual_seed(1)
     a = torch.randn(16, 32, 8, 8, generator=g).contiguous(memory_format=CL)
     gy = torch.randn(16, 32, 8, 8, generator=g).contiguous(memory_format=CL)
     wide = _bn(32)
-    narrow = nn.BatchNorm2d(16)  # the wide norm's last 16 channels
-    narrow.load_state_dict({k: v[16:] if v.dim() else v for k, v in wide.state_dict().items()})
+    cases = [(a, gy, wide)]
+    for c in (16, 24):  # the wide norm's last c channels
+        narrow = nn.BatchNorm2d(c)
+        narrow.load_state_dict({k: v[-c:] if v.dim() else v for k, v in wide.state_dict().items()})
+        cases.append((a[:, -c:].contiguous(memory_format=CL),
+                      gy[:, -c:].contiguous(memory_format=CL), narrow))
     outs = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            for x, grad, norm in ((a, gy, wide), (a[:, 16:].contiguous(memory_format=CL),
-                                                  gy[:, 16:].contiguous(memory_format=CL),
-                                                  narrow)):
+            for x, grad, norm in cases:
                 bn = copy.deepcopy(norm)
                 x = x.clone().requires_grad_()
                 bn_act(bn, x).backward(grad)

@@ -41,13 +41,16 @@ def rates(tmp_path, monkeypatch):
     monkeypatch.setattr(machine, "quiet_for_measuring", lambda: True)
     r = {"fp32": 300.0, "bf16": 500.0, "calls": []}
     monkeypatch.setattr(calibrate, "measure",
-                        lambda p, b, t: r["calls"].append((p, b, t)) or r[p])
+                        lambda p, b, t, slower=None: r["calls"].append((p, b, t)) or
+                        r.setdefault("slower_than", {}).update({p: slower}) or r[p])
     return r
 
 
 def test_bf16_only_where_it_is_faster_by_the_margin(rates):
     chosen, why = calibrate.choose_precision("cpu", 64, 1)
     assert chosen == "bf16" and "500 images/s in bf16 and 300 in fp32" in why
+    # fp32 measured in full, bf16 only as far as it takes to tell it from the margin
+    assert rates["slower_than"] == {"fp32": None, "bf16": pytest.approx(330.0)}
     assert sorted(rates["calls"]) == [("bf16", 64, 1), ("fp32", 64, 1)]
     assert calibrate.cached_precision(64, 1) == "bf16"  # from the cache, no measuring
     assert calibrate.cached_precision(64, 2) is None  # not measured at 2 threads

@@ -39,6 +39,7 @@ WARMUP_STEPS = 2
 MIN_SECONDS = 1.5  # timed steps: at least this long ...
 MAX_STEPS = 12  # ... and at most this many steps after the warm-up
 BF16_MARGIN = 1.1  # precision "auto": bf16 only where it trains this many times as fast
+GIVE_UP = 8  # measure(slower_than=...): a step this many times too slow ends the measurement
 _UNKEPT: dict[tuple[str, str], dict] = {}  # (cache file, key): measured busy, not kept
 
 
@@ -56,9 +57,14 @@ def table_rate(precision: str, batch: int) -> float:
     return LONE[("cifar-resnet", "cpu")].images_per_s / cpu_cost(cfg, "cifar-resnet")
 
 
-def measure(precision: str, batch: int, threads: int) -> float:
+def measure(precision: str, batch: int, threads: int, slower_than: float | None = None) -> float:
     """Training images per second of ResNet-20 with BN (fused CPU kernels, channels_last, as a
-    run trains) on random images, with `threads` torch threads."""
+    run trains) on random images, with `threads` torch threads.
+
+    slower_than (images/s): stop early, after any step, warm-up included, that took GIVE_UP
+    times as long as a step at that rate, and return that step's rate: only a rate far below
+    it, not its exact value, then matters (bf16 on a CPU without bf16 instructions: a step of
+    ResNet-20 took 5 s there against 0.27 s in fp32)."""
     import torch
     import torch.nn.functional as F
 
@@ -87,11 +93,20 @@ def measure(precision: str, batch: int, threads: int) -> float:
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-0.01)
             loss.item()
 
-        for _ in range(WARMUP_STEPS):
+        limit = GIVE_UP * batch / slower_than if slower_than else float("inf")
+
+        def timed_step() -> float:
+            t = time.perf_counter()
             step()
+            return time.perf_counter() - t
+
+        for _ in range(WARMUP_STEPS):
+            if (took := timed_step()) > limit:
+                return batch / took
         steps, t0 = 0, time.perf_counter()
         while steps < MAX_STEPS and (steps < 2 or time.perf_counter() - t0 < MIN_SECONDS):
-            step()
+            if (took := timed_step()) > limit:
+                return batch / took
             steps += 1
         return steps * batch / (time.perf_counter() - t0)
     finally:
@@ -104,7 +119,8 @@ def speed(precision: str, batch: int, threads: int, log=None) -> float:
     return float(_entry(precision, batch, threads, log)["factor"])
 
 
-def _entry(precision: str, batch: int, threads: int, log=None) -> dict:
+def _entry(precision: str, batch: int, threads: int, log=None,
+           slower_than: float | None = None) -> dict:
     import torch
 
     path = cache_root() / FILE
@@ -115,7 +131,7 @@ def _entry(precision: str, batch: int, threads: int, log=None) -> dict:
             and entry["factor"] > 0):
         # read before measuring, which would count its own threads
         busy = not machine.quiet_for_measuring()
-        rate = measure(precision, batch, threads)
+        rate = measure(precision, batch, threads, slower_than)
         entry = {"factor": rate / table_rate(precision, batch), "images_per_s": rate,
                  "measured": time.time()}
         if busy:  # a busy machine's speed is used by this process, not kept
@@ -146,7 +162,11 @@ def choose_precision(device: str, batch: int, threads: int, log=None) -> tuple[s
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return ("bf16", "this GPU supports bf16") if ok else \
             ("fp32", "this GPU does not support bf16")
-    rates = {p: float(_entry(p, batch, threads, log)["images_per_s"]) for p in ("fp32", "bf16")}
+    rates = {"fp32": float(_entry("fp32", batch, threads, log)["images_per_s"])}
+    # bf16 only needs measuring to tell whether it reaches the margin: where it is emulated, a
+    # few steps would take half a minute
+    rates["bf16"] = float(_entry("bf16", batch, threads, log,
+                                 slower_than=BF16_MARGIN * rates["fp32"])["images_per_s"])
     return _pick(rates, batch, threads)
 
 

@@ -5,13 +5,15 @@
 //   backward: g = dy where v > 0 (or v is NaN) else 0; the batch-norm gradient of g; d(residual) = g
 //
 // The forward pass keeps which elements passed the ReLU as a mask (one bit per element on the
-// AVX-512 path, one byte otherwise), so the backward pass reads that instead of y. NaN passes the
-// ReLU, as in torch.relu, so a diverging run stays visibly non-finite.
+// AVX-512 and AVX2 paths, one byte otherwise), so the backward pass reads that instead of y. NaN
+// passes the ReLU, as in torch.relu, so a diverging run stays visibly non-finite.
 //
 // Each tensor is read as a [M, C] matrix (M = N*H*W rows). Per-channel sums are taken over a fixed
 // number of row chunks and combined in double precision in chunk order, so results do not depend
 // on the thread count. Arithmetic is float32 for float32 and bfloat16 tensors alike.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: a quarter of the first build
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -56,8 +58,48 @@ struct Lane1 {
   static V keep(Mask m, V g) { return m ? g : 0.f; }
 };
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+// Eight float lanes (AVX2 with FMA), for channel counts that are multiples of 8 on CPUs without
+// AVX-512 (and for those that are not multiples of 16 on CPUs with it). Each lane is one channel
+// and does the same arithmetic as a lane of Lane16, so the two give the same bits.
+struct Lane8 {
+  static constexpr int64_t W = 8;
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const at::BFloat16* p) {
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store(at::BFloat16* p, V v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    // 32 -> 16 bits: packus works within 128-bit halves; the permute puts the halves together
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  using Mask = uint8_t;  // one bit per element
+  static Mask passes(V v) {
+    return static_cast<Mask>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ)));
+  }
+  static V keep(Mask m, V g) {
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m), bits), bits);
+    return _mm256_and_ps(_mm256_castsi256_ps(on), g);
+  }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 // Sixteen float lanes (AVX-512), for channel counts that are multiples of 16.
 struct Lane16 {
   static constexpr int64_t W = 16;
@@ -267,6 +309,9 @@ template <typename Fn>
 void with_lanes(int64_t c, Fn fn) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if (c % Lane16::W == 0) return fn(Lane16{});
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (c % Lane8::W == 0) return fn(Lane8{});
 #endif
   fn(Lane1{});
 }
