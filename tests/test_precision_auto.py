@@ -104,6 +104,22 @@ def test_a_study_chooses_once_and_keeps_its_folder_s_choice(rates, tmp_path, cap
     assert rc == 0 and "precision auto: fp32" in stdout
 
 
+def test_a_folder_begun_in_a_fixed_precision_goes_on_in_it(rates, tmp_path, capsys):
+    """A study begun before its spec said "auto" (runs in bf16, no recorded choice) resumes in
+    bf16 on a machine that would choose fp32: nothing trained again, nothing mixed."""
+    spec, out = tmp_path / "tiny.toml", tmp_path / "out"
+    spec.write_text(textwrap.dedent(TINY).replace('precision = "auto"', 'precision = "bf16"'))
+    assert 'precision = "bf16"' in spec.read_text()
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0 and "precision auto" not in stdout
+    spec.write_text(textwrap.dedent(TINY))
+    rates.update(fp32=900.0)  # this machine would now choose fp32
+    rc, stdout, _ = run_cli(capsys, "study", "run", spec, "--out", out)
+    assert rc == 0 and "4 already finished, 0 to run" in stdout, stdout
+    assert "precision auto: bf16 (the precision of the 4 runs begun in" in stdout
+    assert json.loads((out / "study.json").read_text())["precision_auto"] == "bf16"
+
+
 def test_precision_errors_name_the_choices(capsys, tmp_path):
     one_line_error(capsys, ["train", "--precision", "fp16", "--out", tmp_path],
                    "'fp16'", "fp32", "bf16", "auto")

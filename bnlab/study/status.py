@@ -279,10 +279,18 @@ def resolve_auto_precision(plan: Plan, out: str | Path, jobs: int | str = 1,
     """The plan with precision "auto" chosen (bnlab.config): the folder's own choice where its
     study.json has one, so that a study resumed, here or on another machine, never mixes
     precisions; else bnlab.study.calibrate.choose_precision on the device of the first run
-    that asks for it, at its batch and at the threads a run gets with `jobs`."""
+    that asks for it, at its batch and at the threads a run gets with `jobs`. A folder with no
+    recorded choice whose runs trained in one precision (a study begun before its spec said
+    "auto", or with --set precision=...) goes on in that one."""
     old = _study_json(out)
+    begun = {p: n for p in ("fp32", "bf16")
+             if (n := sum(s is not None for s in _summaries(plan.with_precision(p), out)
+                          .values()))}
     if old.get("name") == plan.spec.name and old.get("precision_auto") in ("fp32", "bf16"):
         chosen, why = old["precision_auto"], f"the choice recorded in {Path(out) / 'study.json'}"
+    elif len(begun) == 1:
+        (chosen, n), = begun.items()
+        why = f"the precision of the {n} run{'s' if n > 1 else ''} begun in {out}"
     else:
         from bnlab.runtime import resolve_device  # lazy: torch
         from bnlab.study import calibrate
