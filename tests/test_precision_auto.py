@@ -120,6 +120,26 @@ def test_a_folder_begun_in_a_fixed_precision_goes_on_in_it(rates, tmp_path, caps
     assert json.loads((out / "study.json").read_text())["precision_auto"] == "bf16"
 
 
+def test_the_estimate_of_a_folder_begun_in_a_fixed_precision_counts_its_runs(rates, tmp_path,
+                                                                             capsys):
+    """`study list` reads such a folder as study run resumes it: its runs are done, whatever
+    this machine's cached choice (here fp32) would say."""
+    from bnlab.study import status
+    from bnlab.study.expand import expand
+    from bnlab.study.spec import load_spec
+
+    spec, out = tmp_path / "tiny.toml", tmp_path / "out"
+    spec.write_text(textwrap.dedent(TINY).replace('precision = "auto"', 'precision = "bf16"'))
+    assert run_cli(capsys, "study", "run", spec, "--out", out)[0] == 0
+    spec.write_text(textwrap.dedent(TINY))
+    rates.update(fp32=900.0)
+    calibrate.choose_precision("cpu", 32, 1)  # the cache now says fp32 for this machine
+    plan = expand(load_spec(str(spec)))
+    assert status.folder_precision(plan, out)[0] == "bf16"
+    assert status.study_estimate(plan, "cpu", out) == "done"
+    assert status.folder_precision(plan, tmp_path / "new") is None
+
+
 def test_precision_errors_name_the_choices(capsys, tmp_path):
     one_line_error(capsys, ["train", "--precision", "fp16", "--out", tmp_path],
                    "'fp16'", "fp32", "bf16", "auto")

@@ -200,9 +200,8 @@ def study_estimate(plan: Plan, device: str, out: str | Path | None = None,
 
 
 def _estimated_precision(plan: Plan, device: str, out: str | Path | None) -> str:
-    chosen = _study_json(out).get("precision_auto") if out is not None else None
-    if chosen in ("fp32", "bf16"):
-        return chosen
+    if (fixed := folder_precision(plan, out)) is not None:
+        return fixed[0]
     if device != "cpu":
         return "bf16"
     from bnlab.study.calibrate import cached_precision  # torch-free
@@ -281,16 +280,9 @@ def resolve_auto_precision(plan: Plan, out: str | Path, jobs: int | str = 1,
     precisions; else bnlab.study.calibrate.choose_precision on the device of the first run
     that asks for it, at its batch and at the threads a run gets with `jobs`. A folder with no
     recorded choice whose runs trained in one precision (a study begun before its spec said
-    "auto", or with --set precision=...) goes on in that one."""
-    old = _study_json(out)
-    begun = {p: n for p in ("fp32", "bf16")
-             if (n := sum(s is not None for s in _summaries(plan.with_precision(p), out)
-                          .values()))}
-    if old.get("name") == plan.spec.name and old.get("precision_auto") in ("fp32", "bf16"):
-        chosen, why = old["precision_auto"], f"the choice recorded in {Path(out) / 'study.json'}"
-    elif len(begun) == 1:
-        (chosen, n), = begun.items()
-        why = f"the precision of the {n} run{'s' if n > 1 else ''} begun in {out}"
+    "auto", or with --set precision=...) goes on in that one (folder_precision)."""
+    if (fixed := folder_precision(plan, out)) is not None:
+        chosen, why = fixed
     else:
         from bnlab.runtime import resolve_device  # lazy: torch
         from bnlab.study import calibrate
@@ -302,6 +294,24 @@ def resolve_auto_precision(plan: Plan, out: str | Path, jobs: int | str = 1,
     if log:
         log(f"precision auto: {chosen} ({why})")
     return plan.with_precision(chosen)
+
+
+def folder_precision(plan: Plan, out: str | Path | None) -> tuple[str, str] | None:
+    """(precision, why) that the folder `out` fixes for the runs of `plan` asking for "auto":
+    the choice its study.json records, else the one precision its begun runs trained in; None
+    where it fixes none (no folder, no runs, or runs in both)."""
+    if out is None or not Path(out).is_dir():
+        return None
+    old = _study_json(out)
+    if old.get("name") == plan.spec.name and old.get("precision_auto") in ("fp32", "bf16"):
+        return old["precision_auto"], f"the choice recorded in {Path(out) / 'study.json'}"
+    begun = {p: n for p in ("fp32", "bf16")
+             if (n := sum(s is not None for s in _summaries(plan.with_precision(p), out)
+                          .values()))}
+    if len(begun) == 1:
+        (chosen, n), = begun.items()
+        return chosen, f"the precision of the {n} run{'s' if n > 1 else ''} begun in {out}"
+    return None
 
 
 def _study_json(out: str | Path) -> dict:
