@@ -23,9 +23,10 @@
 # Dry run of the same code path on a CPU (every arm inside packs: `--pack-cpu`; tiny epochs
 # and image limits; about a minute on an idle 2-core machine once the archive is decoded):
 #   PYTHONPATH=. bash benchmarks/results_gpu.sh --dry-run ../shared/data/cifar10-jpg.tar.gz
-# It differs from the GPU call only in device, sizes (batch included) and compile (off:
-# inductor's CPU compile takes minutes); EPOCHS, LIMIT_TRAIN, LIMIT_TEST, BATCH, COMPILE and
-# RESULTS override its values.
+# It differs from the GPU call only in device, sizes (batch included), compile (off:
+# inductor's CPU compile takes minutes) and precision (auto: fp32 on a CPU without bf16
+# instructions); EPOCHS, LIMIT_TRAIN, LIMIT_TEST, BATCH, COMPILE, PRECISION and RESULTS
+# override its values.
 set -u
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
@@ -38,6 +39,7 @@ if [ "$DRY_RUN" = 1 ]; then
   LIMIT_TRAIN=${LIMIT_TRAIN:-128}; LIMIT_TEST=${LIMIT_TEST:-64}; IMAGE_SIZE=${IMAGE_SIZE:-32}
   BATCH=${BATCH:-32}  # a probe step costs ~18 passes of one batch: kept small on a CPU
   COMPILE=${COMPILE:-false}; RESULTS=${RESULTS:-/tmp/results-gpu-dry}
+  PRECISION=${PRECISION:-auto}  # bf16 where this CPU has it (emulated bf16 is 20x slower)
   BNLAB_CACHE=${BNLAB_CACHE:-$HOME/.cache/bnlab}  # the archive decoded once, as on a GPU box
 fi
 RESULTS=${RESULTS:-.gpu/results}
