@@ -89,7 +89,8 @@ struct Lane8 {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   using Mask = uint8_t;  // one bit per element
   static Mask passes(V v) {
-    return static_cast<Mask>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ)));
+    const V positive_or_nan = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ);
+    return static_cast<Mask>(_mm256_movemask_ps(positive_or_nan));
   }
   static V keep(Mask m, V g) {
     const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
